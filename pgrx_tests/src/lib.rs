@@ -1,0 +1,1 @@
+//! Helpers to run throwaway PostgreSQL clusters as the postgres user.

@@ -1,0 +1,203 @@
+//! The binary envelope stored in every `encrypted_text` value.
+//!
+//! ```text
+//! offset  size  field
+//!      0     1  format version (1)
+//!      1     1  flags (bit 0: payload is bytea; bit 1: deterministic, reserved)
+//!      2     4  key id, big endian, never 0
+//!      6     4  key version, big endian, never 0
+//!     10    12  nonce
+//!     22     n  ciphertext (same length as the plaintext)
+//!   22+n    16  GCM tag
+//! ```
+//!
+//! The first [`HEADER_LEN`] bytes, followed by the caller's context, are the
+//! associated data of the AEAD, so a header cannot be edited without the tag
+//! failing. The overhead over the plaintext is [`OVERHEAD`] = 38 bytes.
+
+use std::fmt;
+
+pub const FORMAT_V1: u8 = 1;
+pub const HEADER_LEN: usize = 10;
+pub const NONCE_LEN: usize = 12;
+pub const TAG_LEN: usize = 16;
+/// Bytes an envelope adds to its plaintext.
+pub const OVERHEAD: usize = HEADER_LEN + NONCE_LEN + TAG_LEN;
+/// The payload was sealed from `bytea` rather than `text`.
+pub const FLAG_BYTES: u8 = 0b0000_0001;
+/// Reserved for deterministic encryption (derived nonce).
+pub const FLAG_DETERMINISTIC: u8 = 0b0000_0010;
+const KNOWN_FLAGS: u8 = FLAG_BYTES | FLAG_DETERMINISTIC;
+/// Largest envelope we accept: PostgreSQL's own varlena limit (1 GB).
+pub const MAX_ENVELOPE_LEN: usize = 0x3FFF_FFFF;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub flags: u8,
+    pub key_id: u32,
+    pub key_version: u32,
+}
+
+impl Header {
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
+        h[0] = FORMAT_V1;
+        h[1] = self.flags;
+        h[2..6].copy_from_slice(&self.key_id.to_be_bytes());
+        h[6..10].copy_from_slice(&self.key_version.to_be_bytes());
+        h
+    }
+
+    pub fn is_bytes(&self) -> bool {
+        self.flags & FLAG_BYTES != 0
+    }
+
+    /// Parses and validates only the header (enough for `kms_key_version`).
+    pub fn parse(bytes: &[u8]) -> Result<Header, EnvelopeError> {
+        if bytes.len() < OVERHEAD {
+            return Err(EnvelopeError::TooShort { len: bytes.len() });
+        }
+        if bytes.len() > MAX_ENVELOPE_LEN {
+            return Err(EnvelopeError::TooLong { len: bytes.len() });
+        }
+        if bytes[0] != FORMAT_V1 {
+            return Err(EnvelopeError::UnknownVersion(bytes[0]));
+        }
+        let flags = bytes[1];
+        if flags & !KNOWN_FLAGS != 0 {
+            return Err(EnvelopeError::UnknownFlags(flags));
+        }
+        let key_id = u32::from_be_bytes(bytes[2..6].try_into().expect("4 bytes"));
+        let key_version = u32::from_be_bytes(bytes[6..10].try_into().expect("4 bytes"));
+        if key_id == 0 {
+            return Err(EnvelopeError::ZeroKeyId);
+        }
+        if key_version == 0 || key_version > i32::MAX as u32 {
+            return Err(EnvelopeError::BadKeyVersion(key_version));
+        }
+        Ok(Header { flags, key_id, key_version })
+    }
+}
+
+/// A parsed, structurally valid envelope borrowing its bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Envelope<'a> {
+    pub header: Header,
+    /// The raw header bytes (the first part of the associated data).
+    pub header_bytes: &'a [u8],
+    pub nonce: &'a [u8],
+    pub ciphertext: &'a [u8],
+    pub tag: &'a [u8],
+}
+
+impl<'a> Envelope<'a> {
+    /// Never panics, whatever the input.
+    pub fn parse(bytes: &'a [u8]) -> Result<Envelope<'a>, EnvelopeError> {
+        let header = Header::parse(bytes)?;
+        let ct_end = bytes.len() - TAG_LEN;
+        Ok(Envelope {
+            header,
+            header_bytes: &bytes[..HEADER_LEN],
+            nonce: &bytes[HEADER_LEN..HEADER_LEN + NONCE_LEN],
+            ciphertext: &bytes[HEADER_LEN + NONCE_LEN..ct_end],
+            tag: &bytes[ct_end..],
+        })
+    }
+}
+
+/// Structural errors. They only ever mention lengths and header fields,
+/// never payload bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnvelopeError {
+    TooShort { len: usize },
+    TooLong { len: usize },
+    UnknownVersion(u8),
+    UnknownFlags(u8),
+    ZeroKeyId,
+    BadKeyVersion(u32),
+}
+
+impl fmt::Display for EnvelopeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EnvelopeError::TooShort { len } => write!(
+                f,
+                "envelope is {len} bytes, shorter than the minimum of {OVERHEAD}"
+            ),
+            EnvelopeError::TooLong { len } => write!(f, "envelope is {len} bytes, longer than 1 GB"),
+            EnvelopeError::UnknownVersion(v) => write!(f, "unknown envelope format version {v}"),
+            EnvelopeError::UnknownFlags(fl) => write!(f, "unknown envelope flags 0x{fl:02x}"),
+            EnvelopeError::ZeroKeyId => write!(f, "envelope names key id 0"),
+            EnvelopeError::BadKeyVersion(v) => write!(f, "envelope names invalid key version {v}"),
+        }
+    }
+}
+
+impl std::error::Error for EnvelopeError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample(len: usize) -> Vec<u8> {
+        let mut v = Header { flags: 0, key_id: 7, key_version: 3 }.encode().to_vec();
+        v.extend(std::iter::repeat(0xAB).take(NONCE_LEN + len + TAG_LEN));
+        v
+    }
+
+    #[test]
+    fn header_round_trip() {
+        let h = Header { flags: FLAG_BYTES, key_id: 0xDEAD_BEEF, key_version: 42 };
+        let mut bytes = h.encode().to_vec();
+        bytes.resize(OVERHEAD + 5, 0);
+        assert_eq!(Header::parse(&bytes).unwrap(), h);
+        let env = Envelope::parse(&bytes).unwrap();
+        assert_eq!(env.ciphertext.len(), 5);
+        assert_eq!(env.nonce.len(), NONCE_LEN);
+        assert_eq!(env.tag.len(), TAG_LEN);
+    }
+
+    #[test]
+    fn overhead_is_at_most_40_bytes() {
+        assert!(OVERHEAD <= 40);
+        assert_eq!(sample(100).len(), 100 + OVERHEAD);
+    }
+
+    #[test]
+    fn rejects_malformed() {
+        assert_eq!(Envelope::parse(&[]).unwrap_err(), EnvelopeError::TooShort { len: 0 });
+        assert!(matches!(Envelope::parse(&sample(0)[..OVERHEAD - 1]), Err(EnvelopeError::TooShort { .. })));
+        let mut v = sample(3);
+        v[0] = 2;
+        assert_eq!(Envelope::parse(&v).unwrap_err(), EnvelopeError::UnknownVersion(2));
+        let mut v = sample(3);
+        v[1] = 0x80;
+        assert_eq!(Envelope::parse(&v).unwrap_err(), EnvelopeError::UnknownFlags(0x80));
+        let mut v = sample(3);
+        v[2..6].copy_from_slice(&[0; 4]);
+        assert_eq!(Envelope::parse(&v).unwrap_err(), EnvelopeError::ZeroKeyId);
+        let mut v = sample(3);
+        v[6..10].copy_from_slice(&[0; 4]);
+        assert_eq!(Envelope::parse(&v).unwrap_err(), EnvelopeError::BadKeyVersion(0));
+        let mut v = sample(3);
+        v[6..10].copy_from_slice(&[0xFF; 4]);
+        assert!(matches!(Envelope::parse(&v), Err(EnvelopeError::BadKeyVersion(_))));
+    }
+
+    proptest! {
+        #[test]
+        fn parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Envelope::parse(&bytes);
+        }
+
+        #[test]
+        fn parsed_parts_cover_input(len in 0usize..300, flags in 0u8..4, id in 1u32.., ver in 1u32..=i32::MAX as u32) {
+            let mut v = Header { flags, key_id: id, key_version: ver }.encode().to_vec();
+            v.resize(OVERHEAD + len, 0x5A);
+            let env = Envelope::parse(&v).unwrap();
+            prop_assert_eq!(env.header_bytes.len() + env.nonce.len() + env.ciphertext.len() + env.tag.len(), v.len());
+            prop_assert_eq!(env.header, Header { flags, key_id: id, key_version: ver });
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! The cryptographic core of pg_kms.
+//!
+//! Pure Rust, no pgrx: everything in here can be unit- and property-tested
+//! with plain `#[test]`s. Only vetted primitives are used (AES-256-GCM from
+//! `aes-gcm`, HKDF-SHA256 from `hkdf`, randomness from `getrandom`), and key
+//! material lives in types that are zeroized when dropped.
+//!
+//! No error type in this module carries plaintext or key bytes: every error
+//! is a fieldless or length-only value so it can be shown to a user.
+
+pub mod aead;
+pub mod envelope;
+pub mod kdf;
+pub mod master;
+pub mod nonce;
+
+pub use aead::{open_into, seal_into, AuthError, DataKey};
+pub use envelope::{Envelope, EnvelopeError, Header};
+pub use kdf::{Kek, WrapError};
+pub use master::{MasterKey, MasterKeyError};
+pub use nonce::NonceSource;

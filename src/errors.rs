@@ -1,0 +1,228 @@
+//! The one error type of pg_kms: every failure maps to a SQLSTATE, a message
+//! and a hint. No variant carries plaintext or key bytes.
+
+use crate::crypto::{EnvelopeError, MasterKeyError};
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::{PgLogLevel, PgSqlErrorCode};
+
+#[derive(Debug)]
+pub enum KmsError {
+    /// 22P02: an `encrypted_text` literal or binary value is malformed.
+    Malformed(String),
+    /// 42704: no key with that name.
+    UnknownKey(String),
+    /// 42704: a value names a key id this keyring does not have.
+    UnknownKeyId(u32),
+    /// 42704: the key exists but not that version.
+    UnknownVersion { key: String, version: i32 },
+    /// 42710
+    KeyExists(String),
+    /// 22023
+    BadArgument { message: String, hint: &'static str },
+    /// 55000: the version exists but its state forbids the operation.
+    VersionState { key: String, version: i32, state: String, action: &'static str },
+    /// 55000: the operation would touch the primary version.
+    PrimaryVersion { key: String, version: i32, action: &'static str },
+    /// 55000: neither master-key setting is configured.
+    MasterKeyMissing { previous: bool },
+    /// 55000: the configured source could not give a valid key.
+    MasterKeyInvalid { setting: &'static str, cause: MasterKeyError },
+    /// 55000: the master key's fingerprint differs from the keyring's.
+    MasterKeyMismatch { previous: bool },
+    /// 55000: the extension's catalog is not there (not installed in this database).
+    NotInstalled,
+    /// 39000: AEAD authentication failed.
+    AuthFailed,
+    /// 22021: decrypted bytes are not valid text in the database encoding.
+    NotText,
+    /// XX001: a catalog row does not unwrap under a matching master key.
+    CatalogCorrupt { key: String, version: i32 },
+    /// 58000: the OS random generator failed.
+    Random,
+    /// 25006: a lifecycle act on a standby or in a read-only transaction.
+    ReadOnly,
+    /// XX000: an SPI call into our own catalog failed; always a pg_kms bug.
+    Spi(String),
+}
+
+pub type KmsResult<T> = Result<T, KmsError>;
+
+const HINT_CONFIGURE: &str = "Set pg_kms.master_key_file to a file (mode 0600, owned by the server's user) holding 64 hex characters, or pg_kms.master_key_command to a command printing them, then reload the configuration.";
+
+impl KmsError {
+    fn parts(&self) -> (PgSqlErrorCode, String, Option<String>, Option<String>) {
+        use PgSqlErrorCode::*;
+        match self {
+            KmsError::Malformed(why) => (
+                ERRCODE_INVALID_TEXT_REPRESENTATION,
+                "invalid input syntax for type encrypted_text".into(),
+                Some(why.clone()),
+                Some("encrypted_text values are produced by kms_encrypt(); their text form is \"kms:\" followed by base64. Plain text is never encrypted implicitly.".into()),
+            ),
+            KmsError::UnknownKey(name) => (
+                ERRCODE_UNDEFINED_OBJECT,
+                format!("key \"{name}\" does not exist"),
+                None,
+                Some("Create it with kms_create_key(), or list keys in the kms_keys view.".into()),
+            ),
+            KmsError::UnknownKeyId(id) => (
+                ERRCODE_UNDEFINED_OBJECT,
+                format!("value was sealed under key id {id}, which is not in this database's keyring"),
+                None,
+                Some("The value may come from another database or cluster; restore that keyring (kms schema) to decrypt it.".into()),
+            ),
+            KmsError::UnknownVersion { key, version } => (
+                ERRCODE_UNDEFINED_OBJECT,
+                format!("key \"{key}\" has no version {version}"),
+                None,
+                Some("See the kms_keys view for existing versions.".into()),
+            ),
+            KmsError::KeyExists(name) => (
+                ERRCODE_DUPLICATE_OBJECT,
+                format!("key \"{name}\" already exists"),
+                None,
+                Some("Use kms_rotate_key() to add a new version to an existing key.".into()),
+            ),
+            KmsError::BadArgument { message, hint } => {
+                (ERRCODE_INVALID_PARAMETER_VALUE, message.clone(), None, Some((*hint).into()))
+            }
+            KmsError::VersionState { key, version, state, action } => (
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("cannot {action}: version {version} of key \"{key}\" is {state}"),
+                None,
+                Some(match state.as_str() {
+                    "disabled" => "Re-enable it with kms_enable_key_version() if this is intended.".into(),
+                    "destroyed" => "A destroyed version's key material is erased for good; values sealed under it cannot be recovered.".into(),
+                    _ => "See the kms_keys view.".into(),
+                }),
+            ),
+            KmsError::PrimaryVersion { key, version, action } => (
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("cannot {action} version {version} of key \"{key}\": it is the primary version"),
+                None,
+                Some("Rotate the key or promote another version with kms_set_primary() first.".into()),
+            ),
+            KmsError::MasterKeyMissing { previous: false } => (
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "pg_kms master key is not configured".into(),
+                None,
+                Some(HINT_CONFIGURE.into()),
+            ),
+            KmsError::MasterKeyMissing { previous: true } => (
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "pg_kms previous master key is not configured".into(),
+                None,
+                Some("To rotate the master key, set pg_kms.previous_master_key_file or pg_kms.previous_master_key_command to the old key and pg_kms.master_key_file or pg_kms.master_key_command to the new one.".into()),
+            ),
+            KmsError::MasterKeyInvalid { setting, cause } => (
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("pg_kms master key from {setting} is unusable"),
+                Some(cause.to_string()),
+                Some(match cause {
+                    MasterKeyError::InsecureFile { .. } => "Run chmod 600 on the key file.".to_string(),
+                    _ => HINT_CONFIGURE.to_string(),
+                }),
+            ),
+            KmsError::MasterKeyMismatch { previous } => (
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                if *previous {
+                    "the previous master key does not match this keyring".into()
+                } else {
+                    "the master key does not match this keyring".into()
+                },
+                Some("The keyring's stored fingerprint was made by a different master key.".into()),
+                Some("Configure the master key this keyring was created with; to change master keys use kms_rotate_master_key().".into()),
+            ),
+            KmsError::NotInstalled => (
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "the pg_kms catalog is not available in this database".into(),
+                None,
+                Some("Run CREATE EXTENSION pg_kms in this database.".into()),
+            ),
+            KmsError::AuthFailed => (
+                ERRCODE_EXTERNAL_ROUTINE_INVOCATION_EXCEPTION,
+                "decryption failed: wrong key, wrong context, or corrupt data".into(),
+                None,
+                Some("Pass the same context that was given to kms_encrypt(); the value itself may have been altered.".into()),
+            ),
+            KmsError::NotText => (
+                ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+                "decrypted value is not valid text in the database encoding".into(),
+                None,
+                Some("The value was probably sealed from bytea; use kms_decrypt_bytea().".into()),
+            ),
+            KmsError::CatalogCorrupt { key, version } => (
+                ERRCODE_DATA_CORRUPTED,
+                format!("wrapped material of version {version} of key \"{key}\" does not authenticate"),
+                Some("The master key matches the keyring fingerprint, so the catalog row was altered.".into()),
+                Some("Restore the kms schema from a backup.".into()),
+            ),
+            KmsError::Random => (
+                ERRCODE_SYSTEM_ERROR,
+                "the operating system's random number generator failed".into(),
+                None,
+                None,
+            ),
+            KmsError::Spi(what) => (
+                ERRCODE_INTERNAL_ERROR,
+                "pg_kms catalog query failed".into(),
+                Some(what.clone()),
+                Some("This is a bug in pg_kms; please report it with the server log.".into()),
+            ),
+            KmsError::ReadOnly => (
+                ERRCODE_READ_ONLY_SQL_TRANSACTION,
+                "key lifecycle functions cannot run in a read-only transaction".into(),
+                None,
+                Some("Run them on the primary server, outside a read-only transaction.".into()),
+            ),
+        }
+    }
+
+    /// Raises this error as a PostgreSQL ERROR. Does not return.
+    pub fn raise(self) -> ! {
+        let (code, message, detail, hint) = self.parts();
+        let mut report = ErrorReport::new(code, message, "pg_kms");
+        if let Some(d) = detail {
+            report = report.set_detail(d);
+        }
+        if let Some(h) = hint {
+            report = report.set_hint(h);
+        }
+        report.report(PgLogLevel::ERROR);
+        unreachable!("ERROR does not return")
+    }
+
+    /// The user-facing message alone (for `kms_health()`).
+    pub fn message(&self) -> String {
+        self.parts().1
+    }
+
+    pub fn spi(e: pgrx::spi::Error) -> KmsError {
+        KmsError::Spi(e.to_string())
+    }
+
+    pub fn code(&self) -> PgSqlErrorCode {
+        self.parts().0
+    }
+}
+
+impl From<EnvelopeError> for KmsError {
+    fn from(e: EnvelopeError) -> Self {
+        KmsError::Malformed(e.to_string())
+    }
+}
+
+/// Unwraps a result or raises its error.
+pub trait OrRaise<T> {
+    fn or_raise(self) -> T;
+}
+
+impl<T> OrRaise<T> for KmsResult<T> {
+    #[inline]
+    fn or_raise(self) -> T {
+        match self {
+            Ok(v) => v,
+            Err(e) => e.raise(),
+        }
+    }
+}

@@ -1,0 +1,471 @@
+//! The keyring: catalog access under the catalog owner's identity, master
+//! key loading and commitment check, and the per-backend data-key cache.
+//!
+//! Cache invalidation: every lifecycle act queues a relcache invalidation of
+//! `kms.keys`. PostgreSQL delivers it to every backend at its next
+//! transaction start (and to the acting backend at the end of the command,
+//! or at abort), where [`relcache_callback`] bumps a generation counter.
+//! The hot path compares that counter and, once warm, does no SPI, no
+//! catalog read and no system call.
+
+use crate::crypto::{DataKey, Kek, MasterKey, NonceSource};
+use crate::errors::{KmsError, KmsResult};
+use crate::guc;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+static INVAL_GEN: AtomicU64 = AtomicU64::new(1);
+static KEYS_RELID: AtomicU32 = AtomicU32::new(0);
+static PRELOADED: AtomicBool = AtomicBool::new(false);
+
+pub fn init() {
+    unsafe {
+        PRELOADED.store(pg_sys::process_shared_preload_libraries_in_progress, Ordering::Relaxed);
+        pg_sys::CacheRegisterRelcacheCallback(Some(relcache_callback), pg_sys::Datum::from(0usize));
+    }
+}
+
+pub fn preloaded() -> bool {
+    PRELOADED.load(Ordering::Relaxed)
+}
+
+/// Runs inside invalidation processing: no allocation, no catalog access.
+#[pg_guard]
+unsafe extern "C-unwind" fn relcache_callback(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    let keys = KEYS_RELID.load(Ordering::Relaxed);
+    if relid == pg_sys::InvalidOid || (keys != 0 && relid.to_u32() == keys) {
+        INVAL_GEN.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Tells every backend (this one at end of command) to drop its key cache.
+pub fn invalidate_all_backends(cat: &Catalog) {
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(cat.keys_relid) };
+}
+
+// ---------------------------------------------------------------------------
+// Catalog identity
+
+#[derive(Clone, Copy)]
+pub struct Catalog {
+    pub owner: pg_sys::Oid,
+    pub keys_relid: pg_sys::Oid,
+}
+
+fn lookup_catalog() -> KmsResult<Catalog> {
+    // pg_extension and pg_class are readable by every role: no switch needed.
+    let row = Spi::get_two::<pg_sys::Oid, pg_sys::Oid>(
+        "SELECT e.extowner, c.oid
+           FROM pg_catalog.pg_extension e,
+                pg_catalog.pg_class c
+           JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+          WHERE e.extname OPERATOR(pg_catalog.=) 'pg_kms'
+            AND n.nspname OPERATOR(pg_catalog.=) 'kms'
+            AND c.relname OPERATOR(pg_catalog.=) 'keys'",
+    );
+    match row {
+        Ok((Some(owner), Some(keys_relid))) => Ok(Catalog { owner, keys_relid }),
+        Ok(_) => Err(KmsError::NotInstalled),
+        Err(pgrx::spi::Error::InvalidPosition) => Err(KmsError::NotInstalled),
+        Err(e) => Err(KmsError::Spi(e.to_string())),
+    }
+}
+
+pub fn catalog() -> KmsResult<Catalog> {
+    let cached = CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        c.sync();
+        c.catalog
+    });
+    if let Some(cat) = cached {
+        return Ok(cat);
+    }
+    let cat = lookup_catalog()?;
+    KEYS_RELID.store(cat.keys_relid.to_u32(), Ordering::Relaxed);
+    CACHE.with(|c| c.borrow_mut().catalog = Some(cat));
+    Ok(cat)
+}
+
+/// Switches to the catalog owner's identity with `search_path` pinned to
+/// `pg_catalog, pg_temp`, as `SECURITY DEFINER` would, but only for the
+/// duration of `f` (a key-cache miss or a lifecycle act). On error the
+/// transaction abort restores both, as it does for SECURITY DEFINER.
+pub fn as_catalog_owner<R>(f: impl FnOnce(&Catalog) -> KmsResult<R>) -> KmsResult<R> {
+    let cat = catalog()?;
+    let _scope = OwnerScope::enter(cat.owner);
+    f(&cat)
+}
+
+struct OwnerScope {
+    saved_user: pg_sys::Oid,
+    saved_sec: i32,
+    nest_level: i32,
+}
+
+impl OwnerScope {
+    fn enter(owner: pg_sys::Oid) -> OwnerScope {
+        unsafe {
+            let mut saved_user = pg_sys::InvalidOid;
+            let mut saved_sec = 0i32;
+            pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_sec);
+            pg_sys::SetUserIdAndSecContext(owner, saved_sec | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+            let nest_level = pg_sys::NewGUCNestLevel();
+            pg_sys::set_config_option(
+                c"search_path".as_ptr(),
+                c"pg_catalog, pg_temp".as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                0,
+                false,
+            );
+            OwnerScope { saved_user, saved_sec, nest_level }
+        }
+    }
+}
+
+impl Drop for OwnerScope {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // An ERROR is propagating: (sub)transaction abort restores the
+            // user id and the GUC nest level, as for SECURITY DEFINER.
+            return;
+        }
+        unsafe {
+            pg_sys::AtEOXact_GUC(true, self.nest_level);
+            pg_sys::SetUserIdAndSecContext(self.saved_user, self.saved_sec);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Master key
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Which {
+    Current,
+    Previous,
+}
+
+/// Where the master key comes from, as configured now: (setting name, value).
+pub fn master_key_source(which: Which) -> Option<(&'static str, bool, String)> {
+    let (file, cmd, fname, cname) = match which {
+        Which::Current => (&guc::MASTER_KEY_FILE, &guc::MASTER_KEY_COMMAND, "pg_kms.master_key_file", "pg_kms.master_key_command"),
+        Which::Previous => (
+            &guc::PREVIOUS_MASTER_KEY_FILE,
+            &guc::PREVIOUS_MASTER_KEY_COMMAND,
+            "pg_kms.previous_master_key_file",
+            "pg_kms.previous_master_key_command",
+        ),
+    };
+    if let Some(path) = guc::get(file) {
+        return Some((fname, true, path));
+    }
+    guc::get(cmd).map(|c| (cname, false, c))
+}
+
+/// Reads the master key from its configured source (file wins over command).
+pub fn load_master_key(which: Which) -> KmsResult<MasterKey> {
+    let (setting, is_file, value) =
+        master_key_source(which).ok_or(KmsError::MasterKeyMissing { previous: which == Which::Previous })?;
+    let r = if is_file {
+        MasterKey::from_file(std::path::Path::new(&value))
+    } else {
+        let ms = guc::MASTER_KEY_COMMAND_TIMEOUT_MS.get().max(1) as u64;
+        MasterKey::from_command(&value, Duration::from_millis(ms))
+    };
+    r.map_err(|cause| KmsError::MasterKeyInvalid { setting, cause })
+}
+
+/// The keyring's stored master-key fingerprint (caller is catalog owner).
+pub fn stored_fingerprint(lock: bool) -> KmsResult<Option<Vec<u8>>> {
+    let q = if lock {
+        "SELECT master_key_fingerprint FROM kms.keyring FOR UPDATE"
+    } else {
+        "SELECT master_key_fingerprint FROM kms.keyring"
+    };
+    Spi::connect_mut(|c| -> Result<Option<Vec<u8>>, pgrx::spi::Error> {
+        let t = c.update(q, Some(1), &[])?;
+        if t.is_empty() {
+            return Ok(None);
+        }
+        t.first().get_one::<Vec<u8>>()
+    })
+    .map_err(KmsError::spi)
+}
+
+/// Checks a master key against the stored fingerprint (none stored: ok).
+pub fn check_commitment(mk: &MasterKey, stored: Option<&[u8]>, which: Which) -> KmsResult<()> {
+    match stored {
+        Some(fp) if fp != mk.fingerprint().as_slice() => {
+            Err(KmsError::MasterKeyMismatch { previous: which == Which::Previous })
+        }
+        _ => Ok(()),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Key cache
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum State {
+    Active,
+    DecryptOnly,
+    Disabled,
+    Destroyed,
+}
+
+impl State {
+    pub fn parse(s: &str) -> State {
+        match s {
+            "active" => State::Active,
+            "decrypt_only" => State::DecryptOnly,
+            "disabled" => State::Disabled,
+            _ => State::Destroyed,
+        }
+    }
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            State::Active => "active",
+            State::DecryptOnly => "decrypt_only",
+            State::Disabled => "disabled",
+            State::Destroyed => "destroyed",
+        }
+    }
+}
+
+struct CachedVersion {
+    state: State,
+    key: Option<DataKey>,
+}
+
+pub struct CachedKey {
+    pub id: u32,
+    pub name: String,
+    pub primary: u32,
+    versions: HashMap<u32, CachedVersion>,
+}
+
+impl CachedKey {
+    /// The data key of `version`, if its state allows decryption.
+    #[inline]
+    pub fn version_key(&self, version: u32) -> KmsResult<&DataKey> {
+        match self.versions.get(&version) {
+            Some(CachedVersion { key: Some(k), .. }) => Ok(k),
+            Some(v) => Err(KmsError::VersionState {
+                key: self.name.clone(),
+                version: version as i32,
+                state: v.state.as_str().into(),
+                action: "decrypt",
+            }),
+            None => Err(KmsError::UnknownVersion { key: self.name.clone(), version: version as i32 }),
+        }
+    }
+
+    #[inline]
+    pub fn primary_key(&self) -> KmsResult<&DataKey> {
+        self.version_key(self.primary)
+    }
+}
+
+struct Cache {
+    gen: u64,
+    catalog: Option<Catalog>,
+    by_name: HashMap<Box<[u8]>, Rc<CachedKey>>,
+    by_id: HashMap<u32, Rc<CachedKey>>,
+    /// (source description, fingerprint, KEK) of the master key last used.
+    kek: Option<(String, [u8; 32], Rc<Kek>)>,
+    nonces: NonceSource,
+}
+
+impl Cache {
+    #[inline]
+    fn sync(&mut self) {
+        let g = INVAL_GEN.load(Ordering::Relaxed);
+        if g != self.gen {
+            // Dropping the entries zeroizes their key schedules.
+            self.by_name.clear();
+            self.by_id.clear();
+            self.kek = None;
+            self.catalog = None;
+            self.gen = g;
+        }
+    }
+}
+
+thread_local! {
+    static CACHE: RefCell<Cache> = RefCell::new(Cache {
+        gen: 0,
+        catalog: None,
+        by_name: HashMap::new(),
+        by_id: HashMap::new(),
+        kek: None,
+        nonces: NonceSource::new(),
+    });
+}
+
+/// 12 fresh random bytes without a system call (buffered per backend).
+#[inline]
+pub fn nonce() -> KmsResult<[u8; 12]> {
+    let pid = unsafe { pg_sys::MyProcPid };
+    CACHE.with(|c| c.borrow_mut().nonces.nonce(pid)).map_err(|_| KmsError::Random)
+}
+
+pub fn random_bytes(out: &mut [u8]) -> KmsResult<()> {
+    getrandom::getrandom(out).map_err(|_| KmsError::Random)
+}
+
+pub fn validate_key_name(name: &[u8]) -> KmsResult<&str> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'));
+    if !ok {
+        return Err(KmsError::BadArgument {
+            message: format!("invalid key name (length {})", name.len()),
+            hint: "Key names are 1 to 63 characters: letters, digits, and _ . : -",
+        });
+    }
+    Ok(std::str::from_utf8(name).expect("ASCII"))
+}
+
+#[inline]
+pub fn key_by_name(name: &[u8]) -> KmsResult<Rc<CachedKey>> {
+    let hit = CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        c.sync();
+        c.by_name.get(name).cloned()
+    });
+    match hit {
+        Some(k) => Ok(k),
+        None => load(Lookup::Name(validate_key_name(name)?)),
+    }
+}
+
+#[inline]
+pub fn key_by_id(id: u32) -> KmsResult<Rc<CachedKey>> {
+    let hit = CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        c.sync();
+        c.by_id.get(&id).cloned()
+    });
+    match hit {
+        Some(k) => Ok(k),
+        None => load(Lookup::Id(id)),
+    }
+}
+
+enum Lookup<'a> {
+    Name(&'a str),
+    Id(u32),
+}
+
+struct VersionRow {
+    key_id: i32,
+    name: String,
+    primary: i32,
+    version: i32,
+    state: String,
+    wrapped: Option<Vec<u8>>,
+}
+
+const LOAD_SQL: &str = "SELECT k.key_id, k.key_name, k.primary_version, v.version, v.state, v.wrapped_key
+      FROM kms.keys k JOIN kms.key_versions v ON v.key_id = k.key_id";
+
+fn load(lookup: Lookup<'_>) -> KmsResult<Rc<CachedKey>> {
+    let gen_before = INVAL_GEN.load(Ordering::Relaxed);
+    let (rows, stored_fp) = as_catalog_owner(|_| {
+        let rows = Spi::connect(|c| -> Result<Vec<VersionRow>, pgrx::spi::Error> {
+            let table = match lookup {
+                Lookup::Name(n) => c.select(&format!("{LOAD_SQL} WHERE k.key_name = $1"), None, &[n.into()])?,
+                Lookup::Id(id) => c.select(&format!("{LOAD_SQL} WHERE k.key_id = $1"), None, &[(id as i32).into()])?,
+            };
+            let mut rows = Vec::new();
+            for r in table {
+                rows.push(VersionRow {
+                    key_id: r.get::<i32>(1)?.unwrap_or(0),
+                    name: r.get::<String>(2)?.unwrap_or_default(),
+                    primary: r.get::<i32>(3)?.unwrap_or(0),
+                    version: r.get::<i32>(4)?.unwrap_or(0),
+                    state: r.get::<String>(5)?.unwrap_or_default(),
+                    wrapped: r.get::<Vec<u8>>(6)?,
+                });
+            }
+            Ok(rows)
+        })
+        .map_err(KmsError::spi)?;
+        Ok((rows, stored_fingerprint(false)?))
+    })?;
+    let Some(first) = rows.first() else {
+        return Err(match lookup {
+            Lookup::Name(n) => KmsError::UnknownKey(n.to_string()),
+            Lookup::Id(id) => KmsError::UnknownKeyId(id),
+        });
+    };
+    let mut key = CachedKey {
+        id: first.key_id as u32,
+        name: first.name.clone(),
+        primary: first.primary as u32,
+        versions: HashMap::with_capacity(rows.len()),
+    };
+    let needs_kek = rows.iter().any(|r| r.wrapped.is_some() && matches!(State::parse(&r.state), State::Active | State::DecryptOnly));
+    let kek = if needs_kek { Some(current_kek(stored_fp.as_deref())?) } else { None };
+    for r in &rows {
+        let state = State::parse(&r.state);
+        let dk = match (&kek, &r.wrapped, state) {
+            (Some(kek), Some(w), State::Active | State::DecryptOnly) => Some(
+                kek.unwrap(key.id, r.version as u32, w)
+                    .map_err(|_| KmsError::CatalogCorrupt { key: key.name.clone(), version: r.version })?,
+            ),
+            _ => None,
+        };
+        key.versions.insert(r.version as u32, CachedVersion { state, key: dk });
+    }
+    let key = Rc::new(key);
+    if INVAL_GEN.load(Ordering::Relaxed) == gen_before {
+        CACHE.with(|c| {
+            let mut c = c.borrow_mut();
+            c.sync();
+            c.by_name.insert(key.name.as_bytes().into(), key.clone());
+            c.by_id.insert(key.id, key.clone());
+        });
+    }
+    Ok(key)
+}
+
+/// The KEK of the configured master key, checked against the keyring's
+/// fingerprint; cached per backend until the next invalidation.
+fn current_kek(stored_fp: Option<&[u8]>) -> KmsResult<Rc<Kek>> {
+    let source = master_key_source(Which::Current).map(|(s, _, v)| format!("{s}={v}"));
+    let cached = CACHE.with(|c| {
+        let c = c.borrow();
+        match (&c.kek, &source) {
+            (Some((src, fp, kek)), Some(now)) if src == now => Some((*fp, kek.clone())),
+            _ => None,
+        }
+    });
+    if let Some((fp, kek)) = cached {
+        if stored_fp.is_some_and(|s| s != fp.as_slice()) {
+            return Err(KmsError::MasterKeyMismatch { previous: false });
+        }
+        return Ok(kek);
+    }
+    let mk = load_master_key(Which::Current)?;
+    check_commitment(&mk, stored_fp, Which::Current)?;
+    let kek = Rc::new(mk.kek());
+    let fp = mk.fingerprint();
+    if let Some(src) = source {
+        CACHE.with(|c| c.borrow_mut().kek = Some((src, fp, kek.clone())));
+    }
+    Ok(kek)
+}
+
+/// Names of the settings that hold the master key now, for `kms_health()`.
+pub fn describe_source(which: Which) -> Option<(&'static str, bool)> {
+    master_key_source(which).map(|(s, is_file, _)| (s, is_file))
+}

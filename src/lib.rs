@@ -1,0 +1,40 @@
+//! pg_kms: envelope encryption with versioned, rotatable keys inside PostgreSQL.
+//!
+//! * [`crypto`] is the pure-Rust cryptographic core (no pgrx).
+//! * The other modules are thin pgrx glue: settings, the `encrypted_text`
+//!   type, the keyring (catalog access and the per-backend key cache), the
+//!   SQL API, the key lifecycle and the error type.
+
+use pgrx::prelude::*;
+
+pub mod crypto;
+mod errors;
+mod guc;
+mod keyring;
+mod lifecycle;
+mod types;
+mod values;
+
+pg_module_magic!();
+
+// Catalog (schema kms, tables, audit chain, roles, views) first; grants last.
+extension_sql_file!("../sql/catalog.sql", name = "catalog", bootstrap);
+extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    guc::init();
+    keyring::init();
+}
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        crate::tests::postgresql_conf_options()
+    }
+}

@@ -1,0 +1,410 @@
+//! Key lifecycle in SQL: create, rotate, set primary, disable, enable,
+//! destroy, master-key rotation; the audit log and `kms_health()`.
+//!
+//! Every act runs under the catalog owner's identity with a pinned
+//! `search_path`, appends a hash-chained audit row, sends
+//! `NOTIFY kms_events`, and invalidates every backend's key cache.
+
+use crate::crypto::{Kek, MasterKey};
+use crate::errors::{KmsError, KmsResult, OrRaise};
+use crate::keyring::{self, State, Which};
+use pgrx::datum::{DatumWithOid, Interval};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use serde_json::json;
+use zeroize::Zeroizing;
+
+fn spi_exec(q: &str, args: &[DatumWithOid<'_>]) -> KmsResult<()> {
+    Spi::connect_mut(|c| c.update(q, None, args).map(|_| ())).map_err(KmsError::spi)
+}
+
+fn spi_one<T: FromDatum + IntoDatum>(q: &str, args: &[DatumWithOid<'_>]) -> KmsResult<Option<T>> {
+    Spi::connect_mut(|c| -> Result<Option<T>, pgrx::spi::Error> {
+        let t = c.update(q, Some(1), args)?;
+        if t.is_empty() {
+            return Ok(None);
+        }
+        t.first().get_one::<T>()
+    })
+    .map_err(KmsError::spi)
+}
+
+/// Runs a lifecycle act as the catalog owner, then invalidates caches.
+fn lifecycle<R>(f: impl FnOnce() -> KmsResult<R>) -> R {
+    if unsafe { pg_sys::RecoveryInProgress() || pg_sys::XactReadOnly } {
+        KmsError::ReadOnly.raise();
+    }
+    keyring::as_catalog_owner(|cat| {
+        let r = f()?;
+        keyring::invalidate_all_backends(cat);
+        Ok(r)
+    })
+    .or_raise()
+}
+
+fn audit(operation: &str, key_name: Option<&str>, version: Option<i32>, reason: Option<&str>) -> KmsResult<()> {
+    spi_exec(
+        "SELECT kms.audit_append($1, $2, $3, $4)",
+        &[operation.into(), key_name.into(), version.into(), reason.into()],
+    )
+}
+
+/// The current master key's KEK, committing its fingerprint on first use.
+fn kek_for_write() -> KmsResult<Kek> {
+    let mk = keyring::load_master_key(Which::Current)?;
+    let fp = mk.fingerprint().to_vec();
+    spi_exec(
+        "INSERT INTO kms.keyring (singleton, master_key_fingerprint) VALUES (true, $1) ON CONFLICT DO NOTHING",
+        &[fp.into()],
+    )?;
+    let stored = keyring::stored_fingerprint(true)?;
+    keyring::check_commitment(&mk, stored.as_deref(), Which::Current)?;
+    Ok(mk.kek())
+}
+
+fn name_arg(key_name: &str) -> KmsResult<&str> {
+    keyring::validate_key_name(key_name.as_bytes())
+}
+
+fn version_arg(version: i32) -> KmsResult<i32> {
+    if version <= 0 {
+        return Err(KmsError::BadArgument {
+            message: format!("invalid key version {version}"),
+            hint: "Key versions are positive integers; see the kms_keys view.",
+        });
+    }
+    Ok(version)
+}
+
+struct KeyRow {
+    id: i32,
+    primary: i32,
+}
+
+fn lock_key(name: &str) -> KmsResult<KeyRow> {
+    let row = Spi::connect_mut(|c| -> Result<Option<(i32, i32)>, pgrx::spi::Error> {
+        let t = c.update(
+            "SELECT key_id, primary_version FROM kms.keys WHERE key_name = $1 FOR UPDATE",
+            Some(1),
+            &[name.into()],
+        )?;
+        if t.is_empty() {
+            return Ok(None);
+        }
+        let (a, b) = t.first().get_two::<i32, i32>()?;
+        Ok(Some((a.unwrap_or(0), b.unwrap_or(0))))
+    })
+    .map_err(KmsError::spi)?;
+    row.map(|(id, primary)| KeyRow { id, primary }).ok_or_else(|| KmsError::UnknownKey(name.into()))
+}
+
+fn version_state(key: &KeyRow, name: &str, version: i32) -> KmsResult<State> {
+    let s = spi_one::<String>(
+        "SELECT state FROM kms.key_versions WHERE key_id = $1 AND version = $2 FOR UPDATE",
+        &[key.id.into(), version.into()],
+    )?;
+    s.map(|s| State::parse(&s)).ok_or_else(|| KmsError::UnknownVersion { key: name.into(), version })
+}
+
+fn set_state(key: &KeyRow, version: i32, state: State) -> KmsResult<()> {
+    let q = if state == State::Destroyed {
+        "UPDATE kms.key_versions SET state = $3, wrapped_key = NULL, state_changed_at = pg_catalog.now()
+          WHERE key_id = $1 AND version = $2"
+    } else {
+        "UPDATE kms.key_versions SET state = $3, state_changed_at = pg_catalog.now()
+          WHERE key_id = $1 AND version = $2"
+    };
+    spi_exec(q, &[key.id.into(), version.into(), state.as_str().into()])
+}
+
+/// Inserts a version with a fresh random data key, wrapped under `kek`.
+fn add_version(kek: &Kek, key_id: i32, version: i32, state: State) -> KmsResult<()> {
+    let mut dk = Zeroizing::new([0u8; 32]);
+    keyring::random_bytes(dk.as_mut())?;
+    let mut nonce = [0u8; 12];
+    keyring::random_bytes(&mut nonce)?;
+    let wrapped = kek.wrap(key_id as u32, version as u32, &dk, &nonce);
+    spi_exec(
+        "INSERT INTO kms.key_versions (key_id, version, state, wrapped_key) VALUES ($1, $2, $3, $4)",
+        &[key_id.into(), version.into(), state.as_str().into(), wrapped.into()],
+    )
+}
+
+#[pg_extern(volatile, parallel_unsafe)]
+fn kms_create_key(key_name: &str, rotation_period: default!(Option<Interval>, "NULL")) -> i32 {
+    lifecycle(|| {
+        let name = name_arg(key_name)?;
+        if let Some(p) = rotation_period {
+            let positive = spi_one::<bool>("SELECT $1 > interval '0'", &[p.into()])?.unwrap_or(false);
+            if !positive {
+                return Err(KmsError::BadArgument {
+                    message: "rotation_period must be a positive interval".into(),
+                    hint: "For example '90 days'; pass NULL for no scheduled rotation.",
+                });
+            }
+        }
+        let kek = kek_for_write()?;
+        let key_id = loop {
+            let mut b = [0u8; 4];
+            keyring::random_bytes(&mut b)?;
+            let id = (u32::from_be_bytes(b) & 0x7FFF_FFFF) as i32;
+            if id == 0 {
+                continue;
+            }
+            let inserted = spi_one::<i32>(
+                "INSERT INTO kms.keys (key_id, key_name, primary_version, rotation_period)
+                 VALUES ($1, $2, 1, $3) ON CONFLICT DO NOTHING RETURNING key_id",
+                &[id.into(), name.into(), rotation_period.into()],
+            )?;
+            if inserted.is_some() {
+                break id;
+            }
+            let exists = spi_one::<bool>("SELECT true FROM kms.keys WHERE key_name = $1", &[name.into()])?;
+            if exists.is_some() {
+                return Err(KmsError::KeyExists(name.into()));
+            }
+            // Otherwise the random id collided: draw again.
+        };
+        add_version(&kek, key_id, 1, State::Active)?;
+        audit("create_key", Some(name), Some(1), None)?;
+        Ok(1)
+    })
+}
+
+#[pg_extern(volatile, parallel_unsafe)]
+fn kms_rotate_key(key_name: &str, reason: default!(Option<&str>, "NULL")) -> i32 {
+    lifecycle(|| {
+        let name = name_arg(key_name)?;
+        let kek = kek_for_write()?;
+        let key = lock_key(name)?;
+        let new_version = spi_one::<i32>(
+            "SELECT max(version) + 1 FROM kms.key_versions WHERE key_id = $1",
+            &[key.id.into()],
+        )?
+        .unwrap_or(1);
+        add_version(&kek, key.id, new_version, State::Active)?;
+        spi_exec(
+            "UPDATE kms.key_versions SET state = 'decrypt_only', state_changed_at = pg_catalog.now()
+              WHERE key_id = $1 AND version = $2 AND state = 'active'",
+            &[key.id.into(), key.primary.into()],
+        )?;
+        spi_exec(
+            "UPDATE kms.keys SET primary_version = $2 WHERE key_id = $1",
+            &[key.id.into(), new_version.into()],
+        )?;
+        audit("rotate_key", Some(name), Some(new_version), reason)?;
+        Ok(new_version)
+    })
+}
+
+#[pg_extern(volatile, parallel_unsafe)]
+fn kms_set_primary(key_name: &str, version: i32) {
+    lifecycle(|| {
+        let name = name_arg(key_name)?;
+        let version = version_arg(version)?;
+        let key = lock_key(name)?;
+        let state = version_state(&key, name, version)?;
+        if version == key.primary {
+            return Ok(());
+        }
+        if matches!(state, State::Disabled | State::Destroyed) {
+            return Err(KmsError::VersionState {
+                key: name.into(),
+                version,
+                state: state.as_str().into(),
+                action: "make it primary",
+            });
+        }
+        set_state(&key, key.primary, State::DecryptOnly)?;
+        set_state(&key, version, State::Active)?;
+        spi_exec("UPDATE kms.keys SET primary_version = $2 WHERE key_id = $1", &[key.id.into(), version.into()])?;
+        audit("set_primary", Some(name), Some(version), None)
+    })
+}
+
+#[pg_extern(volatile, parallel_unsafe)]
+fn kms_disable_key_version(key_name: &str, version: i32, reason: default!(Option<&str>, "NULL")) {
+    lifecycle(|| {
+        let name = name_arg(key_name)?;
+        let version = version_arg(version)?;
+        let key = lock_key(name)?;
+        let state = version_state(&key, name, version)?;
+        if version == key.primary {
+            return Err(KmsError::PrimaryVersion { key: name.into(), version, action: "disable" });
+        }
+        if state == State::Destroyed {
+            return Err(KmsError::VersionState { key: name.into(), version, state: "destroyed".into(), action: "disable it" });
+        }
+        set_state(&key, version, State::Disabled)?;
+        audit("disable_key_version", Some(name), Some(version), reason)
+    })
+}
+
+#[pg_extern(volatile, parallel_unsafe)]
+fn kms_enable_key_version(key_name: &str, version: i32) {
+    lifecycle(|| {
+        let name = name_arg(key_name)?;
+        let version = version_arg(version)?;
+        let key = lock_key(name)?;
+        match version_state(&key, name, version)? {
+            State::Destroyed => Err(KmsError::VersionState {
+                key: name.into(),
+                version,
+                state: "destroyed".into(),
+                action: "enable it",
+            }),
+            State::Disabled => {
+                set_state(&key, version, State::DecryptOnly)?;
+                audit("enable_key_version", Some(name), Some(version), None)
+            }
+            // Already usable: nothing to do, nothing to audit.
+            State::Active | State::DecryptOnly => Ok(()),
+        }
+    })
+}
+
+#[pg_extern(volatile, parallel_unsafe)]
+fn kms_destroy_key_version(key_name: &str, version: i32, reason: default!(Option<&str>, "NULL")) {
+    lifecycle(|| {
+        let name = name_arg(key_name)?;
+        let version = version_arg(version)?;
+        let key = lock_key(name)?;
+        let state = version_state(&key, name, version)?;
+        if version == key.primary {
+            return Err(KmsError::PrimaryVersion { key: name.into(), version, action: "destroy" });
+        }
+        if state == State::Destroyed {
+            return Err(KmsError::VersionState { key: name.into(), version, state: "destroyed".into(), action: "destroy it again" });
+        }
+        set_state(&key, version, State::Destroyed)?;
+        audit("destroy_key_version", Some(name), Some(version), reason)
+    })
+}
+
+/// Re-wraps every data key under the master key configured now, reading
+/// the old one from `pg_kms.previous_master_key_*`. Returns the number of
+/// versions re-wrapped (0 if the keyring already uses the current key).
+#[pg_extern(volatile, parallel_unsafe)]
+fn kms_rotate_master_key() -> i64 {
+    lifecycle(|| {
+        let new = keyring::load_master_key(Which::Current)?;
+        let stored = keyring::stored_fingerprint(true)?;
+        let Some(stored) = stored else {
+            // Nothing was ever wrapped: just commit to the new key.
+            kek_for_write()?;
+            audit("rotate_master_key", None, None, Some("0 versions re-wrapped"))?;
+            return Ok(0);
+        };
+        if stored == new.fingerprint() {
+            return Ok(0);
+        }
+        let old: MasterKey = keyring::load_master_key(Which::Previous)?;
+        keyring::check_commitment(&old, Some(&stored), Which::Previous)?;
+        let (old_kek, new_kek) = (old.kek(), new.kek());
+        let rows = Spi::connect_mut(|c| -> Result<Vec<(i32, i32, String, Vec<u8>)>, pgrx::spi::Error> {
+            let t = c.update(
+                "SELECT v.key_id, v.version, k.key_name, v.wrapped_key
+                   FROM kms.key_versions v JOIN kms.keys k ON k.key_id = v.key_id
+                  WHERE v.wrapped_key IS NOT NULL ORDER BY 1, 2 FOR UPDATE OF v",
+                None,
+                &[],
+            )?;
+            let mut out = Vec::new();
+            for r in t {
+                out.push((
+                    r.get::<i32>(1)?.unwrap_or(0),
+                    r.get::<i32>(2)?.unwrap_or(0),
+                    r.get::<String>(3)?.unwrap_or_default(),
+                    r.get::<Vec<u8>>(4)?.unwrap_or_default(),
+                ));
+            }
+            Ok(out)
+        })
+        .map_err(KmsError::spi)?;
+        for (key_id, version, name, wrapped) in &rows {
+            let dk = old_kek
+                .unwrap_raw(*key_id as u32, *version as u32, wrapped)
+                .map_err(|_| KmsError::CatalogCorrupt { key: name.clone(), version: *version })?;
+            let mut nonce = [0u8; 12];
+            keyring::random_bytes(&mut nonce)?;
+            let rewrapped = new_kek.wrap(*key_id as u32, *version as u32, &dk, &nonce);
+            spi_exec(
+                "UPDATE kms.key_versions SET wrapped_key = $3 WHERE key_id = $1 AND version = $2",
+                &[(*key_id).into(), (*version).into(), rewrapped.into()],
+            )?;
+        }
+        spi_exec(
+            "UPDATE kms.keyring SET master_key_fingerprint = $1, rotated_at = pg_catalog.now()",
+            &[new.fingerprint().to_vec().into()],
+        )?;
+        let n = rows.len() as i64;
+        audit("rotate_master_key", None, None, Some(&format!("{n} versions re-wrapped")))?;
+        Ok(n)
+    })
+}
+
+#[pg_extern(stable, parallel_safe)]
+fn kms_verify_audit_log() -> bool {
+    keyring::as_catalog_owner(|_| Ok(spi_one::<bool>("SELECT kms.audit_verify()", &[])?.unwrap_or(false))).or_raise()
+}
+
+/// Configuration and keyring health, without any key material.
+#[pg_extern(volatile, parallel_safe)]
+fn kms_health() -> pgrx::JsonB {
+    let report = keyring::as_catalog_owner(|_| {
+        let stored = keyring::stored_fingerprint(false)?;
+        let source = keyring::describe_source(Which::Current);
+        let (valid, matches, error) = match keyring::load_master_key(Which::Current) {
+            Ok(mk) => {
+                let m = stored.as_deref().map(|fp| fp == mk.fingerprint().as_slice());
+                let err = (m == Some(false)).then(|| KmsError::MasterKeyMismatch { previous: false }.message());
+                (true, m, err)
+            }
+            Err(e) => (false, None, Some(e.message())),
+        };
+        let counts = spi_one::<pgrx::JsonB>(
+            "SELECT jsonb_build_object(
+                'keys', (SELECT count(*) FROM kms.keys),
+                'versions', jsonb_build_object(
+                    'active', count(*) FILTER (WHERE state = 'active'),
+                    'decrypt_only', count(*) FILTER (WHERE state = 'decrypt_only'),
+                    'disabled', count(*) FILTER (WHERE state = 'disabled'),
+                    'destroyed', count(*) FILTER (WHERE state = 'destroyed')),
+                'overdue_rotation', coalesce((
+                    SELECT jsonb_agg(k.key_name ORDER BY k.key_name)
+                      FROM kms.keys k JOIN kms.key_versions p
+                        ON p.key_id = k.key_id AND p.version = k.primary_version
+                     WHERE k.rotation_period IS NOT NULL
+                       AND p.created_at + k.rotation_period < pg_catalog.now()), '[]'::jsonb))
+               FROM kms.key_versions",
+            &[],
+        )?
+        .map(|j| j.0)
+        .unwrap_or_default();
+        let mut v = json!({
+            "master_key": {
+                "configured": source.is_some(),
+                "source": source.map(|(s, _)| s),
+                "valid": valid,
+                "matches_keyring": matches,
+                "keyring_initialized": stored.is_some(),
+                "error": error,
+            },
+            "preloaded": keyring::preloaded(),
+            "worker": {
+                "running": false,
+                "reason": if keyring::preloaded() {
+                    "the re-encryption worker is not part of this version"
+                } else {
+                    "pg_kms is not in shared_preload_libraries"
+                },
+            },
+        });
+        if let (Some(obj), serde_json::Value::Object(c)) = (v.as_object_mut(), counts) {
+            obj.extend(c);
+        }
+        Ok(v)
+    })
+    .or_raise();
+    pgrx::JsonB(report)
+}

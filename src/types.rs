@@ -1,0 +1,250 @@
+//! Datum wrappers that avoid copies on the hot path, and the
+//! `encrypted_text` type with its text and binary I/O.
+//!
+//! * [`EncryptedText`]: a detoasted `encrypted_text` varlena (argument) or a
+//!   freshly palloc'd one (result).
+//! * [`RawText`]: a `text` argument as raw bytes in the database encoding
+//!   (no UTF-8 check, no copy).
+//! * [`OutText`] / [`OutBytea`]: results built in place in palloc'd memory.
+
+use crate::crypto::envelope::Envelope;
+use crate::errors::{KmsError, OrRaise};
+use base64::Engine;
+use pgrx::callconv::{Arg, ArgAbi, BoxRet, FcInfo};
+use pgrx::datum::Datum;
+use pgrx::nullable::Nullable;
+use pgrx::pg_sys;
+use pgrx::pgrx_sql_entity_graph::metadata::{
+    ArgumentError, ReturnsError, ReturnsRef, SqlMappingRef, SqlTranslatable, TypeOrigin,
+};
+use pgrx::prelude::*;
+use pgrx::{FromDatum, IntoDatum};
+use std::ffi::{CStr, CString};
+
+pub const TEXT_PREFIX: &str = "kms:";
+
+/// Bytes of a (detoasted, possibly short-header) varlena.
+#[inline]
+unsafe fn varlena_bytes<'a>(v: *const pg_sys::varlena) -> &'a [u8] {
+    pgrx::varlena::varlena_to_byte_slice(v)
+}
+
+/// A palloc'd varlena with `len` payload bytes in CurrentMemoryContext.
+#[inline]
+fn alloc_varlena(len: usize) -> (*mut pg_sys::varlena, &'static mut [u8]) {
+    unsafe {
+        let total = len + pg_sys::VARHDRSZ;
+        let ptr = pg_sys::palloc(total) as *mut pg_sys::varlena;
+        pgrx::varlena::set_varsize_4b(ptr, total as i32);
+        let data = (ptr as *mut u8).add(pg_sys::VARHDRSZ);
+        (ptr, std::slice::from_raw_parts_mut(data, len))
+    }
+}
+
+macro_rules! varlena_arg {
+    ($ty:ident) => {
+        impl FromDatum for $ty {
+            unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, _: pg_sys::Oid) -> Option<Self> {
+                if is_null || datum.is_null() {
+                    None
+                } else {
+                    Some($ty(pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr())))
+                }
+            }
+        }
+
+        unsafe impl<'fcx> ArgAbi<'fcx> for $ty {
+            unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
+                let index = arg.index();
+                arg.unbox_arg_using_from_datum().unwrap_or_else(|| panic!("argument {index} must not be null"))
+            }
+
+            unsafe fn unbox_nullable_arg(arg: Arg<'_, 'fcx>) -> Nullable<Self> {
+                arg.unbox_arg_using_from_datum().into()
+            }
+        }
+
+        impl $ty {
+            /// The payload, valid for the duration of the current call.
+            #[inline]
+            pub fn bytes(&self) -> &[u8] {
+                unsafe { varlena_bytes(self.0) }
+            }
+        }
+    };
+}
+
+macro_rules! varlena_ret {
+    ($ty:ident) => {
+        unsafe impl BoxRet for $ty {
+            unsafe fn box_into<'fcx>(self, fcinfo: &mut FcInfo<'fcx>) -> Datum<'fcx> {
+                fcinfo.return_raw_datum(pg_sys::Datum::from(self.0))
+            }
+        }
+
+        impl $ty {
+            /// A new value with `len` uninitialised payload bytes to fill.
+            #[inline]
+            pub fn alloc(len: usize) -> ($ty, &'static mut [u8]) {
+                let (ptr, buf) = alloc_varlena(len);
+                ($ty(ptr), buf)
+            }
+        }
+    };
+}
+
+/// An `encrypted_text` value.
+pub struct EncryptedText(*mut pg_sys::varlena);
+varlena_arg!(EncryptedText);
+varlena_ret!(EncryptedText);
+
+impl IntoDatum for EncryptedText {
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        Some(pg_sys::Datum::from(self.0))
+    }
+    fn type_oid() -> pg_sys::Oid {
+        pgrx::wrappers::regtypein("encrypted_text")
+    }
+}
+
+impl EncryptedText {
+    pub fn from_bytes(b: &[u8]) -> EncryptedText {
+        let (v, buf) = EncryptedText::alloc(b.len());
+        buf.copy_from_slice(b);
+        v
+    }
+
+    pub fn envelope(&self) -> Envelope<'_> {
+        Envelope::parse(self.bytes()).map_err(KmsError::from).or_raise()
+    }
+}
+
+unsafe impl SqlTranslatable for EncryptedText {
+    const TYPE_IDENT: &'static str = "pg_kms::types::EncryptedText";
+    const TYPE_ORIGIN: TypeOrigin = TypeOrigin::ThisExtension;
+    const ARGUMENT_SQL: Result<SqlMappingRef, ArgumentError> = Ok(SqlMappingRef::literal("encrypted_text"));
+    const RETURN_SQL: Result<ReturnsRef, ReturnsError> =
+        Ok(ReturnsRef::One(SqlMappingRef::literal("encrypted_text")));
+}
+
+/// A `text` argument seen as raw bytes in the database encoding.
+pub struct RawText(*mut pg_sys::varlena);
+varlena_arg!(RawText);
+pgrx::impl_sql_translatable!(RawText, arg_only = "text");
+
+/// A `text` result built in place.
+pub struct OutText(*mut pg_sys::varlena);
+varlena_ret!(OutText);
+unsafe impl SqlTranslatable for OutText {
+    const TYPE_IDENT: &'static str = "pg_kms::types::OutText";
+    const TYPE_ORIGIN: TypeOrigin = TypeOrigin::External;
+    const ARGUMENT_SQL: Result<SqlMappingRef, ArgumentError> = Err(ArgumentError::NotValidAsArgument("OutText"));
+    const RETURN_SQL: Result<ReturnsRef, ReturnsError> = Ok(ReturnsRef::One(SqlMappingRef::literal("text")));
+}
+
+/// A `bytea` result built in place.
+pub struct OutBytea(*mut pg_sys::varlena);
+varlena_ret!(OutBytea);
+unsafe impl SqlTranslatable for OutBytea {
+    const TYPE_IDENT: &'static str = "pg_kms::types::OutBytea";
+    const TYPE_ORIGIN: TypeOrigin = TypeOrigin::External;
+    const ARGUMENT_SQL: Result<SqlMappingRef, ArgumentError> = Err(ArgumentError::NotValidAsArgument("OutBytea"));
+    const RETURN_SQL: Result<ReturnsRef, ReturnsError> = Ok(ReturnsRef::One(SqlMappingRef::literal("bytea")));
+}
+
+// ---------------------------------------------------------------------------
+// encrypted_text I/O. Input only parses and validates: it never encrypts,
+// so pg_dump/pg_restore and COPY can never double-encrypt.
+
+extension_sql!(
+    "CREATE TYPE encrypted_text;",
+    name = "encrypted_text_shell",
+    creates = [Type(EncryptedText)],
+);
+
+/// Parses the text form `kms:<base64 envelope>`.
+pub fn parse_text_form(input: &[u8]) -> Result<Vec<u8>, KmsError> {
+    let Some(b64) = input.strip_prefix(TEXT_PREFIX.as_bytes()) else {
+        return Err(KmsError::Malformed(format!("value does not start with \"{TEXT_PREFIX}\"")));
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|_| KmsError::Malformed("the part after \"kms:\" is not valid base64".into()))?;
+    Envelope::parse(&bytes)?;
+    Ok(bytes)
+}
+
+pub fn to_text_form(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(TEXT_PREFIX.len() + bytes.len().div_ceil(3) * 4);
+    s.push_str(TEXT_PREFIX);
+    base64::engine::general_purpose::STANDARD.encode_string(bytes, &mut s);
+    s
+}
+
+#[pg_extern(immutable, strict, parallel_safe)]
+fn encrypted_text_in(input: &CStr) -> EncryptedText {
+    let bytes = parse_text_form(input.to_bytes()).or_raise();
+    EncryptedText::from_bytes(&bytes)
+}
+
+#[pg_extern(immutable, strict, parallel_safe)]
+fn encrypted_text_out(value: EncryptedText) -> CString {
+    CString::new(to_text_form(value.bytes())).expect("base64 has no NUL")
+}
+
+#[pg_extern(immutable, strict, parallel_safe)]
+fn encrypted_text_recv(mut buf: pgrx::datum::Internal) -> EncryptedText {
+    let si = unsafe { buf.get_mut::<pg_sys::StringInfoData>() }.expect("receive buffer");
+    let start = si.cursor as usize;
+    let end = si.len as usize;
+    let bytes = unsafe { std::slice::from_raw_parts((si.data as *const u8).add(start), end - start) };
+    Envelope::parse(bytes).map_err(KmsError::from).or_raise();
+    let v = EncryptedText::from_bytes(bytes);
+    si.cursor = si.len;
+    v
+}
+
+#[pg_extern(immutable, strict, parallel_safe)]
+fn encrypted_text_send(value: EncryptedText) -> OutBytea {
+    let b = value.bytes();
+    let (out, buf) = OutBytea::alloc(b.len());
+    buf.copy_from_slice(b);
+    out
+}
+
+extension_sql!(
+    r#"
+CREATE TYPE encrypted_text (
+    INPUT = encrypted_text_in,
+    OUTPUT = encrypted_text_out,
+    RECEIVE = encrypted_text_recv,
+    SEND = encrypted_text_send,
+    INTERNALLENGTH = VARIABLE,
+    ALIGNMENT = int4,
+    STORAGE = external,
+    CATEGORY = 'U'
+);
+COMMENT ON TYPE encrypted_text IS 'AES-256-GCM envelope (format, key id, key version, nonce, ciphertext, tag) produced by kms_encrypt(); text form kms:<base64>';
+CREATE CAST (encrypted_text AS bytea) WITHOUT FUNCTION;
+"#,
+    name = "encrypted_text_type",
+    requires = ["encrypted_text_shell", encrypted_text_in, encrypted_text_out, encrypted_text_recv, encrypted_text_send],
+);
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+    use crate::crypto::envelope::{Header, OVERHEAD};
+
+    #[test]
+    fn text_form_round_trip_and_rejects() {
+        let mut env = Header { flags: 0, key_id: 1, key_version: 1 }.encode().to_vec();
+        env.resize(OVERHEAD + 3, 7);
+        let t = to_text_form(&env);
+        assert!(t.starts_with("kms:"));
+        assert_eq!(parse_text_form(t.as_bytes()).unwrap(), env);
+        for bad in ["", "kms:", "hello", "kms:!!!!", "KMS:AAAA", "kms:AQ==", &t[..t.len() - 4], &t.replace("kms:", "kms: ")] {
+            assert!(parse_text_form(bad.as_bytes()).is_err(), "{bad:?} accepted");
+        }
+    }
+}
