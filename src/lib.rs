@@ -27,7 +27,7 @@ pub extern "C-unwind" fn _PG_init() {
     keyring::init();
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "pg_test"))]
 mod tests;
 
 #[cfg(test)]

@@ -103,7 +103,10 @@ fn version_state(key: &KeyRow, name: &str, version: i32) -> KmsResult<State> {
         "SELECT state FROM kms.key_versions WHERE key_id = $1 AND version = $2 FOR UPDATE",
         &[key.id.into(), version.into()],
     )?;
-    s.map(|s| State::parse(&s)).ok_or_else(|| KmsError::UnknownVersion { key: name.into(), version })
+    s.map(|s| State::parse(&s)).ok_or_else(|| KmsError::BadArgument {
+        message: format!("key \"{name}\" has no version {version}"),
+        hint: "See the kms_keys view for existing versions.",
+    })
 }
 
 fn set_state(key: &KeyRow, version: i32, state: State) -> KmsResult<()> {

@@ -1,1 +1,432 @@
+//! `#[pg_test]`s: every SQL function and every documented error, inside a
+//! real backend. Each test runs in a transaction that is rolled back.
 
+use pgrx::prelude::*;
+use std::sync::OnceLock;
+
+/// The test cluster gets a master key generated now (never stored in the
+/// repository), supplied through `pg_kms.master_key_command`.
+pub fn postgresql_conf_options() -> Vec<&'static str> {
+    static CONF: OnceLock<Vec<&'static str>> = OnceLock::new();
+    CONF.get_or_init(|| {
+        let line = format!("pg_kms.master_key_command = 'echo {}'", random_hex());
+        vec![Box::leak(line.into_boxed_str())]
+    })
+    .clone()
+}
+
+pub fn random_hex() -> String {
+    let mut b = [0u8; 32];
+    getrandom::getrandom(&mut b).expect("random");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[pg_schema]
+mod tests {
+    use super::random_hex;
+    use pgrx::prelude::*;
+
+    fn run(sql: &str) {
+        Spi::run(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    fn one<T: FromDatum + IntoDatum>(sql: &str) -> Option<T> {
+        Spi::get_one::<T>(sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// "SQLSTATE message" of the error `sql` raises, or None.
+    fn error_of(sql: &str) -> Option<String> {
+        if one::<bool>("SELECT to_regprocedure('pg_temp.error_of(text)') IS NOT NULL") != Some(true) {
+            run(r#"CREATE FUNCTION pg_temp.error_of(q text) RETURNS text LANGUAGE plpgsql AS $$
+               BEGIN EXECUTE q; RETURN NULL;
+               EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE || ' ' || SQLERRM; END $$"#);
+            run("GRANT EXECUTE ON FUNCTION pg_temp.error_of(text) TO PUBLIC");
+        }
+        Spi::get_one_with_args::<String>("SELECT pg_temp.error_of($1)", &[sql.into()]).unwrap()
+    }
+
+    #[track_caller]
+    fn assert_sqlstate(sql: &str, code: &str) {
+        match error_of(sql) {
+            Some(e) => assert!(e.starts_with(code), "{sql}: expected {code}, got {e}"),
+            None => panic!("{sql}: expected {code}, got success"),
+        }
+    }
+
+    fn setup_key(name: &str) {
+        assert_eq!(one::<i32>(&format!("SELECT kms_create_key('{name}')")), Some(1));
+    }
+
+    #[pg_test]
+    fn encrypt_decrypt_round_trips() {
+        setup_key("pii");
+        for s in ["alice@example.com", "", "Ünïcödé ✓ 𝄞 🙂", "tab\tnew\nline"] {
+            let got = Spi::get_one_with_args::<String>("SELECT kms_decrypt(kms_encrypt($1, 'pii'))", &[s.into()]).unwrap();
+            assert_eq!(got.as_deref(), Some(s));
+        }
+        assert_eq!(one::<bool>("SELECT kms_encrypt(NULL, 'pii') IS NULL"), Some(true));
+        assert_eq!(one::<bool>("SELECT kms_decrypt(NULL) IS NULL"), Some(true));
+        assert_eq!(one::<bool>("SELECT kms_encrypt('a', 'pii')::text <> kms_encrypt('a', 'pii')::text"), Some(true));
+        assert_eq!(one::<bool>("SELECT kms_encrypt('a', 'pii')::text LIKE 'kms:%'"), Some(true));
+        let big = one::<bool>("SELECT kms_decrypt(kms_encrypt(repeat('xyz', 400000), 'pii')) = repeat('xyz', 400000)");
+        assert_eq!(big, Some(true));
+    }
+
+    #[pg_test]
+    fn bytea_round_trip() {
+        setup_key("pii");
+        assert_eq!(
+            one::<bool>("SELECT kms_decrypt_bytea(kms_encrypt_bytea('\\x00ff00'::bytea, 'pii')) = '\\x00ff00'::bytea"),
+            Some(true)
+        );
+        assert_eq!(one::<bool>("SELECT kms_encrypt_bytea(NULL, 'pii') IS NULL"), Some(true));
+        // bytea sealed with context needs it back.
+        assert_eq!(
+            one::<bool>("SELECT kms_decrypt_bytea(kms_encrypt_bytea('\\x01', 'pii', 'c'), 'c') = '\\x01'"),
+            Some(true)
+        );
+        // Text sealed as text can be read back as its UTF-8 bytes.
+        assert_eq!(one::<bool>("SELECT kms_decrypt_bytea(kms_encrypt('hé', 'pii')) = convert_to('hé', 'UTF8')"), Some(true));
+        // Invalid UTF-8 sealed as bytea cannot come back as text.
+        assert_sqlstate("SELECT kms_decrypt(kms_encrypt_bytea('\\xff'::bytea, 'pii'))", "22021");
+        assert_eq!(one::<String>("SELECT kms_decrypt(kms_encrypt_bytea(convert_to('ok', 'UTF8'), 'pii'))").as_deref(), Some("ok"));
+    }
+
+    #[pg_test]
+    fn context_is_bound() {
+        setup_key("pii");
+        assert_eq!(
+            one::<String>("SELECT kms_decrypt(kms_encrypt('v', 'pii', 'user:1'), 'user:1')").as_deref(),
+            Some("v")
+        );
+        assert_sqlstate("SELECT kms_decrypt(kms_encrypt('v', 'pii', 'user:1'), 'user:2')", "39000");
+        assert_sqlstate("SELECT kms_decrypt(kms_encrypt('v', 'pii', 'user:1'))", "39000");
+        assert_sqlstate("SELECT kms_decrypt(kms_encrypt('v', 'pii'), 'user:1')", "39000");
+        // NULL context and empty context are the same.
+        assert_eq!(one::<String>("SELECT kms_decrypt(kms_encrypt('v', 'pii', NULL), '')").as_deref(), Some("v"));
+    }
+
+    #[pg_test]
+    fn overhead_is_at_most_40_bytes() {
+        setup_key("k");
+        let o = one::<i32>("SELECT pg_column_size(kms_encrypt(repeat('x',100),'k')) - pg_column_size(repeat('x',100))").unwrap();
+        assert!(o <= 40, "overhead {o}");
+        assert_eq!(one::<i32>("SELECT length(kms_encrypt('abc','k')::bytea)"), Some(3 + 38));
+    }
+
+    #[pg_test]
+    fn tampering_fails_with_39000() {
+        setup_key("pii");
+        run("CREATE TEMP TABLE t AS SELECT kms_encrypt('secret', 'pii')::bytea AS b");
+        let n = one::<i32>("SELECT length(b) FROM t").unwrap();
+        // Flip one bit in each byte after the header (nonce, ciphertext, tag).
+        for i in 10..n {
+            let sql = format!(
+                "SELECT kms_decrypt(('kms:' || encode(set_byte(b, {i}, get_byte(b, {i}) # 1), 'base64'))::encrypted_text) FROM t"
+            );
+            assert_sqlstate(&sql, "39000");
+        }
+    }
+
+    #[pg_test]
+    fn malformed_literals_give_22p02() {
+        let env = "AQAAAAABAAAAAQ"; // header only (10 bytes), no nonce/tag
+        for lit in [
+            "".to_string(),
+            "hello".into(),
+            "kms:".into(),
+            "kms:!!!!".into(),
+            "KMS:AAAA".into(),
+            format!("kms:{env}=="),
+            "kms:AgAAAAABAAAAAQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into(), // format version 2
+            "kms:AQAAAAAAAAAAAQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into(), // key id 0
+            "kms:AQAAAAABAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into(), // version 0
+            "kms:AYAAAAABAAAAAQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into(), // unknown flags
+        ] {
+            assert_sqlstate(&format!("SELECT '{lit}'::encrypted_text"), "22P02");
+        }
+        // A literal into a column is parsed, never encrypted.
+        run("CREATE TEMP TABLE people (email encrypted_text)");
+        assert_sqlstate("INSERT INTO people VALUES ('alice@example.com')", "22P02");
+        // No implicit cast to or from text.
+        assert_sqlstate("INSERT INTO people SELECT 'x'::text", "42804");
+        assert_sqlstate("SELECT length(email) FROM people", "42883");
+        // A valid literal round-trips through text unchanged.
+        setup_key("pii");
+        assert_eq!(
+            one::<bool>("SELECT v::text::encrypted_text::text = v::text FROM (SELECT kms_encrypt('a','pii') v) s"),
+            Some(true)
+        );
+    }
+
+    #[pg_test]
+    fn header_readers() {
+        setup_key("pii.v1:x-y_z");
+        assert_eq!(one::<String>("SELECT kms_key_name(kms_encrypt('a', 'pii.v1:x-y_z'))").as_deref(), Some("pii.v1:x-y_z"));
+        assert_eq!(one::<i32>("SELECT kms_key_version(kms_encrypt('a', 'pii.v1:x-y_z'))"), Some(1));
+        assert_eq!(one::<bool>("SELECT kms_key_version(NULL) IS NULL"), Some(true));
+    }
+
+    #[pg_test]
+    fn rotation_rewrap_and_rollback() {
+        setup_key("pii");
+        run("CREATE TEMP TABLE t AS SELECT kms_encrypt('old', 'pii') AS v");
+        assert_eq!(one::<i32>("SELECT kms_rotate_key('pii', 'quarterly')"), Some(2));
+        assert_eq!(one::<i32>("SELECT kms_key_version(kms_encrypt('new', 'pii'))"), Some(2));
+        assert_eq!(one::<String>("SELECT kms_decrypt(v) FROM t").as_deref(), Some("old"));
+        assert_eq!(
+            one::<String>("SELECT string_agg(version || ':' || state || ':' || is_primary, ',' ORDER BY version) FROM kms_keys WHERE key_name = 'pii'")
+                .as_deref(),
+            Some("1:decrypt_only:false,2:active:true")
+        );
+        assert_eq!(one::<i32>("SELECT kms_key_version(kms_rewrap(v)) FROM t"), Some(2));
+        assert_eq!(one::<String>("SELECT kms_decrypt(kms_rewrap(v)) FROM t").as_deref(), Some("old"));
+        // rewrap with context keeps the context binding
+        assert_eq!(
+            one::<String>("SELECT kms_decrypt(kms_rewrap(kms_encrypt('c', 'pii', 'ctx'), 'ctx'), 'ctx')").as_deref(),
+            Some("c")
+        );
+        assert_sqlstate("SELECT kms_rewrap(v, 'wrong') FROM t", "39000");
+        // Roll back to version 1.
+        run("SELECT kms_set_primary('pii', 1)");
+        assert_eq!(one::<i32>("SELECT kms_key_version(kms_encrypt('x', 'pii'))"), Some(1));
+        assert_eq!(
+            one::<String>("SELECT string_agg(version || ':' || state, ',' ORDER BY version) FROM kms_keys WHERE key_name = 'pii'").as_deref(),
+            Some("1:active,2:decrypt_only")
+        );
+        assert_eq!(one::<i32>("SELECT kms_rotate_key('pii')"), Some(3));
+    }
+
+    #[pg_test]
+    fn disable_enable_destroy() {
+        setup_key("pii");
+        run("CREATE TEMP TABLE t AS SELECT kms_encrypt('v1 value', 'pii') AS v");
+        run("SELECT kms_rotate_key('pii')");
+        run("SELECT kms_disable_key_version('pii', 1, 'suspected leak')");
+        assert_sqlstate("SELECT kms_decrypt(v) FROM t", "55000");
+        assert_sqlstate("SELECT kms_rewrap(v) FROM t", "55000");
+        assert_sqlstate("SELECT kms_set_primary('pii', 1)", "55000");
+        run("SELECT kms_enable_key_version('pii', 1)");
+        assert_eq!(one::<String>("SELECT kms_decrypt(v) FROM t").as_deref(), Some("v1 value"));
+        assert_sqlstate("SELECT kms_disable_key_version('pii', 2)", "55000");
+        assert_sqlstate("SELECT kms_destroy_key_version('pii', 2)", "55000");
+        run("SELECT kms_destroy_key_version('pii', 1, 'retired')");
+        assert_sqlstate("SELECT kms_decrypt(v) FROM t", "55000");
+        assert_sqlstate("SELECT kms_enable_key_version('pii', 1)", "55000");
+        assert_sqlstate("SELECT kms_destroy_key_version('pii', 1)", "55000");
+        assert_sqlstate("SELECT kms_disable_key_version('pii', 1)", "55000");
+        assert_eq!(one::<String>("SELECT state FROM kms_keys WHERE key_name = 'pii' AND version = 1").as_deref(), Some("destroyed"));
+        // The wrapped material is gone for good.
+        assert_eq!(one::<bool>("SELECT wrapped_key IS NULL FROM kms.key_versions v JOIN kms.keys k USING (key_id) WHERE key_name = 'pii' AND version = 1"), Some(true));
+    }
+
+    #[pg_test]
+    fn argument_errors() {
+        setup_key("pii");
+        assert_sqlstate("SELECT kms_create_key('pii')", "42710");
+        for bad in ["", "has space", "semi;colon", "é", &"x".repeat(64)] {
+            assert_sqlstate(&format!("SELECT kms_create_key('{bad}')"), "22023");
+            assert_sqlstate(&format!("SELECT kms_encrypt('a', '{bad}')"), "22023");
+        }
+        assert_eq!(one::<i32>(&format!("SELECT kms_create_key('{}')", "x".repeat(63))), Some(1));
+        assert_sqlstate("SELECT kms_encrypt('a', NULL)", "22023");
+        assert_sqlstate("SELECT kms_create_key('p2', interval '-1 day')", "22023");
+        assert_sqlstate("SELECT kms_create_key('p2', interval '0')", "22023");
+        assert_sqlstate("SELECT kms_set_primary('pii', 0)", "22023");
+        assert_sqlstate("SELECT kms_set_primary('pii', 7)", "22023");
+        assert_sqlstate("SELECT kms_disable_key_version('pii', -1)", "22023");
+        for f in [
+            "kms_encrypt('a', 'nope')",
+            "kms_encrypt_bytea('\\x00', 'nope')",
+            "kms_rotate_key('nope')",
+            "kms_set_primary('nope', 1)",
+            "kms_disable_key_version('nope', 1)",
+            "kms_enable_key_version('nope', 1)",
+            "kms_destroy_key_version('nope', 1)",
+        ] {
+            assert_sqlstate(&format!("SELECT {f}"), "42704");
+        }
+    }
+
+    #[pg_test]
+    fn rotation_period_and_views() {
+        assert_eq!(one::<i32>("SELECT kms_create_key('sched', interval '30 days')"), Some(1));
+        assert_eq!(
+            one::<bool>("SELECT next_rotation_at = created_at + interval '30 days' FROM kms_keys WHERE key_name = 'sched'"),
+            Some(true)
+        );
+        run("UPDATE kms.key_versions SET created_at = now() - interval '31 days'");
+        let overdue = one::<pgrx::JsonB>("SELECT kms_health()->'overdue_rotation'").unwrap().0;
+        assert_eq!(overdue, serde_json::json!(["sched"]));
+    }
+
+    #[pg_test]
+    fn audit_log_is_chained_and_append_only() {
+        setup_key("pii");
+        run("SELECT kms_rotate_key('pii', 'why')");
+        run("SELECT kms_set_primary('pii', 1)");
+        run("SELECT kms_disable_key_version('pii', 2, 'r')");
+        run("SELECT kms_enable_key_version('pii', 2)");
+        run("SELECT kms_destroy_key_version('pii', 2, 'r2')");
+        assert_eq!(
+            one::<String>("SELECT string_agg(operation || ':' || coalesce(version::text, '-') || ':' || coalesce(reason, '-'), ',' ORDER BY id) FROM kms_audit_log").as_deref(),
+            Some("create_key:1:-,rotate_key:2:why,set_primary:1:-,disable_key_version:2:r,enable_key_version:2:-,destroy_key_version:2:r2")
+        );
+        assert_eq!(one::<bool>("SELECT bool_and(actor = session_user::text) FROM kms_audit_log"), Some(true));
+        assert_eq!(one::<bool>("SELECT kms_verify_audit_log()"), Some(true));
+        assert_sqlstate("UPDATE kms.audit_log SET reason = 'x'", "42501");
+        assert_sqlstate("DELETE FROM kms.audit_log", "42501");
+        assert_sqlstate("TRUNCATE kms.audit_log", "42501");
+        // A superuser who disables the trigger and edits a row is caught.
+        run("ALTER TABLE kms.audit_log DISABLE TRIGGER USER");
+        run("UPDATE kms.audit_log SET reason = 'forged' WHERE id = 2");
+        assert_eq!(one::<bool>("SELECT kms_verify_audit_log()"), Some(false));
+        run("UPDATE kms.audit_log SET reason = 'why' WHERE id = 2");
+        assert_eq!(one::<bool>("SELECT kms_verify_audit_log()"), Some(true));
+        // Dropping the newest row is caught too (the head is kept apart).
+        run("DELETE FROM kms.audit_log WHERE id = (SELECT max(id) FROM kms.audit_log)");
+        assert_eq!(one::<bool>("SELECT kms_verify_audit_log()"), Some(false));
+    }
+
+    #[pg_test]
+    fn master_key_missing_malformed_or_wrong() {
+        setup_key("pii");
+        run("SET pg_kms.master_key_command = ''");
+        let e = error_of("SELECT kms_create_key('k2')").unwrap();
+        assert!(e.starts_with("55000 pg_kms master key is not configured"), "{e}");
+        run("SET pg_kms.master_key_command = 'echo not-a-key'");
+        assert_sqlstate("SELECT kms_rotate_key('pii')", "55000");
+        run("SET pg_kms.master_key_command = 'exit 1'");
+        assert_sqlstate("SELECT kms_rotate_key('pii')", "55000");
+        run("SET pg_kms.master_key_file = '/nonexistent/master.key'");
+        assert_sqlstate("SELECT kms_rotate_key('pii')", "55000");
+        run("RESET pg_kms.master_key_file");
+        run(&format!("SET pg_kms.master_key_command = 'echo {}'", random_hex()));
+        let e = error_of("SELECT kms_rotate_key('pii')").unwrap();
+        assert!(e.starts_with("55000 the master key does not match this keyring"), "{e}");
+        let h = one::<pgrx::JsonB>("SELECT kms_health()->'master_key'").unwrap().0;
+        assert_eq!(h["matches_keyring"], serde_json::json!(false));
+        assert_eq!(h["valid"], serde_json::json!(true));
+        // The error never echoes the configured command or key.
+        assert!(!e.contains("echo"));
+    }
+
+    #[pg_test]
+    fn master_key_settings_are_hidden() {
+        // pg_settings lists what SHOW ALL lists.
+        let shown = one::<i64>("SELECT count(*) FROM pg_settings WHERE name ~ '^pg_kms\\.(previous_)?master_key_(file|command)$'");
+        assert_eq!(shown, Some(0), "pg_kms master-key settings must not appear in SHOW ALL");
+        assert_eq!(one::<i64>("SELECT count(*) FROM pg_settings WHERE name = 'pg_kms.master_key_command_timeout'"), Some(1));
+        run("CREATE ROLE kms_test_plain");
+        run("SET LOCAL ROLE kms_test_plain");
+        assert_sqlstate("SHOW pg_kms.master_key_command", "42501");
+        assert_sqlstate("SET pg_kms.master_key_command = 'echo x'", "42501");
+        run("RESET ROLE");
+    }
+
+    #[pg_test]
+    fn master_key_rotation() {
+        setup_key("a");
+        setup_key("b");
+        run("SELECT kms_rotate_key('a')");
+        run("CREATE TEMP TABLE t AS SELECT kms_encrypt('va', 'a') AS va, kms_encrypt('vb', 'b') AS vb");
+        let old_cmd = one::<String>("SELECT current_setting('pg_kms.master_key_command')").unwrap();
+        let old_fp = one::<Vec<u8>>("SELECT master_key_fingerprint FROM kms.keyring").unwrap();
+        run(&format!("SET pg_kms.master_key_command = 'echo {}'", random_hex()));
+        assert_sqlstate("SELECT kms_rotate_master_key()", "55000"); // previous key not configured
+        run(&format!("SET pg_kms.previous_master_key_command = 'echo {}'", random_hex()));
+        assert_sqlstate("SELECT kms_rotate_master_key()", "55000"); // previous key is not the keyring's
+        run(&format!("SET pg_kms.previous_master_key_command = '{}'", old_cmd.replace('\'', "''")));
+        assert_eq!(one::<i64>("SELECT kms_rotate_master_key()"), Some(3));
+        assert_ne!(one::<Vec<u8>>("SELECT master_key_fingerprint FROM kms.keyring").unwrap(), old_fp);
+        assert_eq!(one::<String>("SELECT kms_decrypt(va) || kms_decrypt(vb) FROM t").as_deref(), Some("vavb"));
+        assert_eq!(one::<i64>("SELECT kms_rotate_master_key()"), Some(0));
+        // The old key no longer opens the keyring.
+        run(&format!("SET pg_kms.master_key_command = '{}'", old_cmd.replace('\'', "''")));
+        assert_sqlstate("SELECT kms_create_key('c')", "55000");
+        assert_eq!(one::<String>("SELECT operation FROM kms_audit_log ORDER BY id DESC LIMIT 1").as_deref(), Some("rotate_master_key"));
+    }
+
+    #[pg_test]
+    fn health_report() {
+        setup_key("pii");
+        run("SELECT kms_rotate_key('pii')");
+        let h = one::<pgrx::JsonB>("SELECT kms_health()").unwrap().0;
+        assert_eq!(h["keys"], serde_json::json!(1));
+        assert_eq!(h["versions"]["active"], serde_json::json!(1));
+        assert_eq!(h["versions"]["decrypt_only"], serde_json::json!(1));
+        assert_eq!(h["master_key"]["configured"], serde_json::json!(true));
+        assert_eq!(h["master_key"]["matches_keyring"], serde_json::json!(true));
+        assert_eq!(h["master_key"]["source"], serde_json::json!("pg_kms.master_key_command"));
+        assert!(h["preloaded"].is_boolean());
+        let text = h.to_string();
+        assert!(!text.contains("echo"), "health must not reveal the key source value");
+    }
+
+    #[pg_test]
+    fn role_privileges() {
+        setup_key("pii");
+        run("CREATE TEMP TABLE t AS SELECT kms_encrypt('v', 'pii') AS v");
+        run("GRANT SELECT ON t TO PUBLIC");
+        run("CREATE ROLE kt_user IN ROLE kms_user");
+        run("CREATE ROLE kt_admin IN ROLE kms_admin");
+        run("CREATE ROLE kt_auditor IN ROLE kms_auditor");
+        run("CREATE ROLE kt_plain");
+        let user_ok = [
+            "SELECT kms_encrypt('a', 'pii')",
+            "SELECT kms_decrypt(v) FROM t",
+            "SELECT kms_encrypt_bytea('\\x00', 'pii')",
+            "SELECT kms_decrypt_bytea(v) FROM t",
+            "SELECT kms_rewrap(v) FROM t",
+            "SELECT kms_key_name(v) FROM t",
+            "SELECT kms_key_version(v) FROM t",
+        ];
+        let admin_ok = [
+            "SELECT kms_create_key('k_' || md5(random()::text))",
+            "SELECT kms_rotate_key('pii')",
+            "SELECT kms_set_primary('pii', 1)",
+            "SELECT kms_disable_key_version('pii', 1)",
+            "SELECT kms_enable_key_version('pii', 1)",
+            "SELECT kms_destroy_key_version('nope', 1)", // 42704, not 42501
+        ];
+        let read_ok = ["SELECT * FROM kms_keys", "SELECT * FROM kms_audit_log", "SELECT kms_health()", "SELECT kms_verify_audit_log()"];
+        let catalog = ["SELECT * FROM kms.keys", "SELECT * FROM kms.key_versions", "SELECT * FROM kms.keyring", "SELECT * FROM kms.audit_log", "SELECT kms.audit_verify()"];
+        let allowed = |role: &str, sql: &str| {
+            run(&format!("SET LOCAL ROLE {role}"));
+            let e = error_of(sql);
+            run("RESET ROLE");
+            !matches!(e, Some(ref s) if s.starts_with("42501"))
+        };
+        for sql in user_ok {
+            assert!(allowed("kt_user", sql), "kms_user: {sql}");
+            for r in ["kt_admin", "kt_auditor", "kt_plain"] {
+                assert!(!allowed(r, sql), "{r} must not: {sql}");
+            }
+        }
+        for sql in admin_ok {
+            assert!(allowed("kt_admin", sql), "kms_admin: {sql}");
+            for r in ["kt_user", "kt_auditor", "kt_plain"] {
+                assert!(!allowed(r, sql), "{r} must not: {sql}");
+            }
+        }
+        for sql in read_ok {
+            assert!(allowed("kt_admin", sql), "kms_admin: {sql}");
+            assert!(allowed("kt_auditor", sql), "kms_auditor: {sql}");
+            for r in ["kt_user", "kt_plain"] {
+                assert!(!allowed(r, sql), "{r} must not: {sql}");
+            }
+        }
+        for sql in catalog {
+            for r in ["kt_user", "kt_admin", "kt_auditor", "kt_plain"] {
+                assert!(!allowed(r, sql), "{r} must not read the catalog: {sql}");
+            }
+        }
+        // The identity switch on a cache miss does not leak out.
+        run("SELECT kms_rotate_key('pii')");
+        run("SET LOCAL ROLE kt_user");
+        run("SELECT kms_encrypt('a', 'pii')");
+        assert_eq!(one::<String>("SELECT current_user::text").as_deref(), Some("kt_user"));
+        assert_eq!(one::<String>("SELECT current_setting('search_path')").as_deref(), Some("\"$user\", public"));
+        run("RESET ROLE");
+    }
+}
