@@ -200,10 +200,6 @@ impl KmsError {
     pub fn spi(e: pgrx::spi::Error) -> KmsError {
         KmsError::Spi(e.to_string())
     }
-
-    pub fn code(&self) -> PgSqlErrorCode {
-        self.parts().0
-    }
 }
 
 impl From<EnvelopeError> for KmsError {

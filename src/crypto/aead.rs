@@ -20,6 +20,7 @@ impl DataKey {
         DataKey { cipher: Aes256Gcm::new(key.as_ref().into()) }
     }
 
+    #[cfg(test)]
     pub(crate) fn cipher(&self) -> &Aes256Gcm {
         &self.cipher
     }
@@ -165,6 +166,14 @@ mod tests {
             dk.cipher().decrypt_in_place_detached(Nonce::from_slice(&iv), &aad, &mut buf, &tag).unwrap();
             assert_eq!(hex::encode(&buf), v.pt);
         }
+    }
+
+    /// Data keys are wiped when dropped: the AES key schedules inside
+    /// aes-gcm implement ZeroizeOnDrop (this fails to compile otherwise).
+    #[test]
+    fn key_schedules_zeroize_on_drop() {
+        fn assert_zeroize_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        assert_zeroize_on_drop::<aes::Aes256>();
     }
 
     #[test]
