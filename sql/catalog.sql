@@ -1,7 +1,7 @@
 -- pg_kms catalog: schema kms, reachable only through the extension's
 -- functions and views (they switch to the catalog owner when they need it).
 
-CREATE SCHEMA kms;
+CREATE SCHEMA IF NOT EXISTS kms;
 REVOKE ALL ON SCHEMA kms FROM PUBLIC;
 COMMENT ON SCHEMA kms IS 'pg_kms keyring: wrapped data keys, master-key fingerprint, audit log. Superuser-only.';
 
@@ -67,6 +67,22 @@ CREATE TABLE kms.audit_head (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     last_id   bigint NOT NULL,
     last_hash bytea NOT NULL
+);
+
+-- Re-encryption progress per (table, column) of this database, written by
+-- the background worker and kms_reencrypt_now(). Operational state: not
+-- dumped (a restored database recounts).
+CREATE TABLE kms.reencryption_progress (
+    relid                oid NOT NULL,
+    attname              name NOT NULL,
+    rows_rewrapped       bigint NOT NULL DEFAULT 0,
+    rows_pending         bigint,
+    rows_needing_context bigint,
+    started_at           timestamptz,
+    last_batch_at        timestamptz,
+    finished_at          timestamptz,
+    last_error           text,
+    PRIMARY KEY (relid, attname)
 );
 
 SELECT pg_catalog.pg_extension_config_dump('kms.keyring', '');

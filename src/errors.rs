@@ -23,6 +23,8 @@ pub enum KmsError {
     VersionState { key: String, version: i32, state: String, action: &'static str },
     /// 55000: the operation would touch the primary version.
     PrimaryVersion { key: String, version: i32, action: &'static str },
+    /// 55000: rows in this database still reference the version.
+    StillReferenced { key: String, version: i32, rows: i64 },
     /// 55000: neither master-key setting is configured.
     MasterKeyMissing { previous: bool },
     /// 55000: the configured source could not give a valid key.
@@ -41,6 +43,8 @@ pub enum KmsError {
     Random,
     /// 25006: a lifecycle act on a standby or in a read-only transaction.
     ReadOnly,
+    /// 42501: the caller lacks a privilege pg_kms checks itself.
+    NotAllowed(String),
     /// XX000: an SPI call into our own catalog failed; always a pg_kms bug.
     Spi(String),
 }
@@ -102,6 +106,12 @@ impl KmsError {
                 None,
                 Some("Rotate the key or promote another version with kms_set_primary() first.".into()),
             ),
+            KmsError::StillReferenced { key, version, rows } => (
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("cannot destroy version {version} of key \"{key}\": {rows} rows in this database still reference it"),
+                None,
+                Some("Re-encrypt them first (the background worker does it after a rotation; see kms_reencryption_progress, or run kms_reencrypt_now()), or pass force => true to make them unrecoverable on purpose.".into()),
+            ),
             KmsError::MasterKeyMissing { previous: false } => (
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 "pg_kms master key is not configured".into(),
@@ -162,6 +172,12 @@ impl KmsError {
                 "the operating system's random number generator failed".into(),
                 None,
                 None,
+            ),
+            KmsError::NotAllowed(message) => (
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                message.clone(),
+                None,
+                Some("Ask the table owner for SELECT and UPDATE on the column.".into()),
             ),
             KmsError::Spi(what) => (
                 ERRCODE_INTERNAL_ERROR,

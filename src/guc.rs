@@ -9,6 +9,11 @@ pub static MASTER_KEY_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option
 pub static PREVIOUS_MASTER_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static PREVIOUS_MASTER_KEY_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static MASTER_KEY_COMMAND_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+pub static NONCE_WARNING_ENCRYPTIONS: GucSetting<i32> = GucSetting::<i32>::new(i32::MAX);
+pub static REENCRYPT_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static REENCRYPT_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static REENCRYPT_MAX_ROWS_PER_SECOND: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+pub static REENCRYPT_NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
 pub fn init() {
     let secret = GucFlags::NO_SHOW_ALL | GucFlags::SUPERUSER_ONLY;
@@ -52,6 +57,54 @@ pub fn init() {
         100,
         600_000,
         GucContext::Suset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_kms.nonce_warning_encryptions",
+        c"Encryptions under one key version (since server start) that trigger a warning.",
+        c"AES-GCM with random 96-bit nonces must not seal more than 2^32 values under one key; the default warns at 2^31 - 1.",
+        &NONCE_WARNING_ENCRYPTIONS,
+        1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_kms.reencrypt_enabled",
+        c"Whether the background worker re-encrypts rows after a rotation.",
+        c"Off pauses the worker; it resumes where it left off.",
+        &REENCRYPT_ENABLED,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_kms.reencrypt_batch_size",
+        c"Rows the background worker re-encrypts per transaction.",
+        c"",
+        &REENCRYPT_BATCH_SIZE,
+        1,
+        100_000,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_kms.reencrypt_max_rows_per_second",
+        c"Upper bound on the rows per second the background worker re-encrypts (0 = unlimited).",
+        c"",
+        &REENCRYPT_MAX_ROWS_PER_SECOND,
+        0,
+        10_000_000,
+        GucContext::Sighup,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_kms.reencrypt_naptime",
+        c"How long the background worker sleeps when it has nothing to do.",
+        c"A committed rotation wakes it at once.",
+        &REENCRYPT_NAPTIME_MS,
+        10,
+        3_600_000,
+        GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
 }

@@ -59,15 +59,23 @@ pub struct Catalog {
 
 fn lookup_catalog() -> KmsResult<Catalog> {
     // pg_extension and pg_class are readable by every role: no switch needed.
-    let row = Spi::get_two::<pg_sys::Oid, pg_sys::Oid>(
-        "SELECT e.extowner, c.oid
+    // Read-only SPI (`select`): this also runs in parallel workers, which
+    // must not assign a transaction id.
+    let row = Spi::connect(|c| {
+        c.select(
+            "SELECT e.extowner, c.oid
            FROM pg_catalog.pg_extension e,
                 pg_catalog.pg_class c
            JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
           WHERE e.extname OPERATOR(pg_catalog.=) 'pg_kms'
             AND n.nspname OPERATOR(pg_catalog.=) 'kms'
             AND c.relname OPERATOR(pg_catalog.=) 'keys'",
-    );
+            Some(1),
+            &[],
+        )?
+        .first()
+        .get_two::<pg_sys::Oid, pg_sys::Oid>()
+    });
     match row {
         Ok((Some(owner), Some(keys_relid))) => Ok(Catalog { owner, keys_relid }),
         Ok(_) => Err(KmsError::NotInstalled),
@@ -190,13 +198,12 @@ pub fn stored_fingerprint(lock: bool) -> KmsResult<Option<Vec<u8>>> {
     } else {
         "SELECT master_key_fingerprint FROM kms.keyring"
     };
-    Spi::connect_mut(|c| -> Result<Option<Vec<u8>>, pgrx::spi::Error> {
-        let t = c.update(q, Some(1), &[])?;
-        if t.is_empty() {
-            return Ok(None);
-        }
-        t.first().get_one::<Vec<u8>>()
-    })
+    let get = |t: pgrx::spi::SpiTupleTable<'_>| if t.is_empty() { Ok(None) } else { t.first().get_one::<Vec<u8>>() };
+    if lock {
+        Spi::connect_mut(|c| get(c.update(q, Some(1), &[])?))
+    } else {
+        Spi::connect(|c| get(c.select(q, Some(1), &[])?))
+    }
     .map_err(KmsError::spi)
 }
 
@@ -240,9 +247,12 @@ impl State {
     }
 }
 
-struct CachedVersion {
-    state: State,
-    key: Option<DataKey>,
+pub struct CachedVersion {
+    pub number: u32,
+    pub state: State,
+    pub key: Option<DataKey>,
+    /// Shared-memory counters (None without preload).
+    pub stat: Option<&'static crate::shmem::StatSlot>,
 }
 
 pub struct CachedKey {
@@ -252,12 +262,41 @@ pub struct CachedKey {
     versions: HashMap<u32, CachedVersion>,
 }
 
-impl CachedKey {
-    /// The data key of `version`, if its state allows decryption.
+impl CachedVersion {
     #[inline]
-    pub fn version_key(&self, version: u32) -> KmsResult<&DataKey> {
+    pub fn data_key(&self) -> &DataKey {
+        self.key.as_ref().expect("usable versions have a key")
+    }
+
+    /// Counts one encryption; warns once when the version nears the
+    /// AES-GCM random-nonce budget (2^32 encryptions per key).
+    #[inline]
+    pub fn count_encryption(&self, key_name: &str) {
+        if let Some(s) = self.stat {
+            let n = s.encryptions.fetch_add(1, Ordering::Relaxed) + 1;
+            if n == crate::guc::NONCE_WARNING_ENCRYPTIONS.get() as u64 {
+                pgrx::warning!(
+                    "pg_kms: version {} of key \"{key_name}\" has sealed {n} values since server start; rotate it before 2^32 encryptions (AES-GCM random-nonce limit)",
+                    self.number
+                );
+            }
+        }
+    }
+
+    #[inline]
+    pub fn count_decryption(&self) {
+        if let Some(s) = self.stat {
+            s.decryptions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl CachedKey {
+    /// `version`, if its state allows decryption.
+    #[inline]
+    pub fn usable(&self, version: u32) -> KmsResult<&CachedVersion> {
         match self.versions.get(&version) {
-            Some(CachedVersion { key: Some(k), .. }) => Ok(k),
+            Some(v @ CachedVersion { key: Some(_), .. }) => Ok(v),
             Some(v) => Err(KmsError::VersionState {
                 key: self.name.clone(),
                 version: version as i32,
@@ -269,8 +308,13 @@ impl CachedKey {
     }
 
     #[inline]
-    pub fn primary_key(&self) -> KmsResult<&DataKey> {
-        self.version_key(self.primary)
+    pub fn primary_version(&self) -> KmsResult<&CachedVersion> {
+        self.usable(self.primary)
+    }
+
+    /// Whether `version` exists and can still be opened.
+    pub fn can_open(&self, version: u32) -> bool {
+        matches!(self.versions.get(&version), Some(CachedVersion { key: Some(_), .. }))
     }
 }
 
@@ -424,7 +468,8 @@ fn load(lookup: Lookup<'_>) -> KmsResult<Rc<CachedKey>> {
             ),
             _ => None,
         };
-        key.versions.insert(r.version as u32, CachedVersion { state, key: dk });
+        let stat = crate::shmem::stat_slot(key.id, r.version as u32);
+        key.versions.insert(r.version as u32, CachedVersion { number: r.version as u32, state, key: dk, stat });
     }
     let key = Rc::new(key);
     if INVAL_GEN.load(Ordering::Relaxed) == gen_before {

@@ -12,8 +12,11 @@ mod errors;
 mod guc;
 mod keyring;
 mod lifecycle;
+mod reencrypt;
+mod shmem;
 mod types;
 mod values;
+mod worker;
 
 pg_module_magic!();
 
@@ -25,6 +28,10 @@ extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 pub extern "C-unwind" fn _PG_init() {
     guc::init();
     keyring::init();
+    if keyring::preloaded() {
+        shmem::init();
+        worker::register_launcher();
+    }
 }
 
 #[cfg(any(test, feature = "pg_test"))]

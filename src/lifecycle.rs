@@ -37,6 +37,8 @@ fn lifecycle<R>(f: impl FnOnce() -> KmsResult<R>) -> R {
     keyring::as_catalog_owner(|cat| {
         let r = f()?;
         keyring::invalidate_all_backends(cat);
+        // After commit, wake this database's re-encryption worker at once.
+        pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, crate::shmem::wake_workers_of_this_db);
         Ok(r)
     })
     .or_raise()
@@ -174,30 +176,59 @@ fn kms_create_key(key_name: &str, rotation_period: default!(Option<Interval>, "N
     })
 }
 
+/// Adds a new primary version (the catalog part of `kms_rotate_key`, also
+/// used by the worker's scheduled rotation). Caller is the catalog owner.
+pub fn rotate_key(name: &str, reason: Option<&str>) -> KmsResult<i32> {
+    let kek = kek_for_write()?;
+    let key = lock_key(name)?;
+    let new_version = spi_one::<i32>(
+        "SELECT max(version) + 1 FROM kms.key_versions WHERE key_id = $1",
+        &[key.id.into()],
+    )?
+    .unwrap_or(1);
+    add_version(&kek, key.id, new_version, State::Active)?;
+    spi_exec(
+        "UPDATE kms.key_versions SET state = 'decrypt_only', state_changed_at = pg_catalog.now()
+          WHERE key_id = $1 AND version = $2 AND state = 'active'",
+        &[key.id.into(), key.primary.into()],
+    )?;
+    spi_exec(
+        "UPDATE kms.keys SET primary_version = $2 WHERE key_id = $1",
+        &[key.id.into(), new_version.into()],
+    )?;
+    audit("rotate_key", Some(name), Some(new_version), reason)?;
+    Ok(new_version)
+}
+
+/// Rotates, with reason 'scheduled', every key whose primary version is
+/// older than its rotation_period. Returns the names rotated.
+pub fn rotate_due_keys() -> Vec<String> {
+    lifecycle(|| {
+        let due = Spi::connect(|c| -> Result<Vec<String>, pgrx::spi::Error> {
+            let mut out = Vec::new();
+            for r in c.select(
+                "SELECT k.key_name FROM kms.keys k
+                   JOIN kms.key_versions p ON p.key_id = k.key_id AND p.version = k.primary_version
+                  WHERE k.rotation_period IS NOT NULL AND p.created_at + k.rotation_period <= pg_catalog.now()
+                  ORDER BY 1",
+                None,
+                &[],
+            )? {
+                out.push(r.get::<String>(1)?.unwrap_or_default());
+            }
+            Ok(out)
+        })
+        .map_err(KmsError::spi)?;
+        for name in &due {
+            rotate_key(name, Some("scheduled"))?;
+        }
+        Ok(due)
+    })
+}
+
 #[pg_extern(volatile, parallel_unsafe)]
 fn kms_rotate_key(key_name: &str, reason: default!(Option<&str>, "NULL")) -> i32 {
-    lifecycle(|| {
-        let name = name_arg(key_name)?;
-        let kek = kek_for_write()?;
-        let key = lock_key(name)?;
-        let new_version = spi_one::<i32>(
-            "SELECT max(version) + 1 FROM kms.key_versions WHERE key_id = $1",
-            &[key.id.into()],
-        )?
-        .unwrap_or(1);
-        add_version(&kek, key.id, new_version, State::Active)?;
-        spi_exec(
-            "UPDATE kms.key_versions SET state = 'decrypt_only', state_changed_at = pg_catalog.now()
-              WHERE key_id = $1 AND version = $2 AND state = 'active'",
-            &[key.id.into(), key.primary.into()],
-        )?;
-        spi_exec(
-            "UPDATE kms.keys SET primary_version = $2 WHERE key_id = $1",
-            &[key.id.into(), new_version.into()],
-        )?;
-        audit("rotate_key", Some(name), Some(new_version), reason)?;
-        Ok(new_version)
-    })
+    lifecycle(|| rotate_key(name_arg(key_name)?, reason))
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
@@ -267,7 +298,12 @@ fn kms_enable_key_version(key_name: &str, version: i32) {
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
-fn kms_destroy_key_version(key_name: &str, version: i32, reason: default!(Option<&str>, "NULL")) {
+fn kms_destroy_key_version(
+    key_name: &str,
+    version: i32,
+    reason: default!(Option<&str>, "NULL"),
+    force: default!(bool, false),
+) {
     lifecycle(|| {
         let name = name_arg(key_name)?;
         let version = version_arg(version)?;
@@ -278,6 +314,12 @@ fn kms_destroy_key_version(key_name: &str, version: i32, reason: default!(Option
         }
         if state == State::Destroyed {
             return Err(KmsError::VersionState { key: name.into(), version, state: "destroyed".into(), action: "destroy it again" });
+        }
+        if !force {
+            let rows = crate::reencrypt::usage_by_version(key.id)?.get(&version).copied().unwrap_or(0);
+            if rows > 0 {
+                return Err(KmsError::StillReferenced { key: name.into(), version, rows });
+            }
         }
         set_state(&key, version, State::Destroyed)?;
         audit("destroy_key_version", Some(name), Some(version), reason)
@@ -351,6 +393,42 @@ fn kms_verify_audit_log() -> bool {
     keyring::as_catalog_owner(|_| Ok(spi_one::<bool>("SELECT kms.audit_verify()", &[])?.unwrap_or(false))).or_raise()
 }
 
+/// Whether this database's re-encryption worker runs, and if not, why.
+fn worker_status() -> KmsResult<serde_json::Value> {
+    let pid = spi_one::<i32>(
+        "SELECT pid FROM pg_catalog.pg_stat_activity
+          WHERE backend_type = 'pg_kms worker' AND datid = (SELECT oid FROM pg_catalog.pg_database
+                                                           WHERE datname = pg_catalog.current_database())",
+        &[],
+    )?;
+    let reason = if pid.is_some() {
+        None
+    } else if !keyring::preloaded() {
+        Some("pg_kms is not in shared_preload_libraries: no background re-encryption or scheduled rotation (use kms_reencrypt_now())")
+    } else if unsafe { pg_sys::RecoveryInProgress() } {
+        Some("this server is a standby: the worker starts after promotion")
+    } else if !crate::guc::REENCRYPT_ENABLED.get() {
+        Some("pg_kms.reencrypt_enabled is off")
+    } else {
+        Some("the worker for this database has not started yet (it is started within pg_kms.reencrypt_naptime), or max_worker_processes is exhausted")
+    };
+    Ok(json!({ "running": pid.is_some(), "pid": pid, "reason": reason }))
+}
+
+/// Key versions whose encryptions since start reached the warning level.
+fn nonce_warnings() -> KmsResult<serde_json::Value> {
+    let threshold = crate::guc::NONCE_WARNING_ENCRYPTIONS.get() as u64;
+    let mut out = Vec::new();
+    for (key_id, version, enc, _) in crate::shmem::stats_of_this_db() {
+        if enc >= threshold {
+            let name = spi_one::<String>("SELECT key_name FROM kms.keys WHERE key_id = $1", &[(key_id as i32).into()])?;
+            out.push(json!({ "key_name": name, "version": version, "encryptions": enc,
+                             "message": "rotate this key: AES-GCM random nonces allow at most 2^32 encryptions per key" }));
+        }
+    }
+    Ok(serde_json::Value::Array(out))
+}
+
 /// Configuration and keyring health, without any key material.
 #[pg_extern(volatile, parallel_safe)]
 fn kms_health() -> pgrx::JsonB {
@@ -394,14 +472,8 @@ fn kms_health() -> pgrx::JsonB {
                 "error": error,
             },
             "preloaded": keyring::preloaded(),
-            "worker": {
-                "running": false,
-                "reason": if keyring::preloaded() {
-                    "the re-encryption worker is not part of this version"
-                } else {
-                    "pg_kms is not in shared_preload_libraries"
-                },
-            },
+            "worker": worker_status()?,
+            "nonce_warnings": nonce_warnings()?,
         });
         if let (Some(obj), serde_json::Value::Object(c)) = (v.as_object_mut(), counts) {
             obj.extend(c);

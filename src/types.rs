@@ -132,6 +132,41 @@ pub struct RawText(*mut pg_sys::varlena);
 varlena_arg!(RawText);
 pgrx::impl_sql_translatable!(RawText, arg_only = "text");
 
+/// A `regclass` argument.
+pub struct RegClass(pub pg_sys::Oid);
+impl FromDatum for RegClass {
+    unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, _: pg_sys::Oid) -> Option<Self> {
+        (!is_null).then(|| RegClass(pg_sys::Oid::from(datum.value() as u32)))
+    }
+}
+pgrx::impl_sql_translatable!(RegClass, arg_only = "regclass");
+
+/// A `name` argument.
+pub struct SqlName(pub String);
+impl FromDatum for SqlName {
+    unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, _: pg_sys::Oid) -> Option<Self> {
+        (!is_null && !datum.is_null())
+            .then(|| SqlName(CStr::from_ptr(datum.cast_mut_ptr::<std::ffi::c_char>()).to_string_lossy().into_owned()))
+    }
+}
+pgrx::impl_sql_translatable!(SqlName, arg_only = "name");
+
+macro_rules! simple_arg {
+    ($ty:ident) => {
+        unsafe impl<'fcx> ArgAbi<'fcx> for $ty {
+            unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
+                let index = arg.index();
+                arg.unbox_arg_using_from_datum().unwrap_or_else(|| panic!("argument {index} must not be null"))
+            }
+            unsafe fn unbox_nullable_arg(arg: Arg<'_, 'fcx>) -> Nullable<Self> {
+                arg.unbox_arg_using_from_datum().into()
+            }
+        }
+    };
+}
+simple_arg!(RegClass);
+simple_arg!(SqlName);
+
 /// A `text` result built in place.
 pub struct OutText(*mut pg_sys::varlena);
 varlena_ret!(OutText);

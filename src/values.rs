@@ -58,12 +58,17 @@ fn text_to_utf8(bytes: &[u8]) -> Cow<'_, [u8]> {
 /// Seals `plaintext` under the primary version of `key_name`.
 #[inline]
 fn seal_value(plaintext: &[u8], key_name: &[u8], context: &[u8], flags: u8) -> KmsResult<EncryptedText> {
-    let key = keyring::key_by_name(key_name)?;
-    let dk = key.primary_key()?;
+    seal_with(&*keyring::key_by_name(key_name)?, plaintext, context, flags)
+}
+
+#[inline]
+fn seal_with(key: &keyring::CachedKey, plaintext: &[u8], context: &[u8], flags: u8) -> KmsResult<EncryptedText> {
+    let v = key.primary_version()?;
     let nonce = keyring::nonce()?;
     let header = Header { flags, key_id: key.id, key_version: key.primary };
     let (out, buf) = EncryptedText::alloc(plaintext.len() + OVERHEAD);
-    seal_into(dk, header, &nonce, context, plaintext, buf);
+    seal_into(v.data_key(), header, &nonce, context, plaintext, buf);
+    v.count_encryption(&key.name);
     Ok(out)
 }
 
@@ -72,8 +77,9 @@ fn seal_value(plaintext: &[u8], key_name: &[u8], context: &[u8], flags: u8) -> K
 fn open_value(value: &EncryptedText, context: &[u8], out: &mut [u8]) -> KmsResult<Header> {
     let env = value.envelope();
     let key = keyring::key_by_id(env.header.key_id)?;
-    let dk = key.version_key(env.header.key_version)?;
-    open_into(dk, &env, context, out).map_err(|_| KmsError::AuthFailed)?;
+    let v = key.usable(env.header.key_version)?;
+    open_into(v.data_key(), &env, context, out).map_err(|_| KmsError::AuthFailed)?;
+    v.count_decryption();
     Ok(env.header)
 }
 
@@ -148,19 +154,23 @@ fn kms_decrypt_bytea(value: Option<EncryptedText>, context: default!(Option<RawT
     Some(out)
 }
 
+/// Re-seals under the key's current primary version. A value already
+/// under the primary is returned unchanged (not opened).
+pub fn rewrap(value: EncryptedText, context: &[u8]) -> KmsResult<EncryptedText> {
+    let header = value.envelope().header;
+    let key = keyring::key_by_id(header.key_id)?;
+    if header.key_version == key.primary {
+        return Ok(value);
+    }
+    let plaintext = open_to_vec(&value, context)?;
+    seal_with(&key, &plaintext, context, header.flags)
+}
+
 /// Re-seals under the key's current primary version without returning the
 /// plaintext. A value already under the primary is returned unchanged.
 #[pg_extern(volatile, parallel_safe)]
 fn kms_rewrap(value: Option<EncryptedText>, context: default!(Option<RawText>, "NULL")) -> Option<EncryptedText> {
-    let value = value?;
-    let header = value.envelope().header;
-    let key = keyring::key_by_id(header.key_id).or_raise();
-    if header.key_version == key.primary {
-        return Some(value);
-    }
-    let ctx = ctx_bytes(&context);
-    let tmp = open_to_vec(&value, ctx).or_raise();
-    Some(seal_value(&tmp, key.name.as_bytes(), ctx, header.flags).or_raise())
+    Some(rewrap(value?, ctx_bytes(&context)).or_raise())
 }
 
 #[pg_extern(stable, strict, parallel_safe)]

@@ -3,7 +3,7 @@
 //! The buffer is the final `encrypted_text` (or `text`) payload, so a value
 //! is copied exactly once and encrypted in place.
 
-use super::envelope::{Envelope, Header, HEADER_LEN, NONCE_LEN, OVERHEAD, TAG_LEN};
+use super::envelope::{Envelope, Header, FLAG_CONTEXT, HEADER_LEN, NONCE_LEN, OVERHEAD, TAG_LEN};
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use std::fmt;
@@ -75,6 +75,12 @@ pub fn seal_into(
     out: &mut [u8],
 ) {
     assert_eq!(out.len(), plaintext.len() + OVERHEAD, "seal_into: output length");
+    let mut header = header;
+    if context.is_empty() {
+        header.flags &= !FLAG_CONTEXT;
+    } else {
+        header.flags |= FLAG_CONTEXT;
+    }
     let hdr = header.encode();
     out[..HEADER_LEN].copy_from_slice(&hdr);
     out[HEADER_LEN..HEADER_LEN + NONCE_LEN].copy_from_slice(nonce);
@@ -182,6 +188,8 @@ mod tests {
         let sealed = seal(&k, H, &[7; 12], b"tenant-1", b"alice@example.com");
         assert_eq!(sealed.len(), 17 + OVERHEAD);
         assert_eq!(&open(&k, &sealed, b"tenant-1").unwrap()[..], b"alice@example.com");
+        assert!(Envelope::parse(&sealed).unwrap().header.has_context());
+        assert!(!Envelope::parse(&seal(&k, H, &[7; 12], b"", b"x")).unwrap().header.has_context());
         assert_eq!(open(&k, &sealed, b"tenant-2").unwrap_err(), AuthError);
         assert_eq!(open(&k, &sealed, b"").unwrap_err(), AuthError);
         assert_eq!(open(&key(2), &sealed, b"tenant-1").unwrap_err(), AuthError);

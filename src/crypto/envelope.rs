@@ -3,7 +3,8 @@
 //! ```text
 //! offset  size  field
 //!      0     1  format version (1)
-//!      1     1  flags (bit 0: payload is bytea; bit 1: deterministic, reserved)
+//!      1     1  flags (bit 0: payload is bytea; bit 1: deterministic, reserved;
+//!                 bit 2: sealed with a non-empty context)
 //!      2     4  key id, big endian, never 0
 //!      6     4  key version, big endian, never 0
 //!     10    12  nonce
@@ -27,7 +28,10 @@ pub const OVERHEAD: usize = HEADER_LEN + NONCE_LEN + TAG_LEN;
 pub const FLAG_BYTES: u8 = 0b0000_0001;
 /// Reserved for deterministic encryption (derived nonce).
 pub const FLAG_DETERMINISTIC: u8 = 0b0000_0010;
-const KNOWN_FLAGS: u8 = FLAG_BYTES | FLAG_DETERMINISTIC;
+/// Sealed with a non-empty context: only a caller that knows the context can
+/// open or rewrap it (the background worker skips such values).
+pub const FLAG_CONTEXT: u8 = 0b0000_0100;
+const KNOWN_FLAGS: u8 = FLAG_BYTES | FLAG_DETERMINISTIC | FLAG_CONTEXT;
 /// Largest envelope we accept: PostgreSQL's own varlena limit (1 GB).
 pub const MAX_ENVELOPE_LEN: usize = 0x3FFF_FFFF;
 
@@ -50,6 +54,10 @@ impl Header {
 
     pub fn is_bytes(&self) -> bool {
         self.flags & FLAG_BYTES != 0
+    }
+
+    pub fn has_context(&self) -> bool {
+        self.flags & FLAG_CONTEXT != 0
     }
 
     /// Parses and validates only the header (enough for `kms_key_version`).
@@ -192,7 +200,7 @@ mod tests {
         }
 
         #[test]
-        fn parsed_parts_cover_input(len in 0usize..300, flags in 0u8..4, id in 1u32.., ver in 1u32..=i32::MAX as u32) {
+        fn parsed_parts_cover_input(len in 0usize..300, flags in 0u8..8, id in 1u32.., ver in 1u32..=i32::MAX as u32) {
             let mut v = Header { flags, key_id: id, key_version: ver }.encode().to_vec();
             v.resize(OVERHEAD + len, 0x5A);
             let env = Envelope::parse(&v).unwrap();

@@ -1,0 +1,341 @@
+//! Background re-encryption (needs `shared_preload_libraries = 'pg_kms'`).
+//!
+//! * The launcher (one per cluster, started once recovery has finished, so
+//!   never on a standby) starts one dynamic worker per connectable database
+//!   and restarts any that stopped, every naptime.
+//! * A database worker exits at once where pg_kms is not installed (the
+//!   launcher retries later, so a later CREATE EXTENSION is noticed). Where
+//!   it is installed it rotates keys that are due, discovers every
+//!   `encrypted_text` column, and rewraps the rows not sealed under their
+//!   key's primary version in short batches (`FOR UPDATE SKIP LOCKED`,
+//!   resuming by TID range), throttled, then sleeps until the naptime ends
+//!   or a committed rotation sets its latch.
+//! * It keeps no state that matters across a crash: after `kill -9` or an
+//!   immediate shutdown it recounts what is pending and carries on.
+
+use crate::{guc, lifecycle, reencrypt, shmem};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+pub const LAUNCHER_TYPE: &str = "pg_kms launcher";
+pub const WORKER_TYPE: &str = "pg_kms worker";
+
+pub fn register_launcher() {
+    BackgroundWorkerBuilder::new(LAUNCHER_TYPE)
+        .set_type(LAUNCHER_TYPE)
+        .set_library("pg_kms")
+        .set_function("pg_kms_launcher_main")
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(Duration::from_secs(5)))
+        .load();
+}
+
+fn naptime() -> Duration {
+    Duration::from_millis(guc::REENCRYPT_NAPTIME_MS.get().max(10) as u64)
+}
+
+fn reload_config_if_asked() -> bool {
+    if BackgroundWorker::sighup_received() {
+        unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        return true;
+    }
+    false
+}
+
+/// Runs `f` in its own transaction. An ERROR aborts that transaction and
+/// comes back as its message, so one bad table never stops the worker.
+fn xact<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<R, String> {
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let r = PgTryBuilder::new(|| Ok(f()))
+        .catch_others(|e| {
+            Err(match e {
+                pg_sys::panic::CaughtError::PostgresError(r)
+                | pg_sys::panic::CaughtError::ErrorReport(r)
+                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
+            })
+        })
+        .execute();
+    unsafe {
+        match &r {
+            Ok(_) => {
+                pg_sys::PopActiveSnapshot();
+                pg_sys::CommitTransactionCommand();
+            }
+            Err(_) => pg_sys::AbortCurrentTransaction(),
+        }
+    }
+    r
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn pg_kms_launcher_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi(Some("postgres"), None);
+    log!("pg_kms launcher started");
+    let mut workers: HashMap<u32, pgrx::bgworkers::DynamicBackgroundWorker> = HashMap::new();
+    let mut warned_full = false;
+    loop {
+        reload_config_if_asked();
+        shmem::forget_dead_workers();
+        let dbs = xact(|| {
+            Spi::connect(|c| -> Result<Vec<u32>, pgrx::spi::Error> {
+                let mut v = Vec::new();
+                for r in c.select("SELECT oid FROM pg_catalog.pg_database WHERE datallowconn AND NOT datistemplate", None, &[])? {
+                    v.push(r.get::<pg_sys::Oid>(1)?.map(|o| o.to_u32()).unwrap_or(0));
+                }
+                Ok(v)
+            })
+        });
+        if let Ok(Ok(dbs)) = dbs {
+            workers.retain(|db, w| dbs.contains(db) && w.pid().is_ok());
+            for db in dbs {
+                if workers.contains_key(&db) {
+                    continue;
+                }
+                let started = BackgroundWorkerBuilder::new(&format!("pg_kms worker for database {db}"))
+                    .set_type(WORKER_TYPE)
+                    .set_library("pg_kms")
+                    .set_function("pg_kms_db_worker_main")
+                    .enable_spi_access()
+                    .set_start_time(BgWorkerStartTime::RecoveryFinished)
+                    .set_restart_time(None)
+                    .set_argument(Some(pg_sys::Datum::from(db as usize)))
+                    .set_notify_pid(unsafe { pg_sys::MyProcPid })
+                    .load_dynamic();
+                match started {
+                    Ok(w) => {
+                        workers.insert(db, w);
+                    }
+                    Err(_) if !warned_full => {
+                        warning!("pg_kms: could not start a re-encryption worker; raise max_worker_processes");
+                        warned_full = true;
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+        if !BackgroundWorker::wait_latch(Some(naptime())) {
+            break;
+        }
+    }
+    log!("pg_kms launcher stopping");
+}
+
+/// What the worker remembers between passes (lost on restart, harmlessly).
+#[derive(Default)]
+struct ColumnState {
+    /// Keyring signature under which the column was last found clean.
+    clean_under: Option<String>,
+    clean_at: Option<Instant>,
+}
+
+struct Throttle {
+    rate: i32,
+    window_start: Instant,
+    rows: u64,
+}
+
+impl Throttle {
+    fn new() -> Throttle {
+        Throttle { rate: guc::REENCRYPT_MAX_ROWS_PER_SECOND.get(), window_start: Instant::now(), rows: 0 }
+    }
+
+    /// Restarts the window when the rate setting changed or after idling.
+    fn refresh(&mut self) {
+        let rate = guc::REENCRYPT_MAX_ROWS_PER_SECOND.get();
+        if rate != self.rate || self.window_start.elapsed() > Duration::from_secs(60) {
+            *self = Throttle::new();
+        }
+    }
+
+    /// How long to wait before the next row may be done.
+    fn delay(&self) -> Option<Duration> {
+        if self.rate <= 0 {
+            return None;
+        }
+        let due = Duration::from_secs_f64(self.rows as f64 / self.rate as f64);
+        due.checked_sub(self.window_start.elapsed()).filter(|d| !d.is_zero())
+    }
+
+    fn batch_size(&self) -> i64 {
+        let b = guc::REENCRYPT_BATCH_SIZE.get().max(1) as i64;
+        if self.rate > 0 {
+            // Keep batches at most ~1/4 s of work so the rate stays smooth.
+            b.min((self.rate as i64 / 4).max(1))
+        } else {
+            b
+        }
+    }
+}
+
+fn keyring_signature() -> Result<String, String> {
+    xact(|| {
+        Spi::get_one::<String>(
+            "SELECT coalesce(string_agg(key_id || ':' || primary_version || ':' || v.states, ',' ORDER BY key_id), '')
+               FROM kms.keys k,
+                    LATERAL (SELECT string_agg(version || state, '' ORDER BY version) AS states
+                               FROM kms.key_versions WHERE key_id = k.key_id) v",
+        )
+    })
+    .and_then(|r| r.map_err(|e| e.to_string()))
+    .map(|s| s.unwrap_or_default())
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let db = arg.value() as u32;
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(db)), None);
+    let installed = xact(|| {
+        Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_kms')")
+    });
+    if !matches!(installed, Ok(Ok(Some(true)))) {
+        return; // not installed here: the launcher will look again later
+    }
+    // Rewrapping is not a logical change: do not fire application triggers.
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"session_replication_role".as_ptr(),
+            c"replica".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        );
+        pg_sys::SetConfigOption(
+            c"application_name".as_ptr(),
+            c"pg_kms worker".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        );
+    }
+    let slot = shmem::register_worker(db);
+    log!("pg_kms worker started for database {db}");
+    let mut columns: HashMap<(u32, String), ColumnState> = HashMap::new();
+    let mut throttle = Throttle::new();
+    'main: loop {
+        reload_config_if_asked();
+        if BackgroundWorker::sigterm_received() {
+            break;
+        }
+        let still_installed = xact(|| {
+            Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_kms')")
+        });
+        if matches!(still_installed, Ok(Ok(Some(false)))) {
+            break; // DROP EXTENSION
+        }
+        if !guc::REENCRYPT_ENABLED.get() {
+            if !BackgroundWorker::wait_latch(Some(naptime())) {
+                break;
+            }
+            continue;
+        }
+        if let Err(e) = xact(lifecycle::rotate_due_keys).map(|rotated| {
+            for name in rotated {
+                log!("pg_kms: rotated key \"{name}\" (scheduled)");
+            }
+        }) {
+            warning!("pg_kms: scheduled rotation failed: {e}");
+        }
+        let Ok(signature) = keyring_signature() else {
+            if !BackgroundWorker::wait_latch(Some(naptime())) {
+                break;
+            }
+            continue;
+        };
+        let cols = match xact(|| {
+            let _ = reencrypt::progress_gc();
+            reencrypt::encrypted_columns()
+        }) {
+            Ok(Ok(c)) => c,
+            _ => Vec::new(),
+        };
+        let mut did_work = false;
+        for col in cols {
+            let st = columns.entry((col.relid.to_u32(), col.attname.clone())).or_default();
+            // Clean under this keyring: re-verify only now and then.
+            let fresh = st.clean_at.is_some_and(|t| t.elapsed() < naptime() * 30);
+            if st.clean_under.as_deref() == Some(signature.as_str()) && fresh {
+                continue;
+            }
+            match xact(|| {
+                let (pending, ctx) = reencrypt::pending_counts(&col)?;
+                reencrypt::progress_start(&col, pending, ctx)?;
+                Ok::<i64, crate::errors::KmsError>(pending)
+            }) {
+                Ok(Ok(0)) => {
+                    st.clean_under = Some(signature.clone());
+                    st.clean_at = Some(Instant::now());
+                    continue;
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    let _ = xact(|| reencrypt::progress_error(&col, &e.message()));
+                    continue;
+                }
+                Err(msg) => {
+                    let _ = xact(|| reencrypt::progress_error(&col, &msg));
+                    continue;
+                }
+            }
+            st.clean_under = None;
+            // One pass over the table, in batches.
+            let mut cursor = 0u32;
+            loop {
+                reload_config_if_asked();
+                throttle.refresh();
+                if let Some(d) = throttle.delay() {
+                    if !BackgroundWorker::wait_latch(Some(d)) {
+                        break 'main;
+                    }
+                    continue;
+                }
+                if BackgroundWorker::sigterm_received() {
+                    break 'main;
+                }
+                if !guc::REENCRYPT_ENABLED.get() {
+                    continue 'main;
+                }
+                let limit = throttle.batch_size();
+                let r = xact(|| {
+                    let b = reencrypt::rewrap_batch(&col, cursor, Some(limit))?;
+                    reencrypt::progress_batch(&col, b.updated)?;
+                    Ok::<_, crate::errors::KmsError>(b)
+                });
+                match r {
+                    Ok(Ok(b)) => {
+                        did_work |= b.updated > 0;
+                        throttle.rows += b.updated as u64;
+                        match b.last_block {
+                            Some(blk) if b.picked >= limit => cursor = blk,
+                            _ => break, // reached the end of the table
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        let _ = xact(|| reencrypt::progress_error(&col, &e.message()));
+                        break;
+                    }
+                    Err(msg) => {
+                        let _ = xact(|| reencrypt::progress_error(&col, &msg));
+                        break;
+                    }
+                }
+            }
+        }
+        if !did_work && !BackgroundWorker::wait_latch(Some(naptime())) {
+            break;
+        }
+    }
+    if let Some(s) = slot {
+        shmem::unregister_worker(s);
+    }
+    log!("pg_kms worker for database {db} stopping");
+}
