@@ -13,16 +13,21 @@
 #
 # Environment (all optional):
 #   ROWS=1000000   rows in the main table (pgcrypto runs on min(ROWS, 100000))
-#   REPS=3         repetitions per measurement (the report uses the median)
+#   REPS=3         repetitions per measurement (at least 3)
+#   STAT=min       statistic over the repetitions used for ns/row and all ratios:
+#                  min (default: the least disturbed run; other load on the
+#                  machine can only add time) or median. Both are printed.
 #   PORT=54377     cluster port
 #   DIR=/tmp/pg_kms_bench   cluster directory (deleted at exit unless KEEP_DIR=1
 #                  or the run failed)
+#   VERBOSE=1      print every timed run, not only a line per repetition
 #
 # Method: every measurement is an aggregate over the whole table, e.g.
-#   SELECT sum(length(kms_decrypt(email))) FROM pii_sealed
+#   SELECT sum(octet_length(kms_decrypt(email))) FROM pii_sealed
 # so no rows are sent to the client. It is timed with clock_timestamp() deltas
 # taken in the same session around the query, run REPS times; the report uses
-# the median (the min is shown too). ns/row = median_ms * 1e6 / rows.
+# the min (STAT=median for the median; both are printed).
+# ns/row = ms * 1e6 / rows.
 # Serial measurements run with max_parallel_workers_per_gather = 0 and jit = off.
 # The exit status is 0 unless something errors; the targets are reported as
 # PASS/FAIL labels only.
@@ -32,12 +37,15 @@ source scripts/cluster.sh
 
 ROWS=${ROWS:-1000000}
 REPS=${REPS:-3}
+STAT=${STAT:-min}
 PORT=${PORT:-54377}
 DIR=${DIR:-/tmp/pg_kms_bench}
 KEEP_DIR=${KEEP_DIR:-0}
+VERBOSE=${VERBOSE:-0}
 
 [[ $ROWS =~ ^[1-9][0-9]*$ ]] || { echo "ROWS must be a positive integer" >&2; exit 2; }
 [[ $REPS =~ ^[1-9][0-9]*$ ]] || { echo "REPS must be a positive integer" >&2; exit 2; }
+[[ $STAT == min || $STAT == median ]] || { echo "STAT must be min or median" >&2; exit 2; }
 [[ $PORT =~ ^[0-9]+$ ]] || { echo "PORT must be a number" >&2; exit 2; }
 [ "$(id -u)" -eq 0 ] || { echo "run as root (the cluster runs as postgres via runuser; /proc sampling needs root)" >&2; exit 2; }
 [ -x "$PG_BIN/postgres" ] || { echo "PostgreSQL 15 not found in $PG_BIN" >&2; exit 2; }
@@ -69,10 +77,15 @@ cpu_model=$(grep -m1 -E '^(model name|Model name|cpu model|Hardware)' /proc/cpui
 [ -n "$cpu_model" ] || cpu_model=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)
 mem_total=$(awk '/^MemTotal:/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)
 
+SO=$("$PG_BIN/pg_config" --pkglibdir)/pg_kms.so
+so_id() { stat -c '%y' "$SO" | cut -d. -f1; sha256sum "$SO" | cut -c1-12; }
+SO_AT_START=$(so_id | paste -sd' ')
+
 echo "== pg_kms benchmark"
 echo "   machine:    $(nproc) CPUs, ${cpu_model:-unknown CPU}, $mem_total RAM, $(uname -sr)"
 echo "   load avg:   $(cut -d' ' -f1-3 /proc/loadavg) (at start; absolute numbers are noisy on a busy machine)"
-echo "   rows:       $ROWS (pgcrypto and the apples-to-apples kms rows: $NSUB), repetitions: $REPS (median reported)"
+echo "   pg_kms.so:  $SO (modified $SO_AT_START)"
+echo "   rows:       $ROWS (pgcrypto and the apples-to-apples kms rows: $NSUB), repetitions: $REPS ($STAT used for ns/row and ratios)"
 
 # ---------------------------------------------------------------- cluster
 cluster_stop "$DIR"
@@ -198,14 +211,18 @@ echo "   setup took $(( SECONDS - t_setup )) s"
 
 # ---------------------------------------------------------------- measurements
 # measure OP_ORD OP COL_ORD COL NROWS QUERY REP: one timed run of QUERY (an
-# aggregate returning one row), recorded in bench.results and echoed.
+# aggregate returning one row), recorded in bench.results (and echoed if VERBOSE=1).
 measure() {
-    local op_ord=$1 op=$2 col_ord=$3 col=$4 n=$5 q=$6 rep=$7
+    local op_ord=$1 op=${2//\'/\'\'} col_ord=$3 col=$4 n=$5 q=$6 rep=$7
     printf '%s\n' \
         'SELECT clock_timestamp() AS t0 \gset' \
         "$q"' \gset res_' \
-        "INSERT INTO bench.results VALUES ($op_ord, '$op', $col_ord, '$col', $n, $rep, 1000 * extract(epoch FROM clock_timestamp() - :'t0'::timestamptz))" \
-        "  RETURNING format('   rep %s  %-40s %-8s %8s rows %10s ms', rep, op, col, nrows, to_char(ms, 'FM9999999990.0'));"
+        "INSERT INTO bench.results VALUES ($op_ord, '$op', $col_ord, '$col', $n, $rep, 1000 * extract(epoch FROM clock_timestamp() - :'t0'::timestamptz))"
+    if [ "$VERBOSE" = 1 ]; then
+        echo "  RETURNING format('   rep %s  %-44s %-8s %8s rows %10s ms', rep, op, col, nrows, to_char(ms, 'FM9999999990.0'));"
+    else
+        echo ";"
+    fi
 }
 
 COLS=(email nat_id addr)          # column in pii / pii_sealed
@@ -214,42 +231,51 @@ CPFX=(email nat addr)             # prefix of the pgcrypto columns in pgc_sub
 KEY="'$AESKEY'::bytea"
 PSW="'$PGPPSW'"
 
+# Results are summed with octet_length(): O(1) for text and bytea alike.
+# length(text) counts UTF-8 characters (a few ns per byte), which would be
+# charged only to the functions that return text (kms_decrypt, decrypt_iv via
+# convert_from, pgp_sym_decrypt) and not to sha256(), which returns bytea.
+# The spec's floor sum(length(col)) is measured too, to show that cost.
 gen_serial() {
     echo "SET max_parallel_workers_per_gather = 0;"
-    echo "\\echo '   warm-up (key cache, page cache): untimed'"
     echo "SELECT count(kms_decrypt(email)) FROM (SELECT email FROM pii_sealed LIMIT 10) s \\gset w_"
     echo "SELECT count(kms_encrypt(email, 'bench')) FROM (SELECT email FROM pii LIMIT 10) s \\gset w_"
     echo "SELECT count(*) FROM pii \\gset w_"
     echo "SELECT count(*) FROM pii_sealed \\gset w_"
+    echo "\\echo '   warm-up done (key cache, page cache; untimed)'"
     local rep i c l p
     # Repetitions outermost, so drift from other load on the machine spreads
     # over all operations instead of hitting one of them.
     for ((rep = 1; rep <= REPS; rep++)); do
+        echo "SELECT clock_timestamp() AS rep_t0 \\gset"
         for i in 0 1 2; do
             c=${COLS[$i]} l=${CLABEL[$i]} p=${CPFX[$i]}
-            measure 10 "floor sum(length(col))"            "$i" "$l" "$ROWS" "SELECT sum(length($c)) AS v FROM pii" "$rep"
-            measure 11 "floor, sealed table (col::bytea)"  "$i" "$l" "$ROWS" "SELECT sum(length($c::bytea)) AS v FROM pii_sealed" "$rep"
-            measure 20 "sha256(convert_to(col))"           "$i" "$l" "$ROWS" "SELECT sum(length(sha256(convert_to($c, 'UTF8')))) AS v FROM pii" "$rep"
-            measure 30 "kms_encrypt"                       "$i" "$l" "$ROWS" "SELECT sum(length(kms_encrypt($c, 'bench')::bytea)) AS v FROM pii" "$rep"
-            measure 31 "kms_decrypt"                       "$i" "$l" "$ROWS" "SELECT sum(length(kms_decrypt($c))) AS v FROM pii_sealed" "$rep"
-            measure 32 "kms_rewrap (v1 -> v2)"             "$i" "$l" "$ROWS" "SELECT sum(length(kms_rewrap($c)::bytea)) AS v FROM pii_sealed" "$rep"
-            measure 50 "floor [subset]"                    "$i" "$l" "$NSUB" "SELECT sum(length($c)) AS v FROM pii_sub" "$rep"
-            measure 51 "kms_encrypt [subset]"              "$i" "$l" "$NSUB" "SELECT sum(length(kms_encrypt($c, 'bench')::bytea)) AS v FROM pii_sub" "$rep"
-            measure 52 "kms_decrypt [subset]"              "$i" "$l" "$NSUB" "SELECT sum(length(kms_decrypt($c))) AS v FROM pii_sealed_sub" "$rep"
-            measure 60 "encrypt_iv aes, random IV [subset]" "$i" "$l" "$NSUB" "SELECT sum(length(encrypt_iv(convert_to($c, 'UTF8'), $KEY, gen_random_bytes(16), 'aes'))) AS v FROM pii_sub" "$rep"
-            measure 61 "decrypt_iv aes [subset]"           "$i" "$l" "$NSUB" "SELECT sum(length(convert_from(decrypt_iv(${p}_ct, $KEY, ${p}_iv, 'aes'), 'UTF8'))) AS v FROM pgc_sub" "$rep"
-            measure 70 "pgp_sym_encrypt s2k-mode=0 [subset]" "$i" "$l" "$NSUB" "SELECT sum(length(pgp_sym_encrypt($c, $PSW, 's2k-mode=0'))) AS v FROM pii_sub" "$rep"
-            measure 71 "pgp_sym_decrypt s2k-mode=0 [subset]" "$i" "$l" "$NSUB" "SELECT sum(length(pgp_sym_decrypt(${p}_pgp0, $PSW))) AS v FROM pgc_sub" "$rep"
+            measure 10 "floor sum(length(col))"                 "$i" "$l" "$ROWS" "SELECT sum(length($c)) AS v FROM pii" "$rep"
+            measure 11 "floor sum(octet_length(col))"           "$i" "$l" "$ROWS" "SELECT sum(octet_length($c)) AS v FROM pii" "$rep"
+            measure 12 "floor, sealed table"                    "$i" "$l" "$ROWS" "SELECT sum(octet_length($c::bytea)) AS v FROM pii_sealed" "$rep"
+            measure 20 "sha256(convert_to(col, 'UTF8'))"        "$i" "$l" "$ROWS" "SELECT sum(octet_length(sha256(convert_to($c, 'UTF8')))) AS v FROM pii" "$rep"
+            measure 30 "kms_encrypt"                            "$i" "$l" "$ROWS" "SELECT sum(octet_length(kms_encrypt($c, 'bench')::bytea)) AS v FROM pii" "$rep"
+            measure 31 "kms_decrypt"                            "$i" "$l" "$ROWS" "SELECT sum(octet_length(kms_decrypt($c))) AS v FROM pii_sealed" "$rep"
+            measure 32 "kms_rewrap (v1 -> v2)"                  "$i" "$l" "$ROWS" "SELECT sum(octet_length(kms_rewrap($c)::bytea)) AS v FROM pii_sealed" "$rep"
+            measure 50 "floor [subset]"                         "$i" "$l" "$NSUB" "SELECT sum(octet_length($c)) AS v FROM pii_sub" "$rep"
+            measure 51 "kms_encrypt [subset]"                   "$i" "$l" "$NSUB" "SELECT sum(octet_length(kms_encrypt($c, 'bench')::bytea)) AS v FROM pii_sub" "$rep"
+            measure 52 "kms_decrypt [subset]"                   "$i" "$l" "$NSUB" "SELECT sum(octet_length(kms_decrypt($c))) AS v FROM pii_sealed_sub" "$rep"
+            measure 60 "encrypt_iv aes, random IV [subset]"     "$i" "$l" "$NSUB" "SELECT sum(octet_length(encrypt_iv(convert_to($c, 'UTF8'), $KEY, gen_random_bytes(16), 'aes'))) AS v FROM pii_sub" "$rep"
+            measure 61 "decrypt_iv aes [subset]"                "$i" "$l" "$NSUB" "SELECT sum(octet_length(convert_from(decrypt_iv(${p}_ct, $KEY, ${p}_iv, 'aes'), 'UTF8'))) AS v FROM pgc_sub" "$rep"
+            measure 70 "pgp_sym_encrypt s2k-mode=0 [subset]"    "$i" "$l" "$NSUB" "SELECT sum(octet_length(pgp_sym_encrypt($c, $PSW, 's2k-mode=0'))) AS v FROM pii_sub" "$rep"
+            measure 71 "pgp_sym_decrypt s2k-mode=0 [subset]"    "$i" "$l" "$NSUB" "SELECT sum(octet_length(pgp_sym_decrypt(${p}_pgp0, $PSW))) AS v FROM pgc_sub" "$rep"
         done
         # Default pgp options: the iterated-and-salted S2K key derivation
-        # (tens of thousands of SHA-1 rounds per value) dominates, whatever
+        # (tens of thousands of SHA-1 rounds per value) dominates whatever
         # the value size, so the email column alone shows it.
-        measure 72 "pgp_sym_encrypt default [subset]" 0 email "$NSUB" "SELECT sum(length(pgp_sym_encrypt(email, $PSW))) AS v FROM pii_sub" "$rep"
-        measure 73 "pgp_sym_decrypt default [subset]" 0 email "$NSUB" "SELECT sum(length(pgp_sym_decrypt(email_pgp, $PSW))) AS v FROM pgc_sub" "$rep"
+        measure 72 "pgp_sym_encrypt default [subset]" 0 email "$NSUB" "SELECT sum(octet_length(pgp_sym_encrypt(email, $PSW))) AS v FROM pii_sub" "$rep"
+        measure 73 "pgp_sym_decrypt default [subset]" 0 email "$NSUB" "SELECT sum(octet_length(pgp_sym_decrypt(email_pgp, $PSW))) AS v FROM pgc_sub" "$rep"
+        echo "SELECT format('   repetition $rep/$REPS done in %s s', round(extract(epoch FROM clock_timestamp() - :'rep_t0'::timestamptz))) AS msg \\gset"
+        echo "\\echo :msg"
     done
 }
 
-PAR_Q="SELECT sum(length(kms_decrypt(email))) AS v FROM pii_sealed"
+PAR_Q="SELECT sum(octet_length(kms_decrypt(email))) AS v FROM pii_sealed"
 gen_parallel() {
     cat <<SQL
 SET max_parallel_workers_per_gather = 2;
@@ -278,16 +304,20 @@ gen_memory() {
     cat <<'SQL'
 SET max_parallel_workers_per_gather = 0;
 SELECT pg_backend_pid() AS pid \gset
--- warm-up in this fresh backend: library, key cache, executor
-SELECT sum(length(kms_decrypt(email)) + length(kms_decrypt(nat_id)) + length(kms_decrypt(addr))) AS v
+-- Warm-up in this fresh backend: library, key cache, executor (1000 rows
+-- decrypted), then a plain scan of the whole table, so that the shared-buffer
+-- pages the decrypt scan will touch are already counted in VmRSS/VmHWM
+-- before the first sample (they are shared memory, not this backend's).
+SELECT sum(octet_length(kms_decrypt(email)) + octet_length(kms_decrypt(nat_id)) + octet_length(kms_decrypt(addr))) AS v
   FROM (SELECT * FROM pii_sealed LIMIT 1000) s \gset w_
+SELECT sum(octet_length(email::bytea) + octet_length(nat_id::bytea) + octet_length(addr::bytea)) AS v FROM pii_sealed \gset w_
 \set hwm0 `awk '/^VmHWM:/ {print $2}' /proc/:pid/status`
 \set rss0 `awk '/^VmRSS:/ {print $2}' /proc/:pid/status`
 \set anon0 `awk '/^RssAnon:/ {print $2}' /proc/:pid/status`
 \set shm0 `awk '/^RssShmem:/ {print $2}' /proc/:pid/status`
 \echo '   backend pid' :pid 'before: VmHWM' :hwm0 'kB, VmRSS' :rss0 'kB, RssAnon' :anon0 'kB, RssShmem' :shm0 'kB'
 SELECT clock_timestamp() AS t0 \gset
-SELECT sum(length(kms_decrypt(email)) + length(kms_decrypt(nat_id)) + length(kms_decrypt(addr))) AS v FROM pii_sealed \gset w_
+SELECT sum(octet_length(kms_decrypt(email)) + octet_length(kms_decrypt(nat_id)) + octet_length(kms_decrypt(addr))) AS v FROM pii_sealed \gset w_
 SELECT round(1000 * extract(epoch FROM clock_timestamp() - :'t0'::timestamptz)) AS ms \gset
 \set hwm1 `awk '/^VmHWM:/ {print $2}' /proc/:pid/status`
 \set rss1 `awk '/^VmRSS:/ {print $2}' /proc/:pid/status`
@@ -319,32 +349,36 @@ echo "== serial measurements (max_parallel_workers_per_gather = 0), $REPS repeti
 run_section "serial measurements" gen_serial
 
 echo
-echo "== parallel: the same kms_decrypt query, 2 workers vs none"
+echo "== parallel: the same kms_decrypt query, 2 workers vs none ($REPS runs each, interleaved)"
+echo "   ($(nproc) CPUs here; with parallel_leader_participation the leader scans too, so up to 3 processes share them)"
 run_section "parallel kms_decrypt" gen_parallel
 
 echo
-echo "== backend memory during a $ROWS-row decrypt (3 columns per row; fresh backend; /proc/<pid>/status read by psql running as root)"
+echo "== backend memory during a $ROWS-row decrypt (3 columns per row; fresh backend, after a 1000-row warm-up and a plain scan)"
+echo "   /proc/<pid>/status is read between the queries by psql (running as root) through \\set var \`awk ...\`"
 run_section "memory" gen_memory
 
 # ---------------------------------------------------------------- report
 echo
-psql_bench -v rows="$ROWS" -v nsub="$NSUB" -v reps="$REPS" <<'SQL'
+psql_bench -v rows="$ROWS" -v nsub="$NSUB" -v reps="$REPS" -v stat="$STAT" <<'SQL'
 \pset footer off
 \pset null 'n/a'
 CREATE TEMP VIEW s AS
 SELECT op_ord, op, col_ord, col, nrows, count(*) AS runs,
        percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS med, min(ms) AS mn,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) * 1e6 / nrows AS ns
+       CASE :'stat' WHEN 'min' THEN min(ms) ELSE percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) END * 1e6 / nrows AS ns
   FROM bench.results GROUP BY op_ord, op, col_ord, col, nrows;
 CREATE TEMP VIEW f AS SELECT name, value FROM bench.facts;
 
-\echo '== results (median of' :reps 'runs; ns/row = median ms * 1e6 / rows, which is also the ms per 1M rows)'
-\echo '   [subset] = the first' :nsub 'rows, for pgcrypto and for kms on the same rows; the others use all' :rows 'rows'
+\echo '== results:' :reps 'runs each; ns/row =' :stat 'ms * 1e6 / rows (which is also the ms per 1M rows)'
+\echo '   each run is SELECT sum(octet_length(f(col))) FROM table (no rows sent to the client), serial, jit off'
+\echo '   [subset] = the first' :nsub 'rows (pgcrypto, and kms on the same rows); the other lines use all' :rows 'rows'
 SELECT op AS operation, col AS "column", nrows AS rows, runs,
        round(med::numeric, 1) AS "median ms", round(mn::numeric, 1) AS "min ms", round(ns::numeric) AS "ns/row"
   FROM s ORDER BY op_ord, col_ord;
 
-\echo '== ratios and targets (ratios of median ns/row; sha256 ratios on all rows, pgcrypto ratios on the subset)'
+\echo
+\echo '== ratios and targets (of' :stat 'ns/row; vs sha256 on all rows, vs pgcrypto on the subset for both sides)'
 WITH
 ns AS (SELECT op_ord, col_ord, col, ns FROM s),
 ratio AS (
@@ -413,11 +447,11 @@ lines AS (
   SELECT 30, 3, x.o, 'pgp_sym_encrypt s2k-mode=0 overhead per value', x.c, format('+%s B', round(x.v, 1)), '-', NULL
     FROM pgp, LATERAL (VALUES (0, 'email', s2k0_email), (1, 'id', s2k0_id), (2, 'address', s2k0_addr)) AS x(o, c, v)
   UNION ALL
-  SELECT 40, 1, 0, 'backend memory growth (VmHWM) over the decrypt', '3 cols',
+  SELECT 40, 1, 0, 'backend memory growth (VmHWM) over the decrypt', '3 columns',
          coalesce(to_char(hwm_kb / 1024, 'FM99990.00') || ' MB', 'ERROR: ' || err), '<= 5 MB', coalesce(hwm_kb / 1024 <= 5, false)
     FROM mem
   UNION ALL
-  SELECT 40, 2, 0, 'backend VmRSS change (= RssAnon + RssShmem + file)', '3 cols',
+  SELECT 40, 2, 0, 'backend VmRSS change (= RssAnon + RssShmem + file)', '3 columns',
          format('%s MB (anon %s, shmem %s)', to_char(rss_kb / 1024, 'FM99990.00'), to_char(anon_kb / 1024, 'FM99990.00'),
                 to_char(shm_kb / 1024, 'FM99990.00')), '-', NULL
     FROM mem
@@ -425,8 +459,15 @@ lines AS (
 SELECT a AS "check", b AS "column", c AS measured, d AS target,
        CASE WHEN ok THEN 'PASS' WHEN NOT ok THEN 'FAIL' ELSE '' END AS result
   FROM lines ORDER BY o1, o2, o3;
+\echo '   VmHWM/VmRSS count the shared-buffer pages the backend touches (RssShmem) as well as its private memory (RssAnon).'
+\echo '   PASS/FAIL are labels only: the exit status is non-zero only when a step errors.'
 SQL
 
+SO_AT_END=$(so_id | paste -sd' ')
+if [ "$SO_AT_END" != "$SO_AT_START" ]; then
+    echo "== WARNING: pg_kms.so was replaced during the run ($SO_AT_START -> $SO_AT_END):"
+    echo "   backends started before and after the reinstall ran different builds; re-run for consistent figures"
+fi
 if [ ${#errors[@]} -gt 0 ]; then
     echo "== errors during the benchmark:"
     printf '   ERROR in %s\n' "${errors[@]}"

@@ -29,6 +29,19 @@ fn spi_one<T: FromDatum + IntoDatum>(q: &str, args: &[DatumWithOid<'_>]) -> KmsR
     .map_err(KmsError::spi)
 }
 
+/// Read-only variant (no transaction id: works on a standby and in
+/// parallel workers).
+fn spi_read<T: FromDatum + IntoDatum>(q: &str, args: &[DatumWithOid<'_>]) -> KmsResult<Option<T>> {
+    Spi::connect(|c| -> Result<Option<T>, pgrx::spi::Error> {
+        let t = c.select(q, Some(1), args)?;
+        if t.is_empty() {
+            return Ok(None);
+        }
+        t.first().get_one::<T>()
+    })
+    .map_err(KmsError::spi)
+}
+
 /// Runs a lifecycle act as the catalog owner, then invalidates caches.
 fn lifecycle<R>(f: impl FnOnce() -> KmsResult<R>) -> R {
     if unsafe { pg_sys::RecoveryInProgress() || pg_sys::XactReadOnly } {
@@ -390,12 +403,12 @@ fn kms_rotate_master_key() -> i64 {
 
 #[pg_extern(stable, parallel_safe)]
 fn kms_verify_audit_log() -> bool {
-    keyring::as_catalog_owner(|_| Ok(spi_one::<bool>("SELECT kms.audit_verify()", &[])?.unwrap_or(false))).or_raise()
+    keyring::as_catalog_owner(|_| Ok(spi_read::<bool>("SELECT kms.audit_verify()", &[])?.unwrap_or(false))).or_raise()
 }
 
 /// Whether this database's re-encryption worker runs, and if not, why.
 fn worker_status() -> KmsResult<serde_json::Value> {
-    let pid = spi_one::<i32>(
+    let pid = spi_read::<i32>(
         "SELECT pid FROM pg_catalog.pg_stat_activity
           WHERE backend_type = 'pg_kms worker' AND datid = (SELECT oid FROM pg_catalog.pg_database
                                                            WHERE datname = pg_catalog.current_database())",
@@ -421,7 +434,7 @@ fn nonce_warnings() -> KmsResult<serde_json::Value> {
     let mut out = Vec::new();
     for (key_id, version, enc, _) in crate::shmem::stats_of_this_db() {
         if enc >= threshold {
-            let name = spi_one::<String>("SELECT key_name FROM kms.keys WHERE key_id = $1", &[(key_id as i32).into()])?;
+            let name = spi_read::<String>("SELECT key_name FROM kms.keys WHERE key_id = $1", &[(key_id as i32).into()])?;
             out.push(json!({ "key_name": name, "version": version, "encryptions": enc,
                              "message": "rotate this key: AES-GCM random nonces allow at most 2^32 encryptions per key" }));
         }
@@ -443,7 +456,7 @@ fn kms_health() -> pgrx::JsonB {
             }
             Err(e) => (false, None, Some(e.message())),
         };
-        let counts = spi_one::<pgrx::JsonB>(
+        let counts = spi_read::<pgrx::JsonB>(
             "SELECT jsonb_build_object(
                 'keys', (SELECT count(*) FROM kms.keys),
                 'versions', jsonb_build_object(

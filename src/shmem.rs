@@ -135,18 +135,27 @@ pub fn stats_of_this_db() -> Vec<(u32, u32, u64, u64)> {
         .collect()
 }
 
-/// A worker announces its latch for its database.
-pub fn register_worker(db: u32) -> Option<usize> {
-    let sh = shared()?;
+/// A worker announces its latch for its database. Err(pid) when a live
+/// worker (pid) already serves this database. Ok(None) when all slots are
+/// taken (the worker then runs without being woken early).
+pub fn register_worker(db: u32) -> Result<Option<usize>, i32> {
+    let Some(sh) = shared() else { return Ok(None) };
+    forget_dead_workers();
     let pid = unsafe { pg_sys::MyProcPid };
+    for w in &sh.workers {
+        let other = w.pid.load(Ordering::Acquire);
+        if other != 0 && other != pid && w.db.load(Ordering::Acquire) == db {
+            return Err(other);
+        }
+    }
     for (i, w) in sh.workers.iter().enumerate() {
         if w.pid.compare_exchange(0, pid, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             w.latch.store(unsafe { pg_sys::MyLatch } as usize, Ordering::Release);
             w.db.store(db, Ordering::Release);
-            return Some(i);
+            return Ok(Some(i));
         }
     }
-    None
+    Ok(None)
 }
 
 pub fn unregister_worker(slot: usize) {

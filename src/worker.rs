@@ -14,7 +14,7 @@
 //!   immediate shutdown it recounts what is pending and carries on.
 
 use crate::{guc, lifecycle, reencrypt, shmem};
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::collections::HashMap;
@@ -96,7 +96,10 @@ pub extern "C-unwind" fn pg_kms_launcher_main(_arg: pg_sys::Datum) {
             })
         });
         if let Ok(Ok(dbs)) = dbs {
-            workers.retain(|db, w| dbs.contains(db) && w.pid().is_ok());
+            workers.retain(|db, w| {
+                dbs.contains(db)
+                    && !matches!(w.pid(), Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied))
+            });
             for db in dbs {
                 if workers.contains_key(&db) {
                     continue;
@@ -149,10 +152,14 @@ impl Throttle {
         Throttle { rate: guc::REENCRYPT_MAX_ROWS_PER_SECOND.get(), window_start: Instant::now(), rows: 0 }
     }
 
-    /// Restarts the window when the rate setting changed or after idling.
+    /// Restarts the window when the rate setting changed, and when the
+    /// worker fell behind its schedule (idle time is not saved up as a
+    /// burst: at most a quarter second of rows may be caught up).
     fn refresh(&mut self) {
         let rate = guc::REENCRYPT_MAX_ROWS_PER_SECOND.get();
-        if rate != self.rate || self.window_start.elapsed() > Duration::from_secs(60) {
+        let behind = rate > 0
+            && self.window_start.elapsed().as_secs_f64() > self.rows as f64 / rate as f64 + 0.25;
+        if rate != self.rate || behind || self.window_start.elapsed() > Duration::from_secs(600) {
             *self = Throttle::new();
         }
     }
@@ -217,7 +224,13 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
             pg_sys::GucSource::PGC_S_OVERRIDE,
         );
     }
-    let slot = shmem::register_worker(db);
+    let slot = match shmem::register_worker(db) {
+        Ok(slot) => slot,
+        Err(other) => {
+            log!("pg_kms worker for database {db} exits: worker {other} already serves it");
+            return;
+        }
+    };
     log!("pg_kms worker started for database {db}");
     let mut columns: HashMap<(u32, String), ColumnState> = HashMap::new();
     let mut throttle = Throttle::new();

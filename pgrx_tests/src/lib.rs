@@ -140,6 +140,37 @@ impl Cluster {
         self.pg_ctl_start();
     }
 
+    /// Crash-like stop (no checkpoint), then start: crash recovery runs.
+    pub fn restart_immediate(&self) {
+        let _ = as_postgres(&format!("{PG_BIN}/pg_ctl"), &["-D", self.data().to_str().unwrap(), "-m", "immediate", "-w", "stop"]);
+        self.pg_ctl_start();
+    }
+
+    /// A physical standby of this cluster made with pg_basebackup.
+    pub fn standby(&self, name: &str) -> Cluster {
+        let port = 41000 + (std::process::id() % 1000) as u16 * 16 + NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+        let dir = PathBuf::from(format!("/tmp/pgkms_it_{name}_{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        chown_postgres(&dir);
+        let s = Cluster { dir, port };
+        check(
+            as_postgres(
+                &format!("{PG_BIN}/pg_basebackup"),
+                &["-h", self.dir.to_str().unwrap(), "-p", &self.port.to_string(), "-U", "postgres",
+                  "-D", s.data().to_str().unwrap(), "-R", "-X", "stream", "-c", "fast"],
+            ),
+            "pg_basebackup",
+        );
+        s.append_conf(&format!("port = {}\nunix_socket_directories = '{}'\n", s.port, s.dir.display()));
+        s.pg_ctl_start();
+        s
+    }
+
+    pub fn promote(&self) {
+        check(as_postgres(&format!("{PG_BIN}/pg_ctl"), &["-D", self.data().to_str().unwrap(), "-w", "promote"]), "promote");
+    }
+
     pub fn conninfo(&self, user: &str, db: &str) -> String {
         format!("host={} port={} user={user} dbname={db}", self.dir.display(), self.port)
     }
