@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 
 /// The test cluster gets a master key generated now (never stored in the
 /// repository), supplied through `pg_kms.master_key_command`.
+#[allow(dead_code)] // used by the pg_test harness only under cfg(test)
 pub fn postgresql_conf_options() -> Vec<&'static str> {
     static CONF: OnceLock<Vec<&'static str>> = OnceLock::new();
     CONF.get_or_init(|| {
