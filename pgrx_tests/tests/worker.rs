@@ -340,3 +340,46 @@ fn scheduled_rotation_destroy_guard_sigterm_and_new_databases() {
     later.batch_execute("CREATE EXTENSION pg_kms").unwrap();
     poll("a worker in the new database", CONVERGE, || worker_pid(&mut later));
 }
+
+#[test]
+fn committed_rotation_wakes_the_worker_and_nonce_budget_is_watched() {
+    // A one-hour naptime: only the latch set at commit can wake the worker.
+    let c = Cluster::start(
+        "w_wake",
+        &[
+            "shared_preload_libraries = 'pg_kms'",
+            "pg_kms.reencrypt_naptime = '1h'",
+            "pg_kms.nonce_warning_encryptions = 100",
+        ],
+    );
+    let mut db = c.connect();
+    db.batch_execute(
+        "CREATE EXTENSION pg_kms; SELECT kms_create_key('pii');
+         CREATE TABLE t (id int PRIMARY KEY, v encrypted_text);
+         INSERT INTO t SELECT g, kms_encrypt('v' || g, 'pii') FROM generate_series(1, 150) g;",
+    )
+    .unwrap();
+    // The worker has started and gone to sleep for an hour.
+    poll("the worker to start", CONVERGE, || worker_pid(&mut db));
+    poll("the worker's first pass", CONVERGE, || {
+        let n: i64 = db.query_one("SELECT count(*) FROM kms_reencryption_progress WHERE finished_at IS NOT NULL", &[]).ok()?.get(0);
+        (n == 1).then_some(())
+    });
+    let t = Instant::now();
+    db.execute("SELECT kms_rotate_key('pii')", &[]).unwrap();
+    poll("the worker to wake and rewrap", Duration::from_secs(60), || {
+        let n: i64 = db.query_one("SELECT count(*) FROM t WHERE kms_key_version(v) = 1", &[]).ok()?.get(0);
+        (n == 0).then_some(())
+    });
+    println!("woken and done {:.2} s after the rotation committed (naptime 1h)", t.elapsed().as_secs_f64());
+
+    // 150 encryptions under version 1 passed the warning level of 100.
+    let stats: (i64, i64) = {
+        let r = db.query_one("SELECT encryptions, decryptions FROM kms_stats WHERE version = 1", &[]).unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(stats, (150, 150), "150 sealed, 150 opened by the rewrap");
+    let warn: String = db.query_one("SELECT kms_health()->'nonce_warnings'->0->>'version'", &[]).unwrap().get(0);
+    assert_eq!(warn, "1");
+    assert!(c.server_log().contains("has sealed 100 values since server start"), "no nonce WARNING in the log");
+}
