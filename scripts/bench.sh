@@ -21,6 +21,13 @@
 #   DIR=/tmp/pg_kms_bench   cluster directory (deleted at exit unless KEEP_DIR=1
 #                  or the run failed)
 #   VERBOSE=1      print every timed run, not only a line per repetition
+#   PIN=1          pin the installed build (default): snapshot pg_kms.so, its
+#                  control and SQL files into $DIR.pinned and start the cluster in
+#                  a private mount namespace (unshare -m) where those copies are
+#                  bind-mounted over the installed paths. A concurrent
+#                  `cargo pgrx install` then cannot swap or truncate the library
+#                  under the running backends (SIGBUS, mixed builds). Nothing
+#                  outside that namespace changes. PIN=0 uses the files in place.
 #
 # Method: every measurement is an aggregate over the whole table, e.g.
 #   SELECT sum(octet_length(kms_decrypt(email))) FROM pii_sealed
@@ -42,6 +49,8 @@ PORT=${PORT:-54377}
 DIR=${DIR:-/tmp/pg_kms_bench}
 KEEP_DIR=${KEEP_DIR:-0}
 VERBOSE=${VERBOSE:-0}
+PIN=${PIN:-1}
+PIN_DIR=$DIR.pinned
 
 [[ $ROWS =~ ^[1-9][0-9]*$ ]] || { echo "ROWS must be a positive integer" >&2; exit 2; }
 [[ $REPS =~ ^[1-9][0-9]*$ ]] || { echo "REPS must be a positive integer" >&2; exit 2; }
@@ -63,7 +72,7 @@ ok=0
 cleanup() {
     cluster_stop "$DIR"
     if [ "$ok" = 1 ] && [ "$KEEP_DIR" != 1 ]; then
-        rm -rf "$DIR"
+        rm -rf "$DIR" "$PIN_DIR"
     elif [ -d "$DIR" ]; then
         echo "(cluster directory kept: $DIR; server log: $DIR/server.log)" >&2
     fi
@@ -78,18 +87,63 @@ cpu_model=$(grep -m1 -E '^(model name|Model name|cpu model|Hardware)' /proc/cpui
 mem_total=$(awk '/^MemTotal:/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)
 
 SO=$("$PG_BIN/pg_config" --pkglibdir)/pg_kms.so
+EXT_DIR=$("$PG_BIN/pg_config" --sharedir)/extension
 so_id() { stat -c '%y' "$SO" | cut -d. -f1; sha256sum "$SO" | cut -c1-12; }
-SO_AT_START=$(so_id | paste -sd' ')
+
+# The files of the installed build: the library, its control file and SQL scripts.
+PIN_FILES=("$SO" "$EXT_DIR/pg_kms.control")
+for f in "$EXT_DIR"/pg_kms--*.sql; do PIN_FILES+=("$f"); done
+
+# Copies the installed build into $PIN_DIR once it has been quiet for 5 s
+# (an install in progress writes the .so, then the SQL) and the copies match.
+snapshot_build() {
+    local attempt f newest
+    for ((attempt = 1; attempt <= 60; attempt++)); do
+        newest=$(stat -c %Y "${PIN_FILES[@]}" | sort -n | tail -1)
+        if (( $(date +%s) - newest >= 5 )); then
+            rm -rf "$PIN_DIR"
+            install -d -m 0755 "$PIN_DIR"
+            cp -p "${PIN_FILES[@]}" "$PIN_DIR/"
+            local same=1
+            for f in "${PIN_FILES[@]}"; do cmp -s "$f" "$PIN_DIR/${f##*/}" || same=0; done
+            newest2=$(stat -c %Y "${PIN_FILES[@]}" | sort -n | tail -1)
+            [ "$same" = 1 ] && [ "$newest2" = "$newest" ] && return 0
+        fi
+        sleep 2
+    done
+    echo "the installed pg_kms files keep changing; cannot take a consistent snapshot" >&2
+    return 1
+}
+
+if [ "$PIN" = 1 ] && ! unshare -m --propagation private true 2>/dev/null; then
+    echo "warning: unshare -m is not permitted here; running unpinned (PIN=0)" >&2
+    PIN=0
+fi
+if [ "$PIN" = 1 ]; then
+    snapshot_build
+    SO_AT_START="$(stat -c '%y' "$PIN_DIR/pg_kms.so" | cut -d. -f1) $(sha256sum "$PIN_DIR/pg_kms.so" | cut -c1-12)"
+else
+    SO_AT_START=$(so_id | paste -sd' ')
+fi
+SO_USED=$SO
+[ "$PIN" = 1 ] && SO_USED=$PIN_DIR/pg_kms.so
+so_kind="$(( $(stat -c %s "$SO_USED") / 1024 )) kB"
+if command -v readelf >/dev/null && readelf -S --wide "$SO_USED" 2>/dev/null | grep -q '\.debug_info'; then
+    so_kind="$so_kind, WITH DEBUG INFO: probably a debug build; benchmark a release build (cargo pgrx install --release)"
+fi
 
 echo "== pg_kms benchmark"
 echo "   machine:    $(nproc) CPUs, ${cpu_model:-unknown CPU}, $mem_total RAM, $(uname -sr)"
 echo "   load avg:   $(cut -d' ' -f1-3 /proc/loadavg) (at start; absolute numbers are noisy on a busy machine)"
-echo "   pg_kms.so:  $SO (modified $SO_AT_START)"
+if [ "$PIN" = 1 ]; then
+    echo "   pg_kms:     build of $SO_AT_START ($so_kind), pinned: copies in $PIN_DIR"
+else
+    echo "   pg_kms:     $SO of $SO_AT_START ($so_kind), used in place (PIN=0)"
+fi
 echo "   rows:       $ROWS (pgcrypto and the apples-to-apples kms rows: $NSUB), repetitions: $REPS ($STAT used for ns/row and ratios)"
 
 # ---------------------------------------------------------------- cluster
-cluster_stop "$DIR"
-cluster_start "$DIR" "$PORT" \
+CONF=(
     "pg_kms.master_key_file = '$DIR/keys/master.key'" \
     "jit = off" \
     "max_parallel_workers_per_gather = 0" \
@@ -101,6 +155,19 @@ cluster_start "$DIR" "$PORT" \
     "max_wal_size = '8GB'" \
     "checkpoint_timeout = '1h'" \
     "autovacuum = off"
+)
+cluster_stop "$DIR"
+if [ "$PIN" = 1 ]; then
+    # The postmaster (and every backend it forks) lives in a private mount
+    # namespace that sees the snapshot at the installed paths.
+    PIN_LIST="${PIN_FILES[*]}" PIN_DIR="$PIN_DIR" unshare -m --propagation private bash -c '
+        set -euo pipefail
+        for f in $PIN_LIST; do mount --bind "$PIN_DIR/${f##*/}" "$f"; done
+        source scripts/cluster.sh
+        cluster_start "$@"' cluster_start "$DIR" "$PORT" "${CONF[@]}"
+else
+    cluster_start "$DIR" "$PORT" "${CONF[@]}"
+fi
 new_master_key "$DIR/keys/master.key"
 cluster_psql "$DIR" "$PORT" -d postgres -q -X -v ON_ERROR_STOP=1 -c "CREATE DATABASE bench"
 
@@ -464,7 +531,7 @@ SELECT a AS "check", b AS "column", c AS measured, d AS target,
 SQL
 
 SO_AT_END=$(so_id | paste -sd' ')
-if [ "$SO_AT_END" != "$SO_AT_START" ]; then
+if [ "$PIN" != 1 ] && [ "$SO_AT_END" != "$SO_AT_START" ]; then
     echo "== WARNING: pg_kms.so was replaced during the run ($SO_AT_START -> $SO_AT_END):"
     echo "   backends started before and after the reinstall ran different builds; re-run for consistent figures"
 fi

@@ -216,8 +216,8 @@ pub fn rotate_key(name: &str, reason: Option<&str>) -> KmsResult<i32> {
 /// Rotates, with reason 'scheduled', every key whose primary version is
 /// older than its rotation_period. Returns the names rotated.
 pub fn rotate_due_keys() -> Vec<String> {
-    lifecycle(|| {
-        let due = Spi::connect(|c| -> Result<Vec<String>, pgrx::spi::Error> {
+    let due = keyring::as_catalog_owner(|_| {
+        Spi::connect(|c| -> Result<Vec<String>, pgrx::spi::Error> {
             let mut out = Vec::new();
             for r in c.select(
                 "SELECT k.key_name FROM kms.keys k
@@ -231,12 +231,19 @@ pub fn rotate_due_keys() -> Vec<String> {
             }
             Ok(out)
         })
-        .map_err(KmsError::spi)?;
+        .map_err(KmsError::spi)
+    })
+    .or_raise();
+    if due.is_empty() {
+        return due;
+    }
+    lifecycle(|| {
         for name in &due {
             rotate_key(name, Some("scheduled"))?;
         }
-        Ok(due)
-    })
+        Ok(())
+    });
+    due
 }
 
 #[pg_extern(volatile, parallel_unsafe)]

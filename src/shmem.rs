@@ -185,8 +185,11 @@ pub fn forget_dead_workers() {
 pub fn wake_workers_of_this_db() {
     let Some(sh) = shared() else { return };
     let db = my_db();
+    let me = unsafe { pg_sys::MyProcPid };
     for w in &sh.workers {
-        if w.pid.load(Ordering::Acquire) != 0 && w.db.load(Ordering::Acquire) == db {
+        let pid = w.pid.load(Ordering::Acquire);
+        // A worker never wakes itself (its own scheduled rotations).
+        if pid != 0 && pid != me && w.db.load(Ordering::Acquire) == db {
             let latch = w.latch.load(Ordering::Acquire);
             if latch != 0 {
                 unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };

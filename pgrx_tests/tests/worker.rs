@@ -77,6 +77,11 @@ fn worker_pid(db: &mut Client) -> Option<i32> {
 fn worker_converges_on_200k_rows_and_nothing_changes() {
     let (c, mut db) = preloaded("w_converge", &["pg_kms.reencrypt_max_rows_per_second = 0"]);
     make_tables(&mut db, 200_000);
+    db.batch_execute(
+        "CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.note := 'touched'; RETURN NEW; END $$;
+         CREATE TRIGGER touch BEFORE UPDATE ON t1 FOR EACH ROW EXECUTE FUNCTION touch();",
+    )
+    .unwrap();
     let before = plaintext_hash(&mut db);
     let t = Instant::now();
     db.execute("SELECT kms_rotate_key('pii')", &[]).unwrap();
@@ -94,6 +99,18 @@ fn worker_converges_on_200k_rows_and_nothing_changes() {
     assert_eq!(done, 3);
     // Now safe to destroy, without force.
     db.execute("SELECT kms_destroy_key_version('pii', 1)", &[]).unwrap();
+    // Done: the worker now sleeps instead of spinning (CPU over 3 s < 10%).
+    let pid = worker_pid(&mut db).expect("worker");
+    let cpu = |pid: i32| -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let f: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+        (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
+    };
+    let (c0, t0) = (cpu(pid), Instant::now());
+    std::thread::sleep(Duration::from_secs(3));
+    let busy = (cpu(pid) - c0) / t0.elapsed().as_secs_f64();
+    println!("idle worker CPU: {:.1}%", busy * 100.0);
+    assert!(busy < 0.10, "an idle worker uses {:.0}% CPU", busy * 100.0);
     // Rewrapping is not a logical change: no application trigger fired.
     let notes: i64 = db.query_one("SELECT count(*) FROM t1 WHERE note <> 'n'", &[]).unwrap().get(0);
     assert_eq!(notes, 0);
