@@ -13,7 +13,7 @@ pub enum KmsError {
     UnknownKey(String),
     /// 42704: a value names a key id this keyring does not have.
     UnknownKeyId(u32),
-    /// 42704: the key exists but not that version.
+    /// 39000: a value names a version its key does not have (tampering).
     UnknownVersion { key: String, version: i32 },
     /// 42710
     KeyExists(String),
@@ -76,10 +76,10 @@ impl KmsError {
                 Some("The value may come from another database or cluster; restore that keyring (kms schema) to decrypt it.".into()),
             ),
             KmsError::UnknownVersion { key, version } => (
-                ERRCODE_UNDEFINED_OBJECT,
-                format!("key \"{key}\" has no version {version}"),
+                ERRCODE_EXTERNAL_ROUTINE_INVOCATION_EXCEPTION,
+                format!("decryption failed: the value names version {version} of key \"{key}\", which does not exist"),
                 None,
-                Some("See the kms_keys view for existing versions.".into()),
+                Some("The value was altered, or it comes from another keyring.".into()),
             ),
             KmsError::KeyExists(name) => (
                 ERRCODE_DUPLICATE_OBJECT,

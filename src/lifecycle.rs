@@ -8,6 +8,7 @@
 use crate::crypto::{Kek, MasterKey};
 use crate::errors::{KmsError, KmsResult, OrRaise};
 use crate::keyring::{self, State, Which};
+use crate::types::RawText;
 use pgrx::datum::{DatumWithOid, Interval};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -57,7 +58,7 @@ fn lifecycle<R>(f: impl FnOnce() -> KmsResult<R>) -> R {
     .or_raise()
 }
 
-fn audit(operation: &str, key_name: Option<&str>, version: Option<i32>, reason: Option<&str>) -> KmsResult<()> {
+fn audit(operation: &str, key_name: Option<&str>, version: Option<i32>, reason: Option<RawText>) -> KmsResult<()> {
     spi_exec(
         "SELECT kms.audit_append($1, $2, $3, $4)",
         &[operation.into(), key_name.into(), version.into(), reason.into()],
@@ -77,8 +78,8 @@ fn kek_for_write() -> KmsResult<Kek> {
     Ok(mk.kek())
 }
 
-fn name_arg(key_name: &str) -> KmsResult<&str> {
-    keyring::validate_key_name(key_name.as_bytes())
+fn name_arg(key_name: &RawText) -> KmsResult<&str> {
+    keyring::validate_key_name(key_name.bytes())
 }
 
 fn version_arg(version: i32) -> KmsResult<i32> {
@@ -149,9 +150,9 @@ fn add_version(kek: &Kek, key_id: i32, version: i32, state: State) -> KmsResult<
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
-fn kms_create_key(key_name: &str, rotation_period: default!(Option<Interval>, "NULL")) -> i32 {
+fn kms_create_key(key_name: RawText, rotation_period: default!(Option<Interval>, "NULL")) -> i32 {
     lifecycle(|| {
-        let name = name_arg(key_name)?;
+        let name = name_arg(&key_name)?;
         if let Some(p) = rotation_period {
             let positive = spi_one::<bool>("SELECT $1 > interval '0'", &[p.into()])?.unwrap_or(false);
             if !positive {
@@ -191,7 +192,7 @@ fn kms_create_key(key_name: &str, rotation_period: default!(Option<Interval>, "N
 
 /// Adds a new primary version (the catalog part of `kms_rotate_key`, also
 /// used by the worker's scheduled rotation). Caller is the catalog owner.
-pub fn rotate_key(name: &str, reason: Option<&str>) -> KmsResult<i32> {
+pub fn rotate_key(name: &str, reason: Option<RawText>) -> KmsResult<i32> {
     let kek = kek_for_write()?;
     let key = lock_key(name)?;
     let new_version = spi_one::<i32>(
@@ -239,7 +240,7 @@ pub fn rotate_due_keys() -> Vec<String> {
     }
     lifecycle(|| {
         for name in &due {
-            rotate_key(name, Some("scheduled"))?;
+            rotate_key(name, Some(RawText::from_ascii("scheduled")))?;
         }
         Ok(())
     });
@@ -247,14 +248,14 @@ pub fn rotate_due_keys() -> Vec<String> {
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
-fn kms_rotate_key(key_name: &str, reason: default!(Option<&str>, "NULL")) -> i32 {
-    lifecycle(|| rotate_key(name_arg(key_name)?, reason))
+fn kms_rotate_key(key_name: RawText, reason: default!(Option<RawText>, "NULL")) -> i32 {
+    lifecycle(|| rotate_key(name_arg(&key_name)?, reason))
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
-fn kms_set_primary(key_name: &str, version: i32) {
+fn kms_set_primary(key_name: RawText, version: i32) {
     lifecycle(|| {
-        let name = name_arg(key_name)?;
+        let name = name_arg(&key_name)?;
         let version = version_arg(version)?;
         let key = lock_key(name)?;
         let state = version_state(&key, name, version)?;
@@ -277,9 +278,9 @@ fn kms_set_primary(key_name: &str, version: i32) {
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
-fn kms_disable_key_version(key_name: &str, version: i32, reason: default!(Option<&str>, "NULL")) {
+fn kms_disable_key_version(key_name: RawText, version: i32, reason: default!(Option<RawText>, "NULL")) {
     lifecycle(|| {
-        let name = name_arg(key_name)?;
+        let name = name_arg(&key_name)?;
         let version = version_arg(version)?;
         let key = lock_key(name)?;
         let state = version_state(&key, name, version)?;
@@ -295,9 +296,9 @@ fn kms_disable_key_version(key_name: &str, version: i32, reason: default!(Option
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
-fn kms_enable_key_version(key_name: &str, version: i32) {
+fn kms_enable_key_version(key_name: RawText, version: i32) {
     lifecycle(|| {
-        let name = name_arg(key_name)?;
+        let name = name_arg(&key_name)?;
         let version = version_arg(version)?;
         let key = lock_key(name)?;
         match version_state(&key, name, version)? {
@@ -319,13 +320,13 @@ fn kms_enable_key_version(key_name: &str, version: i32) {
 
 #[pg_extern(volatile, parallel_unsafe)]
 fn kms_destroy_key_version(
-    key_name: &str,
+    key_name: RawText,
     version: i32,
-    reason: default!(Option<&str>, "NULL"),
+    reason: default!(Option<RawText>, "NULL"),
     force: default!(bool, false),
 ) {
     lifecycle(|| {
-        let name = name_arg(key_name)?;
+        let name = name_arg(&key_name)?;
         let version = version_arg(version)?;
         let key = lock_key(name)?;
         let state = version_state(&key, name, version)?;
@@ -357,7 +358,7 @@ fn kms_rotate_master_key() -> i64 {
         let Some(stored) = stored else {
             // Nothing was ever wrapped: just commit to the new key.
             kek_for_write()?;
-            audit("rotate_master_key", None, None, Some("0 versions re-wrapped"))?;
+            audit("rotate_master_key", None, None, Some(RawText::from_ascii("0 versions re-wrapped")))?;
             return Ok(0);
         };
         if stored == new.fingerprint() {
@@ -403,7 +404,7 @@ fn kms_rotate_master_key() -> i64 {
             &[new.fingerprint().to_vec().into()],
         )?;
         let n = rows.len() as i64;
-        audit("rotate_master_key", None, None, Some(&format!("{n} versions re-wrapped")))?;
+        audit("rotate_master_key", None, None, Some(RawText::from_ascii(&format!("{n} versions re-wrapped"))))?;
         Ok(n)
     })
 }

@@ -9,7 +9,7 @@
 
 use crate::errors::{KmsError, KmsResult, OrRaise};
 use crate::keyring;
-use crate::types::{RegClass, SqlName};
+use crate::types::{RawText, RegClass, SqlName};
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -251,10 +251,10 @@ pub fn usage_by_version(key_id: i32) -> KmsResult<BTreeMap<i32, i64>> {
 /// Per version: state and how many rows in this database reference it.
 #[pg_extern(volatile, parallel_unsafe)]
 fn kms_key_usage(
-    key_name: &str,
+    key_name: RawText,
 ) -> TableIterator<'static, (name!(version, i32), name!(state, String), name!(rows, i64))> {
     let rows = keyring::as_catalog_owner(|_| {
-        let name = keyring::validate_key_name(key_name.as_bytes())?;
+        let name = keyring::validate_key_name(key_name.bytes())?;
         let versions = Spi::connect(|c| -> Result<Vec<(i32, i32, String)>, pgrx::spi::Error> {
             let mut out = Vec::new();
             for r in c.select(

@@ -127,10 +127,31 @@ unsafe impl SqlTranslatable for EncryptedText {
         Ok(ReturnsRef::One(SqlMappingRef::literal("encrypted_text")));
 }
 
-/// A `text` argument seen as raw bytes in the database encoding.
+/// A `text` argument seen as raw bytes in the database encoding (no UTF-8
+/// check, no copy), so any database encoding works.
+#[derive(Clone, Copy)]
 pub struct RawText(*mut pg_sys::varlena);
 varlena_arg!(RawText);
 pgrx::impl_sql_translatable!(RawText, arg_only = "text");
+
+impl RawText {
+    /// A new text datum holding `s` (ASCII callers: valid in every encoding).
+    pub fn from_ascii(s: &str) -> RawText {
+        let (ptr, buf) = alloc_varlena(s.len());
+        buf.copy_from_slice(s.as_bytes());
+        RawText(ptr)
+    }
+}
+
+/// Passed on unchanged (e.g. as an SPI argument of type text).
+impl IntoDatum for RawText {
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        Some(pg_sys::Datum::from(self.0))
+    }
+    fn type_oid() -> pg_sys::Oid {
+        pg_sys::TEXTOID
+    }
+}
 
 /// A `regclass` argument.
 pub struct RegClass(pub pg_sys::Oid);
@@ -270,6 +291,30 @@ CREATE CAST (encrypted_text AS bytea) WITHOUT FUNCTION;
 mod unit {
     use super::*;
     use crate::crypto::envelope::{Header, OVERHEAD};
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The text input function's parser never panics, whatever it is given.
+        #[test]
+        fn text_input_never_panics(s in "\\PC*") {
+            let _ = parse_text_form(s.as_bytes());
+        }
+
+        #[test]
+        fn text_input_never_panics_on_kms_prefixed_base64(bytes in proptest::collection::vec(any::<u8>(), 0..120)) {
+            let t = to_text_form(&bytes);
+            let r = parse_text_form(t.as_bytes());
+            // Structure decides: a well-formed envelope round-trips, anything else is an error.
+            if let Ok(b) = r { prop_assert_eq!(b, bytes); }
+        }
+
+        #[test]
+        fn text_input_never_panics_on_raw_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut v = b"kms:".to_vec();
+            v.extend_from_slice(&bytes);
+            let _ = parse_text_form(&v);
+        }
+    }
 
     #[test]
     fn text_form_round_trip_and_rejects() {

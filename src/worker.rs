@@ -217,6 +217,14 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
             pg_sys::GucContext::PGC_SUSET,
             pg_sys::GucSource::PGC_S_OVERRIDE,
         );
+        // The worker runs as a superuser over user tables: resolve every
+        // function and operator in pg_catalog only (no search_path hijack).
+        pg_sys::SetConfigOption(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        );
         pg_sys::SetConfigOption(
             c"application_name".as_ptr(),
             c"pg_kms worker".as_ptr(),

@@ -218,11 +218,14 @@ pub fn sqlstate(r: Result<impl Sized, postgres::Error>) -> String {
     }
 }
 
-/// The message of a failed statement ("" when it succeeded).
+/// "message | detail | hint" of a failed statement ("" when it succeeded).
 pub fn message(r: Result<impl Sized, postgres::Error>) -> String {
     match r {
         Ok(_) => String::new(),
-        Err(e) => e.as_db_error().map(|d| format!("{} | {}", d.message(), d.hint().unwrap_or(""))).unwrap_or_else(|| e.to_string()),
+        Err(e) => e
+            .as_db_error()
+            .map(|d| format!("{} | {} | {}", d.message(), d.detail().unwrap_or(""), d.hint().unwrap_or("")))
+            .unwrap_or_else(|| e.to_string()),
     }
 }
 
