@@ -21,13 +21,14 @@
 #   DIR=/tmp/pg_kms_bench   cluster directory (deleted at exit unless KEEP_DIR=1
 #                  or the run failed)
 #   VERBOSE=1      print every timed run, not only a line per repetition
-#   PIN=1          pin the installed build (default): snapshot pg_kms.so, its
+#   PIN=1          pin the installed build (off by default): snapshot pg_kms.so, its
 #                  control and SQL files into $DIR.pinned and start the cluster in
 #                  a private mount namespace (unshare -m) where those copies are
 #                  bind-mounted over the installed paths. A concurrent
 #                  `cargo pgrx install` then cannot swap or truncate the library
 #                  under the running backends (SIGBUS, mixed builds). Nothing
-#                  outside that namespace changes. PIN=0 uses the files in place.
+#                  outside that namespace changes. PIN=0 (default) uses the files
+#                  in place: do not reinstall the extension while it runs.
 #
 # Method: every measurement is an aggregate over the whole table, e.g.
 #   SELECT sum(octet_length(kms_decrypt(email))) FROM pii_sealed
@@ -49,7 +50,7 @@ PORT=${PORT:-54377}
 DIR=${DIR:-/tmp/pg_kms_bench}
 KEEP_DIR=${KEEP_DIR:-0}
 VERBOSE=${VERBOSE:-0}
-PIN=${PIN:-1}
+PIN=${PIN:-0}
 PIN_DIR=$DIR.pinned
 
 [[ $ROWS =~ ^[1-9][0-9]*$ ]] || { echo "ROWS must be a positive integer" >&2; exit 2; }
@@ -345,6 +346,9 @@ gen_serial() {
 PAR_Q="SELECT sum(octet_length(kms_decrypt(email))) AS v FROM pii_sealed"
 gen_parallel() {
     cat <<SQL
+-- The two workers do all the work: on a 2-CPU machine a participating
+-- leader would make three processes share two CPUs.
+SET parallel_leader_participation = off;
 SET max_parallel_workers_per_gather = 2;
 SET parallel_setup_cost = 0;
 SET parallel_tuple_cost = 0;
@@ -417,7 +421,7 @@ run_section "serial measurements" gen_serial
 
 echo
 echo "== parallel: the same kms_decrypt query, 2 workers vs none ($REPS runs each, interleaved)"
-echo "   ($(nproc) CPUs here; with parallel_leader_participation the leader scans too, so up to 3 processes share them)"
+echo "   ($(nproc) CPUs here; parallel_leader_participation = off, so the 2 workers do all the scanning)"
 run_section "parallel kms_decrypt" gen_parallel
 
 echo

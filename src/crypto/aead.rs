@@ -232,4 +232,45 @@ mod tests {
             }
         }
     }
+
+    /// Seal/open cost of the pure core, without PostgreSQL. Run with
+    /// `bash scripts/bench_core.sh`. A few hundred ns for 4 KiB (GB/s) means
+    /// the AES-NI and CLMUL code paths of `aes-gcm` are in use; the portable
+    /// fallback is an order of magnitude slower.
+    #[test]
+    #[ignore = "benchmark"]
+    fn core_throughput() {
+        use std::time::Instant;
+        #[cfg(target_arch = "x86_64")]
+        println!(
+            "cpu: aes={} pclmulqdq={} (runtime-detected by the aes/polyval crates)",
+            std::arch::is_x86_feature_detected!("aes"),
+            std::arch::is_x86_feature_detected!("pclmulqdq")
+        );
+        let k = key(7);
+        for size in [16usize, 200, 4096] {
+            let pt = vec![0x5Au8; size];
+            let iters = (20_000_000 / (size + 64)).max(10_000);
+            let mut out = vec![0u8; size + OVERHEAD];
+            let t = Instant::now();
+            for i in 0..iters {
+                let mut nonce = [0u8; 12];
+                nonce[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                seal_into(&k, H, &nonce, b"", &pt, &mut out);
+            }
+            let seal_ns = t.elapsed().as_nanos() as f64 / iters as f64;
+            let env = Envelope::parse(&out).unwrap();
+            let mut buf = vec![0u8; size];
+            let t = Instant::now();
+            for _ in 0..iters {
+                open_into(&k, &env, b"", &mut buf).unwrap();
+            }
+            let open_ns = t.elapsed().as_nanos() as f64 / iters as f64;
+            println!(
+                "{size:>5} bytes: seal {seal_ns:>7.0} ns ({:>6.0} MB/s), open {open_ns:>7.0} ns ({:>6.0} MB/s)",
+                size as f64 * 1e3 / seal_ns,
+                size as f64 * 1e3 / open_ns
+            );
+        }
+    }
 }
