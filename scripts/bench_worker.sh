@@ -27,7 +27,7 @@ cluster_start "$DIR" "$PORT" "pg_kms.master_key_file = '$KEY'" "shared_preload_l
 cluster_psql "$DIR" "$PORT" -d postgres -qc "CREATE DATABASE bench"
 echo "PostgreSQL: $(psql_q -c 'SHOW server_version')"
 
-psql_q <<SQL
+psql_q >/dev/null <<SQL
 CREATE EXTENSION pg_kms;
 SELECT kms_create_key('pii');
 CREATE TABLE people (id int PRIMARY KEY, email encrypted_text);
@@ -59,6 +59,8 @@ tps() { "$PG_BIN/pgbench" -h "$DIR" -p "$PORT" -U postgres -c 2 -j 2 -T "$PGBENC
         | awk '/^tps/ {print $3; exit}'; }
 idle=$(tps)
 psql_q -c "SELECT kms_rotate_key('pii')" >/dev/null
+# wait until the worker has started its new pass, then count from there
+until [ "$(psql_q -c "SELECT count(*) FROM kms_reencryption_progress WHERE finished_at IS NULL AND rows_rewrapped > 0")" = 1 ]; do sleep 0.1; done
 before=$(psql_q -c "SELECT coalesce(sum(rows_rewrapped),0) FROM kms_reencryption_progress")
 working=$(tps)
 after=$(psql_q -c "SELECT coalesce(sum(rows_rewrapped),0) FROM kms_reencryption_progress")

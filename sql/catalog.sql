@@ -33,7 +33,20 @@ CREATE TABLE kms.keys (
     key_name        text NOT NULL UNIQUE CHECK (key_name ~ '^[A-Za-z0-9_.:-]{1,63}$'),
     primary_version integer NOT NULL CHECK (primary_version > 0),
     rotation_period interval CHECK (rotation_period > interval '0'),
-    created_at      timestamptz NOT NULL DEFAULT pg_catalog.now()
+    created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- Random blind-index root of this key name, wrapped under the KEK
+    -- (independent of versions; NULL once the key is destroyed).
+    index_key       bytea
+);
+
+-- Per-key grants: once a key has grants, only grantees may use it for that
+-- privilege. Roles are stored by name so dumps restore into other clusters.
+CREATE TABLE kms.key_grants (
+    key_id     integer NOT NULL,
+    grantee    text NOT NULL,
+    privilege  text NOT NULL CHECK (privilege IN ('encrypt', 'decrypt')),
+    granted_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (key_id, grantee, privilege)
 );
 
 -- Each version's random 32-byte data key, wrapped (AES-256-GCM) under the
@@ -86,6 +99,7 @@ CREATE TABLE kms.reencryption_progress (
 );
 
 SELECT pg_catalog.pg_extension_config_dump('kms.keyring', '');
+SELECT pg_catalog.pg_extension_config_dump('kms.key_grants', '');
 SELECT pg_catalog.pg_extension_config_dump('kms.keys', '');
 SELECT pg_catalog.pg_extension_config_dump('kms.key_versions', '');
 SELECT pg_catalog.pg_extension_config_dump('kms.audit_log', '');

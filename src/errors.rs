@@ -17,6 +17,10 @@ pub enum KmsError {
     UnknownVersion { key: String, version: i32 },
     /// 42710
     KeyExists(String),
+    /// 42704: no such secret (or version).
+    UnknownSecret(String),
+    /// 55000: the secret's version has expired.
+    SecretExpired(String),
     /// 22023
     BadArgument { message: String, hint: &'static str },
     /// 55000: the version exists but its state forbids the operation.
@@ -80,6 +84,18 @@ impl KmsError {
                 format!("decryption failed: the value names version {version} of key \"{key}\", which does not exist"),
                 None,
                 Some("The value was altered, or it comes from another keyring.".into()),
+            ),
+            KmsError::UnknownSecret(message) => (
+                ERRCODE_UNDEFINED_OBJECT,
+                message.clone(),
+                None,
+                Some("See the kms_secrets view.".into()),
+            ),
+            KmsError::SecretExpired(message) => (
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                message.clone(),
+                None,
+                Some("Set a new version with kms_secret_set().".into()),
             ),
             KmsError::KeyExists(name) => (
                 ERRCODE_DUPLICATE_OBJECT,

@@ -9,6 +9,8 @@ pub static MASTER_KEY_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option
 pub static PREVIOUS_MASTER_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static PREVIOUS_MASTER_KEY_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static MASTER_KEY_COMMAND_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+pub static KEY_CACHE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(4096);
+pub static REDACT_STATEMENT_LOGS: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static NONCE_WARNING_ENCRYPTIONS: GucSetting<i32> = GucSetting::<i32>::new(i32::MAX);
 pub static REENCRYPT_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static REENCRYPT_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
@@ -66,6 +68,24 @@ pub fn init() {
         &NONCE_WARNING_ENCRYPTIONS,
         1,
         i32::MAX,
+        GucContext::Suset,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_kms.key_cache_size",
+        c"Keys each backend keeps unwrapped in memory (evicted keys are zeroized).",
+        c"",
+        &KEY_CACHE_SIZE,
+        1,
+        1_000_000,
+        GucContext::Suset,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_kms.redact_statement_logs",
+        c"Replace string literals by a placeholder in logged statements that call kms_ functions.",
+        c"Effective for statements logged after pg_kms is loaded: put pg_kms in shared_preload_libraries.",
+        &REDACT_STATEMENT_LOGS,
         GucContext::Suset,
         GucFlags::empty(),
     );

@@ -8,7 +8,8 @@
 //! The hot path compares that counter and, once warm, does no SPI, no
 //! catalog read and no system call.
 
-use crate::crypto::{DataKey, Kek, MasterKey, NonceSource};
+use crate::crypto::derive::{INFO_BLIND_INDEX, INFO_DETERMINISTIC};
+use crate::crypto::{DataKey, Kek, MacKey, MasterKey, NonceSource};
 use crate::errors::{KmsError, KmsResult};
 use crate::guc;
 use pgrx::pg_sys;
@@ -27,7 +28,17 @@ pub fn init() {
     unsafe {
         PRELOADED.store(pg_sys::process_shared_preload_libraries_in_progress, Ordering::Relaxed);
         pg_sys::CacheRegisterRelcacheCallback(Some(relcache_callback), pg_sys::Datum::from(0usize));
+        // Role membership or attribute changes can change per-key grant
+        // decisions: drop the cache when they happen.
+        for cache in [pg_sys::SysCacheIdentifier::AUTHMEMROLEMEM, pg_sys::SysCacheIdentifier::AUTHOID] {
+            pg_sys::CacheRegisterSyscacheCallback(cache as i32, Some(syscache_callback), pg_sys::Datum::from(0usize));
+        }
     }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn syscache_callback(_arg: pg_sys::Datum, _cacheid: i32, _hash: u32) {
+    INVAL_GEN.fetch_add(1, Ordering::Relaxed);
 }
 
 pub fn preloaded() -> bool {
@@ -251,8 +262,32 @@ pub struct CachedVersion {
     pub number: u32,
     pub state: State,
     pub key: Option<DataKey>,
+    /// Nonce key for deterministic encryption under this version.
+    pub det: Option<MacKey>,
     /// Shared-memory counters (None without preload).
     pub stat: Option<&'static crate::shmem::StatSlot>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Privilege {
+    Encrypt,
+    Decrypt,
+}
+
+impl Privilege {
+    pub fn parse(s: &str) -> Option<Privilege> {
+        match s {
+            "encrypt" => Some(Privilege::Encrypt),
+            "decrypt" => Some(Privilege::Decrypt),
+            _ => None,
+        }
+    }
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Privilege::Encrypt => "encrypt",
+            Privilege::Decrypt => "decrypt",
+        }
+    }
 }
 
 pub struct CachedKey {
@@ -260,6 +295,12 @@ pub struct CachedKey {
     pub name: String,
     pub primary: u32,
     versions: HashMap<u32, CachedVersion>,
+    /// Blind-index key of the key name (None once the key is destroyed).
+    pub index: Option<MacKey>,
+    /// Per-key grants (privilege, grantee role). Empty: any kms_user.
+    grants: Vec<(Privilege, pg_sys::Oid)>,
+    /// Decisions for (user, privilege), so the check stays off the hot path.
+    decisions: RefCell<HashMap<(pg_sys::Oid, Privilege), bool>>,
 }
 
 impl CachedVersion {
@@ -292,6 +333,40 @@ impl CachedVersion {
 }
 
 impl CachedKey {
+    /// Per-key grants: once a key has grants, only their grantees (and
+    /// members of them) may use it for that privilege.
+    #[inline]
+    pub fn check(&self, p: Privilege) -> KmsResult<()> {
+        if self.grants.is_empty() {
+            return Ok(());
+        }
+        self.check_user(unsafe { pg_sys::GetUserId() }, p)
+    }
+
+    pub fn check_user(&self, user: pg_sys::Oid, p: Privilege) -> KmsResult<()> {
+        let known = self.decisions.borrow().get(&(user, p)).copied();
+        let allowed = match known {
+            Some(a) => a,
+            None => {
+                let a = self
+                    .grants
+                    .iter()
+                    .any(|(gp, role)| *gp == p && unsafe { pg_sys::has_privs_of_role(user, *role) });
+                self.decisions.borrow_mut().insert((user, p), a);
+                a
+            }
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err(KmsError::NotAllowed(format!("permission denied to {} with key \"{}\"", p.as_str(), self.name)))
+        }
+    }
+
+    pub fn has_grants(&self) -> bool {
+        !self.grants.is_empty()
+    }
+
     /// `version`, if its state allows decryption.
     #[inline]
     pub fn usable(&self, version: u32) -> KmsResult<&CachedVersion> {
@@ -301,7 +376,7 @@ impl CachedKey {
                 key: self.name.clone(),
                 version: version as i32,
                 state: v.state.as_str().into(),
-                action: "decrypt",
+                action: "use it",
             }),
             None => Err(KmsError::UnknownVersion { key: self.name.clone(), version: version as i32 }),
         }
@@ -416,14 +491,34 @@ struct VersionRow {
     version: i32,
     state: String,
     wrapped: Option<Vec<u8>>,
+    index_root: Option<Vec<u8>>,
 }
 
-const LOAD_SQL: &str = "SELECT k.key_id, k.key_name, k.primary_version, v.version, v.state, v.wrapped_key
+const LOAD_SQL: &str = "SELECT k.key_id, k.key_name, k.primary_version, v.version, v.state, v.wrapped_key, k.index_key
       FROM kms.keys k JOIN kms.key_versions v ON v.key_id = k.key_id";
+
+fn load_grants(key_id: i32) -> KmsResult<Vec<(Privilege, pg_sys::Oid)>> {
+    Spi::connect(|c| -> Result<Vec<(Privilege, pg_sys::Oid)>, pgrx::spi::Error> {
+        let mut out = Vec::new();
+        for r in c.select(
+            "SELECT g.privilege, r.oid FROM kms.key_grants g JOIN pg_catalog.pg_roles r ON r.rolname = g.grantee
+              WHERE g.key_id = $1",
+            None,
+            &[key_id.into()],
+        )? {
+            let p = r.get::<String>(1)?.unwrap_or_default();
+            if let (Some(p), Some(role)) = (Privilege::parse(&p), r.get::<pg_sys::Oid>(2)?) {
+                out.push((p, role));
+            }
+        }
+        Ok(out)
+    })
+    .map_err(KmsError::spi)
+}
 
 fn load(lookup: Lookup<'_>) -> KmsResult<Rc<CachedKey>> {
     let gen_before = INVAL_GEN.load(Ordering::Relaxed);
-    let (rows, stored_fp) = as_catalog_owner(|_| {
+    let (rows, stored_fp, grants) = as_catalog_owner(|_| {
         let rows = Spi::connect(|c| -> Result<Vec<VersionRow>, pgrx::spi::Error> {
             let table = match lookup {
                 Lookup::Name(n) => c.select(&format!("{LOAD_SQL} WHERE k.key_name = $1"), None, &[n.into()])?,
@@ -438,12 +533,17 @@ fn load(lookup: Lookup<'_>) -> KmsResult<Rc<CachedKey>> {
                     version: r.get::<i32>(4)?.unwrap_or(0),
                     state: r.get::<String>(5)?.unwrap_or_default(),
                     wrapped: r.get::<Vec<u8>>(6)?,
+                    index_root: r.get::<Vec<u8>>(7)?,
                 });
             }
             Ok(rows)
         })
         .map_err(KmsError::spi)?;
-        Ok((rows, stored_fingerprint(false)?))
+        let grants = match rows.first() {
+            Some(r) => load_grants(r.key_id)?,
+            None => Vec::new(),
+        };
+        Ok((rows, stored_fingerprint(false)?, grants))
     })?;
     let Some(first) = rows.first() else {
         return Err(match lookup {
@@ -456,26 +556,43 @@ fn load(lookup: Lookup<'_>) -> KmsResult<Rc<CachedKey>> {
         name: first.name.clone(),
         primary: first.primary as u32,
         versions: HashMap::with_capacity(rows.len()),
+        index: None,
+        grants,
+        decisions: RefCell::new(HashMap::new()),
     };
-    let needs_kek = rows.iter().any(|r| r.wrapped.is_some() && matches!(State::parse(&r.state), State::Active | State::DecryptOnly));
+    let needs_kek = first.index_root.is_some()
+        || rows.iter().any(|r| r.wrapped.is_some() && matches!(State::parse(&r.state), State::Active | State::DecryptOnly));
     let kek = if needs_kek { Some(current_kek(stored_fp.as_deref())?) } else { None };
+    let corrupt = |version: i32| KmsError::CatalogCorrupt { key: first.name.clone(), version };
+    if let (Some(kek), Some(root)) = (&kek, &first.index_root) {
+        let root = kek.unwrap_index_root(key.id, root).map_err(|_| corrupt(0))?;
+        key.index = Some(MacKey::derive(root.as_ref(), INFO_BLIND_INDEX));
+    }
     for r in &rows {
         let state = State::parse(&r.state);
-        let dk = match (&kek, &r.wrapped, state) {
-            (Some(kek), Some(w), State::Active | State::DecryptOnly) => Some(
-                kek.unwrap(key.id, r.version as u32, w)
-                    .map_err(|_| KmsError::CatalogCorrupt { key: key.name.clone(), version: r.version })?,
-            ),
-            _ => None,
+        let (dk, det) = match (&kek, &r.wrapped, state) {
+            (Some(kek), Some(w), State::Active | State::DecryptOnly) => {
+                let raw = kek.unwrap_raw(key.id, r.version as u32, w).map_err(|_| corrupt(r.version))?;
+                (Some(DataKey::new(&raw)), Some(MacKey::derive(raw.as_ref(), INFO_DETERMINISTIC)))
+            }
+            _ => (None, None),
         };
         let stat = crate::shmem::stat_slot(key.id, r.version as u32);
-        key.versions.insert(r.version as u32, CachedVersion { number: r.version as u32, state, key: dk, stat });
+        key.versions.insert(r.version as u32, CachedVersion { number: r.version as u32, state, key: dk, det, stat });
     }
     let key = Rc::new(key);
     if INVAL_GEN.load(Ordering::Relaxed) == gen_before {
         CACHE.with(|c| {
             let mut c = c.borrow_mut();
             c.sync();
+            // Bounded: evict (and so zeroize) some other key when full.
+            let limit = crate::guc::KEY_CACHE_SIZE.get().max(1) as usize;
+            while c.by_id.len() >= limit {
+                let Some(victim) = c.by_id.keys().next().copied() else { break };
+                if let Some(old) = c.by_id.remove(&victim) {
+                    c.by_name.remove(old.name.as_bytes());
+                }
+            }
             c.by_name.insert(key.name.as_bytes().into(), key.clone());
             c.by_id.insert(key.id, key.clone());
         });
@@ -508,6 +625,27 @@ fn current_kek(stored_fp: Option<&[u8]>) -> KmsResult<Rc<Kek>> {
         CACHE.with(|c| c.borrow_mut().kek = Some((src, fp, kek.clone())));
     }
     Ok(kek)
+}
+
+/// The oid of type encrypted_text (found through the extension, not the
+/// search_path).
+pub fn encrypted_text_oid() -> KmsResult<pg_sys::Oid> {
+    Spi::connect(|c| {
+        c.select(
+            "SELECT t.oid FROM pg_catalog.pg_type t
+               JOIN pg_catalog.pg_depend d ON d.objid OPERATOR(pg_catalog.=) t.oid
+                AND d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_type'::pg_catalog.regclass
+                AND d.deptype OPERATOR(pg_catalog.=) 'e'
+               JOIN pg_catalog.pg_extension e ON e.oid OPERATOR(pg_catalog.=) d.refobjid
+              WHERE e.extname OPERATOR(pg_catalog.=) 'pg_kms' AND t.typname OPERATOR(pg_catalog.=) 'encrypted_text'",
+            Some(1),
+            &[],
+        )?
+        .first()
+        .get_one::<pg_sys::Oid>()
+    })
+    .map_err(KmsError::spi)?
+    .ok_or(KmsError::NotInstalled)
 }
 
 /// Names of the settings that hold the master key now, for `kms_health()`.

@@ -12,7 +12,9 @@ mod errors;
 mod guc;
 mod keyring;
 mod lifecycle;
+mod redact;
 mod reencrypt;
+mod secrets;
 mod shmem;
 mod types;
 mod values;
@@ -28,6 +30,7 @@ extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 pub extern "C-unwind" fn _PG_init() {
     guc::init();
     keyring::init();
+    redact::init();
     if keyring::preloaded() {
         shmem::init();
         worker::register_launcher();

@@ -7,19 +7,19 @@
 
 use crate::crypto::{Kek, MasterKey};
 use crate::errors::{KmsError, KmsResult, OrRaise};
-use crate::keyring::{self, State, Which};
-use crate::types::RawText;
+use crate::keyring::{self, Privilege, State, Which};
+use crate::types::{RawText, RegRole};
 use pgrx::datum::{DatumWithOid, Interval};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use serde_json::json;
 use zeroize::Zeroizing;
 
-fn spi_exec(q: &str, args: &[DatumWithOid<'_>]) -> KmsResult<()> {
+pub(crate) fn spi_exec(q: &str, args: &[DatumWithOid<'_>]) -> KmsResult<()> {
     Spi::connect_mut(|c| c.update(q, None, args).map(|_| ())).map_err(KmsError::spi)
 }
 
-fn spi_one<T: FromDatum + IntoDatum>(q: &str, args: &[DatumWithOid<'_>]) -> KmsResult<Option<T>> {
+pub(crate) fn spi_one<T: FromDatum + IntoDatum>(q: &str, args: &[DatumWithOid<'_>]) -> KmsResult<Option<T>> {
     Spi::connect_mut(|c| -> Result<Option<T>, pgrx::spi::Error> {
         let t = c.update(q, Some(1), args)?;
         if t.is_empty() {
@@ -32,7 +32,7 @@ fn spi_one<T: FromDatum + IntoDatum>(q: &str, args: &[DatumWithOid<'_>]) -> KmsR
 
 /// Read-only variant (no transaction id: works on a standby and in
 /// parallel workers).
-fn spi_read<T: FromDatum + IntoDatum>(q: &str, args: &[DatumWithOid<'_>]) -> KmsResult<Option<T>> {
+pub(crate) fn spi_read<T: FromDatum + IntoDatum>(q: &str, args: &[DatumWithOid<'_>]) -> KmsResult<Option<T>> {
     Spi::connect(|c| -> Result<Option<T>, pgrx::spi::Error> {
         let t = c.select(q, Some(1), args)?;
         if t.is_empty() {
@@ -44,7 +44,7 @@ fn spi_read<T: FromDatum + IntoDatum>(q: &str, args: &[DatumWithOid<'_>]) -> Kms
 }
 
 /// Runs a lifecycle act as the catalog owner, then invalidates caches.
-fn lifecycle<R>(f: impl FnOnce() -> KmsResult<R>) -> R {
+pub(crate) fn lifecycle<R>(f: impl FnOnce() -> KmsResult<R>) -> R {
     if unsafe { pg_sys::RecoveryInProgress() || pg_sys::XactReadOnly } {
         KmsError::ReadOnly.raise();
     }
@@ -58,7 +58,7 @@ fn lifecycle<R>(f: impl FnOnce() -> KmsResult<R>) -> R {
     .or_raise()
 }
 
-fn audit(operation: &str, key_name: Option<&str>, version: Option<i32>, reason: Option<RawText>) -> KmsResult<()> {
+pub(crate) fn audit(operation: &str, key_name: Option<&str>, version: Option<i32>, reason: Option<RawText>) -> KmsResult<()> {
     spi_exec(
         "SELECT kms.audit_append($1, $2, $3, $4)",
         &[operation.into(), key_name.into(), version.into(), reason.into()],
@@ -151,8 +151,12 @@ fn add_version(kek: &Kek, key_id: i32, version: i32, state: State) -> KmsResult<
 
 #[pg_extern(volatile, parallel_unsafe)]
 fn kms_create_key(key_name: RawText, rotation_period: default!(Option<Interval>, "NULL")) -> i32 {
-    lifecycle(|| {
-        let name = name_arg(&key_name)?;
+    lifecycle(|| create_key(name_arg(&key_name)?, rotation_period))
+}
+
+/// The catalog part of `kms_create_key` (caller is the catalog owner).
+pub fn create_key(name: &str, rotation_period: Option<Interval>) -> KmsResult<i32> {
+    {
         if let Some(p) = rotation_period {
             let positive = spi_one::<bool>("SELECT $1 > interval '0'", &[p.into()])?.unwrap_or(false);
             if !positive {
@@ -185,9 +189,17 @@ fn kms_create_key(key_name: RawText, rotation_period: default!(Option<Interval>,
             // Otherwise the random id collided: draw again.
         };
         add_version(&kek, key_id, 1, State::Active)?;
+        let mut root = Zeroizing::new([0u8; 32]);
+        keyring::random_bytes(root.as_mut())?;
+        let mut nonce = [0u8; 12];
+        keyring::random_bytes(&mut nonce)?;
+        spi_exec(
+            "UPDATE kms.keys SET index_key = $2 WHERE key_id = $1",
+            &[key_id.into(), kek.wrap_index_root(key_id as u32, &root, &nonce).into()],
+        )?;
         audit("create_key", Some(name), Some(1), None)?;
         Ok(1)
-    })
+    }
 }
 
 /// Adds a new primary version (the catalog part of `kms_rotate_key`, also
@@ -347,6 +359,64 @@ fn kms_destroy_key_version(
     })
 }
 
+/// Destroys every version of a key at once (erasing a tenant): all its
+/// values become undecryptable (55000), its blind index unusable. Audited.
+#[pg_extern(volatile, parallel_unsafe)]
+fn kms_destroy_key(key_name: RawText, reason: default!(Option<RawText>, "NULL")) {
+    lifecycle(|| {
+        let name = name_arg(&key_name)?;
+        let key = lock_key(name)?;
+        spi_exec(
+            "UPDATE kms.key_versions SET state = 'destroyed', wrapped_key = NULL, state_changed_at = pg_catalog.now()
+              WHERE key_id = $1 AND state <> 'destroyed'",
+            &[key.id.into()],
+        )?;
+        spi_exec("UPDATE kms.keys SET index_key = NULL WHERE key_id = $1", &[key.id.into()])?;
+        audit("destroy_key", Some(name), None, reason)
+    })
+}
+
+fn grant_args<'a>(key_name: &'a RawText, grantee: &RegRole, privilege: &RawText) -> KmsResult<(&'a str, String, Privilege)> {
+    let name = name_arg(key_name)?;
+    let privilege = String::from_utf8_lossy(privilege.bytes());
+    let p = Privilege::parse(&privilege).ok_or_else(|| KmsError::BadArgument {
+        message: format!("unknown key privilege \"{}\"", privilege.escape_default()),
+        hint: "Key privileges are 'encrypt' and 'decrypt'.",
+    })?;
+    let role = spi_read::<String>("SELECT rolname::text FROM pg_catalog.pg_roles WHERE oid = $1", &[grantee.0.into()])?
+        .ok_or_else(|| KmsError::BadArgument { message: "role does not exist".into(), hint: "Pass an existing role." })?;
+    Ok((name, role, p))
+}
+
+/// Grants `privilege` ('encrypt' or 'decrypt') on a key. A key with no
+/// grants is usable by every kms_user; once it has grants, only grantees
+/// (and members of them) may use it for that privilege.
+#[pg_extern(volatile, parallel_unsafe)]
+fn kms_grant_key(key_name: RawText, grantee: RegRole, privilege: RawText) {
+    lifecycle(|| {
+        let (name, role, p) = grant_args(&key_name, &grantee, &privilege)?;
+        let key = lock_key(name)?;
+        spi_exec(
+            "INSERT INTO kms.key_grants (key_id, grantee, privilege) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            &[key.id.into(), role.as_str().into(), p.as_str().into()],
+        )?;
+        audit("grant_key", Some(name), None, Some(RawText::from_ascii(&format!("{} to role oid {}", p.as_str(), grantee.0.to_u32()))))
+    })
+}
+
+#[pg_extern(volatile, parallel_unsafe)]
+fn kms_revoke_key(key_name: RawText, grantee: RegRole, privilege: RawText) {
+    lifecycle(|| {
+        let (name, role, p) = grant_args(&key_name, &grantee, &privilege)?;
+        let key = lock_key(name)?;
+        spi_exec(
+            "DELETE FROM kms.key_grants WHERE key_id = $1 AND grantee = $2 AND privilege = $3",
+            &[key.id.into(), role.as_str().into(), p.as_str().into()],
+        )?;
+        audit("revoke_key", Some(name), None, Some(RawText::from_ascii(&format!("{} from role oid {}", p.as_str(), grantee.0.to_u32()))))
+    })
+}
+
 /// Re-wraps every data key under the master key configured now, reading
 /// the old one from `pg_kms.previous_master_key_*`. Returns the number of
 /// versions re-wrapped (0 if the keyring already uses the current key).
@@ -397,6 +467,25 @@ fn kms_rotate_master_key() -> i64 {
             spi_exec(
                 "UPDATE kms.key_versions SET wrapped_key = $3 WHERE key_id = $1 AND version = $2",
                 &[(*key_id).into(), (*version).into(), rewrapped.into()],
+            )?;
+        }
+        let roots = Spi::connect(|c| -> Result<Vec<(i32, String, Vec<u8>)>, pgrx::spi::Error> {
+            let mut out = Vec::new();
+            for r in c.select("SELECT key_id, key_name, index_key FROM kms.keys WHERE index_key IS NOT NULL", None, &[])? {
+                out.push((r.get::<i32>(1)?.unwrap_or(0), r.get::<String>(2)?.unwrap_or_default(), r.get::<Vec<u8>>(3)?.unwrap_or_default()));
+            }
+            Ok(out)
+        })
+        .map_err(KmsError::spi)?;
+        for (key_id, name, wrapped) in &roots {
+            let root = old_kek
+                .unwrap_index_root(*key_id as u32, wrapped)
+                .map_err(|_| KmsError::CatalogCorrupt { key: name.clone(), version: 0 })?;
+            let mut nonce = [0u8; 12];
+            keyring::random_bytes(&mut nonce)?;
+            spi_exec(
+                "UPDATE kms.keys SET index_key = $2 WHERE key_id = $1",
+                &[(*key_id).into(), new_kek.wrap_index_root(*key_id as u32, &root, &nonce).into()],
             )?;
         }
         spi_exec(

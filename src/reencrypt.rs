@@ -112,7 +112,8 @@ pub fn encrypted_columns() -> KmsResult<Vec<Column>> {
                                    WHERE e.extname = 'pg_kms' AND t.typname = 'encrypted_text')
                 AND a.attnum > 0 AND NOT a.attisdropped
                 AND c.relkind = 'r' AND c.relpersistence <> 't'
-                AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'kms')
+                AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+                AND (n.nspname <> 'kms' OR c.relname = 'secrets')
               ORDER BY c.oid, a.attnum",
             None,
             &[],

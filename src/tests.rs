@@ -490,4 +490,139 @@ mod tests {
         assert_sqlstate("SELECT * FROM kms_stats", "42501");
         run("RESET ROLE");
     }
+
+    #[pg_test]
+    fn deterministic_encryption_and_operators() {
+        setup_key("pii");
+        assert_eq!(one::<bool>("SELECT kms_encrypt_deterministic('123-45-6789', 'pii') = kms_encrypt_deterministic('123-45-6789', 'pii')"), Some(true));
+        assert_eq!(one::<bool>("SELECT kms_encrypt_deterministic('a', 'pii') <> kms_encrypt_deterministic('b', 'pii')"), Some(true));
+        assert_eq!(one::<bool>("SELECT kms_encrypt_deterministic('a', 'pii', 'c1') <> kms_encrypt_deterministic('a', 'pii', 'c2')"), Some(true));
+        assert_eq!(one::<bool>("SELECT kms_encrypt('a', 'pii') <> kms_encrypt('a', 'pii')"), Some(true));
+        assert_eq!(one::<String>("SELECT kms_decrypt(kms_encrypt_deterministic('héllo', 'pii'))").as_deref(), Some("héllo"));
+        run("CREATE TEMP TABLE people (id int, ssn encrypted_text UNIQUE)");
+        run("INSERT INTO people VALUES (1, kms_encrypt_deterministic('111', 'pii')), (2, kms_encrypt_deterministic('222', 'pii'))");
+        assert_sqlstate("INSERT INTO people VALUES (3, kms_encrypt_deterministic('111', 'pii'))", "23505");
+        assert_eq!(one::<i64>("SELECT count(*) FROM (SELECT ssn FROM people UNION ALL SELECT kms_encrypt_deterministic('111','pii')) s GROUP BY ssn ORDER BY 1 DESC LIMIT 1"), Some(2));
+        assert_eq!(one::<i32>("SELECT id FROM people WHERE ssn = kms_encrypt_deterministic('222', 'pii')"), Some(2));
+        // Rewrap keeps a deterministic value deterministic (under the new version).
+        run("SELECT kms_rotate_key('pii')");
+        assert_eq!(one::<bool>("SELECT kms_rewrap(ssn) = kms_encrypt_deterministic('111', 'pii') FROM people WHERE id = 1"), Some(true));
+        assert_eq!(one::<bool>("SELECT ssn <> kms_encrypt_deterministic('111', 'pii') FROM people WHERE id = 1"), Some(true));
+    }
+
+    #[pg_test]
+    fn blind_index() {
+        setup_key("pii");
+        let a = one::<Vec<u8>>("SELECT kms_blind_index('alice@example.com', 'pii')").unwrap();
+        assert_eq!(a.len(), 32);
+        assert_eq!(one::<Vec<u8>>("SELECT kms_blind_index('alice@example.com', 'pii', bits => 64)").unwrap(), a[..8].to_vec());
+        assert_ne!(one::<Vec<u8>>("SELECT kms_blind_index('alice@example.com', 'pii', 'ctx')").unwrap(), a);
+        assert_ne!(one::<Vec<u8>>("SELECT kms_blind_index('bob@example.com', 'pii')").unwrap(), a);
+        assert_eq!(one::<bool>("SELECT kms_blind_index(NULL, 'pii') IS NULL"), Some(true));
+        for bad in [0, 8, 12, 264] {
+            assert_sqlstate(&format!("SELECT kms_blind_index('x', 'pii', bits => {bad})"), "22023");
+        }
+        assert_sqlstate("SELECT kms_blind_index('x', 'nope')", "42704");
+        // Rotation never changes it; another key name gives another index.
+        run("SELECT kms_rotate_key('pii')");
+        assert_eq!(one::<Vec<u8>>("SELECT kms_blind_index('alice@example.com', 'pii')").unwrap(), a);
+        setup_key("other");
+        assert_ne!(one::<Vec<u8>>("SELECT kms_blind_index('alice@example.com', 'other')").unwrap(), a);
+        // Master-key rotation keeps it too.
+        let old_cmd = one::<String>("SELECT current_setting('pg_kms.master_key_command')").unwrap();
+        run(&format!("SET pg_kms.previous_master_key_command = '{old_cmd}'"));
+        run(&format!("SET pg_kms.master_key_command = 'echo {}'", random_hex()));
+        run("SELECT kms_rotate_master_key()");
+        assert_eq!(one::<Vec<u8>>("SELECT kms_blind_index('alice@example.com', 'pii')").unwrap(), a);
+        // Destroying the key makes it unusable.
+        run("SELECT kms_destroy_key('pii', 'tenant erased')");
+        assert_sqlstate("SELECT kms_blind_index('alice@example.com', 'pii')", "55000");
+    }
+
+    #[pg_test]
+    fn tenant_erasure_and_per_key_grants() {
+        setup_key("tenant1");
+        setup_key("tenant2");
+        run("CREATE TEMP TABLE t AS SELECT kms_encrypt('t1 data', 'tenant1') AS a, kms_encrypt('t2 data', 'tenant2') AS b");
+        run("GRANT SELECT ON t TO PUBLIC");
+        run("CREATE ROLE kt_alice IN ROLE kms_user");
+        run("CREATE ROLE kt_bob IN ROLE kms_user");
+        run("CREATE ROLE kt_team IN ROLE kms_user");
+        run("GRANT kt_team TO kt_bob");
+        // No grants: every kms_user may use the key.
+        let as_role = |role: &str, sql: &str| -> Option<String> {
+            run(&format!("SET LOCAL ROLE {role}"));
+            let e = error_of(sql);
+            run("RESET ROLE");
+            e.map(|e| e[..5].to_string())
+        };
+        assert_eq!(as_role("kt_alice", "SELECT kms_decrypt(a) FROM t"), None);
+        run("SELECT kms_grant_key('tenant1', 'kt_team', 'decrypt')");
+        assert_eq!(as_role("kt_alice", "SELECT kms_decrypt(a) FROM t").as_deref(), Some("42501"));
+        assert_eq!(as_role("kt_bob", "SELECT kms_decrypt(a) FROM t"), None, "member of a grantee");
+        // encrypt is granted separately: nobody has it yet except... no one.
+        assert_eq!(as_role("kt_bob", "SELECT kms_encrypt('x', 'tenant1')").as_deref(), Some("42501"));
+        run("SELECT kms_grant_key('tenant1', 'kt_alice', 'encrypt')");
+        assert_eq!(as_role("kt_alice", "SELECT kms_encrypt('x', 'tenant1')"), None);
+        assert_eq!(as_role("kt_alice", "SELECT kms_blind_index('x', 'tenant1')"), None);
+        assert_eq!(as_role("kt_bob", "SELECT kms_blind_index('x', 'tenant1')").as_deref(), Some("42501"));
+        // The other tenant's key is untouched.
+        assert_eq!(as_role("kt_alice", "SELECT kms_decrypt(b) FROM t"), None);
+        run("SELECT kms_revoke_key('tenant1', 'kt_team', 'decrypt')");
+        assert_eq!(as_role("kt_bob", "SELECT kms_decrypt(a) FROM t").as_deref(), Some("42501"), "still has grants (alice encrypt)");
+        run("SELECT kms_revoke_key('tenant1', 'kt_alice', 'encrypt')");
+        assert_eq!(as_role("kt_bob", "SELECT kms_decrypt(a) FROM t"), None, "no grants left: every kms_user again");
+        assert_sqlstate("SELECT kms_grant_key('tenant1', 'kt_alice', 'admin')", "22023");
+        assert_eq!(one::<i64>("SELECT count(*) FROM kms_audit_log WHERE operation IN ('grant_key', 'revoke_key')"), Some(4));
+        // Erase tenant1: every version destroyed at once, tenant2 unaffected.
+        run("SELECT kms_rotate_key('tenant1')");
+        run("SELECT kms_destroy_key('tenant1', 'customer left')");
+        assert_sqlstate("SELECT kms_decrypt(a) FROM t", "55000");
+        assert_sqlstate("SELECT kms_encrypt('x', 'tenant1')", "55000");
+        assert_eq!(one::<String>("SELECT kms_decrypt(b) FROM t").as_deref(), Some("t2 data"));
+        assert_eq!(one::<String>("SELECT string_agg(DISTINCT state, ',') FROM kms_keys WHERE key_name = 'tenant1'").as_deref(), Some("destroyed"));
+        assert_eq!(one::<String>("SELECT reason FROM kms_audit_log WHERE operation = 'destroy_key'").as_deref(), Some("customer left"));
+    }
+
+    #[pg_test]
+    fn secrets_store() {
+        assert_eq!(one::<i32>("SELECT kms_secret_set('db/password', 's3cret!')"), Some(1));
+        assert_eq!(one::<i32>("SELECT kms_secret_set('db/password', 'n3w', tags => '{\"env\": \"prod\"}')"), Some(2));
+        assert_eq!(one::<String>("SELECT kms_secret_get('db/password')").as_deref(), Some("n3w"));
+        assert_eq!(one::<String>("SELECT kms_secret_get('db/password', 1)").as_deref(), Some("s3cret!"));
+        assert_eq!(one::<String>("SELECT string_agg(version || ':' || key_name || ':' || (tags->>'env') , ',') FROM kms_secrets WHERE version = 2").as_deref(), Some("2:kms.secrets:prod"));
+        // The view never shows the value.
+        assert_eq!(one::<i64>("SELECT count(*) FROM kms_secrets s WHERE s::text LIKE '%s3cret%' OR s::text LIKE '%n3w%'"), Some(0));
+        assert_sqlstate("SELECT kms_secret_get('nope')", "42704");
+        assert_sqlstate("SELECT kms_secret_get('db/password', 9)", "42704");
+        assert_sqlstate("SELECT kms_secret_set('bad name', 'x')", "22023");
+        assert_sqlstate("SELECT kms_secret_set('x', NULL)", "22023");
+        // Expiry.
+        run("SELECT kms_secret_set('token', 'abc', ttl => interval '1 hour')");
+        run("UPDATE kms.secrets SET expires_at = now() - interval '1 second' WHERE name = 'token'");
+        assert_sqlstate("SELECT kms_secret_get('token')", "55000");
+        // Who may read: kms_admin, or roles granted decrypt on the key.
+        setup_key("app-secrets");
+        run("SELECT kms_secret_set('api', 'apitokvalue9', key_name => 'app-secrets')");
+        run("CREATE ROLE kt_app IN ROLE kms_user");
+        run("CREATE ROLE kt_admin3 IN ROLE kms_admin");
+        let as_role = |role: &str, sql: &str| -> Option<String> {
+            run(&format!("SET LOCAL ROLE {role}"));
+            let e = error_of(sql);
+            run("RESET ROLE");
+            e.map(|e| e[..5].to_string())
+        };
+        assert_eq!(as_role("kt_app", "SELECT kms_secret_get('api')").as_deref(), Some("42501"));
+        assert_eq!(as_role("kt_admin3", "SELECT kms_secret_get('api')"), None);
+        run("SELECT kms_grant_key('app-secrets', 'kt_app', 'decrypt')");
+        assert_eq!(as_role("kt_app", "SELECT kms_secret_get('api')"), None);
+        assert_eq!(as_role("kt_app", "SELECT kms_secret_get('db/password')").as_deref(), Some("42501"));
+        assert_eq!(as_role("kt_app", "SELECT kms_secret_set('api', 'x')").as_deref(), Some("42501"));
+        // Delete, audited, without the value.
+        assert_eq!(one::<i64>("SELECT kms_secret_delete('db/password')"), Some(2));
+        assert_sqlstate("SELECT kms_secret_get('db/password')", "42704");
+        assert_eq!(one::<i64>("SELECT count(*) FROM kms_audit_log WHERE operation LIKE 'secret%' AND reason ~ '(s3cret|n3w|apitokvalue9)'"), Some(0));
+        // Stored as encrypted_text: the worker's discovery sees the column.
+        assert_eq!(one::<i64>("SELECT count(*) FROM kms_key_usage('kms.secrets')"), Some(1));
+    }
 }

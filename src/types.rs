@@ -103,7 +103,7 @@ impl IntoDatum for EncryptedText {
         Some(pg_sys::Datum::from(self.0))
     }
     fn type_oid() -> pg_sys::Oid {
-        pgrx::wrappers::regtypein("encrypted_text")
+        crate::keyring::encrypted_text_oid().or_raise()
     }
 }
 
@@ -162,6 +162,15 @@ impl FromDatum for RegClass {
 }
 pgrx::impl_sql_translatable!(RegClass, arg_only = "regclass");
 
+/// A `regrole` argument.
+pub struct RegRole(pub pg_sys::Oid);
+impl FromDatum for RegRole {
+    unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, _: pg_sys::Oid) -> Option<Self> {
+        (!is_null).then(|| RegRole(pg_sys::Oid::from(datum.value() as u32)))
+    }
+}
+pgrx::impl_sql_translatable!(RegRole, arg_only = "regrole");
+
 /// A `name` argument.
 pub struct SqlName(pub String);
 impl FromDatum for SqlName {
@@ -187,6 +196,7 @@ macro_rules! simple_arg {
 }
 simple_arg!(RegClass);
 simple_arg!(SqlName);
+simple_arg!(RegRole);
 
 /// A `text` result built in place.
 pub struct OutText(*mut pg_sys::varlena);

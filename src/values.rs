@@ -4,10 +4,10 @@
 //! catalog read and no system call. A cache miss reads the catalog under a
 //! temporary switch to the catalog owner (see `keyring::as_catalog_owner`).
 
-use crate::crypto::envelope::{Header, FLAG_BYTES, OVERHEAD};
+use crate::crypto::envelope::{Header, FLAG_BYTES, FLAG_DETERMINISTIC, OVERHEAD};
 use crate::crypto::{open_into, seal_into};
 use crate::errors::{KmsError, KmsResult, OrRaise};
-use crate::keyring;
+use crate::keyring::{self, Privilege};
 use crate::types::{EncryptedText, OutBytea, OutText, RawText};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -63,8 +63,14 @@ fn seal_value(plaintext: &[u8], key_name: &[u8], context: &[u8], flags: u8) -> K
 
 #[inline]
 fn seal_with(key: &keyring::CachedKey, plaintext: &[u8], context: &[u8], flags: u8) -> KmsResult<EncryptedText> {
+    key.check(Privilege::Encrypt)?;
     let v = key.primary_version()?;
-    let nonce = keyring::nonce()?;
+    let nonce = if flags & FLAG_DETERMINISTIC != 0 {
+        // SIV-style: the nonce is a PRF of (version's nonce key, context, plaintext).
+        v.det.as_ref().expect("usable versions have a nonce key").nonce(context, plaintext)
+    } else {
+        keyring::nonce()?
+    };
     let header = Header { flags, key_id: key.id, key_version: key.primary };
     let (out, buf) = EncryptedText::alloc(plaintext.len() + OVERHEAD);
     seal_into(v.data_key(), header, &nonce, context, plaintext, buf);
@@ -77,6 +83,7 @@ fn seal_with(key: &keyring::CachedKey, plaintext: &[u8], context: &[u8], flags: 
 fn open_value(value: &EncryptedText, context: &[u8], out: &mut [u8]) -> KmsResult<Header> {
     let env = value.envelope();
     let key = keyring::key_by_id(env.header.key_id)?;
+    key.check(Privilege::Decrypt)?;
     let v = key.usable(env.header.key_version)?;
     open_into(v.data_key(), &env, context, out).map_err(|_| KmsError::AuthFailed)?;
     v.count_decryption();
@@ -95,6 +102,11 @@ fn open_to_vec(value: &EncryptedText, context: &[u8]) -> KmsResult<Zeroizing<Vec
     Ok(tmp)
 }
 
+/// Seals text given in the database encoding (cold paths: secrets).
+pub fn seal_text(plaintext: &[u8], key_name: &[u8], context: &[u8]) -> KmsResult<EncryptedText> {
+    seal_value(&text_to_utf8(plaintext), key_name, context, 0)
+}
+
 #[pg_extern(volatile, parallel_safe)]
 fn kms_encrypt(
     plaintext: Option<RawText>,
@@ -105,6 +117,58 @@ fn kms_encrypt(
     let name = require_key_name(&key_name);
     let utf8 = text_to_utf8(pt.bytes());
     Some(seal_value(&utf8, name, ctx_bytes(&context), 0).or_raise())
+}
+
+/// Same plaintext, context and key version give the identical value (the
+/// nonce is derived, SIV-style), so equality, UNIQUE, joins and GROUP BY
+/// work on the column. Leaks equality by design.
+#[pg_extern(volatile, parallel_safe)]
+fn kms_encrypt_deterministic(
+    plaintext: Option<RawText>,
+    key_name: Option<RawText>,
+    context: default!(Option<RawText>, "NULL"),
+) -> Option<EncryptedText> {
+    let pt = plaintext?;
+    let name = require_key_name(&key_name);
+    let utf8 = text_to_utf8(pt.bytes());
+    Some(seal_value(&utf8, name, ctx_bytes(&context), FLAG_DETERMINISTIC).or_raise())
+}
+
+/// HMAC-SHA256 of the plaintext under the key name's index key, truncated
+/// to `bits`: equality search without decrypting. Independent of key
+/// versions, so rotation never changes it.
+#[pg_extern(stable, parallel_safe)]
+fn kms_blind_index(
+    plaintext: Option<RawText>,
+    key_name: Option<RawText>,
+    context: default!(Option<RawText>, "NULL"),
+    bits: default!(i32, 256),
+) -> Option<OutBytea> {
+    let pt = plaintext?;
+    let name = require_key_name(&key_name);
+    let r = (|| -> KmsResult<OutBytea> {
+        if !(16..=256).contains(&bits) || bits % 8 != 0 {
+            return Err(KmsError::BadArgument {
+                message: format!("invalid blind index size {bits}"),
+                hint: "bits must be a multiple of 8 from 16 to 256; fewer bits leak less through collisions.",
+            });
+        }
+        let key = keyring::key_by_name(name)?;
+        key.check(Privilege::Encrypt)?;
+        let Some(index) = key.index.as_ref() else {
+            return Err(KmsError::VersionState {
+                key: key.name.clone(),
+                version: key.primary as i32,
+                state: "destroyed".into(),
+                action: "compute a blind index",
+            });
+        };
+        let mac = index.blind_index(ctx_bytes(&context), &text_to_utf8(pt.bytes()), bits as u32).expect("bits checked");
+        let (out, buf) = OutBytea::alloc(mac.len());
+        buf.copy_from_slice(&mac);
+        Ok(out)
+    })();
+    Some(r.or_raise())
 }
 
 #[pg_extern(volatile, parallel_safe)]
@@ -120,30 +184,33 @@ fn kms_encrypt_bytea(
 
 #[pg_extern(stable, parallel_safe)]
 fn kms_decrypt(value: Option<EncryptedText>, context: default!(Option<RawText>, "NULL")) -> Option<OutText> {
-    let value = value?;
-    let ctx = ctx_bytes(&context);
+    Some(decrypt_text(&value?, ctx_bytes(&context)).or_raise())
+}
+
+/// Opens a value as text in the database encoding.
+pub fn decrypt_text(value: &EncryptedText, ctx: &[u8]) -> KmsResult<OutText> {
     let enc = db_encoding();
     let is_text = !value.envelope().header.is_bytes();
     if is_text && enc != PG_UTF8 && enc != PG_SQL_ASCII {
         // Sealed as UTF-8: decrypt aside, then convert to the database encoding.
-        let tmp = open_to_vec(&value, ctx).or_raise();
+        let tmp = open_to_vec(value, ctx)?;
         let conv = unsafe { pg_sys::pg_any_to_server(tmp.as_ptr() as *const _, tmp.len() as i32, PG_UTF8) };
         let conv = unsafe { std::ffi::CStr::from_ptr(conv) }.to_bytes();
         let (out, buf) = OutText::alloc(conv.len());
         buf.copy_from_slice(conv);
-        return Some(out);
+        return Ok(out);
     }
-    let (out, buf) = OutText::alloc(plaintext_len(&value));
-    open_value(&value, ctx, buf).or_raise();
+    let (out, buf) = OutText::alloc(plaintext_len(value));
+    open_value(value, ctx, buf)?;
     // Never hand back bytes that are not valid text in this database.
     let verify_enc = if is_text { PG_UTF8 } else { enc };
     if enc != PG_SQL_ASCII
         && !unsafe { pg_sys::pg_verify_mbstr(verify_enc, buf.as_ptr() as *const _, buf.len() as i32, true) }
     {
         buf.iter_mut().for_each(|b| *b = 0);
-        KmsError::NotText.raise();
+        return Err(KmsError::NotText);
     }
-    Some(out)
+    Ok(out)
 }
 
 #[pg_extern(stable, parallel_safe)]

@@ -225,6 +225,15 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
             pg_sys::GucContext::PGC_USERSET,
             pg_sys::GucSource::PGC_S_OVERRIDE,
         );
+        // A rewrap batch is idempotent: losing the last ones in a crash only
+        // means they are done again. Do not make the application wait on
+        // our WAL flushes.
+        pg_sys::SetConfigOption(
+            c"synchronous_commit".as_ptr(),
+            c"off".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        );
         pg_sys::SetConfigOption(
             c"application_name".as_ptr(),
             c"pg_kms worker".as_ptr(),

@@ -19,6 +19,7 @@ pub const HKDF_SALT: &[u8] = b"pg_kms";
 pub const INFO_FINGERPRINT: &[u8] = b"pg_kms v1 master-key fingerprint";
 pub const INFO_KEK: &[u8] = b"pg_kms v1 key-encryption key";
 const WRAP_AAD_LABEL: &[u8] = b"pg_kms v1 data key";
+const INDEX_AAD_LABEL: &[u8] = b"pg_kms v1 idx root";
 /// nonce (12) || wrapped key (32) || tag (16)
 pub const WRAPPED_LEN: usize = 12 + 32 + 16;
 
@@ -60,8 +61,13 @@ impl fmt::Display for WrapError {
 }
 
 fn wrap_aad(key_id: u32, version: u32) -> [u8; 26] {
+    labeled_aad(WRAP_AAD_LABEL, key_id, version)
+}
+
+/// `label (18 bytes) || key id || version`, all big endian.
+fn labeled_aad(label: &[u8], key_id: u32, version: u32) -> [u8; 26] {
     let mut aad = [0u8; 26];
-    aad[..18].copy_from_slice(WRAP_AAD_LABEL);
+    aad[..18].copy_from_slice(label);
     aad[18..22].copy_from_slice(&key_id.to_be_bytes());
     aad[22..26].copy_from_slice(&version.to_be_bytes());
     aad
@@ -74,18 +80,35 @@ impl Kek {
 
     /// Wraps a data key, binding it to its key id and version.
     pub fn wrap(&self, key_id: u32, version: u32, data_key: &Zeroizing<[u8; 32]>, nonce: &[u8; 12]) -> Vec<u8> {
+        self.wrap_with(&wrap_aad(key_id, version), data_key, nonce)
+    }
+
+    /// Wraps a key's blind-index root (one per key name, no version).
+    pub fn wrap_index_root(&self, key_id: u32, root: &Zeroizing<[u8; 32]>, nonce: &[u8; 12]) -> Vec<u8> {
+        self.wrap_with(&labeled_aad(INDEX_AAD_LABEL, key_id, 0), root, nonce)
+    }
+
+    pub fn unwrap_index_root(&self, key_id: u32, wrapped: &[u8]) -> Result<Zeroizing<[u8; 32]>, WrapError> {
+        self.unwrap_with(&labeled_aad(INDEX_AAD_LABEL, key_id, 0), wrapped)
+    }
+
+    fn wrap_with(&self, aad: &[u8], data_key: &Zeroizing<[u8; 32]>, nonce: &[u8; 12]) -> Vec<u8> {
         let mut out = vec![0u8; WRAPPED_LEN];
         out[..12].copy_from_slice(nonce);
         out[12..44].copy_from_slice(data_key.as_ref());
         let tag = self
             .cipher
-            .encrypt_in_place_detached(Nonce::from_slice(nonce), &wrap_aad(key_id, version), &mut out[12..44])
+            .encrypt_in_place_detached(Nonce::from_slice(nonce), aad, &mut out[12..44])
             .expect("32-byte payload");
         out[44..].copy_from_slice(&tag);
         out
     }
 
     pub fn unwrap_raw(&self, key_id: u32, version: u32, wrapped: &[u8]) -> Result<Zeroizing<[u8; 32]>, WrapError> {
+        self.unwrap_with(&wrap_aad(key_id, version), wrapped)
+    }
+
+    fn unwrap_with(&self, aad: &[u8], wrapped: &[u8]) -> Result<Zeroizing<[u8; 32]>, WrapError> {
         if wrapped.len() != WRAPPED_LEN {
             return Err(WrapError::Malformed);
         }
@@ -94,7 +117,7 @@ impl Kek {
         self.cipher
             .decrypt_in_place_detached(
                 Nonce::from_slice(&wrapped[..12]),
-                &wrap_aad(key_id, version),
+                aad,
                 dk.as_mut(),
                 Tag::from_slice(&wrapped[44..]),
             )
@@ -163,5 +186,10 @@ mod tests {
         assert_eq!(kek.unwrap_raw(5, 2, &w[1..]).unwrap_err(), WrapError::Malformed);
         let other = Kek::from_bytes(&Zeroizing::new([2u8; 32]));
         assert_eq!(other.unwrap_raw(5, 2, &w).unwrap_err(), WrapError::Auth);
+        // An index root cannot pass for a data key, nor the reverse.
+        let r = kek.wrap_index_root(5, &dk, &[4; 12]);
+        assert_eq!(kek.unwrap_index_root(5, &r).unwrap().as_ref(), dk.as_ref());
+        assert_eq!(kek.unwrap_raw(5, 0, &r).unwrap_err(), WrapError::Auth);
+        assert_eq!(kek.unwrap_index_root(5, &w).unwrap_err(), WrapError::Auth);
     }
 }

@@ -9,12 +9,14 @@
 //! is a fieldless or length-only value so it can be shown to a user.
 
 pub mod aead;
+pub mod derive;
 pub mod envelope;
 pub mod kdf;
 pub mod master;
 pub mod nonce;
 
 pub use aead::{open_into, seal_into, AuthError, DataKey};
+pub use derive::MacKey;
 pub use envelope::{Envelope, EnvelopeError, Header};
 pub use kdf::{Kek, WrapError};
 pub use master::{MasterKey, MasterKeyError};

@@ -1,0 +1,145 @@
+//! A small secrets store (API tokens, passwords): versioned values sealed
+//! as `encrypted_text` in `kms.secrets`, so rotation and the background
+//! worker cover them like any other column. Only kms_admin members and
+//! roles granted 'decrypt' on the secret's key may read a value; the
+//! `kms_secrets` view never shows values.
+
+use crate::errors::{KmsError, KmsResult, OrRaise};
+use crate::keyring::{self, Privilege};
+use crate::lifecycle::{audit, lifecycle, spi_exec, spi_one, spi_read};
+use crate::types::{EncryptedText, OutText, RawText};
+use pgrx::datum::Interval;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+/// Key used when `kms_secret_set` is given no key (created on first use).
+pub const DEFAULT_KEY: &str = "kms.secrets";
+
+fn secret_name(name: &Option<RawText>) -> KmsResult<String> {
+    let b = name.as_ref().map(|n| n.bytes()).unwrap_or(&[]);
+    let ok = !b.is_empty()
+        && b.len() <= 255
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b':' | b'-' | b'/'));
+    if !ok {
+        return Err(KmsError::BadArgument {
+            message: format!("invalid secret name (length {})", b.len()),
+            hint: "Secret names are 1 to 255 characters: letters, digits, and _ . : - /",
+        });
+    }
+    Ok(String::from_utf8(b.to_vec()).expect("ASCII"))
+}
+
+#[pg_extern(volatile, parallel_unsafe)]
+fn kms_secret_set(
+    name: Option<RawText>,
+    value: Option<RawText>,
+    key_name: default!(Option<RawText>, "NULL"),
+    ttl: default!(Option<Interval>, "NULL"),
+    tags: default!(Option<pgrx::JsonB>, "'{}'"),
+) -> i32 {
+    lifecycle(|| {
+        let name = secret_name(&name)?;
+        let Some(value) = value else {
+            return Err(KmsError::BadArgument { message: "secret value must not be NULL".into(), hint: "Use kms_secret_delete() to remove a secret." });
+        };
+        let key = match &key_name {
+            Some(k) => keyring::validate_key_name(k.bytes())?.to_string(),
+            None => {
+                let exists = spi_one::<bool>("SELECT true FROM kms.keys WHERE key_name = $1", &[DEFAULT_KEY.into()])?;
+                if exists.is_none() {
+                    crate::lifecycle::create_key(DEFAULT_KEY, None)?;
+                }
+                DEFAULT_KEY.to_string()
+            }
+        };
+        if let Some(t) = ttl {
+            if spi_one::<bool>("SELECT $1 > interval '0'", &[t.into()])? != Some(true) {
+                return Err(KmsError::BadArgument { message: "ttl must be a positive interval".into(), hint: "Pass NULL for a secret that does not expire." });
+            }
+        }
+        let sealed = crate::values::seal_text(value.bytes(), key.as_bytes(), &[])?;
+        spi_exec("LOCK TABLE kms.secrets IN SHARE ROW EXCLUSIVE MODE", &[])?;
+        let version = spi_one::<i32>("SELECT coalesce(max(version), 0) + 1 FROM kms.secrets WHERE name = $1", &[name.as_str().into()])?
+            .unwrap_or(1);
+        let type_oid = keyring::encrypted_text_oid()?;
+        spi_exec(
+            "INSERT INTO kms.secrets (name, version, value, created_at, expires_at, tags)
+             VALUES ($1, $2, $3, pg_catalog.now(), pg_catalog.now() + $4, coalesce($5, '{}'::jsonb))",
+            &[
+                name.as_str().into(),
+                version.into(),
+                unsafe { pgrx::datum::DatumWithOid::new(sealed, type_oid) },
+                ttl.into(),
+                tags.into(),
+            ],
+        )?;
+        audit("secret_set", Some(&key), None, Some(RawText::from_ascii(&format!("secret {name} version {version}"))))?;
+        Ok(version)
+    })
+}
+
+#[pg_extern(stable, parallel_unsafe)]
+fn kms_secret_get(name: Option<RawText>, version: default!(Option<i32>, "NULL")) -> Option<OutText> {
+    let caller = unsafe { pg_sys::GetUserId() };
+    let r = keyring::as_catalog_owner(|_| {
+        let name = secret_name(&name)?;
+        let row = Spi::connect(|c| -> Result<Option<(Vec<u8>, i32, bool, String)>, pgrx::spi::Error> {
+            let t = c.select(
+                "SELECT s.value::bytea, s.version, coalesce(s.expires_at <= pg_catalog.now(), false),
+                        coalesce(pg_catalog.to_char(s.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS UTC'), '')
+                   FROM kms.secrets s
+                  WHERE s.name = $1 AND ($2::int IS NULL OR s.version = $2)
+                  ORDER BY s.version DESC LIMIT 1",
+                Some(1),
+                &[name.as_str().into(), version.into()],
+            )?;
+            if t.is_empty() {
+                return Ok(None);
+            }
+            let r = t.first();
+            Ok(Some((
+                r.get::<Vec<u8>>(1)?.unwrap_or_default(),
+                r.get::<i32>(2)?.unwrap_or(0),
+                r.get::<bool>(3)?.unwrap_or(false),
+                r.get::<String>(4)?.unwrap_or_default(),
+            )))
+        })
+        .map_err(KmsError::spi)?;
+        let Some((bytes, v, expired, at)) = row else {
+            return Err(KmsError::UnknownSecret(match version {
+                Some(v) => format!("secret \"{name}\" has no version {v}"),
+                None => format!("secret \"{name}\" does not exist"),
+            }));
+        };
+        if expired {
+            return Err(KmsError::SecretExpired(format!("version {v} of secret \"{name}\" expired at {at}")));
+        }
+        let value = EncryptedText::from_bytes(&bytes);
+        let key = keyring::key_by_id(value.envelope().header.key_id)?;
+        // kms_admin members, or roles granted 'decrypt' on this very key.
+        let admin = spi_read::<pg_sys::Oid>("SELECT oid FROM pg_catalog.pg_roles WHERE rolname = 'kms_admin'", &[])?;
+        let is_admin = admin.is_some_and(|a| unsafe { pg_sys::has_privs_of_role(caller, a) });
+        if !is_admin && !(key.has_grants() && key.check_user(caller, Privilege::Decrypt).is_ok()) {
+            return Err(KmsError::NotAllowed(format!("permission denied to read secret \"{name}\"")));
+        }
+        crate::values::decrypt_text(&value, &[])
+    });
+    Some(r.or_raise())
+}
+
+#[pg_extern(volatile, parallel_unsafe)]
+fn kms_secret_delete(name: Option<RawText>) -> i64 {
+    lifecycle(|| {
+        let name = secret_name(&name)?;
+        let n = spi_one::<i64>(
+            "WITH d AS (DELETE FROM kms.secrets WHERE name = $1 RETURNING 1) SELECT count(*) FROM d",
+            &[name.as_str().into()],
+        )?
+        .unwrap_or(0);
+        if n == 0 {
+            return Err(KmsError::UnknownSecret(format!("secret \"{name}\" does not exist")));
+        }
+        audit("secret_delete", None, None, Some(RawText::from_ascii(&format!("secret {name}, {n} versions"))))?;
+        Ok(n)
+    })
+}
