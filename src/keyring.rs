@@ -16,6 +16,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -294,7 +295,9 @@ pub struct CachedKey {
     pub id: u32,
     pub name: String,
     pub primary: u32,
-    versions: HashMap<u32, CachedVersion>,
+    /// Indexed by version - 1 (versions are dense from 1): no hashing and
+    /// one allocation on the hot path.
+    versions: Vec<Option<CachedVersion>>,
     /// Blind-index key of the key name (None once the key is destroyed).
     pub index: Option<MacKey>,
     /// Per-key grants (privilege, grantee role). Empty: any kms_user.
@@ -370,7 +373,7 @@ impl CachedKey {
     /// `version`, if its state allows decryption.
     #[inline]
     pub fn usable(&self, version: u32) -> KmsResult<&CachedVersion> {
-        match self.versions.get(&version) {
+        match self.versions.get((version as usize).wrapping_sub(1)).and_then(|v| v.as_ref()) {
             Some(v @ CachedVersion { key: Some(_), .. }) => Ok(v),
             Some(v) => Err(KmsError::VersionState {
                 key: self.name.clone(),
@@ -389,15 +392,61 @@ impl CachedKey {
 
     /// Whether `version` exists and can still be opened.
     pub fn can_open(&self, version: u32) -> bool {
-        matches!(self.versions.get(&version), Some(CachedVersion { key: Some(_), .. }))
+        matches!(
+            self.versions.get((version as usize).wrapping_sub(1)).and_then(|v| v.as_ref()),
+            Some(CachedVersion { key: Some(_), .. })
+        )
     }
 }
+
+/// A small multiplicative hasher for the per-backend key cache. Its keys
+/// (key ids and names) come only from the catalog, never from a stream an
+/// attacker controls, so hash flooding is not a concern; SipHash's cost
+/// and the extra cache misses are.
+#[derive(Default)]
+pub struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(w));
+        }
+    }
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.add(i as u64);
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl FxHasher {
+    #[inline]
+    fn add(&mut self, w: u64) {
+        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+type FastHash = BuildHasherDefault<FxHasher>;
 
 struct Cache {
     gen: u64,
     catalog: Option<Catalog>,
-    by_name: HashMap<Box<[u8]>, Rc<CachedKey>>,
-    by_id: HashMap<u32, Rc<CachedKey>>,
+    by_name: HashMap<Box<[u8]>, Rc<CachedKey>, FastHash>,
+    by_id: HashMap<u32, Rc<CachedKey>, FastHash>,
     /// (source description, fingerprint, KEK) of the master key last used.
     kek: Option<(String, [u8; 32], Rc<Kek>)>,
     nonces: NonceSource,
@@ -422,8 +471,8 @@ thread_local! {
     static CACHE: RefCell<Cache> = RefCell::new(Cache {
         gen: 0,
         catalog: None,
-        by_name: HashMap::new(),
-        by_id: HashMap::new(),
+        by_name: HashMap::default(),
+        by_id: HashMap::default(),
         kek: None,
         nonces: NonceSource::new(),
     });
@@ -555,7 +604,7 @@ fn load(lookup: Lookup<'_>) -> KmsResult<Rc<CachedKey>> {
         id: first.key_id as u32,
         name: first.name.clone(),
         primary: first.primary as u32,
-        versions: HashMap::with_capacity(rows.len()),
+        versions: Vec::new(),
         index: None,
         grants,
         decisions: RefCell::new(HashMap::new()),
@@ -578,7 +627,11 @@ fn load(lookup: Lookup<'_>) -> KmsResult<Rc<CachedKey>> {
             _ => (None, None),
         };
         let stat = crate::shmem::stat_slot(key.id, r.version as u32);
-        key.versions.insert(r.version as u32, CachedVersion { number: r.version as u32, state, key: dk, det, stat });
+        let slot = (r.version as usize).saturating_sub(1);
+        if key.versions.len() <= slot {
+            key.versions.resize_with(slot + 1, || None);
+        }
+        key.versions[slot] = Some(CachedVersion { number: r.version as u32, state, key: dk, det, stat });
     }
     let key = Rc::new(key);
     if INVAL_GEN.load(Ordering::Relaxed) == gen_before {

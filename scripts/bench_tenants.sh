@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Multi-tenant scale: per-row cost of kms_encrypt / kms_decrypt with one key
+# versus 10,000 keys (one per tenant) interleaved in the same table, in one
+# run on the same rows. Target: within 1.2x of the single-key speed.
+# Needs the extension installed. Run as root: bash scripts/bench_tenants.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/cluster.sh
+ROWS=${ROWS:-1000000}
+KEYS=${KEYS:-10000}
+DIR=${DIR:-/tmp/pg_kms_bench_tenants}
+PORT=${PORT:-54379}
+KEY=$DIR.keys/master.key
+trap 'cluster_stop "$DIR"' EXIT
+new_master_key "$KEY"
+cluster_start "$DIR" "$PORT" "pg_kms.master_key_file = '$KEY'" "shared_buffers = '1GB'" "jit = off" "max_parallel_workers_per_gather = 0"
+q() { cluster_psql "$DIR" "$PORT" -d postgres -qAtX "$@"; }
+echo "== $(nproc) cores; $ROWS rows; 1 key vs $KEYS keys"
+q >/dev/null <<SQL
+CREATE EXTENSION pg_kms;
+SELECT kms_create_key('single');
+SELECT count(kms_create_key('tenant-' || g)) FROM generate_series(0, $KEYS - 1) g;
+CREATE TABLE src AS SELECT g AS id, 'user' || g || '@example.com' AS email,
+       'single'::text AS one_key, 'tenant-' || (g % $KEYS) AS tenant_key FROM generate_series(1, $ROWS) g;
+CREATE TABLE sealed AS SELECT kms_encrypt(email, one_key) AS one, kms_encrypt(email, tenant_key) AS many FROM src;
+VACUUM ANALYZE src; VACUUM ANALYZE sealed;
+SQL
+ms() { cluster_psql "$DIR" "$PORT" -d postgres -qAtX -c "SELECT count(*) FROM (SELECT $1 FROM $2) w" \
+        -c "DO \$\$ DECLARE t timestamptz; best float8 := 1e12; dummy bigint; BEGIN FOR i IN 1..3 LOOP t := clock_timestamp(); EXECUTE 'SELECT sum(octet_length(($1)::text)) FROM $2' INTO dummy; best := least(best, extract(epoch FROM clock_timestamp() - t) * 1000); END LOOP; RAISE NOTICE 'ms=%', round(best::numeric, 1); END \$\$" 2>&1 \
+        | sed -n 's/.*ms=//p'; }
+enc1=$(ms "kms_encrypt(email, one_key)" src)
+encn=$(ms "kms_encrypt(email, tenant_key)" src)
+dec1=$(ms "kms_decrypt(one)" sealed)
+decn=$(ms "kms_decrypt(many)" sealed)
+awk -v r="$ROWS" -v k="$KEYS" -v e1="$enc1" -v en="$encn" -v d1="$dec1" -v dn="$decn" 'BEGIN {
+  printf "   kms_encrypt: 1 key %.0f ms, %d keys %.0f ms -> ratio %.2fx (target <= 1.20x)\n", e1, k, en, en / e1
+  printf "   kms_decrypt: 1 key %.0f ms, %d keys %.0f ms -> ratio %.2fx (target <= 1.20x)\n", d1, k, dn, dn / d1
+  printf "   per row: encrypt %.0f / %.0f ns, decrypt %.0f / %.0f ns\n", e1 * 1e6 / r, en * 1e6 / r, d1 * 1e6 / r, dn * 1e6 / r }'
