@@ -14,7 +14,7 @@ pub static REDACT_STATEMENT_LOGS: GucSetting<bool> = GucSetting::<bool>::new(tru
 pub static NONCE_WARNING_ENCRYPTIONS: GucSetting<i32> = GucSetting::<i32>::new(i32::MAX);
 pub static REENCRYPT_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static REENCRYPT_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
-pub static REENCRYPT_MAX_ROWS_PER_SECOND: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+pub static REENCRYPT_MAX_ROWS_PER_SECOND: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 pub static REENCRYPT_NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
 pub fn init() {
