@@ -393,27 +393,26 @@ fn grant_args<'a>(key_name: &'a RawText, grantee: &RegRole, privilege: &RawText)
 /// (and members of them) may use it for that privilege.
 #[pg_extern(volatile, parallel_unsafe)]
 fn kms_grant_key(key_name: RawText, grantee: RegRole, privilege: RawText) {
-    lifecycle(|| {
-        let (name, role, p) = grant_args(&key_name, &grantee, &privilege)?;
-        let key = lock_key(name)?;
-        spi_exec(
-            "INSERT INTO kms.key_grants (key_id, grantee, privilege) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-            &[key.id.into(), role.as_str().into(), p.as_str().into()],
-        )?;
-        audit("grant_key", Some(name), None, Some(RawText::from_ascii(&format!("{} to role oid {}", p.as_str(), grantee.0.to_u32()))))
-    })
+    change_grant(&key_name, &grantee, &privilege, true)
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
 fn kms_revoke_key(key_name: RawText, grantee: RegRole, privilege: RawText) {
+    change_grant(&key_name, &grantee, &privilege, false)
+}
+
+fn change_grant(key_name: &RawText, grantee: &RegRole, privilege: &RawText, grant: bool) {
     lifecycle(|| {
-        let (name, role, p) = grant_args(&key_name, &grantee, &privilege)?;
+        let (name, role, p) = grant_args(key_name, grantee, privilege)?;
         let key = lock_key(name)?;
-        spi_exec(
-            "DELETE FROM kms.key_grants WHERE key_id = $1 AND grantee = $2 AND privilege = $3",
-            &[key.id.into(), role.as_str().into(), p.as_str().into()],
-        )?;
-        audit("revoke_key", Some(name), None, Some(RawText::from_ascii(&format!("{} from role oid {}", p.as_str(), grantee.0.to_u32()))))
+        let (q, op, word) = if grant {
+            ("INSERT INTO kms.key_grants (key_id, grantee, privilege) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING", "grant_key", "to")
+        } else {
+            ("DELETE FROM kms.key_grants WHERE key_id = $1 AND grantee = $2 AND privilege = $3", "revoke_key", "from")
+        };
+        spi_exec(q, &[key.id.into(), role.as_str().into(), p.as_str().into()])?;
+        let reason = format!("{} {word} role oid {}", p.as_str(), grantee.0.to_u32());
+        audit(op, Some(name), None, Some(RawText::from_ascii(&reason)))
     })
 }
 

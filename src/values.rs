@@ -102,9 +102,22 @@ fn open_to_vec(value: &EncryptedText, context: &[u8]) -> KmsResult<Zeroizing<Vec
     Ok(tmp)
 }
 
-/// Seals text given in the database encoding (cold paths: secrets).
+/// Seals text given in the database encoding (sealed as UTF-8).
 pub fn seal_text(plaintext: &[u8], key_name: &[u8], context: &[u8]) -> KmsResult<EncryptedText> {
-    seal_value(&text_to_utf8(plaintext), key_name, context, 0)
+    seal_text_with_flags(plaintext, key_name, context, 0)
+}
+
+#[inline]
+fn seal_text_with_flags(plaintext: &[u8], key_name: &[u8], context: &[u8], flags: u8) -> KmsResult<EncryptedText> {
+    seal_value(&text_to_utf8(plaintext), key_name, context, flags)
+}
+
+/// The SQL-facing text sealers: NULL plaintext gives NULL.
+#[inline]
+fn encrypt_text_arg(plaintext: Option<RawText>, key_name: Option<RawText>, context: Option<RawText>, flags: u8) -> Option<EncryptedText> {
+    let pt = plaintext?;
+    let name = require_key_name(&key_name);
+    Some(seal_text_with_flags(pt.bytes(), name, ctx_bytes(&context), flags).or_raise())
 }
 
 #[pg_extern(volatile, parallel_safe)]
@@ -113,10 +126,7 @@ fn kms_encrypt(
     key_name: Option<RawText>,
     context: default!(Option<RawText>, "NULL"),
 ) -> Option<EncryptedText> {
-    let pt = plaintext?;
-    let name = require_key_name(&key_name);
-    let utf8 = text_to_utf8(pt.bytes());
-    Some(seal_value(&utf8, name, ctx_bytes(&context), 0).or_raise())
+    encrypt_text_arg(plaintext, key_name, context, 0)
 }
 
 /// Same plaintext, context and key version give the identical value (the
@@ -128,10 +138,7 @@ fn kms_encrypt_deterministic(
     key_name: Option<RawText>,
     context: default!(Option<RawText>, "NULL"),
 ) -> Option<EncryptedText> {
-    let pt = plaintext?;
-    let name = require_key_name(&key_name);
-    let utf8 = text_to_utf8(pt.bytes());
-    Some(seal_value(&utf8, name, ctx_bytes(&context), FLAG_DETERMINISTIC).or_raise())
+    encrypt_text_arg(plaintext, key_name, context, FLAG_DETERMINISTIC)
 }
 
 /// HMAC-SHA256 of the plaintext under the key name's index key, truncated

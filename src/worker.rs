@@ -209,38 +209,19 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
     if !matches!(installed, Ok(Ok(Some(true)))) {
         return; // not installed here: the launcher will look again later
     }
+    let set = |name: &std::ffi::CStr, value: &std::ffi::CStr| unsafe {
+        pg_sys::SetConfigOption(name.as_ptr(), value.as_ptr(), pg_sys::GucContext::PGC_SUSET, pg_sys::GucSource::PGC_S_OVERRIDE)
+    };
     // Rewrapping is not a logical change: do not fire application triggers.
-    unsafe {
-        pg_sys::SetConfigOption(
-            c"session_replication_role".as_ptr(),
-            c"replica".as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_OVERRIDE,
-        );
-        // The worker runs as a superuser over user tables: resolve every
-        // function and operator in pg_catalog only (no search_path hijack).
-        pg_sys::SetConfigOption(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_OVERRIDE,
-        );
-        // A rewrap batch is idempotent: losing the last ones in a crash only
-        // means they are done again. Do not make the application wait on
-        // our WAL flushes.
-        pg_sys::SetConfigOption(
-            c"synchronous_commit".as_ptr(),
-            c"off".as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_OVERRIDE,
-        );
-        pg_sys::SetConfigOption(
-            c"application_name".as_ptr(),
-            c"pg_kms worker".as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_OVERRIDE,
-        );
-    }
+    set(c"session_replication_role", c"replica");
+    // The worker runs as a superuser over user tables: resolve every
+    // function and operator in pg_catalog only (no search_path hijack).
+    set(c"search_path", c"pg_catalog, pg_temp");
+    // A rewrap batch is idempotent: losing the last ones in a crash only
+    // means they are done again. Do not make the application wait on our
+    // WAL flushes.
+    set(c"synchronous_commit", c"off");
+    set(c"application_name", c"pg_kms worker");
     let slot = match shmem::register_worker(db) {
         Ok(slot) => slot,
         Err(other) => {
