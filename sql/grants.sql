@@ -53,7 +53,8 @@ SELECT pg_catalog.pg_extension_config_dump('kms.secrets', '');
 
 CREATE VIEW kms_secrets AS
 SELECT s.name, s.version, s.created_at, s.expires_at, s.tags,
-       (SELECT k.key_name FROM kms.keys k WHERE k.key_id = kms.value_key_id(s.value)) AS key_name
+       (SELECT k.key_name FROM kms.keys k
+         WHERE k.key_id = ('x' || pg_catalog.encode(pg_catalog.substring(s.value::bytea, 3, 4), 'hex'))::bit(32)::integer) AS key_name
   FROM kms.secrets s;
 COMMENT ON VIEW kms_secrets IS 'Secrets and their versions; never the values (read them with kms_secret_get).';
 
@@ -79,7 +80,7 @@ COMMENT ON VIEW kms_reencryption_progress IS 'rows_pending is exact when a pass 
 CREATE VIEW kms_stats AS
 SELECT k.key_name, s.version, s.encryptions, s.decryptions,
        pg_catalog.round(s.encryptions::numeric / 4294967296, 6) AS nonce_budget_used
-  FROM kms.stats() s
+  FROM kms_stats_counters() s
   JOIN kms.keys k ON k.key_id = s.key_id;
 COMMENT ON VIEW kms_stats IS 'Encryptions and decryptions per key version since server start (shared memory; empty unless pg_kms is in shared_preload_libraries). nonce_budget_used is encryptions / 2^32.';
 
@@ -115,7 +116,7 @@ BEGIN
                             'kms_key_usage', 'kms_reencrypt_now', 'kms_destroy_key', 'kms_grant_key',
                             'kms_revoke_key', 'kms_secret_set', 'kms_secret_delete') THEN
             EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO kms_admin', r.sig);
-        ELSIF r.proname IN ('kms_health', 'kms_verify_audit_log') THEN
+        ELSIF r.proname IN ('kms_health', 'kms_verify_audit_log', 'kms_stats_counters') THEN
             EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO kms_admin, kms_auditor', r.sig);
         END IF;
     END LOOP;

@@ -65,21 +65,6 @@ mod kms {
     fn rewrap_value(value: EncryptedText) -> EncryptedText {
         values::rewrap(value, &[]).or_raise()
     }
-
-    /// Encryptions and decryptions per key version of this database since
-    /// server start (shared memory; empty without shared_preload_libraries).
-    #[pg_extern(volatile, parallel_restricted)]
-    fn stats() -> TableIterator<
-        'static,
-        (name!(key_id, i32), name!(version, i32), name!(encryptions, i64), name!(decryptions, i64)),
-    > {
-        TableIterator::new(
-            crate::shmem::stats_of_this_db()
-                .into_iter()
-                .map(|(k, v, e, d)| (k as i32, v as i32, e as i64, d as i64))
-                .collect::<Vec<_>>(),
-        )
-    }
 }
 
 fn spi_exec(q: &str, args: &[DatumWithOid<'_>]) -> KmsResult<()> {
@@ -318,4 +303,20 @@ fn kms_reencrypt_now(tbl: RegClass, col: SqlName, max_rows: default!(Option<i32>
         Ok(b.updated)
     })
     .or_raise()
+}
+
+/// Encryptions and decryptions per key version of this database since
+/// server start (shared memory; empty without shared_preload_libraries).
+/// Counters only; read through the `kms_stats` view.
+#[pg_extern(volatile, parallel_restricted)]
+fn kms_stats_counters() -> TableIterator<
+    'static,
+    (name!(key_id, i32), name!(version, i32), name!(encryptions, i64), name!(decryptions, i64)),
+> {
+    TableIterator::new(
+        crate::shmem::stats_of_this_db()
+            .into_iter()
+            .map(|(k, v, e, d)| (k as i32, v as i32, e as i64, d as i64))
+            .collect::<Vec<_>>(),
+    )
 }
