@@ -289,19 +289,26 @@ fn kms_set_primary(key_name: RawText, version: i32) {
     })
 }
 
+/// Locks a version that may be disabled or destroyed: it exists, is not the
+/// primary, and is not destroyed already.
+fn lock_retirable<'a>(key_name: &'a RawText, version: i32, verb: &'static str, again: &'static str) -> KmsResult<(&'a str, KeyRow, i32)> {
+    let name = name_arg(key_name)?;
+    let version = version_arg(version)?;
+    let key = lock_key(name)?;
+    let state = version_state(&key, name, version)?;
+    if version == key.primary {
+        return Err(KmsError::PrimaryVersion { key: name.into(), version, action: verb });
+    }
+    if state == State::Destroyed {
+        return Err(KmsError::VersionState { key: name.into(), version, state: "destroyed".into(), action: again });
+    }
+    Ok((name, key, version))
+}
+
 #[pg_extern(volatile, parallel_unsafe)]
 fn kms_disable_key_version(key_name: RawText, version: i32, reason: default!(Option<RawText>, "NULL")) {
     lifecycle(|| {
-        let name = name_arg(&key_name)?;
-        let version = version_arg(version)?;
-        let key = lock_key(name)?;
-        let state = version_state(&key, name, version)?;
-        if version == key.primary {
-            return Err(KmsError::PrimaryVersion { key: name.into(), version, action: "disable" });
-        }
-        if state == State::Destroyed {
-            return Err(KmsError::VersionState { key: name.into(), version, state: "destroyed".into(), action: "disable it" });
-        }
+        let (name, key, version) = lock_retirable(&key_name, version, "disable", "disable it")?;
         set_state(&key, version, State::Disabled)?;
         audit("disable_key_version", Some(name), Some(version), reason)
     })
@@ -338,16 +345,7 @@ fn kms_destroy_key_version(
     force: default!(bool, false),
 ) {
     lifecycle(|| {
-        let name = name_arg(&key_name)?;
-        let version = version_arg(version)?;
-        let key = lock_key(name)?;
-        let state = version_state(&key, name, version)?;
-        if version == key.primary {
-            return Err(KmsError::PrimaryVersion { key: name.into(), version, action: "destroy" });
-        }
-        if state == State::Destroyed {
-            return Err(KmsError::VersionState { key: name.into(), version, state: "destroyed".into(), action: "destroy it again" });
-        }
+        let (name, key, version) = lock_retirable(&key_name, version, "destroy", "destroy it again")?;
         if !force {
             let rows = crate::reencrypt::usage_by_version(key.id)?.get(&version).copied().unwrap_or(0);
             if rows > 0 {

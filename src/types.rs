@@ -41,6 +41,19 @@ fn alloc_varlena(len: usize) -> (*mut pg_sys::varlena, &'static mut [u8]) {
     }
 }
 
+macro_rules! simple_arg {
+    ($ty:ident) => {
+        unsafe impl<'fcx> ArgAbi<'fcx> for $ty {
+            unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
+                let index = arg.index();
+                arg.unbox_arg_using_from_datum().unwrap_or_else(|| panic!("argument {index} must not be null"))
+            }
+            unsafe fn unbox_nullable_arg(arg: Arg<'_, 'fcx>) -> Nullable<Self> {
+                arg.unbox_arg_using_from_datum().into()
+            }
+        }
+    };
+}
 macro_rules! varlena_arg {
     ($ty:ident) => {
         impl FromDatum for $ty {
@@ -53,16 +66,7 @@ macro_rules! varlena_arg {
             }
         }
 
-        unsafe impl<'fcx> ArgAbi<'fcx> for $ty {
-            unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
-                let index = arg.index();
-                arg.unbox_arg_using_from_datum().unwrap_or_else(|| panic!("argument {index} must not be null"))
-            }
-
-            unsafe fn unbox_nullable_arg(arg: Arg<'_, 'fcx>) -> Nullable<Self> {
-                arg.unbox_arg_using_from_datum().into()
-            }
-        }
+        simple_arg!($ty);
 
         impl $ty {
             /// The payload, valid for the duration of the current call.
@@ -181,19 +185,6 @@ impl FromDatum for SqlName {
 }
 pgrx::impl_sql_translatable!(SqlName, arg_only = "name");
 
-macro_rules! simple_arg {
-    ($ty:ident) => {
-        unsafe impl<'fcx> ArgAbi<'fcx> for $ty {
-            unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
-                let index = arg.index();
-                arg.unbox_arg_using_from_datum().unwrap_or_else(|| panic!("argument {index} must not be null"))
-            }
-            unsafe fn unbox_nullable_arg(arg: Arg<'_, 'fcx>) -> Nullable<Self> {
-                arg.unbox_arg_using_from_datum().into()
-            }
-        }
-    };
-}
 simple_arg!(RegClass);
 simple_arg!(SqlName);
 simple_arg!(RegRole);
