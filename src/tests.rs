@@ -54,6 +54,14 @@ mod tests {
         }
     }
 
+    /// The SQLSTATE `sql` raises when run as `role` (None: it succeeded).
+    fn as_role(role: &str, sql: &str) -> Option<String> {
+        run(&format!("SET LOCAL ROLE {role}"));
+        let e = error_of(sql);
+        run("RESET ROLE");
+        e.map(|e| e[..5].to_string())
+    }
+
     fn setup_key(name: &str) {
         assert_eq!(one::<i32>(&format!("SELECT kms_create_key('{name}')")), Some(1));
     }
@@ -586,12 +594,6 @@ mod tests {
         run("CREATE ROLE kt_team IN ROLE kms_user");
         run("GRANT kt_team TO kt_bob");
         // No grants: every kms_user may use the key.
-        let as_role = |role: &str, sql: &str| -> Option<String> {
-            run(&format!("SET LOCAL ROLE {role}"));
-            let e = error_of(sql);
-            run("RESET ROLE");
-            e.map(|e| e[..5].to_string())
-        };
         assert_eq!(as_role("kt_alice", "SELECT kms_decrypt(a) FROM t"), None);
         run("SELECT kms_grant_key('tenant1', 'kt_team', 'decrypt')");
         assert_eq!(as_role("kt_alice", "SELECT kms_decrypt(a) FROM t").as_deref(), Some("42501"));
@@ -642,12 +644,6 @@ mod tests {
         run("SELECT kms_secret_set('api', 'apitokvalue9', key_name => 'app-secrets')");
         run("CREATE ROLE kt_app IN ROLE kms_user");
         run("CREATE ROLE kt_admin3 IN ROLE kms_admin");
-        let as_role = |role: &str, sql: &str| -> Option<String> {
-            run(&format!("SET LOCAL ROLE {role}"));
-            let e = error_of(sql);
-            run("RESET ROLE");
-            e.map(|e| e[..5].to_string())
-        };
         assert_eq!(as_role("kt_app", "SELECT kms_secret_get('api')").as_deref(), Some("42501"));
         assert_eq!(as_role("kt_admin3", "SELECT kms_secret_get('api')"), None);
         run("SELECT kms_grant_key('app-secrets', 'kt_app', 'decrypt')");

@@ -75,6 +75,11 @@ fn xact<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<R, String> 
     r
 }
 
+/// [`xact`] for bodies returning a `KmsResult`: any failure as its message.
+fn xact_kms<R>(f: impl FnOnce() -> crate::errors::KmsResult<R> + std::panic::UnwindSafe) -> Result<R, String> {
+    xact(f).and_then(|r| r.map_err(|e| e.message()))
+}
+
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn pg_kms_launcher_main(_arg: pg_sys::Datum) {
@@ -277,21 +282,17 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
             if st.clean_under.as_deref() == Some(signature.as_str()) && fresh {
                 continue;
             }
-            match xact(|| {
+            match xact_kms(|| {
                 let (pending, ctx) = reencrypt::pending_counts(&col)?;
                 reencrypt::progress_start(&col, pending, ctx)?;
-                Ok::<i64, crate::errors::KmsError>(pending)
+                Ok(pending)
             }) {
-                Ok(Ok(0)) => {
+                Ok(0) => {
                     st.clean_under = Some(signature.clone());
                     st.clean_at = Some(Instant::now());
                     continue;
                 }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    let _ = xact(|| reencrypt::progress_error(&col, &e.message()));
-                    continue;
-                }
+                Ok(_) => {}
                 Err(msg) => {
                     let _ = xact(|| reencrypt::progress_error(&col, &msg));
                     continue;
@@ -316,23 +317,19 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
                     continue 'main;
                 }
                 let limit = throttle.batch_size();
-                let r = xact(|| {
+                let r = xact_kms(|| {
                     let b = reencrypt::rewrap_batch(&col, cursor, Some(limit))?;
                     reencrypt::progress_batch(&col, b.updated)?;
-                    Ok::<_, crate::errors::KmsError>(b)
+                    Ok(b)
                 });
                 match r {
-                    Ok(Ok(b)) => {
+                    Ok(b) => {
                         did_work |= b.updated > 0;
                         throttle.rows += b.updated as u64;
                         match b.last_block {
                             Some(blk) if b.picked >= limit => cursor = blk,
                             _ => break, // reached the end of the table
                         }
-                    }
-                    Ok(Err(e)) => {
-                        let _ = xact(|| reencrypt::progress_error(&col, &e.message()));
-                        break;
                     }
                     Err(msg) => {
                         let _ = xact(|| reencrypt::progress_error(&col, &msg));
