@@ -131,17 +131,29 @@ pub fn pending_counts(col: &Column) -> KmsResult<(i64, i64)> {
         .map_err(KmsError::spi)
 }
 
+/// A position in a table: (block, line pointer), as in `ctid`.
+pub type Tid = (u32, u16);
+
+fn parse_tid(s: &str) -> Option<Tid> {
+    let (b, o) = s.trim().strip_prefix('(')?.strip_suffix(')')?.split_once(',')?;
+    Some((b.trim().parse().ok()?, o.trim().parse().ok()?))
+}
+
+fn tid_text(t: Tid) -> String {
+    format!("({},{})", t.0, t.1)
+}
+
 pub struct Batch {
     pub picked: i64,
     pub updated: i64,
-    /// Block of the last row picked: the next batch starts there.
-    pub last_block: Option<u32>,
+    /// The last row picked: the next batch starts there.
+    pub last: Option<Tid>,
 }
 
 /// Rewraps up to `limit` rows (all with None) from block `from_block` on,
 /// skipping rows locked by others. A concurrent UPDATE of the same row
 /// always wins: we lock the row first, and rewrap its latest version.
-pub fn rewrap_batch(col: &Column, from_block: u32, limit: Option<i64>) -> KmsResult<Batch> {
+pub fn rewrap_batch(col: &Column, from: Tid, limit: Option<i64>) -> KmsResult<Batch> {
     let q = format!(
         "WITH picked AS (
              SELECT ctid AS tid FROM ONLY {t}
@@ -151,16 +163,37 @@ pub fn rewrap_batch(col: &Column, from_block: u32, limit: Option<i64>) -> KmsRes
              UPDATE ONLY {t} SET {c} = kms.rewrap_value({c})
               WHERE ctid = ANY (ARRAY(SELECT tid FROM picked)) RETURNING 1)
          SELECT (SELECT count(*) FROM picked), (SELECT count(*) FROM upd),
-                (SELECT (pg_catalog.max(tid)::text::point)[0]::bigint FROM picked)",
+                (SELECT pg_catalog.max(tid)::text FROM picked)",
         t = col.table,
         c = col.column
     );
-    let start = format!("({from_block},0)");
+    let start = tid_text(from);
     Spi::connect_mut(|c| -> Result<Batch, pgrx::spi::Error> {
         let t = c.update(&q, Some(1), &[start.as_str().into(), limit.into()])?;
-        let (a, b, blk) = t.first().get_three::<i64, i64, i64>()?;
-        Ok(Batch { picked: a.unwrap_or(0), updated: b.unwrap_or(0), last_block: blk.map(|b| b as u32) })
+        let (a, b, last) = t.first().get_three::<i64, i64, String>()?;
+        Ok(Batch { picked: a.unwrap_or(0), updated: b.unwrap_or(0), last: last.as_deref().and_then(parse_tid) })
     })
+    .map_err(KmsError::spi)
+}
+
+/// The first row from `from` on that still needs a rewrap (no lock): used
+/// to step over a row whose rewrap fails, so that one bad row (e.g. a
+/// deterministic duplicate under UNIQUE) cannot stall the whole table.
+pub fn next_candidate(col: &Column, from: Tid) -> KmsResult<Option<Tid>> {
+    let q = format!(
+        "SELECT ctid::text FROM ONLY {t} WHERE ctid >= $1::tid AND kms.rewrap_status({c}) = {NEEDS_REWRAP} LIMIT 1",
+        t = col.table,
+        c = col.column
+    );
+    let start = tid_text(from);
+    Spi::connect(|c| {
+        let t = c.select(&q, Some(1), &[start.as_str().into()])?;
+        if t.is_empty() {
+            return Ok(None);
+        }
+        t.first().get_one::<String>()
+    })
+    .map(|s| s.as_deref().and_then(parse_tid))
     .map_err(KmsError::spi)
 }
 
@@ -292,7 +325,7 @@ fn kms_reencrypt_now(tbl: RegClass, col: SqlName, max_rows: default!(Option<i32>
             })?;
         let (pending, ctx) = pending_counts(&column)?;
         progress_start(&column, pending, ctx)?;
-        let b = rewrap_batch(&column, 0, max_rows.map(i64::from))?;
+        let b = rewrap_batch(&column, (0, 0), max_rows.map(i64::from))?;
         progress_batch(&column, b.updated)?;
         if ctx > 0 {
             notice!(

@@ -300,7 +300,7 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
             }
             st.clean_under = None;
             // One pass over the table, in batches.
-            let mut cursor = 0u32;
+            let mut cursor: reencrypt::Tid = (0, 0);
             loop {
                 reload_config_if_asked();
                 throttle.refresh();
@@ -326,14 +326,30 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
                     Ok(b) => {
                         did_work |= b.updated > 0;
                         throttle.rows += b.updated as u64;
-                        match b.last_block {
-                            Some(blk) if b.picked >= limit => cursor = blk,
+                        match b.last {
+                            Some(last) if b.picked >= limit => cursor = last,
                             _ => break, // reached the end of the table
                         }
                     }
                     Err(msg) => {
+                        // Find the row that fails and step over it (recorded
+                        // in last_error); the rest of the table goes on.
                         let _ = xact(|| reencrypt::progress_error(&col, &msg));
-                        break;
+                        match xact_kms(|| reencrypt::next_candidate(&col, cursor)) {
+                            Ok(Some(bad)) => {
+                                let alone = xact_kms(|| {
+                                    let b = reencrypt::rewrap_batch(&col, bad, Some(1))?;
+                                    reencrypt::progress_batch(&col, b.updated)?;
+                                    Ok(b)
+                                });
+                                if let Err(msg) = alone {
+                                    let note = format!("row {bad:?} could not be re-encrypted: {msg}");
+                                    let _ = xact(|| reencrypt::progress_error(&col, &note));
+                                }
+                                cursor = (bad.0, bad.1.saturating_add(1));
+                            }
+                            _ => break,
+                        }
                     }
                 }
             }

@@ -419,3 +419,38 @@ fn committed_rotation_wakes_the_worker_and_nonce_budget_is_watched() {
     assert!(warned, "version 1 is listed in kms_health()->'nonce_warnings'");
     assert!(c.server_log().contains("has sealed 100 values since server start"), "no nonce WARNING in the log");
 }
+
+#[test]
+fn a_row_that_cannot_be_rewrapped_does_not_stall_the_table() {
+    let (c, mut db) = preloaded("w_poison", &["pg_kms.reencrypt_max_rows_per_second = 0", "pg_kms.reencrypt_batch_size = 50"]);
+    db.batch_execute(
+        "CREATE TABLE citizens (id int PRIMARY KEY, ssn encrypted_text UNIQUE);
+         INSERT INTO citizens SELECT g, kms_encrypt_deterministic(lpad(g::text, 9, '0'), 'pii') FROM generate_series(1, 500) g;",
+    )
+    .unwrap();
+    set_conf(&mut db, "pg_kms.reencrypt_enabled", "off");
+    poll("the pause to apply", Duration::from_secs(30), || {
+        let v: String = db.query_one("SELECT current_setting('pg_kms.reencrypt_enabled')", &[]).ok()?.get(0);
+        (v == "off").then_some(())
+    });
+    // After the rotation, a duplicate of row 7 arrives under the new version:
+    // rewrapping row 7 would violate UNIQUE.
+    db.batch_execute(
+        "SELECT kms_rotate_key('pii');
+         INSERT INTO citizens VALUES (1000, kms_encrypt_deterministic('000000007', 'pii'));",
+    )
+    .unwrap();
+    set_conf(&mut db, "pg_kms.reencrypt_enabled", "on");
+    poll("every other row rewrapped", CONVERGE, || {
+        let n: i64 = db.query_one("SELECT count(*) FROM citizens WHERE kms_key_version(ssn) = 1", &[]).ok()?.get(0);
+        (n == 1).then_some(())
+    });
+    let err: Option<String> = db
+        .query_one("SELECT last_error FROM kms_reencryption_progress WHERE table_name = 'citizens'::regclass", &[])
+        .unwrap()
+        .get(0);
+    let err = err.unwrap_or_default();
+    println!("poison row: 499/500 rewrapped; last_error: {err}");
+    assert!(err.contains("could not be re-encrypted") && err.contains("duplicate key"), "{err}");
+    drop(c);
+}
