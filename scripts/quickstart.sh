@@ -77,7 +77,7 @@ SELECT kms_verify_audit_log() AS audit_log_intact;
 
 \echo
 \echo '-- 8. Mistakes fail loudly with a SQLSTATE and a hint, never silently:'
-\set VERBOSITY default
+\set VERBOSITY verbose
 \set ON_ERROR_STOP 0
 INSERT INTO customers (name, email) VALUES ('Mallory', 'mallory@example.com');
 SELECT kms_decrypt(ssn, 'wrong-context') FROM customers WHERE id = 1;
