@@ -203,20 +203,27 @@ pub fn load_master_key(which: Which) -> KmsResult<MasterKey> {
     r.map_err(|cause| KmsError::MasterKeyInvalid { setting, cause })
 }
 
-/// The keyring's stored master-key fingerprint (caller is catalog owner).
-pub fn stored_fingerprint(lock: bool) -> KmsResult<Option<Vec<u8>>> {
-    let q = if lock {
-        "SELECT master_key_fingerprint FROM kms.keyring FOR UPDATE"
+/// The first column of the first row of `q` (None: no row). `write` runs
+/// it read-write (it may lock or modify, and takes a transaction id);
+/// otherwise read-only, which also works on a standby and in parallel
+/// workers.
+pub fn spi_first<T: FromDatum + IntoDatum>(q: &str, args: &[pgrx::datum::DatumWithOid<'_>], write: bool) -> KmsResult<Option<T>> {
+    let first = |t: pgrx::spi::SpiTupleTable<'_>| if t.is_empty() { Ok(None) } else { t.first().get_one::<T>() };
+    if write {
+        Spi::connect_mut(|c| first(c.update(q, Some(1), args)?))
     } else {
-        "SELECT master_key_fingerprint FROM kms.keyring"
-    };
-    let get = |t: pgrx::spi::SpiTupleTable<'_>| if t.is_empty() { Ok(None) } else { t.first().get_one::<Vec<u8>>() };
-    if lock {
-        Spi::connect_mut(|c| get(c.update(q, Some(1), &[])?))
-    } else {
-        Spi::connect(|c| get(c.select(q, Some(1), &[])?))
+        Spi::connect(|c| first(c.select(q, Some(1), args)?))
     }
     .map_err(KmsError::spi)
+}
+
+/// The keyring's stored master-key fingerprint (caller is catalog owner).
+pub fn stored_fingerprint(lock: bool) -> KmsResult<Option<Vec<u8>>> {
+    if lock {
+        spi_first("SELECT master_key_fingerprint FROM kms.keyring FOR UPDATE", &[], true)
+    } else {
+        spi_first("SELECT master_key_fingerprint FROM kms.keyring", &[], false)
+    }
 }
 
 /// Checks a master key against the stored fingerprint (none stored: ok).

@@ -20,27 +20,13 @@ pub(crate) fn spi_exec(q: &str, args: &[DatumWithOid<'_>]) -> KmsResult<()> {
 }
 
 pub(crate) fn spi_one<T: FromDatum + IntoDatum>(q: &str, args: &[DatumWithOid<'_>]) -> KmsResult<Option<T>> {
-    Spi::connect_mut(|c| -> Result<Option<T>, pgrx::spi::Error> {
-        let t = c.update(q, Some(1), args)?;
-        if t.is_empty() {
-            return Ok(None);
-        }
-        t.first().get_one::<T>()
-    })
-    .map_err(KmsError::spi)
+    keyring::spi_first(q, args, true)
 }
 
 /// Read-only variant (no transaction id: works on a standby and in
 /// parallel workers).
 pub(crate) fn spi_read<T: FromDatum + IntoDatum>(q: &str, args: &[DatumWithOid<'_>]) -> KmsResult<Option<T>> {
-    Spi::connect(|c| -> Result<Option<T>, pgrx::spi::Error> {
-        let t = c.select(q, Some(1), args)?;
-        if t.is_empty() {
-            return Ok(None);
-        }
-        t.first().get_one::<T>()
-    })
-    .map_err(KmsError::spi)
+    keyring::spi_first(q, args, false)
 }
 
 /// Runs a lifecycle act as the catalog owner, then invalidates caches.

@@ -115,13 +115,15 @@ pub fn open_into(key: &DataKey, env: &Envelope<'_>, context: &[u8], out: &mut [u
     Ok(())
 }
 
-/// Convenience wrappers returning vectors (tests and cold paths).
+/// Convenience wrappers returning vectors, for tests.
+#[cfg(test)]
 pub fn seal(key: &DataKey, header: Header, nonce: &[u8; NONCE_LEN], context: &[u8], plaintext: &[u8]) -> Vec<u8> {
     let mut out = vec![0u8; plaintext.len() + OVERHEAD];
     seal_into(key, header, nonce, context, plaintext, &mut out);
     out
 }
 
+#[cfg(test)]
 pub fn open(key: &DataKey, sealed: &[u8], context: &[u8]) -> Result<Zeroizing<Vec<u8>>, AuthError> {
     let env = Envelope::parse(sealed).map_err(|_| AuthError)?;
     let mut out = Zeroizing::new(vec![0u8; env.ciphertext.len()]);

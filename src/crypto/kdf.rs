@@ -7,7 +7,6 @@
 //!        └─ AES-256-GCM(KEK, random nonce, aad = label || key id || version) wraps each data key
 //! ```
 
-use super::aead::DataKey;
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use hkdf::Hkdf;
@@ -123,10 +122,6 @@ impl Kek {
             )
             .map_err(|_| WrapError::Auth)?;
         Ok(dk)
-    }
-
-    pub fn unwrap(&self, key_id: u32, version: u32, wrapped: &[u8]) -> Result<DataKey, WrapError> {
-        self.unwrap_raw(key_id, version, wrapped).map(|k| DataKey::new(&k))
     }
 }
 
