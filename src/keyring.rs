@@ -14,9 +14,10 @@ use crate::errors::{KmsError, KmsResult};
 use crate::guc;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::ptr::NonNull;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -266,15 +267,48 @@ impl State {
     }
 }
 
+/// One usable (active or decrypt-only) version of a key, in one allocation
+/// laid out for the per-row path. With thousands of tenant keys in turn,
+/// what one row costs is the number of cache lines of key state it touches
+/// that are no longer in the CPU cache, so that number is kept small:
+/// - line 0: everything the lookup and the checks read (nothing on the hot
+///   path writes here: no reference count);
+/// - from line 1: the AES-GCM state, whose round keys then fill exactly four
+///   lines, and whose GHASH key shares a line with the key name after it.
+///
+/// The hot maps of the cache point straight at it, so a warm encrypt or
+/// decrypt follows one pointer from the hash bucket (see [`with_version`],
+/// [`with_primary`]).
+#[repr(C, align(64))]
 pub struct CachedVersion {
+    pub key_id: u32,
     pub number: u32,
-    pub state: State,
-    pub key: Option<DataKey>,
-    /// Nonce key for deterministic encryption under this version.
-    pub det: Option<MacKey>,
+    /// Whether the key has grants (else any kms_user may use it).
+    has_grants: bool,
+    name_len: u8,
+    /// Last grant decision: (user, bits). See [`CachedVersion::check`].
+    seen: Cell<(pg_sys::Oid, u8)>,
     /// Shared-memory counters (None without preload).
     pub stat: Option<&'static crate::shmem::StatSlot>,
+    grants: Rc<Grants>,
+    _pad: [u8; 24],
+    key: DataKey,
+    name: [u8; NAME_MAX],
+    /// Nonce key for deterministic encryption under this version.
+    pub det: MacKey,
 }
+
+const _: () = assert!(std::mem::offset_of!(CachedVersion, key) == 64, "the key schedule starts on line 1");
+
+/// A version as the catalog lists it; `usable` is None once it is disabled
+/// or destroyed.
+struct VersionInfo {
+    state: State,
+    usable: Option<Box<CachedVersion>>,
+}
+
+/// Key names are at most 63 bytes (see [`validate_key_name`]).
+const NAME_MAX: usize = 63;
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum Privilege {
@@ -296,39 +330,111 @@ impl Privilege {
             Privilege::Decrypt => "decrypt",
         }
     }
+    /// (known, allowed) bits of a cached decision.
+    fn bits(&self) -> (u8, u8) {
+        match self {
+            Privilege::Encrypt => (1, 2),
+            Privilege::Decrypt => (4, 8),
+        }
+    }
+}
+
+/// Per-key grants (privilege, grantee role), shared by a key and its
+/// versions. Empty: any kms_user.
+struct Grants {
+    list: Vec<(Privilege, pg_sys::Oid)>,
+    /// Decisions for (user, privilege), so the check stays off the hot path.
+    decisions: RefCell<HashMap<(pg_sys::Oid, Privilege), bool>>,
+}
+
+impl Grants {
+    fn allowed(&self, user: pg_sys::Oid, p: Privilege) -> bool {
+        if let Some(a) = self.decisions.borrow().get(&(user, p)) {
+            return *a;
+        }
+        let a = self.list.iter().any(|(gp, role)| *gp == p && unsafe { pg_sys::has_privs_of_role(user, *role) });
+        self.decisions.borrow_mut().insert((user, p), a);
+        a
+    }
+}
+
+fn not_allowed(p: Privilege, name: &str) -> KmsError {
+    KmsError::NotAllowed(format!("permission denied to {} with key \"{name}\"", p.as_str()))
 }
 
 pub struct CachedKey {
     pub id: u32,
     pub name: String,
     pub primary: u32,
-    /// Indexed by version - 1 (versions are dense from 1): no hashing and
-    /// one allocation on the hot path.
-    versions: Vec<Option<CachedVersion>>,
+    /// Indexed by version - 1 (versions are dense from 1).
+    versions: Vec<Option<VersionInfo>>,
     /// Blind-index key of the key name (None once the key is destroyed).
     pub index: Option<MacKey>,
-    /// Per-key grants (privilege, grantee role). Empty: any kms_user.
-    grants: Vec<(Privilege, pg_sys::Oid)>,
-    /// Decisions for (user, privilege), so the check stays off the hot path.
-    decisions: RefCell<HashMap<(pg_sys::Oid, Privilege), bool>>,
+    grants: Rc<Grants>,
 }
 
 impl CachedVersion {
     #[inline]
     pub fn data_key(&self) -> &DataKey {
-        self.key.as_ref().expect("usable versions have a key")
+        &self.key
+    }
+
+    #[inline]
+    pub fn key_name_bytes(&self) -> &[u8] {
+        &self.name[..self.name_len as usize]
+    }
+
+    pub fn key_name(&self) -> &str {
+        std::str::from_utf8(self.key_name_bytes()).unwrap_or("?")
+    }
+
+    /// Starts loading the version's first line and its key schedule into
+    /// the CPU cache, from the address alone (nothing is read), so that with
+    /// thousands of interleaved keys these misses overlap each other and the
+    /// work done before the cipher runs.
+    #[inline]
+    fn prefetch(v: *const CachedVersion) {
+        DataKey::prefetch_at(v as *const u8, 0, 1);
+        DataKey::prefetch_at(v as *const u8, std::mem::offset_of!(CachedVersion, key), usize::MAX);
+        DataKey::prefetch_at(v as *const u8, std::mem::offset_of!(CachedVersion, name), 1);
+    }
+
+    /// Per-key grants, decided once per (user, privilege) and remembered in
+    /// the version itself for the last user, so the per-row check reads
+    /// only this version's first cache line.
+    #[inline]
+    pub fn check(&self, p: Privilege) -> KmsResult<()> {
+        if !self.has_grants {
+            return Ok(());
+        }
+        let user = unsafe { pg_sys::GetUserId() };
+        let (known, allowed) = p.bits();
+        let (seen_user, mut bits) = self.seen.get();
+        if seen_user != user {
+            bits = 0;
+        }
+        if bits & known == 0 {
+            bits |= known | if self.grants.allowed(user, p) { allowed } else { 0 };
+            self.seen.set((user, bits));
+        }
+        if bits & allowed != 0 {
+            Ok(())
+        } else {
+            Err(not_allowed(p, self.key_name()))
+        }
     }
 
     /// Counts one encryption; warns once when the version nears the
     /// AES-GCM random-nonce budget (2^32 encryptions per key).
     #[inline]
-    pub fn count_encryption(&self, key_name: &str) {
+    pub fn count_encryption(&self) {
         if let Some(s) = self.stat {
             let n = s.encryptions.fetch_add(1, Ordering::Relaxed) + 1;
             if n == crate::guc::NONCE_WARNING_ENCRYPTIONS.get() as u64 {
                 pgrx::warning!(
-                    "pg_kms: version {} of key \"{key_name}\" has sealed {n} values since server start; rotate it before 2^32 encryptions (AES-GCM random-nonce limit)",
-                    self.number
+                    "pg_kms: version {} of key \"{}\" has sealed {n} values since server start; rotate it before 2^32 encryptions (AES-GCM random-nonce limit)",
+                    self.number,
+                    self.key_name()
                 );
             }
         }
@@ -347,41 +453,28 @@ impl CachedKey {
     /// members of them) may use it for that privilege.
     #[inline]
     pub fn check(&self, p: Privilege) -> KmsResult<()> {
-        if self.grants.is_empty() {
+        if self.grants.list.is_empty() {
             return Ok(());
         }
         self.check_user(unsafe { pg_sys::GetUserId() }, p)
     }
 
     pub fn check_user(&self, user: pg_sys::Oid, p: Privilege) -> KmsResult<()> {
-        let known = self.decisions.borrow().get(&(user, p)).copied();
-        let allowed = match known {
-            Some(a) => a,
-            None => {
-                let a = self
-                    .grants
-                    .iter()
-                    .any(|(gp, role)| *gp == p && unsafe { pg_sys::has_privs_of_role(user, *role) });
-                self.decisions.borrow_mut().insert((user, p), a);
-                a
-            }
-        };
-        if allowed {
+        if self.grants.allowed(user, p) {
             Ok(())
         } else {
-            Err(KmsError::NotAllowed(format!("permission denied to {} with key \"{}\"", p.as_str(), self.name)))
+            Err(not_allowed(p, &self.name))
         }
     }
 
     pub fn has_grants(&self) -> bool {
-        !self.grants.is_empty()
+        !self.grants.list.is_empty()
     }
 
     /// `version`, if its state allows decryption.
-    #[inline]
     pub fn usable(&self, version: u32) -> KmsResult<&CachedVersion> {
         match self.versions.get((version as usize).wrapping_sub(1)).and_then(|v| v.as_ref()) {
-            Some(v @ CachedVersion { key: Some(_), .. }) => Ok(v),
+            Some(VersionInfo { usable: Some(v), .. }) => Ok(v),
             Some(v) => Err(KmsError::VersionState {
                 key: self.name.clone(),
                 version: version as i32,
@@ -392,17 +485,17 @@ impl CachedKey {
         }
     }
 
-    #[inline]
     pub fn primary_version(&self) -> KmsResult<&CachedVersion> {
         self.usable(self.primary)
     }
 
     /// Whether `version` exists and can still be opened.
     pub fn can_open(&self, version: u32) -> bool {
-        matches!(
-            self.versions.get((version as usize).wrapping_sub(1)).and_then(|v| v.as_ref()),
-            Some(CachedVersion { key: Some(_), .. })
-        )
+        self.usable(version).is_ok()
+    }
+
+    fn usable_versions(&self) -> impl Iterator<Item = &CachedVersion> {
+        self.versions.iter().flatten().filter_map(|v| v.usable.as_deref())
     }
 }
 
@@ -436,7 +529,9 @@ impl Hasher for FxHasher {
     }
     #[inline]
     fn finish(&self) -> u64 {
-        self.0
+        // The product's high bits depend on every input bit, its low bits
+        // only on the low input bits; hashbrown indexes by the low bits.
+        self.0.rotate_left(26)
     }
 }
 
@@ -454,9 +549,30 @@ struct Cache {
     catalog: Option<Catalog>,
     by_name: HashMap<Box<[u8]>, Rc<CachedKey>, FastHash>,
     by_id: HashMap<u32, Rc<CachedKey>, FastHash>,
+    /// Hot maps, one pointer from the bucket to the key schedule:
+    /// (version << 32 | key id) -> usable version, and
+    /// hash of the key name -> primary version (the name is compared in the
+    /// version itself; a hash collision just takes the slower path).
+    /// The pointers are to versions owned by the keys in `by_id`; an entry
+    /// is removed before (or with) its key, and the hot paths read through
+    /// them only while holding a shared borrow of the cache.
+    hot_versions: HashMap<u64, NonNull<CachedVersion>, FastHash>,
+    hot_primaries: HashMap<u64, NonNull<CachedVersion>, FastHash>,
     /// (source description, fingerprint, KEK) of the master key last used.
     kek: Option<(String, [u8; 32], Rc<Kek>)>,
-    nonces: NonceSource,
+}
+
+#[inline]
+fn version_slot(key_id: u32, version: u32) -> u64 {
+    (version as u64) << 32 | key_id as u64
+}
+
+#[inline]
+fn name_hash(name: &[u8]) -> u64 {
+    let mut h = FxHasher::default();
+    h.write(name);
+    h.write_usize(name.len());
+    h.finish()
 }
 
 impl Cache {
@@ -465,12 +581,41 @@ impl Cache {
         let g = INVAL_GEN.load(Ordering::Relaxed);
         if g != self.gen {
             // Dropping the entries zeroizes their key schedules.
+            self.hot_versions.clear();
+            self.hot_primaries.clear();
             self.by_name.clear();
             self.by_id.clear();
             self.kek = None;
             self.catalog = None;
             self.gen = g;
         }
+    }
+
+    fn insert(&mut self, key: &Rc<CachedKey>) {
+        if let Some(old) = self.by_id.get(&key.id).cloned() {
+            self.remove(&old);
+        }
+        for v in key.usable_versions() {
+            self.hot_versions.insert(version_slot(key.id, v.number), NonNull::from(v));
+        }
+        if let Ok(p) = key.primary_version() {
+            self.hot_primaries.entry(name_hash(key.name.as_bytes())).or_insert(NonNull::from(p));
+        }
+        self.by_name.insert(key.name.as_bytes().into(), key.clone());
+        self.by_id.insert(key.id, key.clone());
+    }
+
+    fn remove(&mut self, key: &CachedKey) {
+        for v in key.usable_versions() {
+            self.hot_versions.remove(&version_slot(key.id, v.number));
+        }
+        let h = name_hash(key.name.as_bytes());
+        // SAFETY: every hot pointer is to a version of a key still in by_id.
+        if self.hot_primaries.get(&h).is_some_and(|p| unsafe { p.as_ref() }.key_id == key.id) {
+            self.hot_primaries.remove(&h);
+        }
+        self.by_name.remove(key.name.as_bytes());
+        self.by_id.remove(&key.id);
     }
 }
 
@@ -480,16 +625,18 @@ thread_local! {
         catalog: None,
         by_name: HashMap::default(),
         by_id: HashMap::default(),
+        hot_versions: HashMap::default(),
+        hot_primaries: HashMap::default(),
         kek: None,
-        nonces: NonceSource::new(),
     });
+    static NONCES: RefCell<NonceSource> = RefCell::new(NonceSource::new());
 }
 
 /// 12 fresh random bytes without a system call (buffered per backend).
 #[inline]
 pub fn nonce() -> KmsResult<[u8; 12]> {
     let pid = unsafe { pg_sys::MyProcPid };
-    CACHE.with(|c| c.borrow_mut().nonces.nonce(pid)).map_err(|_| KmsError::Random)
+    NONCES.with(|n| n.borrow_mut().nonce(pid)).map_err(|_| KmsError::Random)
 }
 
 pub fn random_bytes(out: &mut [u8]) -> KmsResult<()> {
@@ -532,6 +679,57 @@ pub fn key_by_id(id: u32) -> KmsResult<Rc<CachedKey>> {
     match hit {
         Some(k) => Ok(k),
         None => load(Lookup::Id(id)),
+    }
+}
+
+/// Runs `f` on the primary version of the key named `name` (the per-row
+/// encrypt path). Warm, this is one hash probe and one pointer.
+#[inline]
+pub fn with_primary<R>(name: &[u8], f: impl FnOnce(&CachedVersion) -> KmsResult<R>) -> KmsResult<R> {
+    let h = name_hash(name);
+    let mut f = Some(f);
+    let hot = CACHE.with(|c| {
+        c.borrow_mut().sync();
+        let c = c.borrow();
+        let p = *c.hot_primaries.get(&h)?;
+        CachedVersion::prefetch(p.as_ptr());
+        // SAFETY: the version belongs to a key in `c.by_id`, which cannot
+        // change while `c` is borrowed (f cannot reach the cache mutably:
+        // the RefCell would panic rather than free it).
+        let v = unsafe { p.as_ref() };
+        (v.key_name_bytes() == name).then(|| (f.take().expect("once"))(v))
+    });
+    match hot {
+        Some(r) => r,
+        None => {
+            // Cold: the permission error comes before any state error.
+            let key = key_by_name(name)?;
+            key.check(Privilege::Encrypt)?;
+            (f.take().expect("once"))(key.primary_version()?)
+        }
+    }
+}
+
+/// Runs `f` on version `version` of key `id`, if usable (the per-row
+/// decrypt path).
+#[inline]
+pub fn with_version<R>(id: u32, version: u32, f: impl FnOnce(&CachedVersion) -> KmsResult<R>) -> KmsResult<R> {
+    let mut f = Some(f);
+    let hot = CACHE.with(|c| {
+        c.borrow_mut().sync();
+        let c = c.borrow();
+        let p = *c.hot_versions.get(&version_slot(id, version))?;
+        CachedVersion::prefetch(p.as_ptr());
+        // SAFETY: as in `with_primary`.
+        Some((f.take().expect("once"))(unsafe { p.as_ref() }))
+    });
+    match hot {
+        Some(r) => r,
+        None => {
+            let key = key_by_id(id)?;
+            key.check(Privilege::Decrypt)?;
+            (f.take().expect("once"))(key.usable(version)?)
+        }
     }
 }
 
@@ -613,9 +811,12 @@ fn load(lookup: Lookup<'_>) -> KmsResult<Rc<CachedKey>> {
         primary: first.primary as u32,
         versions: Vec::new(),
         index: None,
-        grants,
-        decisions: RefCell::new(HashMap::new()),
+        grants: Rc::new(Grants { list: grants, decisions: RefCell::new(HashMap::new()) }),
     };
+    let name_bytes = first.name.as_bytes();
+    let mut name = [0u8; NAME_MAX];
+    let name_len = name_bytes.len().min(NAME_MAX);
+    name[..name_len].copy_from_slice(&name_bytes[..name_len]);
     let needs_kek = first.index_root.is_some()
         || rows.iter().any(|r| r.wrapped.is_some() && matches!(State::parse(&r.state), State::Active | State::DecryptOnly));
     let kek = if needs_kek { Some(current_kek(stored_fp.as_deref())?) } else { None };
@@ -626,19 +827,30 @@ fn load(lookup: Lookup<'_>) -> KmsResult<Rc<CachedKey>> {
     }
     for r in &rows {
         let state = State::parse(&r.state);
-        let (dk, det) = match (&kek, &r.wrapped, state) {
+        let usable = match (&kek, &r.wrapped, state) {
             (Some(kek), Some(w), State::Active | State::DecryptOnly) => {
                 let raw = kek.unwrap_raw(key.id, r.version as u32, w).map_err(|_| corrupt(r.version))?;
-                (Some(DataKey::new(&raw)), Some(MacKey::derive(raw.as_ref(), INFO_DETERMINISTIC)))
+                Some(Box::new(CachedVersion {
+                    key_id: key.id,
+                    number: r.version as u32,
+                    has_grants: key.has_grants(),
+                    name_len: name_len as u8,
+                    seen: Cell::new((pg_sys::InvalidOid, 0)),
+                    stat: crate::shmem::stat_slot(key.id, r.version as u32),
+                    grants: key.grants.clone(),
+                    _pad: [0; 24],
+                    key: DataKey::new(&raw),
+                    name,
+                    det: MacKey::derive(raw.as_ref(), INFO_DETERMINISTIC),
+                }))
             }
-            _ => (None, None),
+            _ => None,
         };
-        let stat = crate::shmem::stat_slot(key.id, r.version as u32);
         let slot = (r.version as usize).saturating_sub(1);
         if key.versions.len() <= slot {
             key.versions.resize_with(slot + 1, || None);
         }
-        key.versions[slot] = Some(CachedVersion { number: r.version as u32, state, key: dk, det, stat });
+        key.versions[slot] = Some(VersionInfo { state, usable });
     }
     let key = Rc::new(key);
     if INVAL_GEN.load(Ordering::Relaxed) == gen_before {
@@ -647,14 +859,11 @@ fn load(lookup: Lookup<'_>) -> KmsResult<Rc<CachedKey>> {
             c.sync();
             // Bounded: evict (and so zeroize) some other key when full.
             let limit = crate::guc::KEY_CACHE_SIZE.get().max(1) as usize;
-            while c.by_id.len() >= limit {
-                let Some(victim) = c.by_id.keys().next().copied() else { break };
-                if let Some(old) = c.by_id.remove(&victim) {
-                    c.by_name.remove(old.name.as_bytes());
-                }
+            while c.by_id.len() >= limit && !c.by_id.contains_key(&key.id) {
+                let Some(old) = c.by_id.values().next().cloned() else { break };
+                c.remove(&old);
             }
-            c.by_name.insert(key.name.as_bytes().into(), key.clone());
-            c.by_id.insert(key.id, key.clone());
+            c.insert(&key);
         });
     }
     Ok(key)

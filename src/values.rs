@@ -58,23 +58,22 @@ fn text_to_utf8(bytes: &[u8]) -> Cow<'_, [u8]> {
 /// Seals `plaintext` under the primary version of `key_name`.
 #[inline]
 fn seal_value(plaintext: &[u8], key_name: &[u8], context: &[u8], flags: u8) -> KmsResult<EncryptedText> {
-    seal_with(&*keyring::key_by_name(key_name)?, plaintext, context, flags)
+    keyring::with_primary(key_name, |v| seal_with(v, plaintext, context, flags))
 }
 
 #[inline]
-fn seal_with(key: &keyring::CachedKey, plaintext: &[u8], context: &[u8], flags: u8) -> KmsResult<EncryptedText> {
-    key.check(Privilege::Encrypt)?;
-    let v = key.primary_version()?;
+fn seal_with(v: &keyring::CachedVersion, plaintext: &[u8], context: &[u8], flags: u8) -> KmsResult<EncryptedText> {
+    v.check(Privilege::Encrypt)?;
     let nonce = if flags & FLAG_DETERMINISTIC != 0 {
         // SIV-style: the nonce is a PRF of (version's nonce key, context, plaintext).
-        v.det.as_ref().expect("usable versions have a nonce key").nonce(context, plaintext)
+        v.det.nonce(context, plaintext)
     } else {
         keyring::nonce()?
     };
-    let header = Header { flags, key_id: key.id, key_version: key.primary };
+    let header = Header { flags, key_id: v.key_id, key_version: v.number };
     let (out, buf) = EncryptedText::alloc(plaintext.len() + OVERHEAD);
     seal_into(v.data_key(), header, &nonce, context, plaintext, buf);
-    v.count_encryption(&key.name);
+    v.count_encryption();
     Ok(out)
 }
 
@@ -82,12 +81,12 @@ fn seal_with(key: &keyring::CachedKey, plaintext: &[u8], context: &[u8], flags: 
 #[inline]
 fn open_value(value: &EncryptedText, context: &[u8], out: &mut [u8]) -> KmsResult<Header> {
     let env = value.envelope();
-    let key = keyring::key_by_id(env.header.key_id)?;
-    key.check(Privilege::Decrypt)?;
-    let v = key.usable(env.header.key_version)?;
-    open_into(v.data_key(), &env, context, out).map_err(|_| KmsError::AuthFailed)?;
-    v.count_decryption();
-    Ok(env.header)
+    keyring::with_version(env.header.key_id, env.header.key_version, |v| {
+        v.check(Privilege::Decrypt)?;
+        open_into(v.data_key(), &env, context, out).map_err(|_| KmsError::AuthFailed)?;
+        v.count_decryption();
+        Ok(env.header)
+    })
 }
 
 #[inline]
@@ -237,7 +236,8 @@ pub fn rewrap(value: EncryptedText, context: &[u8]) -> KmsResult<EncryptedText> 
         return Ok(value);
     }
     let plaintext = open_to_vec(&value, context)?;
-    seal_with(&key, &plaintext, context, header.flags)
+    key.check(Privilege::Encrypt)?;
+    seal_with(key.primary_version()?, &plaintext, context, header.flags)
 }
 
 /// Re-seals under the key's current primary version without returning the
