@@ -291,7 +291,15 @@ pub struct CachedVersion {
     /// Shared-memory counters (None without preload).
     pub stat: Option<&'static crate::shmem::StatSlot>,
     grants: Rc<Grants>,
-    _pad: [u8; 24],
+    /// Counts not yet added to `stat` (see [`CachedVersion::count_encryption`]).
+    pending_enc: Cell<u32>,
+    pending_dec: Cell<u32>,
+    /// Encryptions that may still be counted locally before the next flush
+    /// (fewer when the nonce-budget warning level is near).
+    enc_budget: Cell<u32>,
+    /// Listed for the end-of-transaction flush.
+    dirty: Cell<bool>,
+    _pad: [u8; 11],
     key: DataKey,
     name: [u8; NAME_MAX],
     /// Nonce key for deterministic encryption under this version.
@@ -399,6 +407,14 @@ impl CachedVersion {
         DataKey::prefetch_at(v as *const u8, std::mem::offset_of!(CachedVersion, name), 1);
     }
 
+    /// The shared-memory counters this row will add to (with preload).
+    #[inline]
+    fn prefetch_stat(&self) {
+        if let Some(s) = self.stat {
+            DataKey::prefetch_at(s as *const crate::shmem::StatSlot as *const u8, 0, 1);
+        }
+    }
+
     /// Per-key grants, decided once per (user, privilege) and remembered in
     /// the version itself for the last user, so the per-row check reads
     /// only this version's first cache line.
@@ -424,28 +440,111 @@ impl CachedVersion {
         }
     }
 
-    /// Counts one encryption; warns once when the version nears the
-    /// AES-GCM random-nonce budget (2^32 encryptions per key).
+    /// Counts one encryption. Counts gather in the version and reach the
+    /// shared counters every `FLUSH_EVERY` values and at the end of the
+    /// transaction (before it commits), not with an atomic add on a shared
+    /// cache line per row. The flush warns once when the version reaches
+    /// the nonce-budget warning level (AES-GCM with random nonces: at most
+    /// 2^32 encryptions per key); the local budget shrinks near that level
+    /// so the warning comes at the exact count.
     #[inline]
     pub fn count_encryption(&self) {
-        if let Some(s) = self.stat {
-            let n = s.encryptions.fetch_add(1, Ordering::Relaxed) + 1;
-            if n == crate::guc::NONCE_WARNING_ENCRYPTIONS.get() as u64 {
-                pgrx::warning!(
-                    "pg_kms: version {} of key \"{}\" has sealed {n} values since server start; rotate it before 2^32 encryptions (AES-GCM random-nonce limit)",
-                    self.number,
-                    self.key_name()
-                );
-            }
+        if self.stat.is_none() {
+            return;
+        }
+        let n = self.pending_enc.get() + 1;
+        self.pending_enc.set(n);
+        mark_dirty(self);
+        if n >= self.enc_budget.get() {
+            self.flush_counts();
         }
     }
 
     #[inline]
     pub fn count_decryption(&self) {
-        if let Some(s) = self.stat {
-            s.decryptions.fetch_add(1, Ordering::Relaxed);
+        if self.stat.is_none() {
+            return;
+        }
+        let n = self.pending_dec.get() + 1;
+        self.pending_dec.set(n);
+        mark_dirty(self);
+        if n >= FLUSH_EVERY {
+            self.flush_counts();
         }
     }
+
+    fn flush_counts(&self) {
+        let Some(s) = self.stat else { return };
+        let (e, d) = (self.pending_enc.replace(0) as u64, self.pending_dec.replace(0) as u64);
+        if d > 0 {
+            s.decryptions.fetch_add(d, Ordering::Relaxed);
+        }
+        let level = crate::guc::NONCE_WARNING_ENCRYPTIONS.get().max(1) as u64;
+        let total = if e > 0 { s.encryptions.fetch_add(e, Ordering::Relaxed) + e } else { s.encryptions.load(Ordering::Relaxed) };
+        if e > 0 && total >= level && total - e < level {
+            pgrx::warning!(
+                "pg_kms: version {} of key \"{}\" has sealed {total} values since server start; rotate it before 2^32 encryptions (AES-GCM random-nonce limit)",
+                self.number,
+                self.key_name()
+            );
+        }
+        self.enc_budget.set(if total < level { (level - total).min(FLUSH_EVERY as u64) as u32 } else { FLUSH_EVERY });
+    }
+}
+
+impl Drop for CachedVersion {
+    fn drop(&mut self) {
+        self.flush_counts();
+    }
+}
+
+/// Local counts reach shared memory at least this often.
+const FLUSH_EVERY: u32 = 1024;
+
+thread_local! {
+    /// Versions (by hot-map slot) with local counts to flush at the end of
+    /// the transaction. A version dropped before then flushes itself.
+    static DIRTY: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+}
+static XACT_HOOKED: AtomicBool = AtomicBool::new(false);
+
+#[inline]
+fn mark_dirty(v: &CachedVersion) {
+    if !v.dirty.replace(true) {
+        list_dirty(v);
+    }
+}
+
+fn list_dirty(v: &CachedVersion) {
+    if !XACT_HOOKED.swap(true, Ordering::Relaxed) {
+        unsafe { pg_sys::RegisterXactCallback(Some(flush_at_xact_end), std::ptr::null_mut()) };
+    }
+    DIRTY.with(|d| d.borrow_mut().push(version_slot(v.key_id, v.number)));
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn flush_at_xact_end(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    if !matches!(event, XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT | XACT_EVENT_PRE_PREPARE | XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT) {
+        return;
+    }
+    let slots = DIRTY.with(|d| std::mem::take(&mut *d.borrow_mut()));
+    if slots.is_empty() {
+        return;
+    }
+    CACHE.with(|c| match c.try_borrow() {
+        Ok(c) => {
+            for slot in &slots {
+                // SAFETY: hot pointers are to versions of cached keys.
+                if let Some(p) = c.hot_versions.get(slot) {
+                    let v = unsafe { p.as_ref() };
+                    v.dirty.set(false);
+                    v.flush_counts();
+                }
+            }
+        }
+        Err(_) => DIRTY.with(|d| d.borrow_mut().extend(slots)),
+    });
 }
 
 impl CachedKey {
@@ -697,6 +796,7 @@ pub fn with_primary<R>(name: &[u8], f: impl FnOnce(&CachedVersion) -> KmsResult<
         // change while `c` is borrowed (f cannot reach the cache mutably:
         // the RefCell would panic rather than free it).
         let v = unsafe { p.as_ref() };
+        v.prefetch_stat();
         (v.key_name_bytes() == name).then(|| (f.take().expect("once"))(v))
     });
     match hot {
@@ -721,7 +821,9 @@ pub fn with_version<R>(id: u32, version: u32, f: impl FnOnce(&CachedVersion) -> 
         let p = *c.hot_versions.get(&version_slot(id, version))?;
         CachedVersion::prefetch(p.as_ptr());
         // SAFETY: as in `with_primary`.
-        Some((f.take().expect("once"))(unsafe { p.as_ref() }))
+        let v = unsafe { p.as_ref() };
+        v.prefetch_stat();
+        Some((f.take().expect("once"))(v))
     });
     match hot {
         Some(r) => r,
@@ -838,7 +940,11 @@ fn load(lookup: Lookup<'_>) -> KmsResult<Rc<CachedKey>> {
                     seen: Cell::new((pg_sys::InvalidOid, 0)),
                     stat: crate::shmem::stat_slot(key.id, r.version as u32),
                     grants: key.grants.clone(),
-                    _pad: [0; 24],
+                    pending_enc: Cell::new(0),
+                    pending_dec: Cell::new(0),
+                    enc_budget: Cell::new(0),
+                    dirty: Cell::new(false),
+                    _pad: [0; 11],
                     key: DataKey::new(&raw),
                     name,
                     det: MacKey::derive(raw.as_ref(), INFO_DETERMINISTIC),
