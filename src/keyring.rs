@@ -271,8 +271,8 @@ impl State {
 /// laid out for the per-row path. With thousands of tenant keys in turn,
 /// what one row costs is the number of cache lines of key state it touches
 /// that are no longer in the CPU cache, so that number is kept small:
-/// - line 0: everything the lookup and the checks read (nothing on the hot
-///   path writes here: no reference count);
+/// - line 0: everything the lookup, the checks and the usage counters use
+///   (no reference count: the hot maps hold plain pointers);
 /// - from line 1: the AES-GCM state, whose round keys then fill exactly four
 ///   lines, and whose GHASH key shares a line with the key name after it.
 ///

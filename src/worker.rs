@@ -332,9 +332,10 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
                         }
                     }
                     Err(msg) => {
-                        // Find the row that fails and step over it (recorded
+                        // Find the row that fails and step over it (named
                         // in last_error); the rest of the table goes on.
-                        let _ = xact(|| reencrypt::progress_error(&col, &msg));
+                        // last_error is written once, with the row when it
+                        // is found, so readers never see a half-told story.
                         match xact_kms(|| reencrypt::next_candidate(&col, cursor)) {
                             Ok(Some(bad)) => {
                                 let alone = xact_kms(|| {
@@ -342,13 +343,17 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
                                     reencrypt::progress_batch(&col, b.updated)?;
                                     Ok(b)
                                 });
-                                if let Err(msg) = alone {
-                                    let note = format!("row {bad:?} could not be re-encrypted: {msg}");
-                                    let _ = xact(|| reencrypt::progress_error(&col, &note));
-                                }
+                                let note = match alone {
+                                    Err(e) => format!("row {bad:?} could not be re-encrypted: {e}"),
+                                    Ok(_) => msg,
+                                };
+                                let _ = xact(|| reencrypt::progress_error(&col, &note));
                                 cursor = (bad.0, bad.1.saturating_add(1));
                             }
-                            _ => break,
+                            _ => {
+                                let _ = xact(|| reencrypt::progress_error(&col, &msg));
+                                break;
+                            }
                         }
                     }
                 }
