@@ -9,7 +9,7 @@
 //! catalog read and no system call.
 
 use crate::crypto::derive::{INFO_BLIND_INDEX, INFO_DETERMINISTIC};
-use crate::crypto::{DataKey, Kek, MacKey, MasterKey, NonceSource};
+use crate::crypto::{prefetch_line, DataKey, Kek, MacKey, MasterKey, NonceSource};
 use crate::errors::{KmsError, KmsResult};
 use crate::guc;
 use pgrx::pg_sys;
@@ -402,16 +402,17 @@ impl CachedVersion {
     /// work done before the cipher runs.
     #[inline]
     fn prefetch(v: *const CachedVersion) {
-        DataKey::prefetch_at(v as *const u8, 0, 1);
-        DataKey::prefetch_at(v as *const u8, std::mem::offset_of!(CachedVersion, key), usize::MAX);
-        DataKey::prefetch_at(v as *const u8, std::mem::offset_of!(CachedVersion, name), 1);
+        let base = v as *const u8;
+        prefetch_line(base);
+        DataKey::prefetch_schedule(base.wrapping_add(std::mem::offset_of!(CachedVersion, key)));
+        prefetch_line(base.wrapping_add(std::mem::offset_of!(CachedVersion, name)));
     }
 
     /// The shared-memory counters this row will add to (with preload).
     #[inline]
     fn prefetch_stat(&self) {
         if let Some(s) = self.stat {
-            DataKey::prefetch_at(s as *const crate::shmem::StatSlot as *const u8, 0, 1);
+            prefetch_line(s as *const crate::shmem::StatSlot as *const u8);
         }
     }
 
@@ -449,26 +450,25 @@ impl CachedVersion {
     /// so the warning comes at the exact count.
     #[inline]
     pub fn count_encryption(&self) {
-        if self.stat.is_none() {
-            return;
-        }
-        let n = self.pending_enc.get() + 1;
-        self.pending_enc.set(n);
-        mark_dirty(self);
-        if n >= self.enc_budget.get() {
-            self.flush_counts();
-        }
+        self.count(&self.pending_enc, self.enc_budget.get());
     }
 
     #[inline]
     pub fn count_decryption(&self) {
+        self.count(&self.pending_dec, FLUSH_EVERY);
+    }
+
+    /// Adds one to `pending` (a counter of this version), flushing all
+    /// counts once it reaches `flush_at`. Without preload nothing is counted.
+    #[inline]
+    fn count(&self, pending: &Cell<u32>, flush_at: u32) {
         if self.stat.is_none() {
             return;
         }
-        let n = self.pending_dec.get() + 1;
-        self.pending_dec.set(n);
+        let n = pending.get() + 1;
+        pending.set(n);
         mark_dirty(self);
-        if n >= FLUSH_EVERY {
+        if n >= flush_at {
             self.flush_counts();
         }
     }
@@ -781,33 +781,47 @@ pub fn key_by_id(id: u32) -> KmsResult<Rc<CachedKey>> {
     }
 }
 
-/// Runs `f` on the primary version of the key named `name` (the per-row
-/// encrypt path). Warm, this is one hash probe and one pointer.
+/// The warm path shared by [`with_primary`] and [`with_version`]: picks a
+/// version from the hot maps with `find`, starts loading its cache lines,
+/// and runs `f` on it if `accept` agrees. Leaves `f` in place (returns
+/// None) when the caller must take its cold path.
 #[inline]
-pub fn with_primary<R>(name: &[u8], f: impl FnOnce(&CachedVersion) -> KmsResult<R>) -> KmsResult<R> {
-    let h = name_hash(name);
-    let mut f = Some(f);
-    let hot = CACHE.with(|c| {
+fn run_hot<F, R>(
+    find: impl FnOnce(&Cache) -> Option<NonNull<CachedVersion>>,
+    accept: impl FnOnce(&CachedVersion) -> bool,
+    f: &mut Option<F>,
+) -> Option<KmsResult<R>>
+where
+    F: FnOnce(&CachedVersion) -> KmsResult<R>,
+{
+    CACHE.with(|c| {
         c.borrow_mut().sync();
         let c = c.borrow();
-        let p = *c.hot_primaries.get(&h)?;
+        let p = find(&c)?;
         CachedVersion::prefetch(p.as_ptr());
         // SAFETY: the version belongs to a key in `c.by_id`, which cannot
         // change while `c` is borrowed (f cannot reach the cache mutably:
         // the RefCell would panic rather than free it).
         let v = unsafe { p.as_ref() };
         v.prefetch_stat();
-        (v.key_name_bytes() == name).then(|| (f.take().expect("once"))(v))
-    });
-    match hot {
-        Some(r) => r,
-        None => {
-            // Cold: the permission error comes before any state error.
-            let key = key_by_name(name)?;
-            key.check(Privilege::Encrypt)?;
-            (f.take().expect("once"))(key.primary_version()?)
-        }
+        accept(v).then(|| (f.take().expect("runs once"))(v))
+    })
+}
+
+/// Runs `f` on the primary version of the key named `name` (the per-row
+/// encrypt path). Warm, this is one hash probe and one pointer.
+#[inline]
+pub fn with_primary<R>(name: &[u8], f: impl FnOnce(&CachedVersion) -> KmsResult<R>) -> KmsResult<R> {
+    let h = name_hash(name);
+    let mut f = Some(f);
+    // The name is compared in the version: a hash collision goes cold.
+    if let Some(r) = run_hot(|c| c.hot_primaries.get(&h).copied(), |v| v.key_name_bytes() == name, &mut f) {
+        return r;
     }
+    // Cold: the permission error comes before any state error.
+    let key = key_by_name(name)?;
+    key.check(Privilege::Encrypt)?;
+    (f.take().expect("runs once"))(key.primary_version()?)
 }
 
 /// Runs `f` on version `version` of key `id`, if usable (the per-row
@@ -815,24 +829,12 @@ pub fn with_primary<R>(name: &[u8], f: impl FnOnce(&CachedVersion) -> KmsResult<
 #[inline]
 pub fn with_version<R>(id: u32, version: u32, f: impl FnOnce(&CachedVersion) -> KmsResult<R>) -> KmsResult<R> {
     let mut f = Some(f);
-    let hot = CACHE.with(|c| {
-        c.borrow_mut().sync();
-        let c = c.borrow();
-        let p = *c.hot_versions.get(&version_slot(id, version))?;
-        CachedVersion::prefetch(p.as_ptr());
-        // SAFETY: as in `with_primary`.
-        let v = unsafe { p.as_ref() };
-        v.prefetch_stat();
-        Some((f.take().expect("once"))(v))
-    });
-    match hot {
-        Some(r) => r,
-        None => {
-            let key = key_by_id(id)?;
-            key.check(Privilege::Decrypt)?;
-            (f.take().expect("once"))(key.usable(version)?)
-        }
+    if let Some(r) = run_hot(|c| c.hot_versions.get(&version_slot(id, version)).copied(), |_| true, &mut f) {
+        return r;
     }
+    let key = key_by_id(id)?;
+    key.check(Privilege::Decrypt)?;
+    (f.take().expect("runs once"))(key.usable(version)?)
 }
 
 enum Lookup<'a> {

@@ -38,29 +38,30 @@ impl DataKey {
         &self.cipher
     }
 
-    /// Asks the CPU to start loading `lines` cache lines at `base + offset`
-    /// (all of the key schedule's hot ranges when `offset` is where a
-    /// `DataKey` sits and `lines` is `usize::MAX`). Only addresses are
-    /// computed, nothing is read: prefetching never faults and does not
-    /// change results.
+    /// Asks the CPU to start loading the parts of the key schedule a seal
+    /// or open reads, for a `DataKey` that sits at `at` (only the address
+    /// is used; see [`prefetch_line`]).
     #[inline]
-    pub fn prefetch_at(base: *const u8, offset: usize, lines: usize) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            let at = |off: usize| unsafe { _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(offset + off) as *const i8) };
-            if lines != usize::MAX {
-                (0..lines).for_each(|l| at(l * 64));
-                return;
-            }
-            for (from, to) in HOT_RANGES {
-                (from..to).step_by(64).for_each(at);
-                at(to - 1);
-            }
+    pub fn prefetch_schedule(at: *const u8) {
+        for (from, to) in HOT_RANGES {
+            (from..to).step_by(64).for_each(|off| prefetch_line(at.wrapping_add(off)));
+            prefetch_line(at.wrapping_add(to - 1));
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = (base, offset, lines);
     }
+}
+
+/// Asks the CPU to start loading the cache line holding `p`. Only the
+/// address is used, nothing is read: prefetching never faults and does not
+/// change results (a no-op off x86_64).
+#[inline]
+pub fn prefetch_line(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: _mm_prefetch is a hint; it never dereferences or faults.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 impl fmt::Debug for DataKey {

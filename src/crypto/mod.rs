@@ -15,7 +15,7 @@ pub mod kdf;
 pub mod master;
 pub mod nonce;
 
-pub use aead::{open_into, seal_into, AuthError, DataKey};
+pub use aead::{open_into, prefetch_line, seal_into, AuthError, DataKey};
 pub use derive::MacKey;
 pub use envelope::{Envelope, EnvelopeError, Header};
 pub use kdf::{Kek, WrapError};
