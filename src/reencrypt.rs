@@ -211,7 +211,9 @@ pub fn progress_start(col: &Column, pending: i64, with_context: i64) -> KmsResul
                                 ELSE p.started_at END,
               finished_at = CASE WHEN excluded.rows_pending = 0
                                  THEN coalesce(p.finished_at, pg_catalog.now()) END,
-              last_error = NULL",
+              -- An error stays until the column is clean: a new pass over a
+              -- table with a row that cannot be rewrapped keeps naming it.
+              last_error = CASE WHEN excluded.rows_pending = 0 THEN NULL ELSE p.last_error END",
         &[col.relid.into(), col.attname.as_str().into(), pending.into(), with_context.into()],
     )
 }

@@ -332,10 +332,11 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
                         }
                     }
                     Err(msg) => {
-                        // Find the row that fails and step over it (named
-                        // in last_error); the rest of the table goes on.
-                        // last_error is written once, with the row when it
-                        // is found, so readers never see a half-told story.
+                        // Step forward one row at a time until the row that
+                        // fails is found; name it in last_error and step over
+                        // it; the rest of the table goes on. (The batch's own
+                        // error is recorded only when no row is to blame, so
+                        // last_error never goes back to the vaguer message.)
                         match xact_kms(|| reencrypt::next_candidate(&col, cursor)) {
                             Ok(Some(bad)) => {
                                 let alone = xact_kms(|| {
@@ -343,11 +344,10 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
                                     reencrypt::progress_batch(&col, b.updated)?;
                                     Ok(b)
                                 });
-                                let note = match alone {
-                                    Err(e) => format!("row {bad:?} could not be re-encrypted: {e}"),
-                                    Ok(_) => msg,
-                                };
-                                let _ = xact(|| reencrypt::progress_error(&col, &note));
+                                if let Err(e) = alone {
+                                    let note = format!("row {bad:?} could not be re-encrypted: {e}");
+                                    let _ = xact(|| reencrypt::progress_error(&col, &note));
+                                }
                                 cursor = (bad.0, bad.1.saturating_add(1));
                             }
                             _ => {
