@@ -12,6 +12,7 @@ use crate::crypto::derive::{INFO_BLIND_INDEX, INFO_DETERMINISTIC};
 use crate::crypto::{prefetch_line, DataKey, Kek, MacKey, MasterKey, NonceSource};
 use crate::errors::{KmsError, KmsResult};
 use crate::guc;
+use crate::hotindex::HotIndex;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::{Cell, RefCell};
@@ -269,44 +270,50 @@ impl State {
 
 /// One usable (active or decrypt-only) version of a key, in one allocation
 /// laid out for the per-row path. With thousands of tenant keys in turn,
-/// what one row costs is the number of cache lines of key state it touches
-/// that are no longer in the CPU cache, so that number is kept small:
-/// - line 0: everything the lookup, the checks and the usage counters use
-///   (no reference count: the hot maps hold plain pointers);
-/// - from line 1: the AES-GCM state, whose round keys then fill exactly four
-///   lines, and whose GHASH key shares a line with the key name after it.
+/// what one row costs is the cache lines of key state it touches that are
+/// no longer in the CPU cache, so their number is kept small: a decrypt
+/// reads five lines, an encrypt six.
+/// - lines 0-3: the AES round keys (the start of the AES-GCM state; the
+///   software fallback's schedule after them is never read on CPUs with
+///   AES-NI);
+/// - the line holding the GHASH key, at the end of the AES-GCM state, also
+///   holds everything the lookup, the grant check and the usage counters
+///   read (no reference count: the hot indexes hold plain addresses);
+/// - the next line: the key name (compared by the encrypt path);
+/// - then what only a slow path reads.
 ///
-/// The hot maps of the cache point straight at it, so a warm encrypt or
-/// decrypt follows one pointer from the hash bucket (see [`with_version`],
+/// The hot indexes of the cache point straight at it (see [`with_version`],
 /// [`with_primary`]).
 #[repr(C, align(64))]
 pub struct CachedVersion {
+    key: DataKey,
+    // In the GHASH key's line (see `hot_fields_share_the_ghash_line`).
     pub key_id: u32,
     pub number: u32,
-    /// Whether the key has grants (else any kms_user may use it).
-    has_grants: bool,
-    name_len: u8,
     /// Last grant decision: (user, bits). See [`CachedVersion::check`].
     seen: Cell<(pg_sys::Oid, u8)>,
-    /// Shared-memory counters (None without preload).
-    pub stat: Option<&'static crate::shmem::StatSlot>,
-    grants: Rc<Grants>,
     /// Counts not yet added to `stat` (see [`CachedVersion::count_encryption`]).
     pending_enc: Cell<u32>,
     pending_dec: Cell<u32>,
     /// Encryptions that may still be counted locally before the next flush
     /// (fewer when the nonce-budget warning level is near).
     enc_budget: Cell<u32>,
+    /// Whether the key has grants (else any kms_user may use it).
+    has_grants: bool,
+    /// Whether uses are counted (`stat` is set: the library is preloaded).
+    counted: bool,
     /// Listed for the end-of-transaction flush.
     dirty: Cell<bool>,
-    _pad: [u8; 11],
-    key: DataKey,
+    name_len: u8,
+    // Next line.
     name: [u8; NAME_MAX],
+    // Slow paths only.
+    /// Shared-memory counters (None without preload).
+    stat: Option<&'static crate::shmem::StatSlot>,
+    grants: Rc<Grants>,
     /// Nonce key for deterministic encryption under this version.
     pub det: MacKey,
 }
-
-const _: () = assert!(std::mem::offset_of!(CachedVersion, key) == 64, "the key schedule starts on line 1");
 
 /// A version as the catalog lists it; `usable` is None once it is disabled
 /// or destroyed.
@@ -387,6 +394,12 @@ impl CachedVersion {
         &self.key
     }
 
+    /// This version's key in the hot index (and the dirty list).
+    #[inline]
+    fn slot(&self) -> u64 {
+        version_slot(self.key_id, self.number)
+    }
+
     #[inline]
     pub fn key_name_bytes(&self) -> &[u8] {
         &self.name[..self.name_len as usize]
@@ -396,29 +409,23 @@ impl CachedVersion {
         std::str::from_utf8(self.key_name_bytes()).unwrap_or("?")
     }
 
-    /// Starts loading the version's first line and its key schedule into
-    /// the CPU cache, from the address alone (nothing is read), so that with
-    /// thousands of interleaved keys these misses overlap each other and the
-    /// work done before the cipher runs.
+    /// Starts loading the lines a seal or open of this version reads (and
+    /// the name's line too, `with_name`) into the CPU cache, from the
+    /// address alone (nothing is read), so that with thousands of
+    /// interleaved keys these misses overlap each other.
     #[inline]
-    fn prefetch(v: *const CachedVersion) {
+    fn prefetch(v: *const CachedVersion, with_name: bool) {
         let base = v as *const u8;
-        prefetch_line(base);
         DataKey::prefetch_schedule(base.wrapping_add(std::mem::offset_of!(CachedVersion, key)));
-        prefetch_line(base.wrapping_add(std::mem::offset_of!(CachedVersion, name)));
-    }
-
-    /// The shared-memory counters this row will add to (with preload).
-    #[inline]
-    fn prefetch_stat(&self) {
-        if let Some(s) = self.stat {
-            prefetch_line(s as *const crate::shmem::StatSlot as *const u8);
+        prefetch_line(base.wrapping_add(std::mem::offset_of!(CachedVersion, key_id)));
+        if with_name {
+            prefetch_line(base.wrapping_add(std::mem::offset_of!(CachedVersion, name)));
         }
     }
 
     /// Per-key grants, decided once per (user, privilege) and remembered in
     /// the version itself for the last user, so the per-row check reads
-    /// only this version's first cache line.
+    /// only the line the cipher reads anyway.
     #[inline]
     pub fn check(&self, p: Privilege) -> KmsResult<()> {
         if !self.has_grants {
@@ -462,7 +469,7 @@ impl CachedVersion {
     /// counts once it reaches `flush_at`. Without preload nothing is counted.
     #[inline]
     fn count(&self, pending: &Cell<u32>, flush_at: u32) {
-        if self.stat.is_none() {
+        if !self.counted {
             return;
         }
         let n = pending.get() + 1;
@@ -519,7 +526,7 @@ fn list_dirty(v: &CachedVersion) {
     if !XACT_HOOKED.swap(true, Ordering::Relaxed) {
         unsafe { pg_sys::RegisterXactCallback(Some(flush_at_xact_end), std::ptr::null_mut()) };
     }
-    DIRTY.with(|d| d.borrow_mut().push(version_slot(v.key_id, v.number)));
+    DIRTY.with(|d| d.borrow_mut().push(v.slot()));
 }
 
 #[pg_guard]
@@ -536,7 +543,7 @@ unsafe extern "C-unwind" fn flush_at_xact_end(event: pg_sys::XactEvent::Type, _a
         Ok(c) => {
             for slot in &slots {
                 // SAFETY: hot pointers are to versions of cached keys.
-                if let Some(p) = c.hot_versions.get(slot) {
+                if let Some(p) = c.hot_versions.find(hash_u64(*slot), |p| unsafe { p.as_ref() }.slot() == *slot) {
                     let v = unsafe { p.as_ref() };
                     v.dirty.set(false);
                     v.flush_counts();
@@ -648,15 +655,15 @@ struct Cache {
     catalog: Option<Catalog>,
     by_name: HashMap<Box<[u8]>, Rc<CachedKey>, FastHash>,
     by_id: HashMap<u32, Rc<CachedKey>, FastHash>,
-    /// Hot maps, one pointer from the bucket to the key schedule:
-    /// (version << 32 | key id) -> usable version, and
-    /// hash of the key name -> primary version (the name is compared in the
-    /// version itself; a hash collision just takes the slower path).
-    /// The pointers are to versions owned by the keys in `by_id`; an entry
-    /// is removed before (or with) its key, and the hot paths read through
-    /// them only while holding a shared borrow of the cache.
-    hot_versions: HashMap<u64, NonNull<CachedVersion>, FastHash>,
-    hot_primaries: HashMap<u64, NonNull<CachedVersion>, FastHash>,
+    /// Hot indexes, one word from the hash to the key schedule:
+    /// hash(version << 32 | key id) -> usable version, and
+    /// hash(key name) -> primary version; the version itself confirms the
+    /// match (ids, or the name). The addresses are of versions owned by the
+    /// keys in `by_id`; an entry is removed before (or with) its key, and
+    /// the hot paths read through them only while holding a shared borrow
+    /// of the cache.
+    hot_versions: HotIndex<CachedVersion>,
+    hot_primaries: HotIndex<CachedVersion>,
     /// (source description, fingerprint, KEK) of the master key last used.
     kek: Option<(String, [u8; 32], Rc<Kek>)>,
 }
@@ -664,6 +671,13 @@ struct Cache {
 #[inline]
 fn version_slot(key_id: u32, version: u32) -> u64 {
     (version as u64) << 32 | key_id as u64
+}
+
+#[inline]
+fn hash_u64(x: u64) -> u64 {
+    let mut h = FxHasher::default();
+    h.write_u64(x);
+    h.finish()
 }
 
 #[inline]
@@ -695,10 +709,10 @@ impl Cache {
             self.remove(&old);
         }
         for v in key.usable_versions() {
-            self.hot_versions.insert(version_slot(key.id, v.number), NonNull::from(v));
+            self.hot_versions.insert(hash_u64(v.slot()), NonNull::from(v));
         }
         if let Ok(p) = key.primary_version() {
-            self.hot_primaries.entry(name_hash(key.name.as_bytes())).or_insert(NonNull::from(p));
+            self.hot_primaries.insert(name_hash(key.name.as_bytes()), NonNull::from(p));
         }
         self.by_name.insert(key.name.as_bytes().into(), key.clone());
         self.by_id.insert(key.id, key.clone());
@@ -706,12 +720,10 @@ impl Cache {
 
     fn remove(&mut self, key: &CachedKey) {
         for v in key.usable_versions() {
-            self.hot_versions.remove(&version_slot(key.id, v.number));
+            self.hot_versions.remove(hash_u64(v.slot()), NonNull::from(v));
         }
-        let h = name_hash(key.name.as_bytes());
-        // SAFETY: every hot pointer is to a version of a key still in by_id.
-        if self.hot_primaries.get(&h).is_some_and(|p| unsafe { p.as_ref() }.key_id == key.id) {
-            self.hot_primaries.remove(&h);
+        if let Ok(p) = key.primary_version() {
+            self.hot_primaries.remove(name_hash(key.name.as_bytes()), NonNull::from(p));
         }
         self.by_name.remove(key.name.as_bytes());
         self.by_id.remove(&key.id);
@@ -724,8 +736,8 @@ thread_local! {
         catalog: None,
         by_name: HashMap::default(),
         by_id: HashMap::default(),
-        hot_versions: HashMap::default(),
-        hot_primaries: HashMap::default(),
+        hot_versions: HotIndex::default(),
+        hot_primaries: HotIndex::default(),
         kek: None,
     });
     static NONCES: RefCell<NonceSource> = RefCell::new(NonceSource::new());
@@ -781,41 +793,49 @@ pub fn key_by_id(id: u32) -> KmsResult<Rc<CachedKey>> {
     }
 }
 
-/// The warm path shared by [`with_primary`] and [`with_version`]: picks a
-/// version from the hot maps with `find`, starts loading its cache lines,
-/// and runs `f` on it if `accept` agrees. Leaves `f` in place (returns
-/// None) when the caller must take its cold path.
+/// Which hot index a warm lookup probes.
+#[derive(Clone, Copy)]
+enum Hot {
+    /// hash(version << 32 | key id) -> usable version (decrypt).
+    Versions,
+    /// hash(key name) -> primary version (encrypt).
+    Primaries,
+}
+
+/// The warm path shared by [`with_primary`] and [`with_version`]: finds the
+/// version under `hash` in a hot index that `is` the one sought, starting
+/// to load its cache lines as soon as its address is known, and runs `f` on
+/// it. Leaves `f` in place (returns None) when the caller must take its
+/// cold path.
 #[inline]
-fn run_hot<F, R>(
-    find: impl FnOnce(&Cache) -> Option<NonNull<CachedVersion>>,
-    accept: impl FnOnce(&CachedVersion) -> bool,
-    f: &mut Option<F>,
-) -> Option<KmsResult<R>>
+fn run_hot<F, R>(hot: Hot, hash: u64, is: impl Fn(&CachedVersion) -> bool, f: &mut Option<F>) -> Option<KmsResult<R>>
 where
     F: FnOnce(&CachedVersion) -> KmsResult<R>,
 {
     CACHE.with(|c| {
         c.borrow_mut().sync();
         let c = c.borrow();
-        let p = find(&c)?;
-        CachedVersion::prefetch(p.as_ptr());
-        // SAFETY: the version belongs to a key in `c.by_id`, which cannot
-        // change while `c` is borrowed (f cannot reach the cache mutably:
-        // the RefCell would panic rather than free it).
-        let v = unsafe { p.as_ref() };
-        v.prefetch_stat();
-        accept(v).then(|| (f.take().expect("runs once"))(v))
+        let index = match hot {
+            Hot::Versions => &c.hot_versions,
+            Hot::Primaries => &c.hot_primaries,
+        };
+        // SAFETY: every indexed version belongs to a key in `c.by_id`, which
+        // cannot change while `c` is borrowed (f cannot reach the cache
+        // mutably: the RefCell would panic rather than free it).
+        let p = index.find(hash, |p| {
+            CachedVersion::prefetch(p.as_ptr(), matches!(hot, Hot::Primaries));
+            is(unsafe { p.as_ref() })
+        })?;
+        Some((f.take().expect("runs once"))(unsafe { p.as_ref() }))
     })
 }
 
 /// Runs `f` on the primary version of the key named `name` (the per-row
-/// encrypt path). Warm, this is one hash probe and one pointer.
+/// encrypt path). Warm, this is one probe of a small index and one pointer.
 #[inline]
 pub fn with_primary<R>(name: &[u8], f: impl FnOnce(&CachedVersion) -> KmsResult<R>) -> KmsResult<R> {
-    let h = name_hash(name);
     let mut f = Some(f);
-    // The name is compared in the version: a hash collision goes cold.
-    if let Some(r) = run_hot(|c| c.hot_primaries.get(&h).copied(), |v| v.key_name_bytes() == name, &mut f) {
+    if let Some(r) = run_hot(Hot::Primaries, name_hash(name), |v| v.key_name_bytes() == name, &mut f) {
         return r;
     }
     // Cold: the permission error comes before any state error.
@@ -829,7 +849,8 @@ pub fn with_primary<R>(name: &[u8], f: impl FnOnce(&CachedVersion) -> KmsResult<
 #[inline]
 pub fn with_version<R>(id: u32, version: u32, f: impl FnOnce(&CachedVersion) -> KmsResult<R>) -> KmsResult<R> {
     let mut f = Some(f);
-    if let Some(r) = run_hot(|c| c.hot_versions.get(&version_slot(id, version)).copied(), |_| true, &mut f) {
+    let slot = version_slot(id, version);
+    if let Some(r) = run_hot(Hot::Versions, hash_u64(slot), |v| v.slot() == slot, &mut f) {
         return r;
     }
     let key = key_by_id(id)?;
@@ -934,21 +955,22 @@ fn load(lookup: Lookup<'_>) -> KmsResult<Rc<CachedKey>> {
         let usable = match (&kek, &r.wrapped, state) {
             (Some(kek), Some(w), State::Active | State::DecryptOnly) => {
                 let raw = kek.unwrap_raw(key.id, r.version as u32, w).map_err(|_| corrupt(r.version))?;
+                let stat = crate::shmem::stat_slot(key.id, r.version as u32);
                 Some(Box::new(CachedVersion {
+                    key: DataKey::new(&raw),
                     key_id: key.id,
                     number: r.version as u32,
-                    has_grants: key.has_grants(),
-                    name_len: name_len as u8,
                     seen: Cell::new((pg_sys::InvalidOid, 0)),
-                    stat: crate::shmem::stat_slot(key.id, r.version as u32),
-                    grants: key.grants.clone(),
                     pending_enc: Cell::new(0),
                     pending_dec: Cell::new(0),
                     enc_budget: Cell::new(0),
+                    has_grants: key.has_grants(),
+                    counted: stat.is_some(),
                     dirty: Cell::new(false),
-                    _pad: [0; 11],
-                    key: DataKey::new(&raw),
+                    name_len: name_len as u8,
                     name,
+                    stat,
+                    grants: key.grants.clone(),
                     det: MacKey::derive(raw.as_ref(), INFO_DETERMINISTIC),
                 }))
             }
@@ -1028,4 +1050,34 @@ pub fn encrypted_text_oid() -> KmsResult<pg_sys::Oid> {
 /// Names of the settings that hold the master key now, for `kms_health()`.
 pub fn describe_source(which: Which) -> Option<(&'static str, bool)> {
     master_key_source(which).map(|(s, is_file, _)| (s, is_file))
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+    use std::collections::BTreeSet;
+    use std::mem::offset_of;
+
+    fn lines(ranges: &[(usize, usize)]) -> BTreeSet<usize> {
+        ranges.iter().flat_map(|&(from, to)| from / 64..=(to - 1) / 64).collect()
+    }
+
+    /// The per-row cache lines of a version (see [`CachedVersion`]): the
+    /// fields the hot path reads share the GHASH key's line, so a decrypt
+    /// reads five lines and an encrypt (which compares the name) six. Only
+    /// speed depends on this, never results.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn hot_fields_share_the_ghash_line() {
+        let key = offset_of!(CachedVersion, key);
+        let schedule: Vec<(usize, usize)> = DataKey::HOT_RANGES.iter().map(|&(a, b)| (key + a, key + b)).collect();
+        let ghash_line = (key + DataKey::HOT_RANGES[1].0) / 64;
+        let hot = (offset_of!(CachedVersion, key_id), offset_of!(CachedVersion, name_len) + 1);
+        assert_eq!(lines(&[hot]), BTreeSet::from([ghash_line]));
+        let decrypt = lines(&[&schedule[..], &[hot]].concat());
+        assert_eq!(decrypt.len(), 5, "decrypt lines {decrypt:?}");
+        let name = offset_of!(CachedVersion, name);
+        let encrypt = lines(&[&schedule[..], &[hot, (name, name + NAME_MAX)]].concat());
+        assert_eq!(encrypt.len(), 6, "encrypt lines {encrypt:?}");
+    }
 }

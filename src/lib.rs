@@ -10,6 +10,7 @@ use pgrx::prelude::*;
 pub mod crypto;
 mod errors;
 mod guc;
+mod hotindex;
 mod keyring;
 mod lifecycle;
 mod redact;

@@ -29,6 +29,9 @@ const HOT_RANGES: [(usize, usize); 2] = [(0, 240), (SIZE - 32, SIZE - 16)];
 const SIZE: usize = std::mem::size_of::<Cipher>();
 
 impl DataKey {
+    /// Byte ranges of a `DataKey` that one seal or open reads (see above).
+    pub const HOT_RANGES: [(usize, usize); 2] = HOT_RANGES;
+
     pub fn new(key: &Zeroizing<[u8; 32]>) -> DataKey {
         DataKey { cipher: Cipher::new(key.as_ref().into()) }
     }
