@@ -7,8 +7,8 @@
 //! the CPU's L2 cache, so the lookup itself waited on memory before the
 //! key could even be loaded. Here a slot is one word: the value's address,
 //! whose six low bits (always zero for a 64-byte-aligned value) hold a tag
-//! from the hash. 10,000 keys take 128 KiB, which stays in L2, and a probe
-//! rarely looks at a value that is not the one sought (1 tag in 64).
+//! from the hash. 10,000 keys take 128 KiB, which mostly stays in L2, and a
+//! probe rarely looks at a value that is not the one sought (1 tag in 64).
 //!
 //! Open addressing with linear probing, at most 5/8 full, removal by
 //! backward shift (no tombstones, so churn from cache eviction does not
