@@ -416,8 +416,8 @@ impl CachedVersion {
     #[inline]
     fn prefetch(v: *const CachedVersion, with_name: bool) {
         let base = v as *const u8;
+        // The schedule's GHASH line also holds the per-row fields.
         DataKey::prefetch_schedule(base.wrapping_add(std::mem::offset_of!(CachedVersion, key)));
-        prefetch_line(base.wrapping_add(std::mem::offset_of!(CachedVersion, key_id)));
         if with_name {
             prefetch_line(base.wrapping_add(std::mem::offset_of!(CachedVersion, name)));
         }
