@@ -229,6 +229,15 @@ pub fn message(r: Result<impl Sized, postgres::Error>) -> String {
     }
 }
 
+/// The rows of a two-column query, as pairs.
+pub fn pairs<A, B>(db: &mut Client, sql: &str) -> Vec<(A, B)>
+where
+    A: for<'a> postgres::types::FromSql<'a>,
+    B: for<'a> postgres::types::FromSql<'a>,
+{
+    db.query(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}")).iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
 /// Polls `f` until it returns Some or the deadline passes.
 pub fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;

@@ -5,7 +5,7 @@
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use base64::Engine;
-use pg_kms_integration::{as_postgres, message, poll, random_key_hex, sqlstate, Cluster, PG_BIN};
+use pg_kms_integration::{as_postgres, message, pairs, poll, random_key_hex, sqlstate, Cluster, PG_BIN};
 use postgres::Client;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -90,12 +90,8 @@ fn every_bit_flip_is_rejected() {
     // format, flag or impossible version is malformed (22P02); an altered
     // key id names a key this keyring does not have (42704); an altered
     // version of a known key is an authentication failure (39000).
-    let other: Vec<(i32, String)> = db
-        .query("SELECT bit, state FROM flips WHERE state NOT IN ('39000', '22P02', '42704') ORDER BY bit", &[])
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let other: Vec<(i32, String)> =
+        pairs(&mut db, "SELECT bit, state FROM flips WHERE state NOT IN ('39000', '22P02', '42704') ORDER BY bit");
     assert!(other.is_empty(), "unexpected outcomes: {other:?}");
 }
 
@@ -221,8 +217,7 @@ fn search_path_hijack_runs_no_attacker_code() {
     ] {
         m.batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
-    let hits: Vec<(String, String)> =
-        db.query("SELECT who, what FROM public.hits", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
+    let hits: Vec<(String, String)> = pairs(&mut db, "SELECT who, what FROM public.hits");
     println!("search_path hijack: {} attacker functions run by pg_kms (16 entry points tried)", hits.len());
     assert!(hits.is_empty(), "pg_kms ran attacker code: {hits:?}");
 }

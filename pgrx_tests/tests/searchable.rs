@@ -3,7 +3,7 @@
 //! across sessions and logins, tenant erasure, secret expiry, a bounded key
 //! cache, and statement-log redaction in a real server log.
 
-use pg_kms_integration::{poll, sqlstate, Cluster};
+use pg_kms_integration::{pairs, poll, sqlstate, Cluster};
 use postgres::Client;
 use std::time::Duration;
 
@@ -107,12 +107,7 @@ fn per_key_grants_across_logins_and_membership_changes() {
     db.batch_execute("SELECT kms_revoke_key('tenant-a', 'team_a', 'decrypt')").unwrap();
     assert_eq!(sqlstate(alice.query_one("SELECT kms_decrypt(v) FROM t", &[])), "42501");
     assert_eq!(sqlstate(alice.query_one("SELECT kms_encrypt('y', 'tenant-a')", &[])), "ok");
-    let rows: Vec<(String, String)> = db
-        .query("SELECT grantee, privilege FROM kms_key_grants WHERE key_name = 'tenant-a'", &[])
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let rows: Vec<(String, String)> = pairs(&mut db, "SELECT grantee, privilege FROM kms_key_grants WHERE key_name = 'tenant-a'");
     assert_eq!(rows, vec![("team_a".to_string(), "encrypt".to_string())]);
     println!("per-key grants: grantee member allowed, non-member 42501, membership change and revoke honoured across sessions");
 }

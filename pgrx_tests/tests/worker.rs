@@ -1,7 +1,7 @@
 //! The background re-encryption worker on real clusters started with
 //! `shared_preload_libraries = 'pg_kms'`. Waiting is polling with deadlines.
 
-use pg_kms_integration::{poll, sqlstate, Cluster};
+use pg_kms_integration::{pairs, poll, sqlstate, Cluster};
 use postgres::Client;
 use std::collections::HashMap;
 use std::process::Command;
@@ -89,8 +89,7 @@ fn worker_converges_on_200k_rows_and_nothing_changes() {
     let secs = t.elapsed().as_secs_f64();
     println!("worker rewrapped 300000 values (200000 rows, 3 columns) in {secs:.1} s");
     assert_eq!(plaintext_hash(&mut db), before, "plaintext changed");
-    let usage: Vec<(i32, i64)> =
-        db.query("SELECT version, rows FROM kms_key_usage('pii')", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
+    let usage: Vec<(i32, i64)> = pairs(&mut db, "SELECT version, rows FROM kms_key_usage('pii')");
     assert_eq!(usage, vec![(1, 0), (2, 300_000)]);
     let done: i64 = db
         .query_one(
