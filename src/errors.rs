@@ -29,6 +29,9 @@ pub enum KmsError {
     PrimaryVersion { key: String, version: i32, action: &'static str },
     /// 55000: rows in this database still reference the version.
     StillReferenced { key: String, version: i32, rows: i64 },
+    /// 42501: the destroy guard cannot count every column (the caller may
+    /// not read some of them).
+    UsageUnverifiable { key: String, version: i32, detail: String },
     /// 55000: neither master-key setting is configured.
     MasterKeyMissing { previous: bool },
     /// 55000: the configured source could not give a valid key.
@@ -127,6 +130,12 @@ impl KmsError {
                 format!("cannot destroy version {version} of key \"{key}\": {rows} rows in this database still reference it"),
                 None,
                 Some("Re-encrypt them first (the background worker does it after a rotation; see kms_reencryption_progress, or run kms_reencrypt_now()), or pass force => true to make them unrecoverable on purpose.".into()),
+            ),
+            KmsError::UsageUnverifiable { key, version, detail } => (
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("cannot verify that no row still references version {version} of key \"{key}\""),
+                Some(detail.clone()),
+                Some("Have a role that may read those columns (their owners, or a superuser) destroy the version, or pass force => true to make any such rows unrecoverable on purpose.".into()),
             ),
             KmsError::MasterKeyMissing { previous: false } => (
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,

@@ -330,12 +330,23 @@ fn kms_destroy_key_version(
     reason: default!(Option<RawText>, "NULL"),
     force: default!(bool, false),
 ) {
+    // The guard counts only what the caller may read, each table scanned as
+    // its owner (never as the catalog owner).
+    let caller = keyring::current_user();
     lifecycle(|| {
         let (name, key, version) = lock_retirable(&key_name, version, "destroy", "destroy it again")?;
         if !force {
-            let rows = crate::reencrypt::usage_by_version(key.id)?.get(&version).copied().unwrap_or(0);
+            let (counts, skipped) = crate::reencrypt::usage_by_version(key.id, caller)?;
+            let rows = counts.get(&version).copied().unwrap_or(0);
             if rows > 0 {
                 return Err(KmsError::StillReferenced { key: name.into(), version, rows });
+            }
+            if !skipped.is_empty() {
+                return Err(KmsError::UsageUnverifiable {
+                    key: name.into(),
+                    version,
+                    detail: crate::reencrypt::skipped_notice(&skipped),
+                });
             }
         }
         set_state(&key, version, State::Destroyed)?;

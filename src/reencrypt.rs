@@ -3,69 +3,24 @@
 //! bookkeeping, key usage counts and statistics. Shared by the background
 //! worker and the synchronous `kms_reencrypt_now()`.
 //!
-//! All SQL here runs as the catalog owner (or the worker's superuser) with
-//! `search_path` pinned; user tables are named by quoted identifiers read
-//! from the catalog, and only `kms.*` helper functions are called.
+//! Trust boundary: every statement on a user table runs either as that
+//! table's owner under `SECURITY_RESTRICTED_OPERATION`
+//! ([`Runner::Owner`], see `keyring::as_table_owner`) or as the calling
+//! user ([`Runner::Caller`]), never as the catalog owner, so the table's
+//! triggers, constraints, index expressions and policies gain nothing.
+//! Those statements call no pg_kms function (the table owner needs no
+//! grant): rows are selected by their envelope header with built-in bytea
+//! operators only, rewrapped here in Rust, and written back from arrays.
+//! Only `kms.*` is read and written as the catalog owner.
 
 use crate::errors::{KmsError, KmsResult, OrRaise};
 use crate::keyring;
-use crate::types::{RawText, RegClass, SqlName};
+use crate::types::{EncryptedText, RawText, RegClass, SqlName};
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use pgrx::IntoDatum;
 use std::collections::BTreeMap;
-
-/// Status of a value for re-encryption (see `kms.rewrap_status`).
-pub const CURRENT: i32 = 0;
-pub const NEEDS_REWRAP: i32 = 1;
-pub const NEEDS_CONTEXT: i32 = 2;
-pub const CANNOT_OPEN: i32 = 3;
-
-/// Internal helpers in schema `kms` (not granted to anyone: the worker and
-/// the catalog owner call them).
-#[pg_schema]
-mod kms {
-    use super::{CANNOT_OPEN, CURRENT, NEEDS_CONTEXT, NEEDS_REWRAP};
-    use crate::errors::OrRaise;
-    use crate::keyring;
-    use crate::types::EncryptedText;
-    use crate::values;
-    use pgrx::prelude::*;
-
-    /// 0 current; 1 needs rewrap; 2 needs rewrap but was sealed with a context
-    /// (only the application can rewrap it); 3 cannot be opened (unknown key,
-    /// disabled or destroyed version).
-    #[pg_extern(stable, strict, parallel_safe)]
-    fn rewrap_status(value: EncryptedText) -> i32 {
-        let h = value.envelope().header;
-        let Ok(key) = keyring::key_by_id(h.key_id) else { return CANNOT_OPEN };
-        if h.key_version == key.primary {
-            CURRENT
-        } else if !key.can_open(h.key_version) {
-            CANNOT_OPEN
-        } else if h.has_context() {
-            NEEDS_CONTEXT
-        } else {
-            NEEDS_REWRAP
-        }
-    }
-
-    #[pg_extern(immutable, strict, parallel_safe)]
-    fn value_key_id(value: EncryptedText) -> i32 {
-        value.envelope().header.key_id as i32
-    }
-
-    #[pg_extern(immutable, strict, parallel_safe)]
-    fn value_version(value: EncryptedText) -> i32 {
-        value.envelope().header.key_version as i32
-    }
-
-    /// `kms_rewrap` without a context, for the worker's UPDATEs.
-    #[pg_extern(volatile, strict, parallel_safe)]
-    fn rewrap_value(value: EncryptedText) -> EncryptedText {
-        values::rewrap(value, &[]).or_raise()
-    }
-}
 
 fn spi_exec(q: &str, args: &[DatumWithOid<'_>]) -> KmsResult<()> {
     Spi::connect_mut(|c| c.update(q, None, args).map(|_| ())).map_err(KmsError::spi)
@@ -74,6 +29,8 @@ fn spi_exec(q: &str, args: &[DatumWithOid<'_>]) -> KmsResult<()> {
 #[derive(Clone, Debug)]
 pub struct Column {
     pub relid: pg_sys::Oid,
+    /// The table's owner: the identity the worker uses on it.
+    pub owner: pg_sys::Oid,
     /// schema-qualified, quoted
     pub table: String,
     /// quoted
@@ -81,35 +38,52 @@ pub struct Column {
     pub attname: String,
 }
 
+/// Who runs a statement on a user table.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Runner {
+    /// The table's owner, under `SECURITY_RESTRICTED_OPERATION` (the
+    /// worker, usage counts and the destroy guard).
+    Owner,
+    /// The current user, unchanged (`kms_reencrypt_now`).
+    Caller,
+}
+
+fn on_table<R>(col: &Column, who: Runner, f: impl FnOnce() -> KmsResult<R>) -> KmsResult<R> {
+    match who {
+        Runner::Owner => keyring::as_table_owner(col.owner, f),
+        Runner::Caller => f(),
+    }
+}
+
 /// Every `encrypted_text` column of an ordinary table (partitions included:
-/// rows live in the leaf tables) in this database.
+/// rows live in the leaf tables) in this database. Reads pg_catalog only.
 pub fn encrypted_columns() -> KmsResult<Vec<Column>> {
+    let et = keyring::encrypted_text_oid()?;
     Spi::connect(|c| -> Result<Vec<Column>, pgrx::spi::Error> {
         let t = c.select(
-            "SELECT c.oid, quote_ident(n.nspname) || '.' || quote_ident(c.relname), quote_ident(a.attname), a.attname::text
+            "SELECT c.oid, c.relowner, pg_catalog.quote_ident(n.nspname) OPERATOR(pg_catalog.||) '.'
+                    OPERATOR(pg_catalog.||) pg_catalog.quote_ident(c.relname),
+                    pg_catalog.quote_ident(a.attname), a.attname::pg_catalog.text
                FROM pg_catalog.pg_attribute a
-               JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
-               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-              WHERE a.atttypid = (SELECT t.oid FROM pg_catalog.pg_type t
-                                    JOIN pg_catalog.pg_depend d ON d.objid = t.oid
-                                     AND d.classid = 'pg_catalog.pg_type'::pg_catalog.regclass AND d.deptype = 'e'
-                                    JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid
-                                   WHERE e.extname = 'pg_kms' AND t.typname = 'encrypted_text')
-                AND a.attnum > 0 AND NOT a.attisdropped
-                AND c.relkind = 'r' AND c.relpersistence <> 't'
-                AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-                AND (n.nspname <> 'kms' OR c.relname = 'secrets')
+               JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid
+               JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+              WHERE a.atttypid OPERATOR(pg_catalog.=) $1
+                AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
+                AND c.relkind OPERATOR(pg_catalog.=) 'r' AND c.relpersistence OPERATOR(pg_catalog.<>) 't'
+                AND n.nspname OPERATOR(pg_catalog.<>) ALL ('{pg_catalog,information_schema}'::pg_catalog.name[])
+                AND (n.nspname OPERATOR(pg_catalog.<>) 'kms' OR c.relname OPERATOR(pg_catalog.=) 'secrets')
               ORDER BY c.oid, a.attnum",
             None,
-            &[],
+            &[et.into()],
         )?;
         let mut out = Vec::new();
         for r in t {
             out.push(Column {
                 relid: r.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
-                table: r.get::<String>(2)?.unwrap_or_default(),
-                column: r.get::<String>(3)?.unwrap_or_default(),
-                attname: r.get::<String>(4)?.unwrap_or_default(),
+                owner: r.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
+                table: r.get::<String>(3)?.unwrap_or_default(),
+                column: r.get::<String>(4)?.unwrap_or_default(),
+                attname: r.get::<String>(5)?.unwrap_or_default(),
             });
         }
         Ok(out)
@@ -117,18 +91,85 @@ pub fn encrypted_columns() -> KmsResult<Vec<Column>> {
     .map_err(KmsError::spi)
 }
 
+/// The envelope headers (first 10 bytes) that the worker may rewrap, and
+/// those that need a rewrap but were sealed with a context (only the
+/// application can rewrap them): one per usable, non-primary version and
+/// flag combination.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Targets {
+    pub rewrap: Vec<Vec<u8>>,
+    pub context: Vec<Vec<u8>>,
+}
+
+impl Targets {
+    pub fn is_empty(&self) -> bool {
+        self.rewrap.is_empty() && self.context.is_empty()
+    }
+}
+
+/// Reads the keyring (as the catalog owner) for [`Targets`].
+pub fn targets() -> KmsResult<Targets> {
+    use crate::crypto::envelope::{Header, FLAG_BYTES, FLAG_CONTEXT, FLAG_DETERMINISTIC};
+    let versions = keyring::as_catalog_owner(|_| {
+        Spi::connect(|c| -> Result<Vec<(i32, i32)>, pgrx::spi::Error> {
+            let mut out = Vec::new();
+            for r in c.select(
+                "SELECT v.key_id, v.version FROM kms.keys k JOIN kms.key_versions v ON v.key_id = k.key_id
+                  WHERE v.version <> k.primary_version AND v.state IN ('active', 'decrypt_only')
+                  ORDER BY 1, 2",
+                None,
+                &[],
+            )? {
+                out.push((r.get::<i32>(1)?.unwrap_or(0), r.get::<i32>(2)?.unwrap_or(0)));
+            }
+            Ok(out)
+        })
+        .map_err(KmsError::spi)
+    })?;
+    let mut t = Targets::default();
+    for (key_id, version) in versions {
+        for bytes in [0, FLAG_BYTES] {
+            for det in [0, FLAG_DETERMINISTIC] {
+                for ctx in [0, FLAG_CONTEXT] {
+                    let h = Header { flags: bytes | det | ctx, key_id: key_id as u32, key_version: version as u32 };
+                    let list = if ctx == 0 { &mut t.rewrap } else { &mut t.context };
+                    list.push(h.encode().to_vec());
+                }
+            }
+        }
+    }
+    Ok(t)
+}
+
+/// `col`'s first 10 bytes (the envelope header), with built-in functions
+/// only (`encrypted_text` is binary-coercible to bytea).
+fn header_expr(alias: &str, col: &Column) -> String {
+    format!("pg_catalog.substring({alias}.{c}::pg_catalog.bytea, 1, 10)", c = col.column)
+}
+
 /// (rows needing a rewrap the worker can do, rows needing one that only
 /// the application can do because they were sealed with a context).
-pub fn pending_counts(col: &Column) -> KmsResult<(i64, i64)> {
+pub fn pending_counts(col: &Column, who: Runner, targets: &Targets) -> KmsResult<(i64, i64)> {
+    if targets.is_empty() {
+        return Ok((0, 0));
+    }
     let q = format!(
-        "SELECT count(*) FILTER (WHERE s = {NEEDS_REWRAP}), count(*) FILTER (WHERE s = {NEEDS_CONTEXT})
-           FROM (SELECT kms.rewrap_status({c}) AS s FROM ONLY {t} WHERE {c} IS NOT NULL) x",
+        "SELECT pg_catalog.count(*) FILTER (WHERE h OPERATOR(pg_catalog.=) ANY ($1)),
+                pg_catalog.count(*) FILTER (WHERE h OPERATOR(pg_catalog.=) ANY ($2))
+           FROM (SELECT {h} AS h FROM ONLY {t} kms_t WHERE kms_t.{c} IS NOT NULL) x",
+        h = header_expr("kms_t", col),
         c = col.column,
         t = col.table
     );
-    Spi::connect(|c| c.select(&q, Some(1), &[])?.first().get_two::<i64, i64>())
+    on_table(col, who, || {
+        Spi::connect(|c| {
+            c.select(&q, Some(1), &[targets.rewrap.clone().into(), targets.context.clone().into()])?
+                .first()
+                .get_two::<i64, i64>()
+        })
         .map(|(a, b)| (a.unwrap_or(0), b.unwrap_or(0)))
         .map_err(KmsError::spi)
+    })
 }
 
 /// A position in a table: (block, line pointer), as in `ctid`.
@@ -148,53 +189,127 @@ pub struct Batch {
     pub updated: i64,
     /// The last row picked: the next batch starts there.
     pub last: Option<Tid>,
+    /// The first row that could not be rewrapped (left as it is), and why.
+    pub failed: Option<(Tid, String)>,
 }
 
-/// Rewraps up to `limit` rows (all with None) from block `from_block` on,
-/// skipping rows locked by others. A concurrent UPDATE of the same row
-/// always wins: we lock the row first, and rewrap its latest version.
-pub fn rewrap_batch(col: &Column, from: Tid, limit: Option<i64>) -> KmsResult<Batch> {
-    let q = format!(
-        "WITH picked AS (
-             SELECT ctid AS tid FROM ONLY {t}
-              WHERE ctid >= $1::tid AND kms.rewrap_status({c}) = {NEEDS_REWRAP}
-              LIMIT $2 FOR UPDATE SKIP LOCKED),
-         upd AS (
-             UPDATE ONLY {t} SET {c} = kms.rewrap_value({c})
-              WHERE ctid = ANY (ARRAY(SELECT tid FROM picked)) RETURNING 1)
-         SELECT (SELECT count(*) FROM picked), (SELECT count(*) FROM upd),
-                (SELECT pg_catalog.max(tid)::text FROM picked)",
-        t = col.table,
-        c = col.column
+/// An `encrypted_text[]` built from values (its oid given explicitly).
+struct ArrayDatum(pg_sys::Datum);
+
+impl IntoDatum for ArrayDatum {
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        Some(self.0)
+    }
+    fn type_oid() -> pg_sys::Oid {
+        pg_sys::InvalidOid
+    }
+}
+
+fn encrypted_text_array(values: Vec<EncryptedText>) -> KmsResult<DatumWithOid<'static>> {
+    let elem = keyring::encrypted_text_oid()?;
+    let mut datums: Vec<pg_sys::Datum> = values.into_iter().filter_map(|v| v.into_datum()).collect();
+    // SAFETY: `elem` is the oid of encrypted_text (a varlena, int4-aligned,
+    // not by value); `datums` are palloc'd varlenas of that type that live
+    // in the current memory context; construct_array copies them.
+    unsafe {
+        let (mut len, mut byval, mut align) = (0i16, false, 0 as std::ffi::c_char);
+        pg_sys::get_typlenbyvalalign(elem, &mut len, &mut byval, &mut align);
+        let arr = pg_sys::construct_array(datums.as_mut_ptr(), datums.len() as i32, elem, len as i32, byval, align);
+        let array_oid = pg_sys::get_array_type(elem);
+        Ok(DatumWithOid::new(ArrayDatum(pg_sys::Datum::from(arr)), array_oid))
+    }
+}
+
+/// Rewraps up to `limit` rows (all with None) from `from` on, skipping rows
+/// locked by others. A concurrent UPDATE of the same row always wins: the
+/// row is locked first and its latest version rewrapped. A value that
+/// cannot be opened (forged, altered, or its version disabled meanwhile)
+/// is left as it is and reported in `failed`.
+pub fn rewrap_batch(col: &Column, who: Runner, targets: &Targets, from: Tid, limit: Option<i64>) -> KmsResult<Batch> {
+    let none = Batch { picked: 0, updated: 0, last: None, failed: None };
+    if targets.rewrap.is_empty() {
+        return Ok(none);
+    }
+    let pick = format!(
+        "SELECT kms_t.ctid::pg_catalog.text, kms_t.{c}::pg_catalog.bytea FROM ONLY {t} kms_t
+          WHERE kms_t.ctid OPERATOR(pg_catalog.>=) $1::pg_catalog.tid
+            AND {h} OPERATOR(pg_catalog.=) ANY ($2)
+          LIMIT $3 FOR UPDATE OF kms_t SKIP LOCKED",
+        h = header_expr("kms_t", col),
+        c = col.column,
+        t = col.table
     );
     let start = tid_text(from);
-    Spi::connect_mut(|c| -> Result<Batch, pgrx::spi::Error> {
-        let t = c.update(&q, Some(1), &[start.as_str().into(), limit.into()])?;
-        let (a, b, last) = t.first().get_three::<i64, i64, String>()?;
-        Ok(Batch { picked: a.unwrap_or(0), updated: b.unwrap_or(0), last: last.as_deref().and_then(parse_tid) })
-    })
-    .map_err(KmsError::spi)
+    let rows = on_table(col, who, || {
+        Spi::connect_mut(|c| -> Result<Vec<(String, Vec<u8>)>, pgrx::spi::Error> {
+            let t = c.update(&pick, None, &[start.as_str().into(), targets.rewrap.clone().into(), limit.into()])?;
+            let mut out = Vec::new();
+            for r in t {
+                out.push((r.get::<String>(1)?.unwrap_or_default(), r.get::<Vec<u8>>(2)?.unwrap_or_default()));
+            }
+            Ok(out)
+        })
+        .map_err(KmsError::spi)
+    })?;
+    let mut batch = Batch { picked: rows.len() as i64, last: rows.iter().filter_map(|(t, _)| parse_tid(t)).max(), ..none };
+    let (mut tids, mut values) = (Vec::new(), Vec::new());
+    for (tid, bytes) in rows {
+        match crate::values::rewrap(EncryptedText::from_bytes(&bytes), &[]) {
+            Ok(v) => {
+                tids.push(tid);
+                values.push(v);
+            }
+            Err(e) => {
+                if batch.failed.is_none() {
+                    batch.failed = parse_tid(&tid).map(|t| (t, e.message()));
+                }
+            }
+        }
+    }
+    if tids.is_empty() {
+        return Ok(batch);
+    }
+    let update = format!(
+        "UPDATE ONLY {t} kms_t SET {c} = kms_u.n
+           FROM pg_catalog.unnest($1::pg_catalog.tid[], $2) AS kms_u(tid, n)
+          WHERE kms_t.ctid OPERATOR(pg_catalog.=) kms_u.tid
+            AND kms_t.ctid OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.tid[])",
+        c = col.column,
+        t = col.table
+    );
+    let arr = encrypted_text_array(values)?;
+    batch.updated = on_table(col, who, || {
+        Spi::connect_mut(|c| c.update(&update, None, &[tids.into(), arr]).map(|t| t.len() as i64)).map_err(KmsError::spi)
+    })?;
+    Ok(batch)
 }
 
 /// The first row from `from` on that still needs a rewrap (no lock): used
 /// to step over a row whose rewrap fails, so that one bad row (e.g. a
 /// deterministic duplicate under UNIQUE) cannot stall the whole table.
-pub fn next_candidate(col: &Column, from: Tid) -> KmsResult<Option<Tid>> {
+pub fn next_candidate(col: &Column, who: Runner, targets: &Targets, from: Tid) -> KmsResult<Option<Tid>> {
+    if targets.rewrap.is_empty() {
+        return Ok(None);
+    }
     let q = format!(
-        "SELECT ctid::text FROM ONLY {t} WHERE ctid >= $1::tid AND kms.rewrap_status({c}) = {NEEDS_REWRAP} LIMIT 1",
-        t = col.table,
-        c = col.column
+        "SELECT kms_t.ctid::pg_catalog.text FROM ONLY {t} kms_t
+          WHERE kms_t.ctid OPERATOR(pg_catalog.>=) $1::pg_catalog.tid AND {h} OPERATOR(pg_catalog.=) ANY ($2)
+          LIMIT 1",
+        h = header_expr("kms_t", col),
+        t = col.table
     );
     let start = tid_text(from);
-    Spi::connect(|c| {
-        let t = c.select(&q, Some(1), &[start.as_str().into()])?;
-        if t.is_empty() {
-            return Ok(None);
-        }
-        t.first().get_one::<String>()
+    on_table(col, who, || {
+        Spi::connect(|c| {
+            let t = c.select(&q, Some(1), &[start.as_str().into(), targets.rewrap.clone().into()])?;
+            if t.is_empty() {
+                return Ok(None);
+            }
+            t.first().get_one::<String>()
+        })
+        .map(|s| s.as_deref().and_then(parse_tid))
+        .map_err(KmsError::spi)
     })
-    .map(|s| s.as_deref().and_then(parse_tid))
-    .map_err(KmsError::spi)
 }
 
 pub fn progress_start(col: &Column, pending: i64, with_context: i64) -> KmsResult<()> {
@@ -237,6 +352,11 @@ pub fn progress_error(col: &Column, message: &str) -> KmsResult<()> {
     )
 }
 
+/// The message recorded for a row that could not be rewrapped.
+pub fn row_error(tid: Tid, why: &str) -> String {
+    format!("row {tid:?} could not be re-encrypted: {why}")
+}
+
 /// Drops progress rows of tables or columns that no longer exist.
 pub fn progress_gc() -> KmsResult<()> {
     spi_exec(
@@ -247,59 +367,94 @@ pub fn progress_gc() -> KmsResult<()> {
     )
 }
 
-/// Rows per version of `key_id` over every encrypted column (a full scan
-/// of each: cost proportional to the encrypted data in this database).
-pub fn usage_by_version(key_id: i32) -> KmsResult<BTreeMap<i32, i64>> {
+/// Rows per version of `key_id`, over every encrypted column that `caller`
+/// may SELECT (each counted by a full scan run as its table's owner under
+/// `SECURITY_RESTRICTED_OPERATION`), and the columns skipped because
+/// `caller` may not read them (`table.column`).
+pub fn usage_by_version(key_id: i32, caller: pg_sys::Oid) -> KmsResult<(BTreeMap<i32, i64>, Vec<String>)> {
     let mut counts = BTreeMap::new();
+    let mut skipped = Vec::new();
+    let id = (key_id as u32).to_be_bytes().to_vec();
     for col in encrypted_columns()? {
+        let readable = keyring::spi_first::<bool>(
+            "SELECT pg_catalog.has_column_privilege($1, $2, $3, 'SELECT')",
+            &[caller.into(), col.relid.into(), col.attname.as_str().into()],
+            false,
+        )?;
+        if readable != Some(true) {
+            skipped.push(format!("{}.{}", col.table, col.column));
+            continue;
+        }
         let q = format!(
-            "SELECT kms.value_version({c}), count(*) FROM ONLY {t} WHERE kms.value_key_id({c}) = $1 GROUP BY 1",
+            "SELECT pg_catalog.substring(kms_t.{c}::pg_catalog.bytea, 7, 4), pg_catalog.count(*) FROM ONLY {t} kms_t
+              WHERE pg_catalog.substring(kms_t.{c}::pg_catalog.bytea, 3, 4) OPERATOR(pg_catalog.=) $1 GROUP BY 1",
             c = col.column,
             t = col.table
         );
-        Spi::connect(|c| -> Result<(), pgrx::spi::Error> {
-            for r in c.select(&q, None, &[key_id.into()])? {
-                let v = r.get::<i32>(1)?.unwrap_or(0);
-                *counts.entry(v).or_insert(0) += r.get::<i64>(2)?.unwrap_or(0);
-            }
-            Ok(())
-        })
-        .map_err(KmsError::spi)?;
+        on_table(&col, Runner::Owner, || {
+            Spi::connect(|c| -> Result<(), pgrx::spi::Error> {
+                for r in c.select(&q, None, &[id.clone().into()])? {
+                    let v = r.get::<Vec<u8>>(1)?.unwrap_or_default();
+                    let v = <[u8; 4]>::try_from(v.as_slice()).map(i32::from_be_bytes).unwrap_or(0);
+                    *counts.entry(v).or_insert(0) += r.get::<i64>(2)?.unwrap_or(0);
+                }
+                Ok(())
+            })
+            .map_err(KmsError::spi)
+        })?;
     }
-    Ok(counts)
+    Ok((counts, skipped))
 }
 
-/// Per version: state and how many rows in this database reference it.
+/// Per version: state and how many rows in this database reference it,
+/// counting only the columns the caller may SELECT (a NOTICE names the
+/// others), each scanned as its table's owner.
 #[pg_extern(volatile, parallel_unsafe)]
 fn kms_key_usage(
     key_name: RawText,
 ) -> TableIterator<'static, (name!(version, i32), name!(state, String), name!(rows, i64))> {
-    let rows = keyring::as_catalog_owner(|_| {
+    let caller = keyring::current_user();
+    let rows = (|| {
         let name = keyring::validate_key_name(key_name.bytes())?;
-        let versions = Spi::connect(|c| -> Result<Vec<(i32, i32, String)>, pgrx::spi::Error> {
-            let mut out = Vec::new();
-            for r in c.select(
-                "SELECT k.key_id, v.version, v.state FROM kms.keys k JOIN kms.key_versions v USING (key_id)
-                  WHERE k.key_name = $1 ORDER BY v.version",
-                None,
-                &[name.into()],
-            )? {
-                out.push((r.get::<i32>(1)?.unwrap_or(0), r.get::<i32>(2)?.unwrap_or(0), r.get::<String>(3)?.unwrap_or_default()));
-            }
-            Ok(out)
-        })
-        .map_err(KmsError::spi)?;
+        let versions = keyring::as_catalog_owner(|_| {
+            Spi::connect(|c| -> Result<Vec<(i32, i32, String)>, pgrx::spi::Error> {
+                let mut out = Vec::new();
+                for r in c.select(
+                    "SELECT k.key_id, v.version, v.state FROM kms.keys k JOIN kms.key_versions v USING (key_id)
+                      WHERE k.key_name = $1 ORDER BY v.version",
+                    None,
+                    &[name.into()],
+                )? {
+                    out.push((r.get::<i32>(1)?.unwrap_or(0), r.get::<i32>(2)?.unwrap_or(0), r.get::<String>(3)?.unwrap_or_default()));
+                }
+                Ok(out)
+            })
+            .map_err(KmsError::spi)
+        })?;
         let Some(&(key_id, _, _)) = versions.first() else { return Err(KmsError::UnknownKey(name.into())) };
-        let counts = usage_by_version(key_id)?;
+        let (counts, skipped) = usage_by_version(key_id, caller)?;
+        if !skipped.is_empty() {
+            notice!("{}", skipped_notice(&skipped));
+        }
         Ok(versions.into_iter().map(|(_, v, s)| (v, s, counts.get(&v).copied().unwrap_or(0))).collect::<Vec<_>>())
-    })
+    })()
     .or_raise();
     TableIterator::new(rows)
 }
 
-/// Rewraps synchronously, in the caller's transaction, the rows of `tbl.col`
-/// not sealed under their key's primary version. Requires UPDATE on the
-/// column. Returns the number of rows rewrapped.
+/// "N encrypted columns were not counted ...", naming at most ten.
+pub fn skipped_notice(skipped: &[String]) -> String {
+    let mut names = skipped.iter().take(10).cloned().collect::<Vec<_>>().join(", ");
+    if skipped.len() > 10 {
+        names.push_str(", ...");
+    }
+    format!("{} encrypted_text columns were not counted because you may not SELECT them: {names}", skipped.len())
+}
+
+/// Rewraps synchronously, in the caller's transaction and as the caller
+/// (who needs SELECT and UPDATE on the column, and the key's privileges if
+/// it has grants), the rows of `tbl.col` not sealed under their key's
+/// primary version. Returns the number of rows rewrapped.
 #[pg_extern(volatile, parallel_unsafe)]
 fn kms_reencrypt_now(tbl: RegClass, col: SqlName, max_rows: default!(Option<i32>, "NULL")) -> i64 {
     let (tbl, col) = (tbl.0, col.0.as_str());
@@ -308,27 +463,39 @@ fn kms_reencrypt_now(tbl: RegClass, col: SqlName, max_rows: default!(Option<i32>
             KmsError::BadArgument { message: "max_rows must not be negative".into(), hint: "Pass NULL for all rows." }.raise();
         }
     }
-    let allowed = Spi::get_one_with_args::<bool>(
-        "SELECT pg_catalog.has_column_privilege($1, $2, 'SELECT, UPDATE')",
-        &[tbl.into(), col.into()],
-    )
-    .map_err(KmsError::spi)
-    .or_raise();
-    if allowed != Some(true) {
-        KmsError::NotAllowed(format!("permission denied to re-encrypt column \"{col}\" of relation {}", tbl.to_u32())).raise();
-    }
-    keyring::as_catalog_owner(|_| {
-        let column = encrypted_columns()?
-            .into_iter()
-            .find(|c| c.relid == tbl && c.attname == col)
-            .ok_or_else(|| KmsError::BadArgument {
+    let r = (|| {
+        let allowed = keyring::spi_first::<bool>(
+            "SELECT pg_catalog.has_column_privilege($1, $2, 'SELECT, UPDATE')",
+            &[tbl.into(), col.into()],
+            false,
+        )?;
+        if allowed != Some(true) {
+            let table = keyring::spi_first::<String>("SELECT $1::pg_catalog.regclass::pg_catalog.text", &[tbl.into()], false)?
+                .unwrap_or_default();
+            return Err(KmsError::NotAllowed(format!("permission denied to re-encrypt column \"{col}\" of table {table}")));
+        }
+        let column = encrypted_columns()?.into_iter().find(|c| c.relid == tbl && c.attname == col).ok_or_else(|| {
+            KmsError::BadArgument {
                 message: format!("column \"{col}\" is not an encrypted_text column of an ordinary table"),
                 hint: "Pass a table and one of its encrypted_text columns.",
-            })?;
-        let (pending, ctx) = pending_counts(&column)?;
-        progress_start(&column, pending, ctx)?;
-        let b = rewrap_batch(&column, (0, 0), max_rows.map(i64::from))?;
-        progress_batch(&column, b.updated)?;
+            }
+        })?;
+        let targets = targets()?;
+        // The user table is read and written as the caller; only the
+        // progress row is written as the catalog owner.
+        let (pending, ctx) = pending_counts(&column, Runner::Caller, &targets)?;
+        keyring::as_catalog_owner(|_| progress_start(&column, pending, ctx))?;
+        let b = rewrap_batch(&column, Runner::Caller, &targets, (0, 0), max_rows.map(i64::from))?;
+        keyring::as_catalog_owner(|_| {
+            progress_batch(&column, b.updated)?;
+            match &b.failed {
+                Some((tid, why)) => progress_error(&column, &row_error(*tid, why)),
+                None => Ok(()),
+            }
+        })?;
+        if let Some((tid, why)) = &b.failed {
+            warning!("{}", row_error(*tid, why));
+        }
         if ctx > 0 {
             notice!(
                 "{ctx} rows of column \"{col}\" were sealed with a context and were not re-encrypted; \
@@ -336,8 +503,8 @@ fn kms_reencrypt_now(tbl: RegClass, col: SqlName, max_rows: default!(Option<i32>
             );
         }
         Ok(b.updated)
-    })
-    .or_raise()
+    })();
+    r.or_raise()
 }
 
 /// Encryptions and decryptions per key version of this database since

@@ -13,6 +13,7 @@
 //! * It keeps no state that matters across a crash: after `kill -9` or an
 //!   immediate shutdown it recounts what is pending and carries on.
 
+use crate::reencrypt::Runner;
 use crate::{guc, lifecycle, reencrypt, shmem};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::pg_sys;
@@ -219,8 +220,9 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
     };
     // Rewrapping is not a logical change: do not fire application triggers.
     set(c"session_replication_role", c"replica");
-    // The worker runs as a superuser over user tables: resolve every
-    // function and operator in pg_catalog only (no search_path hijack).
+    // Resolve every function and operator in pg_catalog only (no
+    // search_path hijack). Statements on user tables run as their owners
+    // (reencrypt::Runner::Owner), never as this worker's superuser.
     set(c"search_path", c"pg_catalog, pg_temp");
     // A rewrap batch is idempotent: losing the last ones in a crash only
     // means they are done again. Do not make the application wait on our
@@ -267,6 +269,16 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
             }
             continue;
         };
+        let targets = match xact_kms(reencrypt::targets) {
+            Ok(t) => t,
+            Err(e) => {
+                warning!("pg_kms: could not read the keyring: {e}");
+                if !BackgroundWorker::wait_latch(Some(naptime())) {
+                    break;
+                }
+                continue;
+            }
+        };
         let cols = match xact(|| {
             let _ = reencrypt::progress_gc();
             reencrypt::encrypted_columns()
@@ -283,7 +295,9 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
                 continue;
             }
             match xact_kms(|| {
-                let (pending, ctx) = reencrypt::pending_counts(&col)?;
+                // Every statement on the table runs as its owner, under
+                // SECURITY_RESTRICTED_OPERATION (see reencrypt::Runner).
+                let (pending, ctx) = reencrypt::pending_counts(&col, Runner::Owner, &targets)?;
                 reencrypt::progress_start(&col, pending, ctx)?;
                 Ok(pending)
             }) {
@@ -318,8 +332,11 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
                 }
                 let limit = throttle.batch_size();
                 let r = xact_kms(|| {
-                    let b = reencrypt::rewrap_batch(&col, cursor, Some(limit))?;
+                    let b = reencrypt::rewrap_batch(&col, Runner::Owner, &targets, cursor, Some(limit))?;
                     reencrypt::progress_batch(&col, b.updated)?;
+                    if let Some((tid, why)) = &b.failed {
+                        reencrypt::progress_error(&col, &reencrypt::row_error(*tid, why))?;
+                    }
                     Ok(b)
                 });
                 match r {
@@ -337,15 +354,15 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
                         // it; the rest of the table goes on. (The batch's own
                         // error is recorded only when no row is to blame, so
                         // last_error never goes back to the vaguer message.)
-                        match xact_kms(|| reencrypt::next_candidate(&col, cursor)) {
+                        match xact_kms(|| reencrypt::next_candidate(&col, Runner::Owner, &targets, cursor)) {
                             Ok(Some(bad)) => {
                                 let alone = xact_kms(|| {
-                                    let b = reencrypt::rewrap_batch(&col, bad, Some(1))?;
+                                    let b = reencrypt::rewrap_batch(&col, Runner::Owner, &targets, bad, Some(1))?;
                                     reencrypt::progress_batch(&col, b.updated)?;
                                     Ok(b)
                                 });
                                 if let Err(e) = alone {
-                                    let note = format!("row {bad:?} could not be re-encrypted: {e}");
+                                    let note = reencrypt::row_error(bad, &e);
                                     let _ = xact(|| reencrypt::progress_error(&col, &note));
                                 }
                                 cursor = (bad.0, bad.1.saturating_add(1));
