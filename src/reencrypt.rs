@@ -271,7 +271,7 @@ pub fn rewrap_batch(col: &Column, who: Runner, targets: &Targets, from: Tid, lim
     }
     let update = format!(
         "UPDATE ONLY {t} kms_t SET {c} = kms_u.n
-           FROM pg_catalog.unnest($1::pg_catalog.tid[], $2) AS kms_u(tid, n)
+           FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.tid[]), pg_catalog.unnest($2)) AS kms_u(tid, n)
           WHERE kms_t.ctid OPERATOR(pg_catalog.=) kms_u.tid
             AND kms_t.ctid OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.tid[])",
         c = col.column,

@@ -342,9 +342,11 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
                 match r {
                     Ok(b) => {
                         did_work |= b.updated > 0;
-                        throttle.rows += b.updated as u64;
+                        throttle.rows += b.picked as u64;
                         match b.last {
-                            Some(last) if b.picked >= limit => cursor = last,
+                            // Past the last row picked: it was rewrapped, or it
+                            // cannot be (named in last_error) and is stepped over.
+                            Some(last) if b.picked >= limit => cursor = (last.0, last.1.saturating_add(1)),
                             _ => break, // reached the end of the table
                         }
                     }
