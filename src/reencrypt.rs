@@ -465,7 +465,8 @@ fn kms_reencrypt_now(tbl: RegClass, col: SqlName, max_rows: default!(Option<i32>
     }
     let r = (|| {
         let allowed = keyring::spi_first::<bool>(
-            "SELECT pg_catalog.has_column_privilege($1, $2, 'SELECT, UPDATE')",
+            // Both: with a list, has_column_privilege is true if *any* is held.
+            "SELECT pg_catalog.has_column_privilege($1, $2, 'SELECT') AND pg_catalog.has_column_privilege($1, $2, 'UPDATE')",
             &[tbl.into(), col.into()],
             false,
         )?;

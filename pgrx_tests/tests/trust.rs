@@ -132,7 +132,7 @@ fn worker_runs_table_code_as_its_owner_and_nobody_gains_superuser() {
         .ok()
         .map(|r| r.get(0))
     });
-    assert!(err.starts_with("row (0,1) could not be re-encrypted: decryption failed"), "{err}");
+    assert!(err.starts_with("row (0, 1) could not be re-encrypted: decryption failed"), "{err}");
     poll("mallory's policy to have run", CONVERGE, || {
         let n: i64 = db.query_one("SELECT count(*) FROM public.seen WHERE usr = 'mallory'", &[]).ok()?.get(0);
         (n > 0).then_some(())
