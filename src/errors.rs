@@ -275,6 +275,16 @@ pub fn relation_display(rel: pgrx::pg_sys::Oid) -> String {
     s.map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
+/// An identifier quoted as `quote_ident` would (only when needed), for
+/// messages (e.g. a column name).
+#[allow(dead_code)] // for kms_reencrypt_now's message (src/reencrypt.rs)
+pub fn quote_ident(ident: &str) -> String {
+    let Ok(c) = std::ffi::CString::new(ident) else { return format!("{ident:?}") };
+    // SAFETY: quote_identifier reads a NUL-terminated string and returns
+    // either it or a palloc'd quoted copy, both valid while `c` lives.
+    unsafe { std::ffi::CStr::from_ptr(pgrx::pg_sys::quote_identifier(c.as_ptr())) }.to_string_lossy().into_owned()
+}
+
 impl From<EnvelopeError> for KmsError {
     fn from(e: EnvelopeError) -> Self {
         KmsError::Malformed(e.to_string())
