@@ -678,6 +678,9 @@ mod tests {
 
     #[pg_test]
     fn key_grants_die_with_the_role() {
+        // Create the error helper as the superuser: created inside as_role()
+        // it would belong to kt_g1, and DROP ROLE would then be refused.
+        assert_eq!(error_of("SELECT 1"), None);
         setup_key("gk");
         run("CREATE TEMP TABLE gt AS SELECT kms_encrypt('secret row', 'gk') AS v");
         run("GRANT SELECT ON gt TO PUBLIC");
@@ -783,8 +786,9 @@ mod tests {
         let e = full_error_as("kt_plainuser", "SELECT kms_secret_get('hs')").unwrap();
         assert!(e.starts_with("42501|permission denied for role kt_plainuser to read secret \"hs\""), "{e}");
         assert!(e.ends_with("|Secrets can be read by members of kms_admin and by roles granted 'decrypt' on the secret's key with kms_grant_key(); an unknown secret gives this same error."), "{e}");
-        // kms_reencrypt_now: the column privilege hint.
-        let e = full_error_as(r#""Kt Hinted""#, "SELECT kms_reencrypt_now('ht', 'v')").unwrap();
+        // kms_reencrypt_now: the column privilege hint (no privilege on ht2).
+        run("CREATE TEMP TABLE ht2 (v encrypted_text)");
+        let e = full_error_as(r#""Kt Hinted""#, "SELECT kms_reencrypt_now('ht2', 'v')").unwrap();
         assert!(e.starts_with("42501|"), "{e}");
         assert!(e.ends_with("|Ask the table owner for SELECT and UPDATE on the column."), "{e}");
         // No message names a role by oid.
