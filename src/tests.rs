@@ -696,8 +696,14 @@ mod tests {
         assert_eq!(as_role("kt_g1", "SELECT kms_decrypt(v) FROM gt").as_deref(), Some("42501"));
         assert_eq!(as_role("kt_other", "SELECT kms_decrypt(v) FROM gt").as_deref(), Some("42501"));
         assert_eq!(one::<String>("SELECT status FROM kms_key_grants WHERE key_name = 'gk'").as_deref(), Some("stale: role dropped"));
-        // Rebinding only concerns grants restored from another cluster.
+        // Rebinding only concerns grants restored from another cluster; it
+        // is for kms_admin members only.
         assert_eq!(one::<i64>("SELECT kms_rebind_key_grants()"), Some(0));
+        run("CREATE ROLE kt_gadmin IN ROLE kms_admin");
+        assert_eq!(as_role("kt_gadmin", "SELECT kms_rebind_key_grants()"), None);
+        for r in ["kt_other", "kt_g1"] {
+            assert_eq!(as_role(r, "SELECT kms_rebind_key_grants()").as_deref(), Some("42501"), "{r}");
+        }
         assert_eq!(as_role("kt_g1", "SELECT kms_decrypt(v) FROM gt").as_deref(), Some("42501"));
         // Granting again binds the grant to the new role.
         run("SELECT kms_grant_key('gk', 'kt_g1', 'decrypt')");
