@@ -40,12 +40,20 @@ CREATE TABLE kms.keys (
 );
 
 -- Per-key grants: once a key has grants, only grantees may use it for that
--- privilege. Roles are stored by name so dumps restore into other clusters.
+-- privilege. A grant names its role twice: by oid, so that it dies with the
+-- role (a role dropped and recreated under the same name gets a new oid and
+-- does not inherit it), and by name, so that a dump restored into another
+-- cluster (other oids) can be bound again to the roles of that name there,
+-- by an explicit, audited kms_rebind_key_grants(). cluster_id is the
+-- pg_control_system() system identifier of the cluster where the oid was
+-- taken; only rows from another cluster are rebound.
 CREATE TABLE kms.key_grants (
-    key_id     integer NOT NULL,
-    grantee    text NOT NULL,
-    privilege  text NOT NULL CHECK (privilege IN ('encrypt', 'decrypt')),
-    granted_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    key_id      integer NOT NULL,
+    grantee     text NOT NULL,
+    grantee_oid oid NOT NULL,
+    cluster_id  bigint NOT NULL,
+    privilege   text NOT NULL CHECK (privilege IN ('encrypt', 'decrypt')),
+    granted_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
     PRIMARY KEY (key_id, grantee, privilege)
 );
 

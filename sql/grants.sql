@@ -58,9 +58,22 @@ SELECT s.name, s.version, s.created_at, s.expires_at, s.tags,
   FROM kms.secrets s;
 COMMENT ON VIEW kms_secrets IS 'Secrets and their versions; never the values (read them with kms_secret_get).';
 
+-- status: 'valid' while the role granted to exists under its oid and name;
+-- otherwise why the grant does not apply (it still keeps the key closed to
+-- roles without a grant).
 CREATE VIEW kms_key_grants AS
-SELECT k.key_name, g.grantee, g.privilege, g.granted_at
-  FROM kms.key_grants g JOIN kms.keys k ON k.key_id = g.key_id;
+SELECT k.key_name, g.grantee, g.privilege, g.granted_at,
+       CASE WHEN r.rolname::text = g.grantee THEN 'valid'
+            WHEN g.cluster_id <> (SELECT c.system_identifier FROM pg_catalog.pg_control_system() c)
+                 THEN 'unbound: restored from another cluster, see kms_rebind_key_grants()'
+            WHEN r.oid IS NULL THEN 'stale: role dropped'
+            ELSE 'stale: role renamed to ' || r.oid::pg_catalog.regrole::text
+       END AS status
+  FROM kms.key_grants g JOIN kms.keys k ON k.key_id = g.key_id
+  LEFT JOIN pg_catalog.pg_roles r ON r.oid = g.grantee_oid;
+COMMENT ON VIEW kms_key_grants IS 'Per-key grants. Only status = ''valid'' grants let a role use the key; any grant, valid or not, closes the key to roles without one.';
+-- Bound after a restore by a kms_admin (the loop below revokes PUBLIC only).
+GRANT EXECUTE ON FUNCTION kms_rebind_key_grants() TO kms_admin;
 
 -- Views over generated functions (so they come last).
 CREATE VIEW kms_reencryption_progress AS

@@ -50,8 +50,15 @@ pub enum KmsError {
     Random,
     /// 25006: a lifecycle act on a standby or in a read-only transaction.
     ReadOnly,
-    /// 42501: the caller lacks a privilege pg_kms checks itself.
+    /// 42501: the caller lacks SELECT and UPDATE on a column it asked pg_kms
+    /// to rewrite (`kms_reencrypt_now`).
     NotAllowed(String),
+    /// 42501: the key has per-key grants and none of them covers the role.
+    /// `role` is the role's name as `regrole` prints it (quoted if needed).
+    KeyNotAllowed { role: String, privilege: &'static str, key: String },
+    /// 42501: the role may not read the secret, or it does not exist (one
+    /// error for both, so that existence is not revealed).
+    SecretNotAllowed { role: String, name: String },
     /// XX000: an SPI call into our own catalog failed; always a pg_kms bug.
     Spi(String),
 }
@@ -204,6 +211,20 @@ impl KmsError {
                 None,
                 Some("Ask the table owner for SELECT and UPDATE on the column.".into()),
             ),
+            KmsError::KeyNotAllowed { role, privilege, key } => (
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("permission denied for role {role} to {privilege} with key \"{key}\""),
+                None,
+                Some(format!(
+                    "Key \"{key}\" has per-key grants (see the kms_key_grants view); a kms_admin can allow this with kms_grant_key('{key}', <role>, '{privilege}')."
+                )),
+            ),
+            KmsError::SecretNotAllowed { role, name } => (
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("permission denied for role {role} to read secret \"{name}\", or it does not exist"),
+                None,
+                Some("Secrets can be read by members of kms_admin and by roles granted 'decrypt' on the secret's key with kms_grant_key(); an unknown secret gives this same error.".into()),
+            ),
             KmsError::Spi(what) => (
                 ERRCODE_INTERNAL_ERROR,
                 "pg_kms catalog query failed".into(),
@@ -241,6 +262,36 @@ impl KmsError {
     pub fn spi(e: pgrx::spi::Error) -> KmsError {
         KmsError::Spi(e.to_string())
     }
+}
+
+/// A role's name as `regrole` prints it (quoted when needed; the oid if
+/// the role does not exist), for messages.
+pub fn role_display(role: pgrx::pg_sys::Oid) -> String {
+    use pgrx::IntoDatum;
+    // SAFETY: regroleout takes one oid argument and returns a palloc'd C
+    // string; it never fails for a missing role (it prints the number).
+    let s = unsafe { pgrx::direct_function_call::<&std::ffi::CStr>(pgrx::pg_sys::regroleout, &[role.into_datum()]) };
+    s.map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// A relation's name as `regclass` prints it (schema-qualified unless it
+/// is visible in the search_path, quoted when needed), for messages.
+#[allow(dead_code)] // for kms_reencrypt_now's message (src/reencrypt.rs)
+pub fn relation_display(rel: pgrx::pg_sys::Oid) -> String {
+    use pgrx::IntoDatum;
+    // SAFETY: as for regroleout: one oid argument, a palloc'd C string.
+    let s = unsafe { pgrx::direct_function_call::<&std::ffi::CStr>(pgrx::pg_sys::regclassout, &[rel.into_datum()]) };
+    s.map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// An identifier quoted as `quote_ident` would (only when needed), for
+/// messages (e.g. a column name).
+#[allow(dead_code)] // for kms_reencrypt_now's message (src/reencrypt.rs)
+pub fn quote_ident(ident: &str) -> String {
+    let Ok(c) = std::ffi::CString::new(ident) else { return format!("{ident:?}") };
+    // SAFETY: quote_identifier reads a NUL-terminated string and returns
+    // either it or a palloc'd quoted copy, both valid while `c` lives.
+    unsafe { std::ffi::CStr::from_ptr(pgrx::pg_sys::quote_identifier(c.as_ptr())) }.to_string_lossy().into_owned()
 }
 
 impl From<EnvelopeError> for KmsError {

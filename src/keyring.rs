@@ -393,9 +393,15 @@ impl Privilege {
 }
 
 /// Per-key grants (privilege, grantee role), shared by a key and its
-/// versions. Empty: any kms_user.
+/// versions. Not `restricted` (no grant rows at all): any kms_user.
 struct Grants {
+    /// The grants that apply: those whose role still exists under the oid
+    /// and the name it was granted to (see [`load_grants`]).
     list: Vec<(Privilege, pg_sys::Oid)>,
+    /// Whether the key has any grant row, applicable or not: a key whose
+    /// only grantee was dropped stays closed, it does not open to every
+    /// kms_user.
+    restricted: bool,
     /// Decisions for (user, privilege), so the check stays off the hot path.
     decisions: RefCell<HashMap<(pg_sys::Oid, Privilege), bool>>,
 }
@@ -405,14 +411,17 @@ impl Grants {
         if let Some(a) = self.decisions.borrow().get(&(user, p)) {
             return *a;
         }
-        let a = self.list.iter().any(|(gp, role)| *gp == p && unsafe { pg_sys::has_privs_of_role(user, *role) });
+        // SAFETY: plain catalog lookups on role oids. A superuser passes
+        // even when no grant of the key applies any more (all stale).
+        let a = unsafe { pg_sys::superuser_arg(user) }
+            || self.list.iter().any(|(gp, role)| *gp == p && unsafe { pg_sys::has_privs_of_role(user, *role) });
         self.decisions.borrow_mut().insert((user, p), a);
         a
     }
 }
 
-fn not_allowed(p: Privilege, name: &str) -> KmsError {
-    KmsError::NotAllowed(format!("permission denied to {} with key \"{name}\"", p.as_str()))
+fn not_allowed(p: Privilege, name: &str, user: pg_sys::Oid) -> KmsError {
+    KmsError::KeyNotAllowed { role: crate::errors::role_display(user), privilege: p.as_str(), key: name.to_string() }
 }
 
 pub struct CachedKey {
@@ -482,7 +491,7 @@ impl CachedVersion {
         if bits & allowed != 0 {
             Ok(())
         } else {
-            Err(not_allowed(p, self.key_name()))
+            Err(not_allowed(p, self.key_name(), user))
         }
     }
 
@@ -597,7 +606,7 @@ impl CachedKey {
     /// members of them) may use it for that privilege.
     #[inline]
     pub fn check(&self, p: Privilege) -> KmsResult<()> {
-        if self.grants.list.is_empty() {
+        if !self.grants.restricted {
             return Ok(());
         }
         self.check_user(unsafe { pg_sys::GetUserId() }, p)
@@ -607,12 +616,12 @@ impl CachedKey {
         if self.grants.allowed(user, p) {
             Ok(())
         } else {
-            Err(not_allowed(p, &self.name))
+            Err(not_allowed(p, &self.name, user))
         }
     }
 
     pub fn has_grants(&self) -> bool {
-        !self.grants.list.is_empty()
+        self.grants.restricted
     }
 
     /// `version`, if its state allows decryption.
@@ -909,21 +918,34 @@ struct VersionRow {
 const LOAD_SQL: &str = "SELECT k.key_id, k.key_name, k.primary_version, v.version, v.state, v.wrapped_key, k.index_key
       FROM kms.keys k JOIN kms.key_versions v ON v.key_id = k.key_id";
 
-fn load_grants(key_id: i32) -> KmsResult<Vec<(Privilege, pg_sys::Oid)>> {
-    Spi::connect(|c| -> Result<Vec<(Privilege, pg_sys::Oid)>, pgrx::spi::Error> {
-        let mut out = Vec::new();
+/// The grants of a key (caller is the catalog owner). A grant applies only
+/// while the role with the oid it was given to exists and still has the
+/// name it was given to: a role dropped and recreated under the same name
+/// has a new oid and does not inherit it, a renamed role loses it. Grants
+/// restored from another cluster's dump apply only once
+/// `kms_rebind_key_grants()` has bound them to this cluster's roles (or if
+/// the oid happens to name the same role name here). Every row, applicable
+/// or not, keeps the key restricted.
+fn load_grants(key_id: i32) -> KmsResult<Grants> {
+    Spi::connect(|c| -> Result<Grants, pgrx::spi::Error> {
+        let mut list = Vec::new();
+        let mut restricted = false;
         for r in c.select(
-            "SELECT g.privilege, r.oid FROM kms.key_grants g JOIN pg_catalog.pg_roles r ON r.rolname = g.grantee
-              WHERE g.key_id = $1",
+            "SELECT g.privilege, r.oid FROM kms.key_grants g
+               LEFT JOIN pg_catalog.pg_roles r
+                 ON r.oid OPERATOR(pg_catalog.=) g.grantee_oid
+                AND r.rolname::pg_catalog.text OPERATOR(pg_catalog.=) g.grantee
+              WHERE g.key_id OPERATOR(pg_catalog.=) $1",
             None,
             &[key_id.into()],
         )? {
+            restricted = true;
             let p = r.get::<String>(1)?.unwrap_or_default();
             if let (Some(p), Some(role)) = (Privilege::parse(&p), r.get::<pg_sys::Oid>(2)?) {
-                out.push((p, role));
+                list.push((p, role));
             }
         }
-        Ok(out)
+        Ok(Grants { list, restricted, decisions: RefCell::new(HashMap::new()) })
     })
     .map_err(KmsError::spi)
 }
@@ -953,7 +975,7 @@ fn load(lookup: Lookup<'_>) -> KmsResult<Rc<CachedKey>> {
         .map_err(KmsError::spi)?;
         let grants = match rows.first() {
             Some(r) => load_grants(r.key_id)?,
-            None => Vec::new(),
+            None => Grants { list: Vec::new(), restricted: false, decisions: RefCell::new(HashMap::new()) },
         };
         Ok((rows, stored_fingerprint(false)?, grants))
     })?;
@@ -969,7 +991,7 @@ fn load(lookup: Lookup<'_>) -> KmsResult<Rc<CachedKey>> {
         primary: first.primary as u32,
         versions: Vec::new(),
         index: None,
-        grants: Rc::new(Grants { list: grants, decisions: RefCell::new(HashMap::new()) }),
+        grants: Rc::new(grants),
     };
     let name_bytes = first.name.as_bytes();
     let mut name = [0u8; NAME_MAX];
@@ -1057,6 +1079,16 @@ fn current_kek(stored_fp: Option<&[u8]>) -> KmsResult<Rc<Kek>> {
         CACHE.with(|c| c.borrow_mut().kek = Some((src, fp, kek.clone())));
     }
     Ok(kek)
+}
+
+/// Checks the master key configured now against the keyring's stored
+/// fingerprint, for `kms_health()`: reuses this backend's validated KEK
+/// while the configured source is unchanged, so that repeated calls do not
+/// run `pg_kms.master_key_command` again; otherwise reads the key once and
+/// keeps its KEK, as a key load would.
+pub fn validate_current_master_key(stored_fp: Option<&[u8]>) -> KmsResult<()> {
+    CACHE.with(|c| c.borrow_mut().sync());
+    current_kek(stored_fp).map(|_| ())
 }
 
 /// The oid of type encrypted_text (found through the extension, not the

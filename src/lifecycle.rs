@@ -396,18 +396,86 @@ fn kms_revoke_key(key_name: RawText, grantee: RegRole, privilege: RawText) {
     change_grant(&key_name, &grantee, &privilege, false)
 }
 
+/// This cluster's identity (pg_control_system().system_identifier), stored
+/// with each grant's role oid.
+const CLUSTER_ID_SQL: &str = "(SELECT c.system_identifier FROM pg_catalog.pg_control_system() c)";
+
 fn change_grant(key_name: &RawText, grantee: &RegRole, privilege: &RawText, grant: bool) {
     lifecycle(|| {
         let (name, role, p) = grant_args(key_name, grantee, privilege)?;
         let key = lock_key(name)?;
-        let (q, op, word) = if grant {
-            ("INSERT INTO kms.key_grants (key_id, grantee, privilege) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING", "grant_key", "to")
+        if grant {
+            // By name and oid: granting again to a new role of the same
+            // name (or after a restore) binds the grant to that role.
+            spi_exec(
+                &format!(
+                    "INSERT INTO kms.key_grants AS g (key_id, grantee, grantee_oid, cluster_id, privilege)
+                     VALUES ($1, $2, $3, {CLUSTER_ID_SQL}, $4)
+                     ON CONFLICT (key_id, grantee, privilege) DO UPDATE
+                        SET grantee_oid = excluded.grantee_oid, cluster_id = excluded.cluster_id, granted_at = excluded.granted_at
+                      WHERE (g.grantee_oid, g.cluster_id) IS DISTINCT FROM (excluded.grantee_oid, excluded.cluster_id)"
+                ),
+                &[key.id.into(), role.as_str().into(), grantee.0.into(), p.as_str().into()],
+            )?;
         } else {
-            ("DELETE FROM kms.key_grants WHERE key_id = $1 AND grantee = $2 AND privilege = $3", "revoke_key", "from")
-        };
-        spi_exec(q, &[key.id.into(), role.as_str().into(), p.as_str().into()])?;
-        let reason = format!("{} {word} role oid {}", p.as_str(), grantee.0.to_u32());
-        audit(op, Some(name), None, Some(RawText::from_ascii(&reason)))
+            // By name: also removes a stale grant left by a dropped role of
+            // that name.
+            spi_exec(
+                "DELETE FROM kms.key_grants WHERE key_id = $1 AND grantee = $2 AND privilege = $3",
+                &[key.id.into(), role.as_str().into(), p.as_str().into()],
+            )?;
+        }
+        let (op, word) = if grant { ("grant_key", "to") } else { ("revoke_key", "from") };
+        // The role as regrole prints it (quoted if needed), never its oid.
+        spi_exec(
+            "SELECT kms.audit_append($1, $2, NULL, $3 || ' role ' || $4::pg_catalog.regrole::pg_catalog.text)",
+            &[op.into(), name.into(), format!("{} {word}", p.as_str()).into(), grantee.0.into()],
+        )
+    })
+}
+
+/// After a dump of another cluster was restored here: binds each grant
+/// that came from that cluster to the role of the same name in this one
+/// (grants whose name has no role here stay unbound). One audit row per
+/// grant bound (operation `rebind_key_grant`). Grants made in this cluster
+/// are never rebound, so a role dropped and recreated under the same name
+/// does not get its predecessor's grants; grant them again instead.
+/// Returns the number of grants bound.
+#[pg_extern(volatile, parallel_unsafe)]
+fn kms_rebind_key_grants() -> i64 {
+    lifecycle(|| {
+        let rebound = Spi::connect_mut(|c| -> Result<Vec<(String, String, String)>, pgrx::spi::Error> {
+            let t = c.update(
+                &format!(
+                    "UPDATE kms.key_grants g SET grantee_oid = r.oid, cluster_id = {CLUSTER_ID_SQL}
+                       FROM pg_catalog.pg_roles r, kms.keys k
+                      WHERE r.rolname::pg_catalog.text = g.grantee AND k.key_id = g.key_id
+                        AND g.cluster_id <> {CLUSTER_ID_SQL}
+                  RETURNING k.key_name, g.privilege, r.oid::pg_catalog.regrole::pg_catalog.text"
+                ),
+                None,
+                &[],
+            )?;
+            let mut out = Vec::new();
+            for r in t {
+                out.push((
+                    r.get::<String>(1)?.unwrap_or_default(),
+                    r.get::<String>(2)?.unwrap_or_default(),
+                    r.get::<String>(3)?.unwrap_or_default(),
+                ));
+            }
+            Ok(out)
+        })
+        .map_err(KmsError::spi)?;
+        let mut sorted = rebound;
+        sorted.sort();
+        for (key, privilege, role) in &sorted {
+            spi_exec(
+                "SELECT kms.audit_append('rebind_key_grant', $1, NULL, $2)",
+                &[key.as_str().into(), format!("{privilege} to role {role} (restored from another cluster, bound by name)").into()],
+            )?;
+        }
+        Ok(sorted.len() as i64)
     })
 }
 
@@ -539,12 +607,11 @@ fn kms_health() -> pgrx::JsonB {
     let report = keyring::as_catalog_owner(|_| {
         let stored = keyring::stored_fingerprint(false)?;
         let source = keyring::describe_source(Which::Current);
-        let (valid, matches, error) = match keyring::load_master_key(Which::Current) {
-            Ok(mk) => {
-                let m = stored.as_deref().map(|fp| fp == mk.fingerprint().as_slice());
-                let err = (m == Some(false)).then(|| KmsError::MasterKeyMismatch { previous: false }.message());
-                (true, m, err)
-            }
+        // Reuses this backend's validated key while the source is unchanged
+        // (no key command run per call).
+        let (valid, matches, error) = match keyring::validate_current_master_key(stored.as_deref()) {
+            Ok(()) => (true, stored.is_some().then_some(true), None),
+            Err(e @ KmsError::MasterKeyMismatch { .. }) => (true, Some(false), Some(e.message())),
             Err(e) => (false, None, Some(e.message())),
         };
         let counts = spi_read::<pgrx::JsonB>(

@@ -5,7 +5,7 @@
 //! `kms_secrets` view never shows values.
 
 use crate::errors::{KmsError, KmsResult, OrRaise};
-use crate::keyring::{self, Privilege};
+use crate::keyring;
 use crate::lifecycle::{audit, lifecycle, spi_exec, spi_one, spi_read};
 use crate::types::{EncryptedText, OutText, RawText};
 use pgrx::datum::Interval;
@@ -78,11 +78,19 @@ fn kms_secret_set(
     })
 }
 
+/// Reads a secret. Permission comes first: for a caller who is neither a
+/// kms_admin member nor granted 'decrypt' on the secret's key, an unknown
+/// secret (or version), an expired one and a forbidden one give the same
+/// error, so nothing about a secret is revealed to who may not read it.
 #[pg_extern(stable, parallel_unsafe)]
 fn kms_secret_get(name: Option<RawText>, version: default!(Option<i32>, "NULL")) -> Option<OutText> {
     let caller = unsafe { pg_sys::GetUserId() };
     let r = keyring::as_catalog_owner(|_| {
         let name = secret_name(&name)?;
+        let admin = spi_read::<pg_sys::Oid>("SELECT oid FROM pg_catalog.pg_roles WHERE rolname = 'kms_admin'", &[])?;
+        // SAFETY: plain catalog lookup on two role oids.
+        let is_admin = admin.is_some_and(|a| unsafe { pg_sys::has_privs_of_role(caller, a) });
+        let denied = || KmsError::SecretNotAllowed { role: crate::errors::role_display(caller), name: name.clone() };
         let row = Spi::connect(|c| -> Result<Option<(Vec<u8>, i32, bool, String)>, pgrx::spi::Error> {
             let t = c.select(
                 "SELECT s.value::bytea, s.version, coalesce(s.expires_at <= pg_catalog.now(), false),
@@ -106,25 +114,42 @@ fn kms_secret_get(name: Option<RawText>, version: default!(Option<i32>, "NULL"))
         })
         .map_err(KmsError::spi)?;
         let Some((bytes, v, expired, at)) = row else {
+            if !is_admin {
+                return Err(denied());
+            }
             return Err(KmsError::UnknownSecret(match version {
                 Some(v) => format!("secret \"{name}\" has no version {v}"),
                 None => format!("secret \"{name}\" does not exist"),
             }));
         };
+        let value = EncryptedText::from_bytes(&bytes);
+        let key_id = value.envelope().header.key_id;
+        // Not a kms_admin member: needs a valid 'decrypt' grant on this very
+        // key (a key without grants does not open secrets to every kms_user).
+        // Decided from the catalog alone, before the key is loaded, so no
+        // key or master-key error can tell such a caller anything either.
+        if !is_admin && !may_decrypt(caller, key_id)? {
+            return Err(denied());
+        }
         if expired {
             return Err(KmsError::SecretExpired(format!("version {v} of secret \"{name}\" expired at {at}")));
-        }
-        let value = EncryptedText::from_bytes(&bytes);
-        let key = keyring::key_by_id(value.envelope().header.key_id)?;
-        // kms_admin members, or roles granted 'decrypt' on this very key.
-        let admin = spi_read::<pg_sys::Oid>("SELECT oid FROM pg_catalog.pg_roles WHERE rolname = 'kms_admin'", &[])?;
-        let is_admin = admin.is_some_and(|a| unsafe { pg_sys::has_privs_of_role(caller, a) });
-        if !is_admin && !(key.has_grants() && key.check_user(caller, Privilege::Decrypt).is_ok()) {
-            return Err(KmsError::NotAllowed(format!("permission denied to read secret \"{name}\"")));
         }
         crate::values::decrypt_text(&value, &[])
     });
     Some(r.or_raise())
+}
+
+/// Whether `role` holds (directly or through membership) a valid 'decrypt'
+/// grant on key `key_id` (caller is the catalog owner).
+fn may_decrypt(role: pg_sys::Oid, key_id: u32) -> KmsResult<bool> {
+    Ok(spi_read::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM kms.key_grants g
+                          JOIN pg_catalog.pg_roles r ON r.oid = g.grantee_oid AND r.rolname::pg_catalog.text = g.grantee
+                         WHERE g.key_id = $1 AND g.privilege = 'decrypt'
+                           AND pg_catalog.pg_has_role($2, r.oid, 'USAGE'))",
+        &[(key_id as i32).into(), role.into()],
+    )?
+    .unwrap_or(false))
 }
 
 #[pg_extern(volatile, parallel_unsafe)]

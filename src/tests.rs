@@ -666,4 +666,148 @@ mod tests {
         // Stored as encrypted_text: the worker's discovery sees the column.
         assert_eq!(one::<i64>("SELECT count(*) FROM kms_key_usage('kms.secrets')"), Some(1));
     }
+
+    /// "SQLSTATE|message|hint" of the error `sql` raises as `role` (None: it succeeded).
+    fn full_error_as(role: &str, sql: &str) -> Option<String> {
+        if one::<bool>("SELECT to_regprocedure('pg_temp.error_full(text)') IS NOT NULL") != Some(true) {
+            run(r#"CREATE FUNCTION pg_temp.error_full(q text) RETURNS text LANGUAGE plpgsql AS $$
+               DECLARE h text;
+               BEGIN EXECUTE q; RETURN NULL;
+               EXCEPTION WHEN OTHERS THEN
+                   GET STACKED DIAGNOSTICS h = PG_EXCEPTION_HINT;
+                   RETURN SQLSTATE || '|' || SQLERRM || '|' || h;
+               END $$"#);
+            run("GRANT EXECUTE ON FUNCTION pg_temp.error_full(text) TO PUBLIC");
+        }
+        run(&format!("SET LOCAL ROLE {role}"));
+        let e = Spi::get_one_with_args::<String>("SELECT pg_temp.error_full($1)", &[sql.into()]).unwrap();
+        run("RESET ROLE");
+        e
+    }
+
+    #[pg_test]
+    fn key_grants_die_with_the_role() {
+        // Create the error helper as the superuser: created inside as_role()
+        // it would belong to kt_g1, and DROP ROLE would then be refused.
+        assert_eq!(error_of("SELECT 1"), None);
+        setup_key("gk");
+        run("CREATE TEMP TABLE gt AS SELECT kms_encrypt('secret row', 'gk') AS v");
+        run("GRANT SELECT ON gt TO PUBLIC");
+        run("CREATE ROLE kt_g1 IN ROLE kms_user");
+        run("CREATE ROLE kt_other IN ROLE kms_user");
+        run("SELECT kms_grant_key('gk', 'kt_g1', 'decrypt')");
+        assert_eq!(as_role("kt_g1", "SELECT kms_decrypt(v) FROM gt"), None);
+        assert_eq!(as_role("kt_other", "SELECT kms_decrypt(v) FROM gt").as_deref(), Some("42501"));
+        // DROP ROLE is not blocked by the grant; a new role of the same name
+        // does not inherit it, and the key stays closed to everyone else.
+        run("DROP ROLE kt_g1");
+        run("CREATE ROLE kt_g1 IN ROLE kms_user");
+        assert_eq!(as_role("kt_g1", "SELECT kms_decrypt(v) FROM gt").as_deref(), Some("42501"));
+        assert_eq!(as_role("kt_other", "SELECT kms_decrypt(v) FROM gt").as_deref(), Some("42501"));
+        assert_eq!(one::<String>("SELECT status FROM kms_key_grants WHERE key_name = 'gk'").as_deref(), Some("stale: role dropped"));
+        // Rebinding only concerns grants restored from another cluster; it
+        // is for kms_admin members only.
+        assert_eq!(one::<i64>("SELECT kms_rebind_key_grants()"), Some(0));
+        run("CREATE ROLE kt_gadmin IN ROLE kms_admin");
+        assert_eq!(as_role("kt_gadmin", "SELECT kms_rebind_key_grants()"), None);
+        for r in ["kt_other", "kt_g1"] {
+            assert_eq!(as_role(r, "SELECT kms_rebind_key_grants()").as_deref(), Some("42501"), "{r}");
+        }
+        assert_eq!(as_role("kt_g1", "SELECT kms_decrypt(v) FROM gt").as_deref(), Some("42501"));
+        // Granting again binds the grant to the new role.
+        run("SELECT kms_grant_key('gk', 'kt_g1', 'decrypt')");
+        assert_eq!(one::<String>("SELECT status FROM kms_key_grants WHERE key_name = 'gk'").as_deref(), Some("valid"));
+        assert_eq!(as_role("kt_g1", "SELECT kms_decrypt(v) FROM gt"), None);
+        // A renamed role loses it too.
+        run("ALTER ROLE kt_g1 RENAME TO kt_g1_renamed");
+        assert_eq!(as_role("kt_g1_renamed", "SELECT kms_decrypt(v) FROM gt").as_deref(), Some("42501"));
+        assert_eq!(
+            one::<String>("SELECT status FROM kms_key_grants WHERE key_name = 'gk'").as_deref(),
+            Some("stale: role renamed to kt_g1_renamed")
+        );
+        // Revoking by name removes the stale grant: the key is open again.
+        run("ALTER ROLE kt_g1_renamed RENAME TO kt_g1");
+        run("SELECT kms_revoke_key('gk', 'kt_g1', 'decrypt')");
+        assert_eq!(as_role("kt_other", "SELECT kms_decrypt(v) FROM gt"), None);
+        // The audit log names roles, not oids (quoted like regrole).
+        run(r#"CREATE ROLE "Kt Weird" IN ROLE kms_user"#);
+        run(r#"SELECT kms_grant_key('gk', '"Kt Weird"', 'encrypt')"#);
+        let reasons = one::<String>("SELECT string_agg(reason, ';' ORDER BY id) FROM kms_audit_log WHERE operation IN ('grant_key', 'revoke_key')").unwrap();
+        assert_eq!(reasons, r#"decrypt to role kt_g1;decrypt to role kt_g1;decrypt from role kt_g1;encrypt to role "Kt Weird""#);
+        assert!(!reasons.contains("oid"), "{reasons}");
+    }
+
+    #[pg_test]
+    fn secret_get_hides_existence_from_the_unprivileged() {
+        setup_key("sk");
+        run("SELECT kms_secret_set('present', 'v1', key_name => 'sk')");
+        run("SELECT kms_secret_set('expired', 'v2', key_name => 'sk', ttl => interval '1 hour')");
+        run("UPDATE kms.secrets SET expires_at = now() - interval '1 second' WHERE name = 'expired'");
+        run("CREATE ROLE kt_snoop IN ROLE kms_user");
+        let expect = |name: &str| {
+            format!(
+                "42501|permission denied for role kt_snoop to read secret \"{name}\", or it does not exist|Secrets can be read by members of kms_admin and by roles granted 'decrypt' on the secret's key with kms_grant_key(); an unknown secret gives this same error."
+            )
+        };
+        for (name, sql) in [
+            ("present", "SELECT kms_secret_get('present')"),
+            ("expired", "SELECT kms_secret_get('expired')"),
+            ("absent", "SELECT kms_secret_get('absent')"),
+            ("present", "SELECT kms_secret_get('present', 7)"),
+        ] {
+            assert_eq!(full_error_as("kt_snoop", sql), Some(expect(name)), "{sql}");
+        }
+        // A grant on another key does not help.
+        setup_key("sk2");
+        run("SELECT kms_grant_key('sk2', 'kt_snoop', 'decrypt')");
+        assert_eq!(full_error_as("kt_snoop", "SELECT kms_secret_get('present')"), Some(expect("present")));
+        // With 'decrypt' on the secret's key: the real answers.
+        run("SELECT kms_grant_key('sk', 'kt_snoop', 'decrypt')");
+        assert_eq!(full_error_as("kt_snoop", "SELECT kms_secret_get('present')"), None);
+        assert!(full_error_as("kt_snoop", "SELECT kms_secret_get('expired')").unwrap().starts_with("55000|"));
+        // Unknown secrets stay hidden even then (only kms_admin sees 42704).
+        assert_eq!(full_error_as("kt_snoop", "SELECT kms_secret_get('absent')"), Some(expect("absent")));
+        assert_sqlstate("SELECT kms_secret_get('absent')", "42704");
+    }
+
+    #[pg_test]
+    fn permission_errors_have_their_own_hints() {
+        setup_key("hk");
+        run("CREATE TEMP TABLE ht (v encrypted_text)");
+        run("INSERT INTO ht SELECT kms_encrypt('x', 'hk')");
+        run("GRANT SELECT ON ht TO PUBLIC");
+        run(r#"CREATE ROLE "Kt Hinted" IN ROLE kms_user, kms_admin"#);
+        run("CREATE ROLE kt_granted IN ROLE kms_user");
+        run("SELECT kms_grant_key('hk', 'kt_granted', 'decrypt')");
+        run("SELECT kms_grant_key('hk', 'kt_granted', 'encrypt')");
+        let key_hint = |p: &str| {
+            format!("Key \"hk\" has per-key grants (see the kms_key_grants view); a kms_admin can allow this with kms_grant_key('hk', <role>, '{p}').")
+        };
+        for (p, sql) in [
+            ("decrypt", "SELECT kms_decrypt(v) FROM ht"),
+            ("encrypt", "SELECT kms_encrypt('y', 'hk')"),
+            ("encrypt", "SELECT kms_blind_index('y', 'hk')"),
+        ] {
+            assert_eq!(
+                full_error_as(r#""Kt Hinted""#, sql),
+                Some(format!("42501|permission denied for role \"Kt Hinted\" to {p} with key \"hk\"|{}", key_hint(p))),
+                "{sql}"
+            );
+        }
+        // Secrets: their own hint (the role is a kms_admin member here, so
+        // use a plain kms_user).
+        run("SELECT kms_secret_set('hs', 'v', key_name => 'hk')");
+        run("CREATE ROLE kt_plainuser IN ROLE kms_user");
+        let e = full_error_as("kt_plainuser", "SELECT kms_secret_get('hs')").unwrap();
+        assert!(e.starts_with("42501|permission denied for role kt_plainuser to read secret \"hs\""), "{e}");
+        assert!(e.ends_with("|Secrets can be read by members of kms_admin and by roles granted 'decrypt' on the secret's key with kms_grant_key(); an unknown secret gives this same error."), "{e}");
+        // kms_reencrypt_now: the column privilege hint (no privilege on ht2).
+        run("CREATE TEMP TABLE ht2 (v encrypted_text)");
+        let e = full_error_as(r#""Kt Hinted""#, "SELECT kms_reencrypt_now('ht2', 'v')").unwrap();
+        assert!(e.starts_with("42501|"), "{e}");
+        assert!(e.ends_with("|Ask the table owner for SELECT and UPDATE on the column."), "{e}");
+        // No message names a role by oid.
+        let oid = one::<pgrx::pg_sys::Oid>(r#"SELECT '"Kt Hinted"'::regrole::oid"#).unwrap().to_u32().to_string();
+        assert!(!full_error_as(r#""Kt Hinted""#, "SELECT kms_decrypt(v) FROM ht").unwrap().contains(&oid));
+    }
 }
