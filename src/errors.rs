@@ -276,7 +276,6 @@ pub fn role_display(role: pgrx::pg_sys::Oid) -> String {
 
 /// A relation's name as `regclass` prints it (schema-qualified unless it
 /// is visible in the search_path, quoted when needed), for messages.
-#[allow(dead_code)] // for kms_reencrypt_now's message (src/reencrypt.rs)
 pub fn relation_display(rel: pgrx::pg_sys::Oid) -> String {
     use pgrx::IntoDatum;
     // SAFETY: as for regroleout: one oid argument, a palloc'd C string.
@@ -286,7 +285,6 @@ pub fn relation_display(rel: pgrx::pg_sys::Oid) -> String {
 
 /// An identifier quoted as `quote_ident` would (only when needed), for
 /// messages (e.g. a column name).
-#[allow(dead_code)] // for kms_reencrypt_now's message (src/reencrypt.rs)
 pub fn quote_ident(ident: &str) -> String {
     let Ok(c) = std::ffi::CString::new(ident) else { return format!("{ident:?}") };
     // SAFETY: quote_identifier reads a NUL-terminated string and returns

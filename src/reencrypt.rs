@@ -477,9 +477,12 @@ fn kms_reencrypt_now(tbl: RegClass, col: SqlName, max_rows: default!(Option<i32>
             false,
         )?;
         if allowed != Some(true) {
-            let table = keyring::spi_first::<String>("SELECT $1::pg_catalog.regclass::pg_catalog.text", &[tbl.into()], false)?
-                .unwrap_or_default();
-            return Err(KmsError::NotAllowed(format!("permission denied to re-encrypt column \"{col}\" of table {table}")));
+            return Err(KmsError::NotAllowed(format!(
+                "permission denied for role {} to re-encrypt column {} of table {}",
+                crate::errors::role_display(keyring::current_user()),
+                crate::errors::quote_ident(col),
+                crate::errors::relation_display(tbl),
+            )));
         }
         let column = encrypted_columns()?.into_iter().find(|c| c.relid == tbl && c.attname == col).ok_or_else(|| {
             KmsError::BadArgument {
