@@ -32,7 +32,7 @@ fn start(name: &str) -> (Cluster, Client) {
 /// Runs `f` with redaction `mode` and with it off; returns whether the
 /// first run's marker reached the log (after the second run's marker did).
 fn exercise(c: &Cluster, db: &mut Client, mode: &str, label: &str, f: &dyn Fn(&mut Client, &str)) -> bool {
-    db.batch_execute(&format!("SET pg_kms.redact_statement_logs = {mode}")).unwrap();
+    db.batch_execute(&format!("SET pg_kms.redact_statement_logs = '{mode}'")).unwrap();
     let hidden = marker();
     f(db, &hidden);
     db.batch_execute("SET pg_kms.redact_statement_logs = off").unwrap();
@@ -43,8 +43,28 @@ fn exercise(c: &Cluster, db: &mut Client, mode: &str, label: &str, f: &dyn Fn(&m
         l.contains(&shown).then_some(l)
     });
     let leaked = log.matches(&hidden).count();
+    dump(&log, label);
     println!("redaction {label} ({mode}): {leaked} occurrences with redaction on, >= 1 with it off");
     leaked > 0
+}
+
+/// With PGKMS_REDACTION_DUMP=dir, writes the log with the markers masked
+/// (for reading what redaction produced; never the plaintext).
+fn dump(log: &str, label: &str) {
+    if let Ok(dir) = std::env::var("PGKMS_REDACTION_DUMP") {
+        // Every marker of every case: SECRET + 16 hex digits.
+        let mut masked = String::with_capacity(log.len());
+        let mut rest = log;
+        while let Some(p) = rest.find("SECRET") {
+            masked.push_str(&rest[..p]);
+            masked.push_str("<MARKER>");
+            let tail = &rest[p + 6..];
+            let hex = tail.bytes().take(16).take_while(|b| b.is_ascii_hexdigit()).count();
+            rest = &tail[hex..];
+        }
+        masked.push_str(rest);
+        let _ = std::fs::write(std::path::Path::new(&dir).join(format!("{}.log", label.replace(' ', "_"))), masked);
+    }
 }
 
 fn check(results: &[(&str, bool)]) {
@@ -62,7 +82,7 @@ fn prepared_statements_and_lexer_disagreements() {
         db.batch_execute(&format!("EXECUTE p('{m}')")).unwrap();
     })));
     r.push(("non-ASCII dollar tag", exercise(&c, &mut db, "on", "dollar tag", &|db, m| {
-        db.batch_execute(&format!("SELECT kms_encrypt($é${m}$é$, 'pii')")).unwrap();
+        db.batch_execute(&format!("SELECT kms_encrypt($é$ {m} $é$, 'pii')")).unwrap();
     })));
     r.push(("typed literal after an identifier ending in e", exercise(&c, &mut db, "on", "name literal", &|db, m| {
         db.batch_execute(&format!("SELECT kms_encrypt(name'\\' || '{m}', 'pii')")).unwrap();
