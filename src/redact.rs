@@ -381,19 +381,21 @@ fn is_constant(tok: i32) -> bool {
     matches!(tok, FCONST | SCONST | USCONST | BCONST | XCONST | ICONST)
 }
 
-/// Every literal of `sql` replaced by [`PLACEHOLDER`]; the whole text
-/// replaced by [`WITHHELD`] when it cannot be lexed safely. `server`: also
-/// ask the server's scanner (needs a backend).
-pub fn redact_sql(sql: &[u8], scs: bool, server: bool) -> Option<Vec<u8>> {
+/// The server's scanner ([`server_tokens`]) or None (unit tests, no backend).
+pub type ServerLexer = Option<unsafe fn(&CStr) -> Vec<(i32, usize)>>;
+
+/// Every literal of `sql` replaced by [`PLACEHOLDER`], or None when the
+/// text cannot be lexed safely. `server`: also ask the server's scanner.
+pub fn redact_sql(sql: &[u8], scs: bool, server: ServerLexer) -> Option<Vec<u8>> {
     if sql.len() > MAX_SCAN || sql.contains(&0) {
         return None;
     }
     let mut spans = scan(sql, scs)?;
-    if server {
+    if let Some(lex) = server {
         let c = CString::new(sql).ok()?;
         // SAFETY: scan() accepted the text, so core_yylex raises no error
         // on it (see the module comment and the pg_test that checks it).
-        let toks = unsafe { server_tokens(&c) };
+        let toks = unsafe { lex(&c) };
         for (k, &(tok, loc)) in toks.iter().enumerate() {
             if !is_constant(tok) {
                 continue;
@@ -432,7 +434,7 @@ pub fn redact_sql(sql: &[u8], scs: bool, server: bool) -> Option<Vec<u8>> {
 fn redact(sql: &[u8]) -> Vec<u8> {
     // SAFETY: a plain global read in the backend's only thread.
     let scs = unsafe { pg_sys::standard_conforming_strings };
-    redact_sql(sql, scs, true).unwrap_or_else(|| WITHHELD.as_bytes().to_vec())
+    redact_sql(sql, scs, Some(server_tokens)).unwrap_or_else(|| WITHHELD.as_bytes().to_vec())
 }
 
 /// The backend's translation of one of its messages (lc_messages).
@@ -465,7 +467,7 @@ fn cut_line(line: &[u8], out: &mut Vec<u8>) {
 /// A CONTEXT text with the SQL of SPI's `SQL statement "%s"` (and
 /// expression, assignment) entries redacted and every other line cut at
 /// its first quote (COPY's `column email: "..."`). `server`: see redact_sql.
-pub fn redact_context(ctx: &[u8], formats: &[(Vec<u8>, Vec<u8>)], scs: bool, server: bool) -> Vec<u8> {
+pub fn redact_context(ctx: &[u8], formats: &[(Vec<u8>, Vec<u8>)], scs: bool, server: ServerLexer) -> Vec<u8> {
     let mut out = Vec::with_capacity(ctx.len());
     let mut i = 0;
     'entries: while i < ctx.len() {
@@ -660,7 +662,7 @@ unsafe fn redact_fields(e: &mut pg_sys::ErrorData, all: bool, old: &mut Vec<*mut
                         Some((t[..p].to_vec(), t[p + 2..].to_vec()))
                     })
                     .collect();
-                let r = redact_context(ctx, &formats, pg_sys::standard_conforming_strings, true);
+                let r = redact_context(ctx, &formats, pg_sys::standard_conforming_strings, Some(server_tokens));
                 log_detail.push([&b"context (redacted by pg_kms): "[..], &r[..]].concat());
             }
         }
@@ -702,12 +704,12 @@ unsafe extern "C-unwind" fn emit_log_hook(edata: *mut pg_sys::ErrorData) {
 }
 
 #[cfg(test)]
-mod tests {
+mod unit {
     use super::*;
     use proptest::prelude::*;
 
     fn r(s: &str) -> String {
-        String::from_utf8(redact_sql(s.as_bytes(), true, false).unwrap()).unwrap()
+        String::from_utf8(redact_sql(s.as_bytes(), true, None).unwrap()).unwrap()
     }
 
     #[test]
@@ -722,12 +724,12 @@ mod tests {
         assert_eq!(r("SELECT 1 AS q$$, f($$v$$)"), format!("SELECT {p} AS q$$, f({p})"));
         assert_eq!(r("SELECT 'a'\n  'b', 'c' 'd'"), format!("SELECT {p}, {p} {p}"));
         assert_eq!(r("SELECT 1..2"), format!("SELECT {p}..{p}"));
-        assert!(redact_sql(b"SELECT 'a\\'v', 'k'", false, false).unwrap() == format!("SELECT {p}, {p}").into_bytes());
+        assert!(redact_sql(b"SELECT 'a\\'v', 'k'", false, None).unwrap() == format!("SELECT {p}, {p}").into_bytes());
         for bad in ["SELECT 'unterminated", "SELECT 1abc", "SELECT $1x", "SELECT \"\"", "SELECT /* open", "SELECT $a$ x", "SELECT E'\\u0041'", "SELECT E'\\xff'", "SELECT 1e+", "SELECT \"open"] {
-            assert!(redact_sql(bad.as_bytes(), true, false).is_none(), "{bad}");
+            assert!(redact_sql(bad.as_bytes(), true, None).is_none(), "{bad}");
         }
-        assert!(redact_sql(b"SELECT U&'x'", false, false).is_none());
-        assert!(redact_sql(&[b'='; 64], true, false).is_none());
+        assert!(redact_sql(b"SELECT U&'x'", false, None).is_none());
+        assert!(redact_sql(&[b'='; 64], true, None).is_none());
         assert!(mentions_kms(b"select KMS_ENCRYPT($1, 'k')"));
         assert!(mentions_kms(b"EXECUTE p('x')"));
         assert!(!mentions_kms(b"select 1"));
@@ -737,29 +739,29 @@ mod tests {
     fn contexts() {
         let f = vec![(b"SQL statement \"".to_vec(), b"\"".to_vec())];
         let ctx = b"SQL statement \"SELECT kms_encrypt('v', \"k\")\"\nPL/pgSQL function inline_code_block line 1 at PERFORM";
-        let out = redact_context(ctx, &f, true, false);
+        let out = redact_context(ctx, &f, true, None);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             format!("SQL statement \"SELECT kms_encrypt({PLACEHOLDER}, \"k\")\"\nPL/pgSQL function inline_code_block line 1 at PERFORM")
         );
-        let out = redact_context(b"COPY t, line 1, column email: \"v\"", &f, true, false);
+        let out = redact_context(b"COPY t, line 1, column email: \"v\"", &f, true, None);
         assert_eq!(String::from_utf8(out).unwrap(), format!("COPY t, line 1, column email: {WITHHELD}"));
     }
 
     proptest! {
         #[test]
         fn never_panics_and_never_keeps_a_quoted_word(s in "\\PC{0,80}", secret in "[a-z]{12}") {
-            let _ = redact_sql(s.as_bytes(), true, false);
-            let _ = redact_context(s.as_bytes(), &[(b"S \"".to_vec(), b"\"".to_vec())], true, false);
+            let _ = redact_sql(s.as_bytes(), true, None);
+            let _ = redact_context(s.as_bytes(), &[(b"S \"".to_vec(), b"\"".to_vec())], true, None);
             let q = format!("SELECT kms_encrypt('{secret}', 'k'), $${secret}$$, E'{secret}', name'{secret}'");
-            prop_assert!(!String::from_utf8_lossy(&redact_sql(q.as_bytes(), true, false).unwrap()).contains(&secret));
+            prop_assert!(!String::from_utf8_lossy(&redact_sql(q.as_bytes(), true, None).unwrap()).contains(&secret));
         }
     }
 }
 
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]
-mod pg_tests {
+mod tests {
     use super::*;
 
     /// Random texts from fragments that exercise every scanner rule: the
@@ -808,9 +810,9 @@ mod pg_tests {
     /// run over the texts of the unit tests.
     #[pg_test]
     fn redacts_with_the_server_scanner() {
-        let out = redact_sql(b"SELECT kms_encrypt($\xc3\xa9$v$\xc3\xa9$, name'\\' || 'w'), 1 AS q$$, $$x$$", true, true).unwrap();
+        let out = redact_sql(b"SELECT kms_encrypt($\xc3\xa9$v$\xc3\xa9$, name'\\' || 'w'), 1 AS q$$, $$x$$", true, Some(server_tokens)).unwrap();
         let p = PLACEHOLDER;
         assert_eq!(String::from_utf8(out).unwrap(), format!("SELECT kms_encrypt({p}, name{p} || {p}), {p} AS q$$, {p}"));
-        assert!(redact_sql(b"SELECT 'open", true, true).is_none());
+        assert!(redact_sql(b"SELECT 'open", true, Some(server_tokens)).is_none());
     }
 }
