@@ -391,6 +391,10 @@ pub fn redact_sql(sql: &[u8], scs: bool, server: ServerLexer) -> Option<Vec<u8>>
         return None;
     }
     let mut spans = scan(sql, scs)?;
+    // A statement that changes standard_conforming_strings was parsed with
+    // the other value (its duration line is logged after it ran): also
+    // redact what the other value sees as literals, where it can lex.
+    spans.extend(scan(sql, !scs).unwrap_or_default());
     if let Some(lex) = server {
         let c = CString::new(sql).ok()?;
         // SAFETY: scan() accepted the text, so core_yylex raises no error
