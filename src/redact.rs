@@ -288,8 +288,21 @@ pub fn scan(s: &[u8], standard_conforming_strings: bool) -> Option<Vec<(usize, u
                     j += 1;
                 }
             }
-            // An exponent, a letter or an identifier right after a number
-            // (1e5, 1e+, 1abc, 0x1F) is junk or a real: not proven safe.
+            // {real}: an exponent with digits; 1e, 1e+ are errors.
+            if matches!(at(j), b'e' | b'E') {
+                let mut k = j + 1;
+                if matches!(at(k), b'+' | b'-') {
+                    k += 1;
+                }
+                if !at(k).is_ascii_digit() {
+                    return None;
+                }
+                while k < n && s[k].is_ascii_digit() {
+                    k += 1;
+                }
+                j = k;
+            }
+            // {integer_junk}, {decimal_junk}, {real_junk}: 1abc, 0x1F, 1e5x.
             if ident_start(at(j)) {
                 return None;
             }
@@ -729,7 +742,8 @@ mod unit {
         assert_eq!(r("SELECT 'a'\n  'b', 'c' 'd'"), format!("SELECT {p}, {p} {p}"));
         assert_eq!(r("SELECT 1..2"), format!("SELECT {p}..{p}"));
         assert!(redact_sql(b"SELECT 'a\\'v', 'k'", false, None).unwrap() == format!("SELECT {p}, {p}").into_bytes());
-        for bad in ["SELECT 'unterminated", "SELECT 1abc", "SELECT $1x", "SELECT \"\"", "SELECT /* open", "SELECT $a$ x", "SELECT E'\\u0041'", "SELECT E'\\xff'", "SELECT 1e+", "SELECT \"open"] {
+        assert_eq!(r("SELECT 1e5, 2.5E-3, .5e+1"), format!("SELECT {p}, {p}, {p}"));
+        for bad in ["SELECT 'unterminated", "SELECT 1abc", "SELECT 1e5x", "SELECT 1e", "SELECT 1.5e-", "SELECT $1x", "SELECT \"\"", "SELECT /* open", "SELECT $a$ x", "SELECT E'\\u0041'", "SELECT E'\\xff'", "SELECT 1e+", "SELECT \"open"] {
             assert!(redact_sql(bad.as_bytes(), true, None).is_none(), "{bad}");
         }
         assert!(redact_sql(b"SELECT U&'x'", false, None).is_none());
@@ -774,11 +788,11 @@ mod tests {
     /// one, both find their constants at the same offsets.
     #[pg_test]
     fn scanner_model_never_accepts_what_the_scanner_rejects() {
-        const FRAGMENTS: [&str; 58] = [
+        const FRAGMENTS: [&str; 61] = [
             "'", "''", "\"", "\"\"", "$", "$$", "$a$", "$é$", "é", "e'", "E'", "n'", "b'", "x'", "U&'", "u&\"", "u&", "\\",
             "\\'", "\\\\", "\\x41", "\\xff", "\\101", "\\0", "\\u0041", "\\n", "--", "/*", "*/", "\n", "\r", " ", "\t", "1",
             "1.5", ".", "..", "e", "E+", "a", "name", "_", "::", "+", "-", "=", "*", "/", "(", ")", ",", "0x", "1e", "x$",
-            "$1", ";", "'a'\n'b'", "-- c\n",
+            "$1", ";", "'a'\n'b'", "-- c\n", "5", "e5", "E-",
         ];
         let mut seed = [0u8; 8];
         getrandom::getrandom(&mut seed).expect("random");
