@@ -81,6 +81,13 @@ fn prepared_statements_and_lexer_disagreements() {
         db.batch_execute("DEALLOCATE ALL; PREPARE p AS SELECT kms_encrypt($1, 'pii')").unwrap();
         db.batch_execute(&format!("EXECUTE p('{m}')")).unwrap();
     })));
+    r.push(("duration lines, extended protocol and its parameters", exercise(&c, &mut db, "on", "duration and bind", &|db, m| {
+        db.batch_execute("SET log_statement = 'none'").unwrap();
+        db.batch_execute(&format!("SELECT kms_encrypt('{m}', 'pii')")).unwrap();
+        db.query(&format!("SELECT kms_encrypt($1, 'pii'), '{m}'::text"), &[&m]).unwrap();
+        db.batch_execute("RESET log_statement").unwrap();
+        db.query(&format!("SELECT kms_encrypt($1, 'pii'), '{m}'::text"), &[&m]).unwrap();
+    })));
     r.push(("non-ASCII dollar tag", exercise(&c, &mut db, "on", "dollar tag", &|db, m| {
         db.batch_execute(&format!("SELECT kms_encrypt($é$ {m} $é$, 'pii')")).unwrap();
     })));
