@@ -346,8 +346,9 @@ const BCONST: i32 = 263;
 const XCONST: i32 = 264;
 const ICONST: i32 = 266;
 
-/// Start offsets of the constants core_yylex finds in `sql`, and the start
-/// offsets of all its tokens. Only for texts [`scan`] accepted.
+/// The tokens core_yylex finds in `sql`: (token code, start offset).
+///
+/// SAFETY (for callers): only for texts [`scan`] accepted, in a backend.
 unsafe fn server_tokens(sql: &CStr) -> Vec<(i32, usize)> {
     if SCRATCH.is_null() {
         SCRATCH = pg_sys::AllocSetContextCreateInternal(
@@ -357,11 +358,26 @@ unsafe fn server_tokens(sql: &CStr) -> Vec<(i32, usize)> {
             8 * 1024,
             8 * 1024 * 1024,
         );
+        // Log lines can be emitted inside a critical section.
+        pg_sys::MemoryContextAllowInCriticalSection(SCRATCH, true);
     }
-    let old = pg_sys::MemoryContextSwitchTo(SCRATCH);
+    /// Restores the memory context and the message levels, also on unwind.
+    struct Restore(pg_sys::MemoryContext, i32, i32);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: plain global writes and a context switch back to the
+            // caller's context, in the backend's only thread.
+            unsafe {
+                pg_sys::log_min_messages = self.1;
+                pg_sys::client_min_messages = self.2;
+                pg_sys::MemoryContextSwitchTo(self.0);
+                pg_sys::MemoryContextReset(SCRATCH);
+            }
+        }
+    }
+    let _restore = Restore(pg_sys::MemoryContextSwitchTo(SCRATCH), pg_sys::log_min_messages, pg_sys::client_min_messages);
     // Identifier truncation emits a NOTICE: keep it out of the log and away
     // from the client while we scan.
-    let (lmm, cmm) = (pg_sys::log_min_messages, pg_sys::client_min_messages);
     pg_sys::log_min_messages = pg_sys::PGERROR as i32;
     pg_sys::client_min_messages = pg_sys::PGERROR as i32;
     let mut extra = pg_sys::core_yy_extra_type::default();
@@ -388,10 +404,6 @@ unsafe fn server_tokens(sql: &CStr) -> Vec<(i32, usize)> {
         out.push((tok, loc.max(0) as usize));
     }
     pg_sys::scanner_finish(scanner);
-    pg_sys::log_min_messages = lmm;
-    pg_sys::client_min_messages = cmm;
-    pg_sys::MemoryContextSwitchTo(old);
-    pg_sys::MemoryContextReset(SCRATCH);
     out
 }
 
@@ -563,21 +575,28 @@ fn is_log_level_output(elevel: i32, min: i32) -> bool {
     }
 }
 
+/// SAFETY (for callers): `p` is null or a NUL-terminated string that
+/// outlives the returned slice.
 unsafe fn bytes<'a>(p: *const c_char) -> Option<&'a [u8]> {
     (!p.is_null()).then(|| CStr::from_ptr(p).to_bytes())
 }
 
 /// A palloc'd copy (in the current memory context: ErrorContext).
+///
+/// SAFETY (for callers): in a backend, with a valid CurrentMemoryContext.
 unsafe fn pstr(b: &[u8]) -> *mut c_char {
     let clean: Vec<u8> = b.iter().map(|&c| if c == 0 { b' ' } else { c }).collect();
     let c = CString::new(clean).unwrap_or_default();
     pg_sys::pstrdup(c.as_ptr())
 }
 
-unsafe fn sqlstate_class(code: i32) -> [u8; 2] {
+fn sqlstate_class(code: i32) -> [u8; 2] {
     [b'0' + (code & 0x3f) as u8, b'0' + ((code >> 6) & 0x3f) as u8]
 }
 
+/// SAFETY (for callers): `e` is the entry being reported by
+/// EmitErrorReport; its strings are palloc'd in ErrorContext, the current
+/// memory context.
 unsafe fn redact_edata(e: &mut pg_sys::ErrorData, all: bool) {
     let mut old: Vec<*mut c_char> = Vec::new();
     redact_fields(e, all, &mut old);
