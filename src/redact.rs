@@ -538,13 +538,31 @@ pub fn redact_context(ctx: &[u8], formats: &[(Vec<u8>, Vec<u8>)], scs: bool, ser
     out
 }
 
-/// A message cut at its first quote (`... integer: "<value>"`).
+/// A message with everything from its first to its last quote replaced
+/// (`... integer: "<value>"`, `value "<value>" is out of range ...`); cut
+/// at the first quote when there is only one.
 fn redact_value_message(msg: &[u8]) -> Option<Vec<u8>> {
-    const QUOTES: [&str; 11] = ["\"", "'", "«", "»", "„", "“", "”", "‘", "’", "「", "『"];
-    let p = (0..msg.len()).find(|&k| QUOTES.iter().any(|q| msg[k..].starts_with(q.as_bytes())))?;
-    let mut out = msg[..p].to_vec();
+    const QUOTES: [&str; 11] = ["\"", "'", "«", "»", "„", "“", "”", "‘", "’", "「", "」"];
+    let quote_at = |k: usize| QUOTES.iter().find(|q| msg[k..].starts_with(q.as_bytes())).map(|q| q.len());
+    let first = (0..msg.len()).find(|&k| quote_at(k).is_some())?;
+    let mut out = msg[..first].to_vec();
     out.extend_from_slice(b"\"<redacted by pg_kms>\"");
+    let last = (first + 1..msg.len()).rev().find_map(|k| quote_at(k).map(|l| k + l));
+    if let Some(end) = last {
+        out.extend_from_slice(&msg[end..]);
+    }
     Some(out)
+}
+
+#[cfg(test)]
+#[test]
+fn value_messages() {
+    let r = |m: &str| String::from_utf8(redact_value_message(m.as_bytes()).unwrap()).unwrap();
+    assert_eq!(r("invalid input syntax for type integer: \"v\""), "invalid input syntax for type integer: \"<redacted by pg_kms>\"");
+    assert_eq!(r("value \"v\" is out of range for type integer"), "value \"<redacted by pg_kms>\" is out of range for type integer");
+    assert_eq!(r("ungültige Eingabesyntax für Typ integer: »v«"), "ungültige Eingabesyntax für Typ integer: \"<redacted by pg_kms>\"");
+    assert_eq!(r("a \"v"), "a \"<redacted by pg_kms>\"");
+    assert!(redact_value_message(b"division by zero").is_none());
 }
 
 // ---------------------------------------------------------------------------
