@@ -5,7 +5,7 @@
 set -euo pipefail
 
 PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
-PKGS=(postgresql-15 postgresql-server-dev-15 clang libclang-dev pkg-config sudo)
+PKGS=(postgresql-15 postgresql-server-dev-15 clang libclang-dev pkg-config sudo locales)
 
 if [ "$(id -u)" != 0 ]; then
     echo "setup.sh: run as root (it installs Debian packages and runs PostgreSQL as the postgres user)" >&2

@@ -1,7 +1,7 @@
 //! Settings. The master-key settings are superuser-only and hidden from
 //! `SHOW ALL` and from non-superusers.
 
-use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 use std::ffi::CString;
 
 pub static MASTER_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -10,12 +10,53 @@ pub static PREVIOUS_MASTER_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<
 pub static PREVIOUS_MASTER_KEY_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static MASTER_KEY_COMMAND_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static KEY_CACHE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(16384);
-pub static REDACT_STATEMENT_LOGS: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static REDACT_STATEMENT_LOGS: GucSetting<RedactMode> = GucSetting::<RedactMode>::new(RedactMode::On);
 pub static NONCE_WARNING_ENCRYPTIONS: GucSetting<i32> = GucSetting::<i32>::new(i32::MAX);
 pub static REENCRYPT_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static REENCRYPT_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static REENCRYPT_MAX_ROWS_PER_SECOND: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 pub static REENCRYPT_NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+
+/// `pg_kms.redact_statement_logs`. The hidden spellings keep the boolean
+/// values of earlier versions working.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum RedactMode {
+    #[name = c"off"]
+    Off,
+    #[name = c"on"]
+    On,
+    #[name = c"all"]
+    All,
+    #[name = c"false"]
+    #[hidden = true]
+    False,
+    #[name = c"true"]
+    #[hidden = true]
+    True,
+    #[name = c"no"]
+    #[hidden = true]
+    No,
+    #[name = c"yes"]
+    #[hidden = true]
+    Yes,
+    #[name = c"0"]
+    #[hidden = true]
+    Zero,
+    #[name = c"1"]
+    #[hidden = true]
+    One,
+}
+
+impl RedactMode {
+    /// Off, On or All (the hidden spellings folded).
+    pub fn effective(self) -> RedactMode {
+        match self {
+            RedactMode::Off | RedactMode::False | RedactMode::No | RedactMode::Zero => RedactMode::Off,
+            RedactMode::All => RedactMode::All,
+            _ => RedactMode::On,
+        }
+    }
+}
 
 pub fn init() {
     let secret = GucFlags::NO_SHOW_ALL | GucFlags::SUPERUSER_ONLY;
@@ -81,10 +122,10 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::empty(),
     );
-    GucRegistry::define_bool_guc(
+    GucRegistry::define_enum_guc(
         c"pg_kms.redact_statement_logs",
-        c"Replace string literals by a placeholder in logged statements that call kms_ functions.",
-        c"Effective for statements logged after pg_kms is loaded: put pg_kms in shared_preload_libraries.",
+        c"Redact literals in logged statements: on (those involving kms_ functions), all (every statement) or off.",
+        c"'all' is the safe choice: 'on' cannot see plaintext passed through a wrapper function. Effective for statements logged after pg_kms is loaded: put pg_kms in shared_preload_libraries.",
         &REDACT_STATEMENT_LOGS,
         GucContext::Suset,
         GucFlags::empty(),
