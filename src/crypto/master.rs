@@ -4,16 +4,26 @@
 //! (surrounding whitespace ignored) read from a file that only its owner may
 //! access, or printed on stdout by a command (any KMS CLI).
 
+//!
+//! Memory: the key source's text is read straight into a pre-sized buffer
+//! in a locked, non-dumpable region (never a growing `Vec`), decoded in
+//! place into another such region, and both are zeroized when dropped;
+//! derivations wipe the stack they used (see [`super::secure`]).
+
 use super::kdf::{hkdf32, Kek, HKDF_SALT, INFO_FINGERPRINT, INFO_KEK};
+use super::secure::{wipe_stack, Locked};
 use std::fmt;
 use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use zeroize::Zeroizing;
+
+/// Most bytes read from a key file or command (the key is 64 characters
+/// plus whitespace).
+const TEXT_MAX: usize = 4096;
 
 pub struct MasterKey {
-    bytes: Zeroizing<[u8; 32]>,
+    bytes: Locked<[u8; 32]>,
 }
 
 impl fmt::Debug for MasterKey {
@@ -71,7 +81,7 @@ impl MasterKey {
         if t.len() != 64 {
             return Err(MasterKeyError::WrongLength { found: t.len() });
         }
-        let mut bytes = Zeroizing::new([0u8; 32]);
+        let mut bytes = Locked::<[u8; 32]>::zeroed();
         for (i, pair) in t.chunks_exact(2).enumerate() {
             match (hex_val(pair[0]), hex_val(pair[1])) {
                 (Some(hi), Some(lo)) => bytes[i] = (hi << 4) | lo,
@@ -91,10 +101,10 @@ impl MasterKey {
         if !meta.is_file() {
             return Err(MasterKeyError::Unreadable { reason: "not a regular file".into() });
         }
-        let mut text = Zeroizing::new(Vec::with_capacity(128));
-        // A key file is tiny; refuse to read anything huge.
-        f.by_ref().take(4096).read_to_end(&mut text).map_err(unreadable)?;
-        MasterKey::from_hex_text(&text)
+        // A key file is tiny; anything past TEXT_MAX bytes is not read.
+        let mut text = Locked::<[u8; TEXT_MAX]>::zeroed();
+        let n = read_secret(&mut f, &mut text[..]).map_err(unreadable)?;
+        MasterKey::from_hex_text(&text[..n])
     }
 
     /// Runs `sh -c command` and parses its stdout. The command is killed
@@ -122,11 +132,10 @@ impl MasterKey {
                 Err(e) => return Err(failed(format!("wait failed: {}", e.kind()))),
             }
         };
-        let mut text = Zeroizing::new(Vec::with_capacity(128));
+        let mut text = Locked::<[u8; TEXT_MAX]>::zeroed();
+        let mut n = 0;
         if let Some(mut out) = child.stdout.take() {
-            out.by_ref()
-                .take(4096)
-                .read_to_end(&mut text)
+            n = read_secret(&mut out, &mut text[..])
                 .map_err(|e| failed(format!("reading its output failed: {}", e.kind())))?;
         }
         if !status.success() {
@@ -135,17 +144,42 @@ impl MasterKey {
                 None => "was killed by a signal".into(),
             }));
         }
-        MasterKey::from_hex_text(&text)
+        MasterKey::from_hex_text(&text[..n])
     }
 
     /// A one-way commitment to this key, safe to store in the catalog.
     pub fn fingerprint(&self) -> [u8; 32] {
-        *hkdf32(HKDF_SALT, self.bytes.as_ref(), INFO_FINGERPRINT)
+        let fp = *hkdf32(HKDF_SALT, self.bytes.as_ref(), INFO_FINGERPRINT);
+        wipe_stack();
+        fp
     }
 
+    /// The KEK, itself kept in a locked region (see [`Kek`]).
     pub fn kek(&self) -> Kek {
-        Kek::from_bytes(&hkdf32(HKDF_SALT, self.bytes.as_ref(), INFO_KEK))
+        let kek = Kek::from_bytes(&hkdf32(HKDF_SALT, self.bytes.as_ref(), INFO_KEK));
+        wipe_stack();
+        kek
     }
+
+    /// Start of the region holding the raw key (tests check its flags).
+    pub fn region_addr(&self) -> usize {
+        self.bytes.addr()
+    }
+}
+
+/// Reads until end of input or until `buf` is full, straight into `buf`
+/// (no intermediate buffer, nothing that grows and leaves a copy behind).
+fn read_secret(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 /// A key file must not be accessible by group or others (like ssh keys).
