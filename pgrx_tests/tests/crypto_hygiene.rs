@@ -165,23 +165,25 @@ fn master_key_is_not_left_in_backend_memory() {
              CREATE TABLE t AS SELECT g AS id, kms_encrypt('value ' || g, 'pii') AS v FROM generate_series(1, 200) g;",
         )
         .unwrap();
-    let work = "SELECT kms_rotate_key('pii', 'scan');
-                SELECT kms_create_key('other');
-                SELECT count(kms_decrypt(v)) FROM t;
-                SELECT kms_decrypt(kms_encrypt('x', 'pii', 'ctx'), 'ctx');
-                SELECT kms_decrypt(kms_encrypt_deterministic('y', 'other'));
-                SELECT kms_blind_index('z', 'pii');
-                SELECT kms_health();";
+    let work = |source: &str| {
+        format!(
+            "SELECT kms_rotate_key('pii', 'scan');
+             SELECT kms_create_key('other_{source}');
+             SELECT count(kms_decrypt(v)) FROM t;
+             SELECT kms_decrypt(kms_encrypt('x', 'pii', 'ctx'), 'ctx');
+             SELECT kms_decrypt(kms_encrypt_deterministic('y', 'other_{source}'));
+             SELECT kms_blind_index('z', 'pii');
+             SELECT kms_health();"
+        )
+    };
     let mut total = 0;
     for source in ["file", "command"] {
         if source == "command" {
             let cmd = format!("cat {}", c.key_file().display());
-            admin
-                .batch_execute(&format!(
-                    "ALTER SYSTEM SET pg_kms.master_key_file = ''; ALTER SYSTEM SET pg_kms.master_key_command = '{cmd}';
-                     SELECT pg_reload_conf();"
-                ))
-                .unwrap();
+            // One statement per call: ALTER SYSTEM cannot run in a transaction block.
+            admin.batch_execute("ALTER SYSTEM SET pg_kms.master_key_file = ''").unwrap();
+            admin.batch_execute(&format!("ALTER SYSTEM SET pg_kms.master_key_command = '{cmd}'")).unwrap();
+            admin.batch_execute("SELECT pg_reload_conf()").unwrap();
         }
         // A new backend that sees the source under test.
         let mut db = poll("a backend with the new setting", Duration::from_secs(30), || {
@@ -189,7 +191,7 @@ fn master_key_is_not_left_in_backend_memory() {
             let file: String = db.query_one("SHOW pg_kms.master_key_file", &[]).unwrap().get(0);
             ((source == "file") != file.is_empty()).then_some(db)
         });
-        db.batch_execute(work).unwrap();
+        db.batch_execute(&work(source)).unwrap();
         let pid: i32 = db.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
         let (hits, scanned) = scan(pid, &[&raw, hex_key.as_bytes(), upper.as_bytes(), &kek]);
         let kek_regions: Vec<(u64, Vec<String>)> = hits[3].iter().map(|&s| (s, vm_flags(pid, s))).collect();
