@@ -122,6 +122,8 @@ fn scan(pid: i32, needles: &[&[u8]]) -> (Vec<Vec<u64>>, u64) {
     let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("open /proc/<pid>/mem (needs root)");
     let mut hits = vec![Vec::new(); needles.len()];
     let mut scanned = 0u64;
+    let mut first = [false; 256];
+    needles.iter().for_each(|n| first[n[0] as usize] = true);
     for (start, end, perms, name) in mappings(pid) {
         if !perms.starts_with('r') || name.starts_with("[vvar") || name == "[vsyscall]" {
             continue;
@@ -131,8 +133,15 @@ fn scan(pid: i32, needles: &[&[u8]]) -> (Vec<Vec<u64>>, u64) {
             continue;
         }
         scanned += buf.len() as u64;
-        for (i, n) in needles.iter().enumerate() {
-            hits[i].extend(buf.windows(n.len()).filter(|w| w == n).map(|_| start));
+        // One pass; only positions whose byte starts some needle are compared.
+        for (i, b) in buf.iter().enumerate() {
+            if first[*b as usize] {
+                for (k, n) in needles.iter().enumerate() {
+                    if buf[i..].starts_with(n) {
+                        hits[k].push(start);
+                    }
+                }
+            }
         }
     }
     (hits, scanned)
@@ -144,20 +153,23 @@ fn hkdf32(ikm: &[u8], info: &[u8]) -> [u8; 32] {
     out
 }
 
+/// The needles for one master key: raw bytes, lower- and upper-case hex.
+fn key_needles(hex_key: &str) -> [Vec<u8>; 3] {
+    [hex::decode(hex_key).unwrap(), hex_key.to_lowercase().into_bytes(), hex_key.to_uppercase().into_bytes()]
+}
+
 /// After a backend has used the master key (creating and rotating keys,
 /// encrypting, decrypting, deterministic and blind-index calls, the health
-/// check, loading from a file and then from a command), no copy of the raw
-/// master key nor of its hex text is left anywhere in the backend's
-/// memory. The KEK is necessarily there (it is cached); it must be only in
-/// mappings marked `dd` (excluded from core dumps). Finding it also shows
-/// the scan works.
+/// check) loaded from a file, then from a command, then in a master-key
+/// rotation (old key from `previous_master_key_file`, new one from the
+/// file), no copy of any of these master keys, raw or as hex text, is left
+/// anywhere in the backend's memory. The KEK is necessarily there (it is
+/// cached); it must be only in mappings marked `dd` (excluded from core
+/// dumps). Finding it also shows the scan works.
 #[test]
 fn master_key_is_not_left_in_backend_memory() {
     let c = Cluster::start("cy_mem", &[]);
-    let hex_key = c.read_key();
-    let raw = hex::decode(&hex_key).unwrap();
-    let kek = hkdf32(&raw, b"pg_kms v1 key-encryption key");
-    let upper = hex_key.to_uppercase();
+    let first_key = c.read_key();
     let mut admin = c.connect();
     admin
         .batch_execute(
@@ -165,53 +177,83 @@ fn master_key_is_not_left_in_backend_memory() {
              CREATE TABLE t AS SELECT g AS id, kms_encrypt('value ' || g, 'pii') AS v FROM generate_series(1, 200) g;",
         )
         .unwrap();
-    let work = |source: &str| {
+    let work = |phase: &str| {
         format!(
             "SELECT kms_rotate_key('pii', 'scan');
-             SELECT kms_create_key('other_{source}');
+             SELECT kms_create_key('other_{phase}');
              SELECT count(kms_decrypt(v)) FROM t;
              SELECT kms_decrypt(kms_encrypt('x', 'pii', 'ctx'), 'ctx');
-             SELECT kms_decrypt(kms_encrypt_deterministic('y', 'other_{source}'));
+             SELECT kms_decrypt(kms_encrypt_deterministic('y', 'other_{phase}'));
              SELECT kms_blind_index('z', 'pii');
              SELECT kms_health();"
         )
     };
-    let mut total = 0;
-    for source in ["file", "command"] {
-        if source == "command" {
-            let cmd = format!("cat {}", c.key_file().display());
-            // One statement per call: ALTER SYSTEM cannot run in a transaction block.
-            admin.batch_execute("ALTER SYSTEM SET pg_kms.master_key_file = ''").unwrap();
-            admin.batch_execute(&format!("ALTER SYSTEM SET pg_kms.master_key_command = '{cmd}'")).unwrap();
-            admin.batch_execute("SELECT pg_reload_conf()").unwrap();
-        }
-        // A new backend that sees the source under test.
-        let mut db = poll("a backend with the new setting", Duration::from_secs(30), || {
+    // One statement per call: ALTER SYSTEM cannot run in a transaction block.
+    let set = |db: &mut Client, name: &str, value: &str| {
+        db.batch_execute(&format!("ALTER SYSTEM SET {name} = '{value}'")).unwrap();
+        db.batch_execute("SELECT pg_reload_conf()").unwrap();
+    };
+    let mut keys = vec![first_key.clone()];
+    let mut phases = 0;
+    for phase in ["file", "command", "rotation"] {
+        let (setting, expect) = match phase {
+            "file" => ("pg_kms.master_key_file", c.key_file().display().to_string()),
+            "command" => {
+                set(&mut admin, "pg_kms.master_key_file", "");
+                let cmd = format!("cat {}", c.key_file().display());
+                set(&mut admin, "pg_kms.master_key_command", &cmd);
+                ("pg_kms.master_key_command", cmd)
+            }
+            _ => {
+                // The current key becomes the previous one, read from its own file.
+                let prev = c.dir.join("keys").join("previous.key");
+                std::fs::copy(c.key_file(), &prev).unwrap();
+                // (As root the server's user must own it; otherwise it already does.)
+                let _ = std::process::Command::new("chown").arg("postgres:postgres").arg(&prev).status();
+                let new_key = pg_kms_integration::random_key_hex();
+                c.write_key(&new_key, 0o600);
+                keys.push(new_key);
+                set(&mut admin, "pg_kms.master_key_command", "");
+                set(&mut admin, "pg_kms.master_key_file", &c.key_file().display().to_string());
+                let prev = prev.display().to_string();
+                set(&mut admin, "pg_kms.previous_master_key_file", &prev);
+                ("pg_kms.previous_master_key_file", prev)
+            }
+        };
+        // A new backend that sees the settings of this phase.
+        let mut db = poll("a backend with the new settings", Duration::from_secs(30), || {
             let mut db = c.connect();
-            let file: String = db.query_one("SHOW pg_kms.master_key_file", &[]).unwrap().get(0);
-            ((source == "file") != file.is_empty()).then_some(db)
+            let now: String = db.query_one(&format!("SHOW {setting}"), &[]).unwrap().get(0);
+            (now == expect).then_some(db)
         });
-        db.batch_execute(&work(source)).unwrap();
+        if phase == "rotation" {
+            let n: i64 = db.query_one("SELECT kms_rotate_master_key()", &[]).unwrap().get(0);
+            assert!(n > 0, "versions re-wrapped");
+        }
+        db.batch_execute(&work(phase)).unwrap();
         let pid: i32 = db.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
-        let (hits, scanned) = scan(pid, &[&raw, hex_key.as_bytes(), upper.as_bytes(), &kek]);
-        let kek_regions: Vec<(u64, Vec<String>)> = hits[3].iter().map(|&s| (s, vm_flags(pid, s))).collect();
-        let all_dd = kek_regions.iter().all(|(_, f)| f.iter().any(|x| x == "dd"));
-        let locked = kek_regions.iter().filter(|(_, f)| f.iter().any(|x| x == "lo")).count();
+        let current = keys.last().unwrap();
+        let kek = hkdf32(&hex::decode(current).unwrap(), b"pg_kms v1 key-encryption key");
+        let mut needles: Vec<Vec<u8>> = keys.iter().flat_map(|k| key_needles(k)).collect();
+        needles.push(kek.to_vec());
+        let refs: Vec<&[u8]> = needles.iter().map(|n| n.as_slice()).collect();
+        let (hits, scanned) = scan(pid, &refs);
+        let kek_hits = hits.last().unwrap();
+        let key_hits: Vec<usize> = hits[..hits.len() - 1].iter().map(|h| h.len()).collect();
+        let kek_regions: Vec<Vec<String>> = kek_hits.iter().map(|&s| vm_flags(pid, s)).collect();
+        let all_dd = kek_regions.iter().all(|f| f.iter().any(|x| x == "dd"));
+        let locked = kek_regions.iter().filter(|f| f.iter().any(|x| x == "lo")).count();
         println!(
-            "master key from {source}: scanned {} MiB of backend memory: raw master key {} hits, hex text {} + {} hits; \
+            "master key from {phase}: scanned {} MiB of backend memory; hits of {} master key(s) as (raw, hex, HEX): {key_hits:?}; \
              KEK {} hits, all in dd (no-dump) mappings: {all_dd}, {locked} of them mlocked",
             scanned >> 20,
-            hits[0].len(),
-            hits[1].len(),
-            hits[2].len(),
-            hits[3].len()
+            keys.len(),
+            kek_hits.len()
         );
-        assert_eq!(hits[0].len(), 0, "raw master key found in backend memory");
-        assert_eq!(hits[1].len() + hits[2].len(), 0, "hex master key found in backend memory");
-        assert!(!hits[3].is_empty(), "the scan should find the cached KEK");
+        assert!(key_hits.iter().all(|n| *n == 0), "master key found in backend memory");
+        assert!(!kek_hits.is_empty(), "the scan should find the cached KEK");
         assert!(all_dd, "KEK outside a MADV_DONTDUMP mapping");
-        total += 1;
-        drop(db);
+        phases += 1;
     }
-    assert_eq!(total, 2);
+    assert_eq!(phases, 3);
 }
