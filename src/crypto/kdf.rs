@@ -108,11 +108,6 @@ impl Kek {
         out
     }
 
-    /// Start of the region holding the key schedule (tests check its flags).
-    pub fn region_addr(&self) -> usize {
-        self.cipher.addr()
-    }
-
     pub fn unwrap_raw(&self, key_id: u32, version: u32, wrapped: &[u8]) -> Result<Zeroizing<[u8; 32]>, WrapError> {
         self.unwrap_with(&wrap_aad(key_id, version), wrapped)
     }

@@ -160,11 +160,6 @@ impl MasterKey {
         wipe_stack();
         kek
     }
-
-    /// Start of the region holding the raw key (tests check its flags).
-    pub fn region_addr(&self) -> usize {
-        self.bytes.addr()
-    }
 }
 
 /// Reads until end of input or until `buf` is full, straight into `buf`
