@@ -8,8 +8,8 @@
 //! The hot path compares that counter and, once warm, does no SPI, no
 //! catalog read and no system call.
 
-use crate::crypto::derive::{INFO_BLIND_INDEX, INFO_DETERMINISTIC};
-use crate::crypto::{prefetch_line, DataKey, Kek, MacKey, MasterKey, NonceSource};
+use crate::crypto::derive::INFO_BLIND_INDEX;
+use crate::crypto::{prefetch_line, DataKey, Kek, MacKey, MasterKey, NonceSource, SivKey};
 use crate::errors::{KmsError, KmsResult};
 use crate::guc;
 use crate::hotindex::HotIndex;
@@ -349,8 +349,8 @@ pub struct CachedVersion {
     /// Shared-memory counters (None without preload).
     stat: Option<&'static crate::shmem::StatSlot>,
     grants: Rc<Grants>,
-    /// Nonce key for deterministic encryption under this version.
-    pub det: MacKey,
+    /// AES-SIV key for deterministic encryption under this version.
+    pub det: SivKey,
 }
 
 /// A version as the catalog lists it; `usable` is None once it is disabled
@@ -1026,7 +1026,7 @@ fn load(lookup: Lookup<'_>) -> KmsResult<Rc<CachedKey>> {
                     name,
                     stat,
                     grants: key.grants.clone(),
-                    det: MacKey::derive(raw.as_ref(), INFO_DETERMINISTIC),
+                    det: SivKey::derive(raw.as_ref()),
                 }))
             }
             _ => None,

@@ -810,4 +810,32 @@ mod tests {
         let oid = one::<pgrx::pg_sys::Oid>(r#"SELECT '"Kt Hinted"'::regrole::oid"#).unwrap().to_u32().to_string();
         assert!(!full_error_as(r#""Kt Hinted""#, "SELECT kms_decrypt(v) FROM ht").unwrap().contains(&oid));
     }
+
+    /// Deterministic values are AES-256-SIV envelopes: 26 bytes of overhead
+    /// (header, synthetic IV) against 38 for AES-GCM, flag bit 1 (and bit 2
+    /// with a context), bound to their context and tamper-evident.
+    #[pg_test]
+    fn deterministic_values_are_aes_siv() {
+        setup_key("pii");
+        let raw = |v: &str| format!("decode(substr(({v})::text, 5), 'base64')");
+        assert_eq!(one::<i32>(&format!("SELECT length({})", raw("kms_encrypt_deterministic('abc', 'pii')"))), Some(3 + 26));
+        assert_eq!(one::<i32>(&format!("SELECT length({})", raw("kms_encrypt('abc', 'pii')"))), Some(3 + 38));
+        assert_eq!(one::<i32>(&format!("SELECT get_byte({}, 1)", raw("kms_encrypt_deterministic('abc', 'pii')"))), Some(2));
+        assert_eq!(one::<i32>(&format!("SELECT get_byte({}, 1)", raw("kms_encrypt_deterministic('abc', 'pii', 'c')"))), Some(6));
+        assert_eq!(one::<String>("SELECT kms_decrypt(kms_encrypt_deterministic('', 'pii'))").as_deref(), Some(""));
+        assert_eq!(one::<String>("SELECT kms_decrypt(kms_encrypt_deterministic('x', 'pii', 'c'), 'c')").as_deref(), Some("x"));
+        assert_eq!(one::<Vec<u8>>("SELECT kms_decrypt_bytea(kms_encrypt_deterministic('é', 'pii'))"), Some(vec![0xc3, 0xa9]));
+        assert_sqlstate("SELECT kms_decrypt(kms_encrypt_deterministic('x', 'pii', 'c'), 'd')", "39000");
+        assert_sqlstate("SELECT kms_decrypt(kms_encrypt_deterministic('x', 'pii', 'c'))", "39000");
+        run("CREATE TEMP TABLE det_raw AS SELECT decode(substr(kms_encrypt_deterministic('secret', 'pii')::text, 5), 'base64') AS b");
+        // Every byte after the header, flipped, fails to open (SIV and ciphertext).
+        let flipped = "SELECT count(*) FROM det_raw, generate_series(10, length(b) - 1) i
+                        WHERE pg_temp.error_of(format('SELECT kms_decrypt(%L::encrypted_text)',
+                              'kms:' || encode(set_byte(b, i, get_byte(b, i) # 1), 'base64'))) LIKE '39000%'";
+        error_of("SELECT 1");
+        assert_eq!(one::<i64>(flipped), Some(22));
+        // Clearing the deterministic flag makes it parse as AES-GCM: too short
+        // here (22P02), and never opened with the wrong primitive.
+        assert_sqlstate("SELECT ('kms:' || encode(set_byte(b, 1, 0), 'base64'))::encrypted_text FROM det_raw", "22P02");
+    }
 }

@@ -4,7 +4,7 @@
 //! catalog read and no system call. A cache miss reads the catalog under a
 //! temporary switch to the catalog owner (see `keyring::as_catalog_owner`).
 
-use crate::crypto::envelope::{Header, FLAG_BYTES, FLAG_DETERMINISTIC, OVERHEAD};
+use crate::crypto::envelope::{Header, DET_OVERHEAD, FLAG_BYTES, FLAG_DETERMINISTIC, OVERHEAD};
 use crate::crypto::{open_into, seal_into};
 use crate::errors::{KmsError, KmsResult, OrRaise};
 use crate::keyring::{self, Privilege};
@@ -14,9 +14,16 @@ use pgrx::prelude::*;
 use std::borrow::Cow;
 use zeroize::Zeroizing;
 
+/// The context as UTF-8 bytes: contexts are sealed (and blind-indexed) as
+/// UTF-8 like text, so a value sealed in a LATIN1 database with context
+/// 'café' still opens after a restore into a UTF-8 one. Borrows when no
+/// conversion is needed (no context, ASCII, or a UTF-8 database).
 #[inline]
-fn ctx_bytes(context: &Option<RawText>) -> &[u8] {
-    context.as_ref().map(|c| c.bytes()).unwrap_or(&[])
+fn ctx_bytes(context: &Option<RawText>) -> Cow<'_, [u8]> {
+    match context {
+        Some(c) if !c.bytes().is_empty() => text_to_utf8(c.bytes()),
+        _ => Cow::Borrowed(&[]),
+    }
 }
 
 fn require_key_name(key_name: &Option<RawText>) -> &[u8] {
@@ -64,13 +71,15 @@ fn seal_value(plaintext: &[u8], key_name: &[u8], context: &[u8], flags: u8) -> K
 #[inline]
 fn seal_with(v: &keyring::CachedVersion, plaintext: &[u8], context: &[u8], flags: u8) -> KmsResult<EncryptedText> {
     v.check(Privilege::Encrypt)?;
-    let nonce = if flags & FLAG_DETERMINISTIC != 0 {
-        // SIV-style: the nonce is a PRF of (version's nonce key, context, plaintext).
-        v.det.nonce(context, plaintext)
-    } else {
-        keyring::nonce()?
-    };
     let header = Header { flags, key_id: v.key_id, key_version: v.number };
+    if flags & FLAG_DETERMINISTIC != 0 {
+        // AES-SIV under the version's SIV key: no nonce, same input, same value.
+        let (out, buf) = EncryptedText::alloc(plaintext.len() + DET_OVERHEAD);
+        v.det.seal_into(header, context, plaintext, buf);
+        v.count_encryption();
+        return Ok(out);
+    }
+    let nonce = keyring::nonce()?;
     let (out, buf) = EncryptedText::alloc(plaintext.len() + OVERHEAD);
     seal_into(v.data_key(), header, &nonce, context, plaintext, buf);
     v.count_encryption();
@@ -83,7 +92,12 @@ fn open_value(value: &EncryptedText, context: &[u8], out: &mut [u8]) -> KmsResul
     let env = value.envelope();
     keyring::with_version(env.header.key_id, env.header.key_version, |v| {
         v.check(Privilege::Decrypt)?;
-        open_into(v.data_key(), &env, context, out).map_err(|_| KmsError::AuthFailed)?;
+        if env.header.is_deterministic() {
+            v.det.open_into(&env, context, out)
+        } else {
+            open_into(v.data_key(), &env, context, out)
+        }
+        .map_err(|_| KmsError::AuthFailed)?;
         v.count_decryption();
         Ok(env.header)
     })
@@ -116,7 +130,7 @@ fn seal_text_with_flags(plaintext: &[u8], key_name: &[u8], context: &[u8], flags
 fn encrypt_text_arg(plaintext: Option<RawText>, key_name: Option<RawText>, context: Option<RawText>, flags: u8) -> Option<EncryptedText> {
     let pt = plaintext?;
     let name = require_key_name(&key_name);
-    Some(seal_text_with_flags(pt.bytes(), name, ctx_bytes(&context), flags).or_raise())
+    Some(seal_text_with_flags(pt.bytes(), name, &ctx_bytes(&context), flags).or_raise())
 }
 
 #[pg_extern(volatile, parallel_safe)]
@@ -128,9 +142,9 @@ fn kms_encrypt(
     encrypt_text_arg(plaintext, key_name, context, 0)
 }
 
-/// Same plaintext, context and key version give the identical value (the
-/// nonce is derived, SIV-style), so equality, UNIQUE, joins and GROUP BY
-/// work on the column. Leaks equality by design.
+/// Same plaintext, context and key version give the identical value
+/// (AES-256-SIV, RFC 5297, under a per-version key), so equality, UNIQUE,
+/// joins and GROUP BY work on the column. Leaks equality by design.
 #[pg_extern(volatile, parallel_safe)]
 fn kms_encrypt_deterministic(
     plaintext: Option<RawText>,
@@ -169,7 +183,7 @@ fn kms_blind_index(
                 action: "compute a blind index",
             });
         };
-        let mac = index.blind_index(ctx_bytes(&context), &text_to_utf8(pt.bytes()), bits as u32).expect("bits checked");
+        let mac = index.blind_index(&ctx_bytes(&context), &text_to_utf8(pt.bytes()), bits as u32).expect("bits checked");
         let (out, buf) = OutBytea::alloc(mac.len());
         buf.copy_from_slice(&mac);
         Ok(out)
@@ -185,12 +199,12 @@ fn kms_encrypt_bytea(
 ) -> Option<EncryptedText> {
     let pt = plaintext?;
     let name = require_key_name(&key_name);
-    Some(seal_value(pt, name, ctx_bytes(&context), FLAG_BYTES).or_raise())
+    Some(seal_value(pt, name, &ctx_bytes(&context), FLAG_BYTES).or_raise())
 }
 
 #[pg_extern(stable, parallel_safe)]
 fn kms_decrypt(value: Option<EncryptedText>, context: default!(Option<RawText>, "NULL")) -> Option<OutText> {
-    Some(decrypt_text(&value?, ctx_bytes(&context)).or_raise())
+    Some(decrypt_text(&value?, &ctx_bytes(&context)).or_raise())
 }
 
 /// Opens a value as text in the database encoding.
@@ -223,7 +237,7 @@ pub fn decrypt_text(value: &EncryptedText, ctx: &[u8]) -> KmsResult<OutText> {
 fn kms_decrypt_bytea(value: Option<EncryptedText>, context: default!(Option<RawText>, "NULL")) -> Option<OutBytea> {
     let value = value?;
     let (out, buf) = OutBytea::alloc(plaintext_len(&value));
-    open_value(&value, ctx_bytes(&context), buf).or_raise();
+    open_value(&value, &ctx_bytes(&context), buf).or_raise();
     Some(out)
 }
 
@@ -244,7 +258,7 @@ pub fn rewrap(value: EncryptedText, context: &[u8]) -> KmsResult<EncryptedText> 
 /// plaintext. A value already under the primary is returned unchanged.
 #[pg_extern(volatile, parallel_safe)]
 fn kms_rewrap(value: Option<EncryptedText>, context: default!(Option<RawText>, "NULL")) -> Option<EncryptedText> {
-    Some(rewrap(value?, ctx_bytes(&context)).or_raise())
+    Some(rewrap(value?, &ctx_bytes(&context)).or_raise())
 }
 
 #[pg_extern(stable, strict, parallel_safe)]

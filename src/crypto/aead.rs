@@ -1,4 +1,5 @@
-//! AES-256-GCM seal/open of one value into a caller-provided buffer.
+//! AES-256-GCM seal/open of one value into a caller-provided buffer (the
+//! randomized mode; deterministic values use [`super::siv`]).
 //!
 //! The buffer is the final `encrypted_text` (or `text`) payload, so a value
 //! is copied exactly once and encrypted in place.
@@ -87,7 +88,7 @@ impl std::error::Error for AuthError {}
 
 /// Runs `f` with the associated data `header || context`, without a heap
 /// allocation for the common short contexts.
-fn with_aad<R>(header: &[u8], context: &[u8], f: impl FnOnce(&[u8]) -> R) -> R {
+pub(super) fn with_aad<R>(header: &[u8], context: &[u8], f: impl FnOnce(&[u8]) -> R) -> R {
     if context.is_empty() {
         return f(header);
     }
@@ -138,8 +139,13 @@ pub fn seal_into(
 
 /// Opens `env` into `out`, which must be exactly `env.ciphertext.len()`
 /// bytes. On failure `out` is wiped, so no unauthenticated plaintext leaks.
+/// A deterministic envelope (no nonce) is refused: it opens with
+/// [`super::SivKey::open_into`].
 pub fn open_into(key: &DataKey, env: &Envelope<'_>, context: &[u8], out: &mut [u8]) -> Result<(), AuthError> {
     assert_eq!(out.len(), env.ciphertext.len(), "open_into: output length");
+    if env.nonce.len() != NONCE_LEN {
+        return Err(AuthError);
+    }
     out.copy_from_slice(env.ciphertext);
     let r = with_aad(env.header_bytes, context, |aad| {
         key.cipher.decrypt_in_place_detached(

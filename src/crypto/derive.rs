@@ -1,11 +1,9 @@
-//! Keyed derivations for searchable encryption (HMAC-SHA256, HKDF-SHA256):
-//!
-//! * blind index: `HMAC(index key, u64be(len ctx) || ctx || plaintext)`,
-//!   truncated to `bits`; the index key belongs to the key *name* (derived
-//!   from a per-key random root, independent of data-key versions);
-//! * deterministic nonce (SIV-style): `HMAC(nonce key, u64be(len ctx) || ctx
-//!   || plaintext)[..12]`, the nonce key derived per version from its data
-//!   key, so one (version, context, plaintext) always gives one nonce.
+//! Keyed derivation for searchable encryption (HMAC-SHA256, HKDF-SHA256):
+//! the blind index, `HMAC(index key, u64be(len ctx) || ctx || plaintext)`
+//! truncated to `bits`. The index key belongs to the key *name* (derived
+//! from a per-key random root, independent of data-key versions). Context
+//! and plaintext are the UTF-8 bytes, whatever the database encoding.
+//! (Deterministic encryption is AES-SIV, see [`super::siv`].)
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -13,7 +11,6 @@ use std::fmt;
 use zeroize::Zeroizing;
 
 pub const INFO_BLIND_INDEX: &[u8] = b"pg_kms v1 blind index";
-pub const INFO_DETERMINISTIC: &[u8] = b"pg_kms v1 deterministic nonce";
 
 /// A 32-byte HMAC key, wiped on drop.
 pub struct MacKey(Zeroizing<[u8; 32]>);
@@ -45,13 +42,6 @@ impl MacKey {
         }
         Some(self.mac(context, plaintext)[..(bits / 8) as usize].to_vec())
     }
-
-    /// The deterministic nonce for (context, plaintext).
-    pub fn nonce(&self, context: &[u8], plaintext: &[u8]) -> [u8; 12] {
-        let mut n = [0u8; 12];
-        n.copy_from_slice(&self.mac(context, plaintext)[..12]);
-        n
-    }
 }
 
 #[cfg(test)]
@@ -67,7 +57,6 @@ mod tests {
         assert_eq!(hex::encode(k.blind_index(b"", b"abc", 256).unwrap()), KA_EMPTY_CTX);
         // hmac.new(b'\x0b'*32, (3).to_bytes(8,'big') + b'ctx' + b'abc', sha256).hexdigest()
         assert_eq!(hex::encode(k.blind_index(b"ctx", b"abc", 256).unwrap()), KA_CTX);
-        assert_eq!(hex::encode(k.nonce(b"ctx", b"abc")), &KA_CTX[..24]);
         assert_eq!(hex::encode(k.blind_index(b"ctx", b"abc", 16).unwrap()), &KA_CTX[..4]);
         // HKDF-SHA256(salt=b'pg_kms', ikm=b'\x01'*32, info=b'pg_kms v1 blind index', L=32)
         let d = MacKey::derive(&[1u8; 32], INFO_BLIND_INDEX);
@@ -82,8 +71,8 @@ mod tests {
         }
         // length-prefixed context: ("a", "bc") and ("ab", "c") differ
         assert_ne!(k.blind_index(b"a", b"bc", 256), k.blind_index(b"ab", b"c", 256));
-        assert_ne!(k.nonce(b"", b"x"), k.nonce(b"", b"y"));
-        assert_eq!(k.nonce(b"", b"x"), k.nonce(b"", b"x"));
+        assert_ne!(k.blind_index(b"", b"x", 256), k.blind_index(b"", b"y", 256));
+        assert_eq!(k.blind_index(b"", b"x", 256), k.blind_index(b"", b"x", 256));
     }
 
     const KA_EMPTY_CTX: &str = "d06a5d9ac65b5f686a379be91ff227b843f9164050d6c012b74bb5a33449019a";

@@ -1,9 +1,13 @@
-//! The binary envelope stored in every `encrypted_text` value.
+//! The binary envelope stored in every `encrypted_text` value. Two layouts,
+//! chosen by flag bit 1; both start with the same 10-byte header.
+//!
+//! Randomized (`kms_encrypt`, `kms_encrypt_bytea`; flag bit 1 clear),
+//! AES-256-GCM under the version's data key and a random 96-bit nonce:
 //!
 //! ```text
 //! offset  size  field
 //!      0     1  format version (1)
-//!      1     1  flags (bit 0: payload is bytea; bit 1: deterministic, reserved;
+//!      1     1  flags (bit 0: payload is bytea; bit 1: deterministic;
 //!                 bit 2: sealed with a non-empty context)
 //!      2     4  key id, big endian, never 0
 //!      6     4  key version, big endian, never 0
@@ -12,9 +16,20 @@
 //!   22+n    16  GCM tag
 //! ```
 //!
-//! The first [`HEADER_LEN`] bytes, followed by the caller's context, are the
-//! associated data of the AEAD, so a header cannot be edited without the tag
-//! failing. The overhead over the plaintext is [`OVERHEAD`] = 38 bytes.
+//! Deterministic (`kms_encrypt_deterministic`; flag bit 1 set), AES-256-SIV
+//! (RFC 5297) under the version's SIV key (see [`super::siv`]); no nonce:
+//!
+//! ```text
+//! offset  size  field
+//!      0    10  header, as above
+//!     10    16  synthetic IV (the S2V tag; also the CTR counter block)
+//!     26     n  ciphertext (same length as the plaintext)
+//! ```
+//!
+//! In both, the first [`HEADER_LEN`] bytes followed by the caller's context
+//! are the associated data, so a header cannot be edited without the tag
+//! failing. The overhead over the plaintext is [`OVERHEAD`] = 38 bytes
+//! (randomized) or [`DET_OVERHEAD`] = 26 bytes (deterministic).
 
 use std::fmt;
 
@@ -22,11 +37,15 @@ pub const FORMAT_V1: u8 = 1;
 pub const HEADER_LEN: usize = 10;
 pub const NONCE_LEN: usize = 12;
 pub const TAG_LEN: usize = 16;
-/// Bytes an envelope adds to its plaintext.
+/// Length of the synthetic IV of a deterministic (AES-SIV) envelope.
+pub const SIV_LEN: usize = 16;
+/// Bytes a randomized (AES-GCM) envelope adds to its plaintext.
 pub const OVERHEAD: usize = HEADER_LEN + NONCE_LEN + TAG_LEN;
+/// Bytes a deterministic (AES-SIV) envelope adds to its plaintext.
+pub const DET_OVERHEAD: usize = HEADER_LEN + SIV_LEN;
 /// The payload was sealed from `bytea` rather than `text`.
 pub const FLAG_BYTES: u8 = 0b0000_0001;
-/// Reserved for deterministic encryption (derived nonce).
+/// Deterministic encryption (AES-SIV layout, see above).
 pub const FLAG_DETERMINISTIC: u8 = 0b0000_0010;
 /// Sealed with a non-empty context: only a caller that knows the context can
 /// open or rewrap it (the background worker skips such values).
@@ -60,10 +79,18 @@ impl Header {
         self.flags & FLAG_CONTEXT != 0
     }
 
+    pub fn is_deterministic(&self) -> bool {
+        self.flags & FLAG_DETERMINISTIC != 0
+    }
+
     /// Parses and validates only the header (enough for `kms_key_version`).
     pub fn parse(bytes: &[u8]) -> Result<Header, EnvelopeError> {
-        if bytes.len() < OVERHEAD {
-            return Err(EnvelopeError::TooShort { len: bytes.len() });
+        let min = match bytes.get(1) {
+            Some(flags) if flags & FLAG_DETERMINISTIC != 0 => DET_OVERHEAD,
+            _ => OVERHEAD,
+        };
+        if bytes.len() < min {
+            return Err(EnvelopeError::TooShort { len: bytes.len(), min });
         }
         if bytes.len() > MAX_ENVELOPE_LEN {
             return Err(EnvelopeError::TooLong { len: bytes.len() });
@@ -93,15 +120,27 @@ pub struct Envelope<'a> {
     pub header: Header,
     /// The raw header bytes (the first part of the associated data).
     pub header_bytes: &'a [u8],
+    /// The GCM nonce (empty in a deterministic envelope).
     pub nonce: &'a [u8],
     pub ciphertext: &'a [u8],
+    /// The GCM tag, or the synthetic IV of a deterministic envelope.
     pub tag: &'a [u8],
 }
 
 impl<'a> Envelope<'a> {
-    /// Never panics, whatever the input.
+    /// Never panics, whatever the input. For a deterministic envelope,
+    /// `nonce` is empty and `tag` is the synthetic IV.
     pub fn parse(bytes: &'a [u8]) -> Result<Envelope<'a>, EnvelopeError> {
         let header = Header::parse(bytes)?;
+        if header.is_deterministic() {
+            return Ok(Envelope {
+                header,
+                header_bytes: &bytes[..HEADER_LEN],
+                nonce: &[],
+                tag: &bytes[HEADER_LEN..DET_OVERHEAD],
+                ciphertext: &bytes[DET_OVERHEAD..],
+            });
+        }
         let ct_end = bytes.len() - TAG_LEN;
         Ok(Envelope {
             header,
@@ -117,7 +156,8 @@ impl<'a> Envelope<'a> {
 /// never payload bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EnvelopeError {
-    TooShort { len: usize },
+    /// Shorter than the `min` bytes of its layout.
+    TooShort { len: usize, min: usize },
     TooLong { len: usize },
     UnknownVersion(u8),
     UnknownFlags(u8),
@@ -128,9 +168,9 @@ pub enum EnvelopeError {
 impl fmt::Display for EnvelopeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            EnvelopeError::TooShort { len } => write!(
+            EnvelopeError::TooShort { len, min } => write!(
                 f,
-                "envelope is {len} bytes, shorter than the minimum of {OVERHEAD}"
+                "envelope is {len} bytes, shorter than the minimum of {min}"
             ),
             EnvelopeError::TooLong { len } => write!(f, "envelope is {len} bytes, longer than 1 GB"),
             EnvelopeError::UnknownVersion(v) => write!(f, "unknown envelope format version {v}"),
@@ -167,6 +207,20 @@ mod tests {
     }
 
     #[test]
+    fn deterministic_layout() {
+        let h = Header { flags: FLAG_DETERMINISTIC | FLAG_CONTEXT, key_id: 1, key_version: 2 };
+        let mut v = h.encode().to_vec();
+        v.extend_from_slice(&[0x11; SIV_LEN]);
+        v.extend_from_slice(b"abc");
+        let env = Envelope::parse(&v).unwrap();
+        assert_eq!(env.header, h);
+        assert!(env.nonce.is_empty());
+        assert_eq!(env.tag, &[0x11; SIV_LEN]);
+        assert_eq!(env.ciphertext, b"abc");
+        assert_eq!(Envelope::parse(&v[..DET_OVERHEAD]).unwrap().ciphertext.len(), 0);
+    }
+
+    #[test]
     fn overhead_is_at_most_40_bytes() {
         assert!(OVERHEAD <= 40);
         assert_eq!(sample(100).len(), 100 + OVERHEAD);
@@ -174,7 +228,9 @@ mod tests {
 
     #[test]
     fn rejects_malformed() {
-        assert_eq!(Envelope::parse(&[]).unwrap_err(), EnvelopeError::TooShort { len: 0 });
+        assert_eq!(Envelope::parse(&[]).unwrap_err(), EnvelopeError::TooShort { len: 0, min: OVERHEAD });
+        let det = Header { flags: FLAG_DETERMINISTIC, key_id: 7, key_version: 3 }.encode();
+        assert_eq!(Envelope::parse(&det).unwrap_err(), EnvelopeError::TooShort { len: 10, min: DET_OVERHEAD });
         assert!(matches!(Envelope::parse(&sample(0)[..OVERHEAD - 1]), Err(EnvelopeError::TooShort { .. })));
         let mut v = sample(3);
         v[0] = 2;
@@ -202,10 +258,12 @@ mod tests {
         #[test]
         fn parsed_parts_cover_input(len in 0usize..300, flags in 0u8..8, id in 1u32.., ver in 1u32..=i32::MAX as u32) {
             let mut v = Header { flags, key_id: id, key_version: ver }.encode().to_vec();
-            v.resize(OVERHEAD + len, 0x5A);
+            let overhead = if flags & FLAG_DETERMINISTIC != 0 { DET_OVERHEAD } else { OVERHEAD };
+            v.resize(overhead + len, 0x5A);
             let env = Envelope::parse(&v).unwrap();
             prop_assert_eq!(env.header_bytes.len() + env.nonce.len() + env.ciphertext.len() + env.tag.len(), v.len());
             prop_assert_eq!(env.header, Header { flags, key_id: id, key_version: ver });
+            prop_assert_eq!(env.ciphertext.len(), len);
         }
     }
 }

@@ -11,6 +11,7 @@ use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use hkdf::Hkdf;
 use sha2::Sha256;
+use super::secure::Locked;
 use std::fmt;
 use zeroize::Zeroizing;
 
@@ -31,9 +32,11 @@ pub fn hkdf32(salt: &[u8], ikm: &[u8], info: &[u8]) -> Zeroizing<[u8; 32]> {
     out
 }
 
-/// The key-encryption key derived from the master key.
+/// The key-encryption key derived from the master key. Its AES key
+/// schedule (which starts with the raw KEK) lives in a locked,
+/// non-dumpable region, zeroized on drop (see [`super::secure`]).
 pub struct Kek {
-    cipher: Aes256Gcm,
+    cipher: Locked<Aes256Gcm>,
 }
 
 impl fmt::Debug for Kek {
@@ -74,7 +77,9 @@ fn labeled_aad(label: &[u8], key_id: u32, version: u32) -> [u8; 26] {
 
 impl Kek {
     pub fn from_bytes(k: &Zeroizing<[u8; 32]>) -> Kek {
-        Kek { cipher: Aes256Gcm::new(k.as_ref().into()) }
+        // The schedule is built on the stack and moved in once; callers
+        // that must leave no copy behind wipe the stack afterwards.
+        Kek { cipher: Locked::new(Aes256Gcm::new(k.as_ref().into())) }
     }
 
     /// Wraps a data key, binding it to its key id and version.

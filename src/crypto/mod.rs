@@ -2,8 +2,10 @@
 //!
 //! Pure Rust, no pgrx: everything in here can be unit- and property-tested
 //! with plain `#[test]`s. Only vetted primitives are used (AES-256-GCM from
-//! `aes-gcm`, HKDF-SHA256 from `hkdf`, randomness from `getrandom`), and key
-//! material lives in types that are zeroized when dropped.
+//! `aes-gcm`, AES-256-SIV from `aes-siv`, HKDF-SHA256 from `hkdf`,
+//! HMAC-SHA256 from `hmac`, randomness from `getrandom`), and key material
+//! lives in types that are zeroized when dropped; the master key and the
+//! KEK in locked, non-dumpable memory ([`secure`]).
 //!
 //! No error type in this module carries plaintext or key bytes: every error
 //! is a fieldless or length-only value so it can be shown to a user.
@@ -14,6 +16,8 @@ pub mod envelope;
 pub mod kdf;
 pub mod master;
 pub mod nonce;
+pub mod secure;
+pub mod siv;
 
 pub use aead::{open_into, prefetch_line, seal_into, AuthError, DataKey};
 pub use derive::MacKey;
@@ -21,3 +25,4 @@ pub use envelope::{Envelope, EnvelopeError, Header};
 pub use kdf::{Kek, WrapError};
 pub use master::{MasterKey, MasterKeyError};
 pub use nonce::NonceSource;
+pub use siv::SivKey;
