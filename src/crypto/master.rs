@@ -143,6 +143,11 @@ impl MasterKey {
         *hkdf32(HKDF_SALT, self.bytes.as_ref(), INFO_FINGERPRINT)
     }
 
+    /// The audit-chain and catalog-row MAC keys of this master key.
+    pub fn integrity_keys(&self) -> super::integrity::IntegrityKeys {
+        super::integrity::IntegrityKeys::from_master(self.bytes.as_ref())
+    }
+
     pub fn kek(&self) -> Kek {
         Kek::from_bytes(&hkdf32(HKDF_SALT, self.bytes.as_ref(), INFO_KEK))
     }
