@@ -1146,17 +1146,23 @@ fn append(
         Some((id, hash)) => (id + 1, hash),
         None => (1, vec![0u8; 32]),
     };
-    type Now = (Option<TimestampWithTimeZone>, i64, Vec<u8>, Option<Vec<u8>>);
-    let (at, at_us, actor, reason_utf8) = Spi::connect(|c| -> Result<Now, pgrx::spi::Error> {
+    type Now = (Option<TimestampWithTimeZone>, i64, Vec<u8>, Option<Vec<u8>>, String);
+    let (at, at_us, actor, reason_utf8, db) = Spi::connect(|c| -> Result<Now, pgrx::spi::Error> {
         let t = c.select(
             "SELECT t, (EXTRACT(epoch FROM t) * 1000000)::int8, pg_catalog.convert_to(session_user::text, 'UTF8'),
-                    pg_catalog.convert_to($1, 'UTF8')
+                    pg_catalog.convert_to($1, 'UTF8'), pg_catalog.quote_ident(pg_catalog.current_database())
                FROM (SELECT pg_catalog.clock_timestamp() AS t) s",
             Some(1),
             &[reason.into()],
         )?;
         let r = t.first();
-        Ok((r.get::<TimestampWithTimeZone>(1)?, r.get::<i64>(2)?.unwrap_or(0), r.get::<Vec<u8>>(3)?.unwrap_or_default(), r.get::<Vec<u8>>(4)?))
+        Ok((
+            r.get::<TimestampWithTimeZone>(1)?,
+            r.get::<i64>(2)?.unwrap_or(0),
+            r.get::<Vec<u8>>(3)?.unwrap_or_default(),
+            r.get::<Vec<u8>>(4)?,
+            r.get::<String>(5)?.unwrap_or_default(),
+        ))
     })
     .map_err(KmsError::spi)?;
     let row = AuditRow {
@@ -1199,7 +1205,7 @@ fn append(
                 'operation', $1::text, 'key_name', $2::text, 'version', $3::integer)::text)",
         &[operation.into(), key_name.into(), version.into()],
     )?;
-    let line = format!("pg_kms: audit chain head id={id} mac={}", hex_of(&mac));
+    let line = format!("pg_kms: audit chain head of database {db}: id={id} mac={}", hex_of(&mac));
     pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, move || pgrx::log!("{line}"));
     Ok(id)
 }
