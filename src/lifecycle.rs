@@ -864,19 +864,29 @@ impl VersionRowData {
     }
 }
 
-/// A key's row and its versions' rows (read-write: in an act).
-fn key_rows(key_id: i32) -> KmsResult<(KeyRowData, Vec<VersionRowData>)> {
-    Spi::connect_mut(|c| -> Result<Option<(KeyRowData, Vec<VersionRowData>)>, pgrx::spi::Error> {
-        let Some(r) = c.update(&format!("{KEY_ROW_SQL} WHERE key_id = $1"), Some(1), &[key_id.into()])?.next() else {
-            return Ok(None);
-        };
-        let key = KeyRowData::read(&r)?;
-        let mut versions = Vec::new();
-        for r in c.update(&format!("{VERSION_ROW_SQL} WHERE key_id = $1 ORDER BY version"), None, &[key_id.into()])? {
-            versions.push(VersionRowData::read(&r)?);
-        }
-        Ok(Some((key, versions)))
-    })
+/// A key's row and its versions' rows: read-write (it sees what the act
+/// just changed) or read-only (kms_audit_log_check, a stable function).
+fn key_rows(key_id: i32, write: bool) -> KmsResult<(KeyRowData, Vec<VersionRowData>)> {
+    type Rows = Option<(KeyRowData, Vec<VersionRowData>)>;
+    let (key_q, versions_q) =
+        (format!("{KEY_ROW_SQL} WHERE key_id = $1"), format!("{VERSION_ROW_SQL} WHERE key_id = $1 ORDER BY version"));
+    let versions = |t: pgrx::spi::SpiTupleTable<'_>| -> Result<Vec<VersionRowData>, pgrx::spi::Error> {
+        t.map(|r| VersionRowData::read(&r)).collect()
+    };
+    let args = [key_id.into()];
+    if write {
+        Spi::connect_mut(|c| -> Result<Rows, pgrx::spi::Error> {
+            let Some(r) = c.update(&key_q, Some(1), &args)?.next() else { return Ok(None) };
+            let key = KeyRowData::read(&r)?;
+            Ok(Some((key, versions(c.update(&versions_q, None, &args)?)?)))
+        })
+    } else {
+        Spi::connect(|c| -> Result<Rows, pgrx::spi::Error> {
+            let Some(r) = c.select(&key_q, Some(1), &args)?.next() else { return Ok(None) };
+            let key = KeyRowData::read(&r)?;
+            Ok(Some((key, versions(c.select(&versions_q, None, &args)?)?)))
+        })
+    }
     .map_err(KmsError::spi)?
     .ok_or_else(|| KmsError::UnknownKeyId(key_id as u32))
 }
@@ -892,7 +902,7 @@ fn version_mac(k: &KeyCheck<'_>, v: &VersionCheck<'_>) -> Vec<u8> {
 /// Sets a key's generation and re-MACs its row and its versions' rows.
 fn reseal_key(keys: &IntegrityKeys, key_id: i32, generation: i64) -> KmsResult<()> {
     spi_exec("UPDATE kms.keys SET generation = $2 WHERE key_id = $1", &[key_id.into(), generation.into()])?;
-    let (key, versions) = key_rows(key_id)?;
+    let (key, versions) = key_rows(key_id, true)?;
     let k = key.check();
     spi_exec(
         "UPDATE kms.keys SET row_mac = $2 WHERE key_id = $1",
@@ -930,7 +940,7 @@ fn reseal_all(keys: &IntegrityKeys, generation: i64) -> KmsResult<()> {
 /// re-MACs them under the new key).
 fn verify_all_keys(keys: &IntegrityKeys, fp: &[u8]) -> KmsResult<()> {
     for id in all_key_ids()? {
-        let (key, versions) = key_rows(id)?;
+        let (key, versions) = key_rows(id, false)?;
         let vs: Vec<VersionCheck<'_>> = versions.iter().map(VersionRowData::check).collect();
         verify_with(keys, fp, &key.check(), &vs)?;
     }
@@ -1306,7 +1316,7 @@ fn check_audit_log() -> KmsResult<AuditCheck> {
         head_mac: last.and_then(|r| r.mac.as_deref().map(hex_of)),
     };
     if let Some((id, why)) = find_problem(kr.as_ref(), current.as_ref().map(|(fp, k)| (fp.as_slice(), &**k)), &recs)? {
-        out.first_bad = Some(id);
+        out.first_bad = id;
         out.problem = Some(why);
     }
     Ok(out)
@@ -1316,8 +1326,8 @@ fn find_problem(
     kr: Option<&KeyringRow>,
     current: Option<(&[u8], &IntegrityKeys)>,
     recs: &[AuditRecord],
-) -> KmsResult<Option<(i64, String)>> {
-    let bad = |id: i64, why: &str| Ok(Some((id, format!("row {id}: {why}"))));
+) -> KmsResult<Option<(Option<i64>, String)>> {
+    let bad = |id: i64, why: &str| Ok(Some((Some(id), format!("row {id}: {why}"))));
     let mut prev = vec![0u8; 32];
     let mut last_fp: Option<&[u8]> = None;
     let mut seen_current = false;
@@ -1424,6 +1434,18 @@ fn find_problem(
     .map_err(KmsError::spi)?;
     if let Some((id, what)) = revived {
         return bad(id, &format!("records the destruction of {what}, but the catalog holds it again: a saved row was put back"));
+    }
+    // Key-state rows, as a load would check them (no audit row to name).
+    if let (true, Some((fp, keys))) = (keyed_keyring, current) {
+        for id in all_key_ids()? {
+            let (key, versions) = key_rows(id, false)?;
+            let vs: Vec<VersionCheck<'_>> = versions.iter().map(VersionRowData::check).collect();
+            match verify_with(keys, fp, &key.check(), &vs) {
+                Ok(()) => {}
+                Err(KmsError::CatalogAltered { what, why }) => return Ok(Some((None, format!("catalog row altered: {what}: {why}")))),
+                Err(e) => return Err(e),
+            }
+        }
     }
     Ok(None)
 }

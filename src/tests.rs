@@ -909,4 +909,17 @@ mod tests {
         assert_sqlstate("SELECT kms_create_key('sw2')", "XX001");
         assert_eq!(one::<bool>("SELECT integrity_since IS NULL FROM kms.keyring"), Some(true));
     }
+
+    #[pg_test]
+    fn audit_log_check_names_edited_key_rows() {
+        setup_key("c1");
+        run("SELECT kms_rotate_key('c1')");
+        assert_eq!(one::<bool>("SELECT ok FROM kms_audit_log_check()"), Some(true));
+        run("UPDATE kms.keys SET primary_version = 1 WHERE key_name = 'c1'");
+        assert_eq!(
+            one::<String>("SELECT ok || ':' || coalesce(first_bad_id::text, '-') || ':' || problem FROM kms_audit_log_check()").as_deref(),
+            Some("false:-:catalog row altered: the kms.keys row of key \"c1\": Its MAC does not verify under the master key.")
+        );
+        assert_eq!(one::<bool>("SELECT kms_verify_audit_log()"), Some(false));
+    }
 }
