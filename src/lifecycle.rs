@@ -761,6 +761,7 @@ fn kms_health() -> pgrx::JsonB {
 
 const WHY_MAC: &str = "Its MAC does not verify under the master key.";
 const WHY_STALE: &str = "It is older than the key's latest change recorded in the audit chain: a saved row was put back.";
+const WHY_CUT: &str = "It is newer than the audit chain: the audit rows recording its latest change were removed.";
 const WHY_TRAIL: &str = "The audit row that records the key's latest change does not verify under the master key.";
 
 /// Acts that change a key's rows: the latest one is the key's generation.
@@ -1117,8 +1118,10 @@ fn verify_with(keys: &IntegrityKeys, fp: &[u8], key: &KeyCheck<'_>, versions: &[
         ),
         &[key.name.into()],
     )?;
-    if latest != Some(key.generation) {
-        return Err(altered(whose(), WHY_STALE));
+    match latest {
+        Some(l) if l == key.generation => {}
+        Some(l) if l > key.generation => return Err(altered(whose(), WHY_STALE)),
+        _ => return Err(altered(whose(), WHY_CUT)),
     }
     let authentic = read_audit(Some(key.generation))?.first().is_some_and(|r| {
         r.key_fp.as_deref() == Some(fp) && r.content_ok() && r.mac.as_deref().is_some_and(|m| keys.audit.verify(&r.hash, m))

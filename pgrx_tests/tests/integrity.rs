@@ -157,11 +157,14 @@ fn audit_chain_head_is_logged_and_forgeries_are_caught() {
         )
         .unwrap();
     }
+    // Two acts that change no key row (rows 5 and 6).
+    db.batch_execute("CREATE ROLE app; SELECT kms_grant_key('pii', 'app', 'decrypt'); SELECT kms_revoke_key('pii', 'app', 'decrypt');")
+        .unwrap();
     // At every append the head leaves the database: the last logged line is the head.
     let (ok, _, _, head_id, head_mac) = check(&mut db);
     assert!(ok);
     assert_eq!(logged_head(&c, "postgres"), Some((head_id.unwrap(), head_mac.clone().unwrap())));
-    assert_eq!(head_id, Some(4));
+    assert_eq!(head_id, Some(6));
     // The log line holds no key material: not the master key, no wrapped or data key.
     let log = c.server_log();
     let master = c.read_key();
@@ -181,17 +184,29 @@ fn audit_chain_head_is_logged_and_forgeries_are_caught() {
 
     // Truncating the tail and resetting the head leaves a chain that checks
     // out by itself; the logged head shows it (the README's procedure).
-    db.batch_execute(
-        "ALTER TABLE kms.audit_log DISABLE TRIGGER USER;
-         DELETE FROM kms.audit_log WHERE id > 2;
-         UPDATE kms.audit_head SET last_id = 2, last_hash = a.hash, last_mac = a.mac FROM kms.audit_log a WHERE a.id = 2;",
-    )
-    .unwrap();
+    let cut = |db: &mut Client, keep: i64| {
+        db.batch_execute(&format!(
+            "BEGIN; ALTER TABLE kms.audit_log DISABLE TRIGGER USER;
+             DELETE FROM kms.audit_log WHERE id > {keep};
+             UPDATE kms.audit_head SET last_id = {keep}, last_hash = a.hash, last_mac = a.mac FROM kms.audit_log a WHERE a.id = {keep};"
+        ))
+        .unwrap();
+    };
+    cut(&mut db, 4);
     let (ok, _, _, head_id, head_mac) = check(&mut db);
     assert!(ok, "a cut chain is consistent in itself");
     let logged = logged_head(&c, "postgres").unwrap();
+    assert_eq!(logged.0, 6);
     assert_ne!(Some(logged.0), head_id, "the logged head shows the cut");
     assert_ne!(Some(logged.1), head_mac);
+    db.batch_execute("ROLLBACK").unwrap();
+    // Cutting rows that changed a key is caught by the check itself: the
+    // key's rows are newer than the chain.
+    cut(&mut db, 2);
+    let (ok, bad, why, _, _) = check(&mut db);
+    assert!(!ok && bad.is_none(), "{why:?}");
+    assert!(why.as_deref().unwrap_or("").contains("kms.keys row of key \"pii\": It is newer than the audit chain"), "{why:?}");
+    db.batch_execute("ROLLBACK").unwrap();
 
     // Forge row 2 of the other database and recompute every hash with
     // SHA-256 exactly as pg_kms chains them: only the MACs are missing.
