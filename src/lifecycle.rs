@@ -527,10 +527,6 @@ fn change_grant(key_name: &RawText, grantee: &RegRole, privilege: &RawText, gran
 /// Re-wraps every data key under the master key configured now, reading
 /// the old one from `pg_kms.previous_master_key_*`. Returns the number of
 /// versions re-wrapped (0 if the keyring already uses the current key).
-
-/// Re-wraps every data key under the master key configured now, reading
-/// the old one from `pg_kms.previous_master_key_*`. Returns the number of
-/// versions re-wrapped (0 if the keyring already uses the current key).
 ///
 /// The key-state rows are first checked under the old key (so that a row
 /// edited behind pg_kms's back is refused, not blessed), then re-MAC'd
@@ -889,7 +885,7 @@ fn key_rows(key_id: i32, write: bool) -> KmsResult<(KeyRowData, Vec<VersionRowDa
         })
     }
     .map_err(KmsError::spi)?
-    .ok_or_else(|| KmsError::UnknownKeyId(key_id as u32))
+    .ok_or(KmsError::UnknownKeyId(key_id as u32))
 }
 
 fn key_mac(k: &KeyCheck<'_>) -> Vec<u8> {
