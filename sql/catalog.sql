@@ -21,11 +21,16 @@ END
 $$;
 
 -- One row: a commitment to the master key (HKDF output, never the key).
+-- integrity_since: since when key-state rows carry MACs (NULL only in a
+-- keyring made before MACs existed, until it adopts them); row_mac: MAC of
+-- (fingerprint, integrity_since) under the master key's catalog-row key.
 CREATE TABLE kms.keyring (
     singleton              boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     master_key_fingerprint bytea NOT NULL CHECK (pg_catalog.length(master_key_fingerprint) = 32),
     created_at             timestamptz NOT NULL DEFAULT pg_catalog.now(),
-    rotated_at             timestamptz
+    rotated_at             timestamptz,
+    integrity_since        timestamptz,
+    row_mac                bytea
 );
 
 CREATE TABLE kms.keys (
@@ -36,7 +41,15 @@ CREATE TABLE kms.keys (
     created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
     -- Random blind-index root of this key name, wrapped under the KEK
     -- (independent of versions; NULL once the key is destroyed).
-    index_key       bytea
+    index_key       bytea,
+    -- Set by kms_destroy_key(): the key refuses every further act.
+    destroyed_at    timestamptz,
+    -- Id of the audit row of the key's latest change (or of the latest
+    -- master-key rotation): a saved row put back is older than the trail.
+    generation      bigint NOT NULL DEFAULT 0,
+    -- MAC (catalog-row key) of key_id, key_name, primary_version,
+    -- destroyed_at, index_key, generation.
+    row_mac         bytea
 );
 
 -- Per-key grants: once a key has grants, only grantees may use it for that
@@ -66,11 +79,18 @@ CREATE TABLE kms.key_versions (
     wrapped_key      bytea,
     created_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
     state_changed_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- MAC (catalog-row key) of key_id, version, state, wrapped_key and the
+    -- key's generation.
+    row_mac          bytea,
     PRIMARY KEY (key_id, version),
     CHECK ((state = 'destroyed') = (wrapped_key IS NULL))
 );
 
--- Append-only, hash-chained audit log.
+-- Append-only audit log, chained and keyed (written by pg_kms in Rust):
+-- hash = SHA-256(prev_hash || canonical row), mac = HMAC(audit-chain key
+-- derived from the master key, hash); key_fp names that master key.
+-- Rows with mac NULL come from a keyring made before the chain was keyed
+-- (hash = kms.audit_row_hash) and may only precede keyed rows.
 CREATE TABLE kms.audit_log (
     id        bigint PRIMARY KEY,
     at        timestamptz NOT NULL,
@@ -80,14 +100,23 @@ CREATE TABLE kms.audit_log (
     version   integer,
     reason    text,
     prev_hash bytea NOT NULL,
-    hash      bytea NOT NULL
+    hash      bytea NOT NULL,
+    detail    text,
+    key_fp    bytea,
+    mac       bytea
 );
+-- Cold-path lookups of a key's latest change (see kms.keys.generation).
+CREATE INDEX audit_log_key_name ON kms.audit_log (key_name, id);
+CREATE INDEX audit_log_keyring_wide ON kms.audit_log (id)
+    WHERE operation IN ('rotate_master_key', 'adopt_integrity');
 
--- The chain's head, so that removing the newest rows is detected too.
+-- The chain's head (a convenience: the authoritative copy of the head is
+-- the LOG line "pg_kms: audit chain head" written at every append).
 CREATE TABLE kms.audit_head (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     last_id   bigint NOT NULL,
-    last_hash bytea NOT NULL
+    last_hash bytea NOT NULL,
+    last_mac  bytea
 );
 
 -- Re-encryption progress per (table, column) of this database, written by
@@ -113,7 +142,8 @@ SELECT pg_catalog.pg_extension_config_dump('kms.key_versions', '');
 SELECT pg_catalog.pg_extension_config_dump('kms.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('kms.audit_head', '');
 
--- SHA-256 over the previous hash and a canonical JSON encoding of the row.
+-- The unkeyed hash of rows written before the chain was keyed: SHA-256
+-- over the previous hash and a canonical JSON encoding of the row.
 CREATE FUNCTION kms.audit_row_hash(prev bytea, id bigint, at timestamptz, actor text, operation text,
                                    key_name text, version integer, reason text)
 RETURNS bytea LANGUAGE sql STABLE
@@ -124,31 +154,8 @@ AS $$
         actor, operation, key_name, version, reason)::text, 'UTF8'))
 $$;
 
-CREATE FUNCTION kms.audit_append(p_operation text, p_key_name text, p_version integer, p_reason text)
-RETURNS void LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_id   bigint;
-    v_prev bytea;
-    v_at   timestamptz := clock_timestamp();
-    v_hash bytea;
-BEGIN
-    -- Self-conflicting lock: concurrent acts are chained one after another.
-    LOCK TABLE kms.audit_log IN SHARE ROW EXCLUSIVE MODE;
-    SELECT a.id, a.hash INTO v_id, v_prev FROM kms.audit_log a ORDER BY a.id DESC LIMIT 1;
-    v_id := coalesce(v_id, 0) + 1;
-    v_prev := coalesce(v_prev, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea);
-    v_hash := kms.audit_row_hash(v_prev, v_id, v_at, session_user::text, p_operation, p_key_name, p_version, p_reason);
-    INSERT INTO kms.audit_log (id, at, actor, operation, key_name, version, reason, prev_hash, hash)
-    VALUES (v_id, v_at, session_user, p_operation, p_key_name, p_version, p_reason, v_prev, v_hash);
-    INSERT INTO kms.audit_head (singleton, last_id, last_hash) VALUES (true, v_id, v_hash)
-    ON CONFLICT (singleton) DO UPDATE SET last_id = excluded.last_id, last_hash = excluded.last_hash;
-    PERFORM pg_notify('kms_events', jsonb_build_object(
-        'operation', p_operation, 'key_name', p_key_name, 'version', p_version)::text);
-END
-$$;
-
+-- Checks the unkeyed prefix (rows from before the chain was keyed) only;
+-- the whole chain is checked by kms_audit_log_check().
 CREATE FUNCTION kms.audit_verify()
 RETURNS boolean LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -157,9 +164,8 @@ DECLARE
     r        record;
     v_prev   bytea := '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea;
     v_expect bigint := 1;
-    v_head   record;
 BEGIN
-    FOR r IN SELECT * FROM kms.audit_log ORDER BY id LOOP
+    FOR r IN SELECT * FROM kms.audit_log a WHERE a.mac IS NULL ORDER BY a.id LOOP
         IF r.id <> v_expect OR r.prev_hash <> v_prev
            OR r.hash <> kms.audit_row_hash(r.prev_hash, r.id, r.at, r.actor, r.operation, r.key_name, r.version, r.reason) THEN
             RETURN false;
@@ -167,11 +173,7 @@ BEGIN
         v_prev := r.hash;
         v_expect := v_expect + 1;
     END LOOP;
-    SELECT * INTO v_head FROM kms.audit_head;
-    IF v_head IS NULL THEN
-        RETURN v_expect = 1;
-    END IF;
-    RETURN v_head.last_id = v_expect - 1 AND v_head.last_hash = v_prev;
+    RETURN true;
 END
 $$;
 
@@ -200,11 +202,23 @@ SELECT k.key_name,
        v.created_at,
        v.state_changed_at,
        k.rotation_period,
-       CASE WHEN k.rotation_period IS NOT NULL THEN p.created_at + k.rotation_period END AS next_rotation_at
+       CASE WHEN k.rotation_period IS NOT NULL AND k.destroyed_at IS NULL
+            THEN p.created_at + k.rotation_period END AS next_rotation_at,
+       k.destroyed_at AS key_destroyed_at
   FROM kms.keys k
   JOIN kms.key_versions v ON v.key_id = k.key_id
   JOIN kms.key_versions p ON p.key_id = k.key_id AND p.version = k.primary_version;
 
 CREATE VIEW kms_audit_log AS
-SELECT id, at, actor, operation, key_name, version, reason, pg_catalog.encode(hash, 'hex') AS hash
+SELECT id, at, actor, operation, key_name, version, reason, pg_catalog.encode(hash, 'hex') AS hash,
+       detail, pg_catalog.encode(mac, 'hex') AS mac
   FROM kms.audit_log;
+
+-- Destruction receipts (kms_destroy_key_version, kms_destroy_key): key,
+-- version(s), time, and the MAC of the erased material under a key derived
+-- from the master key. Each is the detail of its row in the keyed chain.
+CREATE VIEW kms_destruction_receipts AS
+SELECT id AS audit_id, at, actor, key_name, version, reason, detail::jsonb AS receipt
+  FROM kms.audit_log
+ WHERE operation IN ('destroy_key_version', 'destroy_key');
+GRANT SELECT ON kms_destruction_receipts TO kms_admin, kms_auditor;

@@ -48,6 +48,11 @@ pub enum KmsError {
     CatalogCorrupt { key: String, version: i32 },
     /// 58000: the OS random generator failed.
     Random,
+    /// XX001: a key-state row (or the keyring row) does not carry a valid
+    /// MAC under the master key, or is older than the audit trail says.
+    CatalogAltered { what: String, why: &'static str },
+    /// 55000: the key was destroyed with kms_destroy_key().
+    KeyDestroyed { key: String, action: &'static str },
     /// 25006: a lifecycle act on a standby or in a read-only transaction.
     ReadOnly,
     /// 42501: the caller lacks SELECT and UPDATE on a column it asked pg_kms
@@ -198,6 +203,18 @@ impl KmsError {
                 format!("wrapped material of version {version} of key \"{key}\" does not authenticate"),
                 Some("The master key matches the keyring fingerprint, so the catalog row was altered.".into()),
                 Some("Restore the kms schema from a backup.".into()),
+            ),
+            KmsError::CatalogAltered { what, why } => (
+                ERRCODE_DATA_CORRUPTED,
+                format!("catalog row altered: {what}"),
+                Some((*why).into()),
+                Some("The row was changed behind pg_kms's back (its MAC under the master key does not match). Restore the kms schema from a backup taken after the last key change, and run kms_audit_log_check().".into()),
+            ),
+            KmsError::KeyDestroyed { key, action } => (
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("cannot {action}: key \"{key}\" is destroyed"),
+                None,
+                Some("A destroyed key stays destroyed: its key material is erased and its name cannot be reused. Create a key under a new name.".into()),
             ),
             KmsError::Random => (
                 ERRCODE_SYSTEM_ERROR,

@@ -913,10 +913,37 @@ struct VersionRow {
     state: String,
     wrapped: Option<Vec<u8>>,
     index_root: Option<Vec<u8>>,
+    // What the rows' MACs cover besides the above (checked on load).
+    destroyed_us: Option<i64>,
+    generation: i64,
+    key_mac: Option<Vec<u8>>,
+    version_mac: Option<Vec<u8>>,
 }
 
-const LOAD_SQL: &str = "SELECT k.key_id, k.key_name, k.primary_version, v.version, v.state, v.wrapped_key, k.index_key
+const LOAD_SQL: &str = "SELECT k.key_id, k.key_name, k.primary_version, v.version, v.state, v.wrapped_key, k.index_key,
+           (EXTRACT(epoch FROM k.destroyed_at) * 1000000)::int8, k.generation, k.row_mac, v.row_mac
       FROM kms.keys k JOIN kms.key_versions v ON v.key_id = k.key_id";
+
+/// Checks the MACs of a key's rows as loaded (cold path only): a row
+/// edited behind pg_kms's back is refused with XX001.
+fn verify_loaded(rows: &[VersionRow]) -> KmsResult<()> {
+    use crate::lifecycle::{verify_key_rows, KeyCheck, VersionCheck};
+    let Some(f) = rows.first() else { return Ok(()) };
+    let key = KeyCheck {
+        key_id: f.key_id,
+        name: &f.name,
+        primary: f.primary,
+        destroyed_us: f.destroyed_us,
+        index_key: f.index_root.as_deref(),
+        generation: f.generation,
+        mac: f.key_mac.as_deref(),
+    };
+    let versions: Vec<VersionCheck<'_>> = rows
+        .iter()
+        .map(|r| VersionCheck { version: r.version, state: &r.state, wrapped: r.wrapped.as_deref(), mac: r.version_mac.as_deref() })
+        .collect();
+    verify_key_rows(&key, &versions)
+}
 
 /// The grants of a key (caller is the catalog owner). A grant applies only
 /// while the role with the oid it was given to exists and still has the
@@ -968,11 +995,16 @@ fn load(lookup: Lookup<'_>) -> KmsResult<Rc<CachedKey>> {
                     state: r.get::<String>(5)?.unwrap_or_default(),
                     wrapped: r.get::<Vec<u8>>(6)?,
                     index_root: r.get::<Vec<u8>>(7)?,
+                    destroyed_us: r.get::<i64>(8)?,
+                    generation: r.get::<i64>(9)?.unwrap_or(0),
+                    key_mac: r.get::<Vec<u8>>(10)?,
+                    version_mac: r.get::<Vec<u8>>(11)?,
                 });
             }
             Ok(rows)
         })
         .map_err(KmsError::spi)?;
+        verify_loaded(&rows)?;
         let grants = match rows.first() {
             Some(r) => load_grants(r.key_id)?,
             None => Grants { list: Vec::new(), restricted: false, decisions: RefCell::new(HashMap::new()) },

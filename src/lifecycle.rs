@@ -2,17 +2,22 @@
 //! destroy, master-key rotation; the audit log and `kms_health()`.
 //!
 //! Every act runs under the catalog owner's identity with a pinned
-//! `search_path`, appends a hash-chained audit row, sends
-//! `NOTIFY kms_events`, and invalidates every backend's key cache.
+//! `search_path`, checks the MACs of the key-state rows it reads, appends
+//! a keyed, chained audit row (see "Catalog and audit integrity" at the end
+//! of this file), re-MACs the rows it changed, sends `NOTIFY kms_events`,
+//! and invalidates every backend's key cache.
 
-use crate::crypto::{Kek, MasterKey};
+use crate::crypto::integrity::{self, AuditRow};
+use crate::crypto::{IntegrityKeys, Kek, MasterKey};
 use crate::errors::{KmsError, KmsResult, OrRaise};
 use crate::keyring::{self, Privilege, State, Which};
 use crate::types::{RawText, RegRole};
-use pgrx::datum::{DatumWithOid, Interval};
+use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use serde_json::json;
+use std::cell::RefCell;
+use std::rc::Rc;
 use zeroize::Zeroizing;
 
 pub(crate) fn spi_exec(q: &str, args: &[DatumWithOid<'_>]) -> KmsResult<()> {
@@ -44,24 +49,43 @@ pub(crate) fn lifecycle<R>(f: impl FnOnce() -> KmsResult<R>) -> R {
     .or_raise()
 }
 
+/// Appends an audit row for an act that changes no key-state row (grants,
+/// secrets). Caller is the catalog owner.
 pub(crate) fn audit(operation: &str, key_name: Option<&str>, version: Option<i32>, reason: Option<RawText>) -> KmsResult<()> {
-    spi_exec(
-        "SELECT kms.audit_append($1, $2, $3, $4)",
-        &[operation.into(), key_name.into(), version.into(), reason.into()],
-    )
+    let act = begin_act()?;
+    append(&act.keys, &act.fp, operation, key_name, version, reason, None).map(|_| ())
 }
 
-/// The current master key's KEK, committing its fingerprint on first use.
-fn kek_for_write() -> KmsResult<Kek> {
+/// Appends the audit row of a change to key `key_id`, then re-MACs the
+/// key's rows under the new generation (that row's id). Returns the id.
+fn record(act: &Act, operation: &str, key: &KeyRow, version: Option<i32>, reason: Option<RawText>, detail: Option<&str>) -> KmsResult<i64> {
+    let id = append(&act.keys, &act.fp, operation, Some(&key.name), version, reason, detail)?;
+    reseal_key(&act.keys, key.id, id)?;
+    Ok(id)
+}
+
+/// What an act needs from the master key configured now: the KEK and the
+/// integrity keys, with the keyring committed to that key (and, for a
+/// keyring made before rows carried MACs, the MACs adopted).
+struct Act {
+    kek: Kek,
+    keys: IntegrityKeys,
+    fp: [u8; 32],
+}
+
+fn begin_act() -> KmsResult<Act> {
     let mk = keyring::load_master_key(Which::Current)?;
-    let fp = mk.fingerprint().to_vec();
-    spi_exec(
-        "INSERT INTO kms.keyring (singleton, master_key_fingerprint) VALUES (true, $1) ON CONFLICT DO NOTHING",
-        &[fp.into()],
-    )?;
-    let stored = keyring::stored_fingerprint(true)?;
-    keyring::check_commitment(&mk, stored.as_deref(), Which::Current)?;
-    Ok(mk.kek())
+    let kr = commit_keyring(&mk)?;
+    let act = Act { kek: mk.kek(), keys: mk.integrity_keys(), fp: mk.fingerprint() };
+    match kr.since_us {
+        Some(since) => {
+            if !kr.mac.as_deref().is_some_and(|m| act.keys.row.verify(&integrity::keyring_row(&kr.fp, since), m)) {
+                return Err(altered("the kms.keyring row".into(), WHY_MAC));
+            }
+        }
+        None => adopt(&act)?,
+    }
+    Ok(act)
 }
 
 fn name_arg(key_name: &RawText) -> KmsResult<&str> {
@@ -80,24 +104,37 @@ fn version_arg(version: i32) -> KmsResult<i32> {
 
 struct KeyRow {
     id: i32,
+    name: String,
     primary: i32,
+    destroyed: bool,
 }
 
+/// Locks a key's row and its versions' rows and checks their MACs (XX001
+/// if a row was altered behind pg_kms's back).
 fn lock_key(name: &str) -> KmsResult<KeyRow> {
-    let row = Spi::connect_mut(|c| -> Result<Option<(i32, i32)>, pgrx::spi::Error> {
-        let t = c.update(
-            "SELECT key_id, primary_version FROM kms.keys WHERE key_name = $1 FOR UPDATE",
-            Some(1),
-            &[name.into()],
-        )?;
-        if t.is_empty() {
+    let rows = Spi::connect_mut(|c| -> Result<Option<(KeyRowData, Vec<VersionRowData>)>, pgrx::spi::Error> {
+        let Some(r) = c.update(&format!("{KEY_ROW_SQL} WHERE key_name = $1 FOR UPDATE"), Some(1), &[name.into()])?.next() else {
             return Ok(None);
+        };
+        let key = KeyRowData::read(&r)?;
+        let mut versions = Vec::new();
+        for r in c.update(&format!("{VERSION_ROW_SQL} WHERE key_id = $1 ORDER BY version FOR UPDATE"), None, &[key.key_id.into()])? {
+            versions.push(VersionRowData::read(&r)?);
         }
-        let (a, b) = t.first().get_two::<i32, i32>()?;
-        Ok(Some((a.unwrap_or(0), b.unwrap_or(0))))
+        Ok(Some((key, versions)))
     })
     .map_err(KmsError::spi)?;
-    row.map(|(id, primary)| KeyRow { id, primary }).ok_or_else(|| KmsError::UnknownKey(name.into()))
+    let (key, versions) = rows.ok_or_else(|| KmsError::UnknownKey(name.into()))?;
+    let vs: Vec<VersionCheck<'_>> = versions.iter().map(VersionRowData::check).collect();
+    verify_key_rows(&key.check(), &vs)?;
+    Ok(KeyRow { id: key.key_id, name: key.name, primary: key.primary, destroyed: key.destroyed_us.is_some() })
+}
+
+fn refuse_destroyed(key: &KeyRow, action: &'static str) -> KmsResult<()> {
+    if key.destroyed {
+        return Err(KmsError::KeyDestroyed { key: key.name.clone(), action });
+    }
+    Ok(())
 }
 
 fn version_state(key: &KeyRow, name: &str, version: i32) -> KmsResult<State> {
@@ -152,7 +189,8 @@ pub fn create_key(name: &str, rotation_period: Option<Interval>) -> KmsResult<i3
                 });
             }
         }
-        let kek = kek_for_write()?;
+        let act = begin_act()?;
+        let kek = &act.kek;
         let key_id = loop {
             let mut b = [0u8; 4];
             keyring::random_bytes(&mut b)?;
@@ -174,7 +212,7 @@ pub fn create_key(name: &str, rotation_period: Option<Interval>) -> KmsResult<i3
             }
             // Otherwise the random id collided: draw again.
         };
-        add_version(&kek, key_id, 1, State::Active)?;
+        add_version(kek, key_id, 1, State::Active)?;
         let mut root = Zeroizing::new([0u8; 32]);
         keyring::random_bytes(root.as_mut())?;
         let mut nonce = [0u8; 12];
@@ -183,7 +221,8 @@ pub fn create_key(name: &str, rotation_period: Option<Interval>) -> KmsResult<i3
             "UPDATE kms.keys SET index_key = $2 WHERE key_id = $1",
             &[key_id.into(), kek.wrap_index_root(key_id as u32, &root, &nonce).into()],
         )?;
-        audit("create_key", Some(name), Some(1), None)?;
+        let key = KeyRow { id: key_id, name: name.into(), primary: 1, destroyed: false };
+        record(&act, "create_key", &key, Some(1), None, None)?;
         Ok(1)
     }
 }
@@ -191,14 +230,15 @@ pub fn create_key(name: &str, rotation_period: Option<Interval>) -> KmsResult<i3
 /// Adds a new primary version (the catalog part of `kms_rotate_key`, also
 /// used by the worker's scheduled rotation). Caller is the catalog owner.
 pub fn rotate_key(name: &str, reason: Option<RawText>) -> KmsResult<i32> {
-    let kek = kek_for_write()?;
+    let act = begin_act()?;
     let key = lock_key(name)?;
+    refuse_destroyed(&key, "rotate it")?;
     let new_version = spi_one::<i32>(
         "SELECT max(version) + 1 FROM kms.key_versions WHERE key_id = $1",
         &[key.id.into()],
     )?
     .unwrap_or(1);
-    add_version(&kek, key.id, new_version, State::Active)?;
+    add_version(&act.kek, key.id, new_version, State::Active)?;
     spi_exec(
         "UPDATE kms.key_versions SET state = 'decrypt_only', state_changed_at = pg_catalog.now()
           WHERE key_id = $1 AND version = $2 AND state = 'active'",
@@ -208,20 +248,23 @@ pub fn rotate_key(name: &str, reason: Option<RawText>) -> KmsResult<i32> {
         "UPDATE kms.keys SET primary_version = $2 WHERE key_id = $1",
         &[key.id.into(), new_version.into()],
     )?;
-    audit("rotate_key", Some(name), Some(new_version), reason)?;
+    record(&act, "rotate_key", &key, Some(new_version), reason, None)?;
     Ok(new_version)
 }
 
 /// Rotates, with reason 'scheduled', every key whose primary version is
-/// older than its rotation_period. Returns the names rotated.
+/// older than its rotation_period (never a destroyed key). Returns the
+/// names rotated. A keyring made before rows carried MACs adopts them here
+/// (the worker calls this every naptime).
 pub fn rotate_due_keys() -> Vec<String> {
-    let due = keyring::as_catalog_owner(|_| {
-        Spi::connect(|c| -> Result<Vec<String>, pgrx::spi::Error> {
+    let (due, legacy) = keyring::as_catalog_owner(|_| {
+        let due = Spi::connect(|c| -> Result<Vec<String>, pgrx::spi::Error> {
             let mut out = Vec::new();
             for r in c.select(
                 "SELECT k.key_name FROM kms.keys k
                    JOIN kms.key_versions p ON p.key_id = k.key_id AND p.version = k.primary_version
-                  WHERE k.rotation_period IS NOT NULL AND p.created_at + k.rotation_period <= pg_catalog.now()
+                  WHERE k.rotation_period IS NOT NULL AND k.destroyed_at IS NULL
+                    AND p.created_at + k.rotation_period <= pg_catalog.now()
                   ORDER BY 1",
                 None,
                 &[],
@@ -230,9 +273,14 @@ pub fn rotate_due_keys() -> Vec<String> {
             }
             Ok(out)
         })
-        .map_err(KmsError::spi)
+        .map_err(KmsError::spi)?;
+        let legacy = spi_read::<bool>("SELECT integrity_since IS NULL FROM kms.keyring", &[])?.unwrap_or(false);
+        Ok((due, legacy))
     })
     .or_raise();
+    if legacy {
+        lifecycle(|| begin_act().map(|_| ()));
+    }
     if due.is_empty() {
         return due;
     }
@@ -255,7 +303,9 @@ fn kms_set_primary(key_name: RawText, version: i32) {
     lifecycle(|| {
         let name = name_arg(&key_name)?;
         let version = version_arg(version)?;
+        let act = begin_act()?;
         let key = lock_key(name)?;
+        refuse_destroyed(&key, "make a version primary")?;
         let state = version_state(&key, name, version)?;
         if version == key.primary {
             return Ok(());
@@ -271,16 +321,23 @@ fn kms_set_primary(key_name: RawText, version: i32) {
         set_state(&key, key.primary, State::DecryptOnly)?;
         set_state(&key, version, State::Active)?;
         spi_exec("UPDATE kms.keys SET primary_version = $2 WHERE key_id = $1", &[key.id.into(), version.into()])?;
-        audit("set_primary", Some(name), Some(version), None)
+        record(&act, "set_primary", &key, Some(version), None, None).map(|_| ())
     })
 }
 
-/// Locks a version that may be disabled or destroyed: it exists, is not the
-/// primary, and is not destroyed already.
-fn lock_retirable<'a>(key_name: &'a RawText, version: i32, verb: &'static str, again: &'static str) -> KmsResult<(&'a str, KeyRow, i32)> {
+/// Locks a version that may be disabled or destroyed: its key is not
+/// destroyed, it exists, is not the primary, and is not destroyed already.
+fn lock_retirable<'a>(
+    key_name: &'a RawText,
+    version: i32,
+    verb: &'static str,
+    again: &'static str,
+    key_verb: &'static str,
+) -> KmsResult<(&'a str, KeyRow, i32)> {
     let name = name_arg(key_name)?;
     let version = version_arg(version)?;
     let key = lock_key(name)?;
+    refuse_destroyed(&key, key_verb)?;
     let state = version_state(&key, name, version)?;
     if version == key.primary {
         return Err(KmsError::PrimaryVersion { key: name.into(), version, action: verb });
@@ -294,9 +351,10 @@ fn lock_retirable<'a>(key_name: &'a RawText, version: i32, verb: &'static str, a
 #[pg_extern(volatile, parallel_unsafe)]
 fn kms_disable_key_version(key_name: RawText, version: i32, reason: default!(Option<RawText>, "NULL")) {
     lifecycle(|| {
-        let (name, key, version) = lock_retirable(&key_name, version, "disable", "disable it")?;
+        let act = begin_act()?;
+        let (_, key, version) = lock_retirable(&key_name, version, "disable", "disable it", "disable a version")?;
         set_state(&key, version, State::Disabled)?;
-        audit("disable_key_version", Some(name), Some(version), reason)
+        record(&act, "disable_key_version", &key, Some(version), reason, None).map(|_| ())
     })
 }
 
@@ -305,7 +363,9 @@ fn kms_enable_key_version(key_name: RawText, version: i32) {
     lifecycle(|| {
         let name = name_arg(&key_name)?;
         let version = version_arg(version)?;
+        let act = begin_act()?;
         let key = lock_key(name)?;
+        refuse_destroyed(&key, "enable a version")?;
         match version_state(&key, name, version)? {
             State::Destroyed => Err(KmsError::VersionState {
                 key: name.into(),
@@ -315,7 +375,7 @@ fn kms_enable_key_version(key_name: RawText, version: i32) {
             }),
             State::Disabled => {
                 set_state(&key, version, State::DecryptOnly)?;
-                audit("enable_key_version", Some(name), Some(version), None)
+                record(&act, "enable_key_version", &key, Some(version), None, None).map(|_| ())
             }
             // Already usable: nothing to do, nothing to audit.
             State::Active | State::DecryptOnly => Ok(()),
@@ -323,6 +383,25 @@ fn kms_enable_key_version(key_name: RawText, version: i32) {
     })
 }
 
+/// Now, in UTC, as the receipts write it.
+fn now_utc_text() -> KmsResult<String> {
+    Ok(spi_one::<String>(
+        "SELECT pg_catalog.to_char(pg_catalog.now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+        &[],
+    )?
+    .unwrap_or_default())
+}
+
+/// The MAC (catalog-row key) of erased material, hex: lets whoever holds
+/// the master key recognize the erased bytes in an old backup, without
+/// revealing them.
+fn material_mac(act: &Act, key_id: i32, version: i32, wrapped: &[u8]) -> String {
+    hex_of(&act.keys.row.hmac(&integrity::destroyed_material(key_id, version, wrapped)))
+}
+
+/// Erases the wrapped material of a version (see the README, "Crypto-shredding
+/// and backups"). Its destruction receipt is the audit row's `detail`
+/// (view kms_destruction_receipts).
 #[pg_extern(volatile, parallel_unsafe)]
 fn kms_destroy_key_version(
     key_name: RawText,
@@ -334,7 +413,8 @@ fn kms_destroy_key_version(
     // its owner (never as the catalog owner).
     let caller = keyring::current_user();
     lifecycle(|| {
-        let (name, key, version) = lock_retirable(&key_name, version, "destroy", "destroy it again")?;
+        let act = begin_act()?;
+        let (name, key, version) = lock_retirable(&key_name, version, "destroy", "destroy it again", "destroy a version")?;
         if !force {
             let (counts, skipped) = crate::reencrypt::usage_by_version(key.id, caller)?;
             let rows = counts.get(&version).copied().unwrap_or(0);
@@ -349,25 +429,69 @@ fn kms_destroy_key_version(
                 });
             }
         }
+        let wrapped = spi_one::<Vec<u8>>(
+            "SELECT wrapped_key FROM kms.key_versions WHERE key_id = $1 AND version = $2",
+            &[key.id.into(), version.into()],
+        )?
+        .unwrap_or_default();
+        let receipt = json!({
+            "receipt": "pg_kms destruction",
+            "key_name": name,
+            "key_id": key.id,
+            "version": version,
+            "destroyed_at": now_utc_text()?,
+            "material_mac": material_mac(&act, key.id, version, &wrapped),
+        });
         set_state(&key, version, State::Destroyed)?;
-        audit("destroy_key_version", Some(name), Some(version), reason)
+        record(&act, "destroy_key_version", &key, Some(version), reason, Some(&receipt.to_string())).map(|_| ())
     })
 }
 
 /// Destroys every version of a key at once (erasing a tenant): all its
-/// values become undecryptable (55000), its blind index unusable. Audited.
+/// values become undecryptable (55000), its blind index unusable, and the
+/// key refuses every further act. Audited, with its destruction receipt.
 #[pg_extern(volatile, parallel_unsafe)]
 fn kms_destroy_key(key_name: RawText, reason: default!(Option<RawText>, "NULL")) {
     lifecycle(|| {
         let name = name_arg(&key_name)?;
+        let act = begin_act()?;
         let key = lock_key(name)?;
+        refuse_destroyed(&key, "destroy it again")?;
+        let erased = Spi::connect(|c| -> Result<Vec<(i32, Vec<u8>)>, pgrx::spi::Error> {
+            let mut out = Vec::new();
+            for r in c.select(
+                "SELECT version, wrapped_key FROM kms.key_versions WHERE key_id = $1 AND wrapped_key IS NOT NULL ORDER BY 1",
+                None,
+                &[key.id.into()],
+            )? {
+                out.push((r.get::<i32>(1)?.unwrap_or(0), r.get::<Vec<u8>>(2)?.unwrap_or_default()));
+            }
+            Ok(out)
+        })
+        .map_err(KmsError::spi)?;
+        let root = spi_one::<Vec<u8>>("SELECT index_key FROM kms.keys WHERE key_id = $1", &[key.id.into()])?;
+        let versions: Vec<serde_json::Value> = erased
+            .iter()
+            .map(|(v, w)| json!({ "version": v, "material_mac": material_mac(&act, key.id, *v, w) }))
+            .collect();
+        let receipt = json!({
+            "receipt": "pg_kms destruction",
+            "key_name": name,
+            "key_id": key.id,
+            "destroyed_at": now_utc_text()?,
+            "versions": versions,
+            "index_root_mac": root.as_deref().map(|r| material_mac(&act, key.id, 0, r)),
+        });
         spi_exec(
             "UPDATE kms.key_versions SET state = 'destroyed', wrapped_key = NULL, state_changed_at = pg_catalog.now()
               WHERE key_id = $1 AND state <> 'destroyed'",
             &[key.id.into()],
         )?;
-        spi_exec("UPDATE kms.keys SET index_key = NULL WHERE key_id = $1", &[key.id.into()])?;
-        audit("destroy_key", Some(name), None, reason)
+        spi_exec(
+            "UPDATE kms.keys SET index_key = NULL, destroyed_at = pg_catalog.now() WHERE key_id = $1",
+            &[key.id.into()],
+        )?;
+        record(&act, "destroy_key", &key, None, reason, Some(&receipt.to_string())).map(|_| ())
     })
 }
 
@@ -427,10 +551,8 @@ fn change_grant(key_name: &RawText, grantee: &RegRole, privilege: &RawText, gran
         }
         let (op, word) = if grant { ("grant_key", "to") } else { ("revoke_key", "from") };
         // The role as regrole prints it (quoted if needed), never its oid.
-        spi_exec(
-            "SELECT kms.audit_append($1, $2, NULL, $3 || ' role ' || $4::pg_catalog.regrole::pg_catalog.text)",
-            &[op.into(), name.into(), format!("{} {word}", p.as_str()).into(), grantee.0.into()],
-        )
+        let reason = format!("{} {word} role {}", p.as_str(), crate::errors::role_display(grantee.0));
+        audit(op, Some(name), None, Some(RawText::from_ascii(&reason)))
     })
 }
 
@@ -470,10 +592,8 @@ fn kms_rebind_key_grants() -> i64 {
         let mut sorted = rebound;
         sorted.sort();
         for (key, privilege, role) in &sorted {
-            spi_exec(
-                "SELECT kms.audit_append('rebind_key_grant', $1, NULL, $2)",
-                &[key.as_str().into(), format!("{privilege} to role {role} (restored from another cluster, bound by name)").into()],
-            )?;
+            let reason = format!("{privilege} to role {role} (restored from another cluster, bound by name)");
+            audit("rebind_key_grant", Some(key), None, Some(RawText::from_ascii(&reason)))?;
         }
         Ok(sorted.len() as i64)
     })
@@ -482,6 +602,11 @@ fn kms_rebind_key_grants() -> i64 {
 /// Re-wraps every data key under the master key configured now, reading
 /// the old one from `pg_kms.previous_master_key_*`. Returns the number of
 /// versions re-wrapped (0 if the keyring already uses the current key).
+///
+/// The key-state rows are first checked under the old key (so that a row
+/// edited behind pg_kms's back is refused, not blessed), then re-MAC'd
+/// under the new one; the rotation's audit row is the first row MAC'd
+/// under the new key, and its hash commits to every earlier row.
 #[pg_extern(volatile, parallel_unsafe)]
 fn kms_rotate_master_key() -> i64 {
     lifecycle(|| {
@@ -489,7 +614,6 @@ fn kms_rotate_master_key() -> i64 {
         let stored = keyring::stored_fingerprint(true)?;
         let Some(stored) = stored else {
             // Nothing was ever wrapped: just commit to the new key.
-            kek_for_write()?;
             audit("rotate_master_key", None, None, Some(RawText::from_ascii("0 versions re-wrapped")))?;
             return Ok(0);
         };
@@ -498,6 +622,17 @@ fn kms_rotate_master_key() -> i64 {
         }
         let old: MasterKey = keyring::load_master_key(Which::Previous)?;
         keyring::check_commitment(&old, Some(&stored), Which::Previous)?;
+        let (old_keys, new_keys) = (old.integrity_keys(), new.integrity_keys());
+        // Authentic under the old key, or a keyring from before MACs that may adopt them.
+        match read_keyring(true)? {
+            Some(KeyringRow { since_us: Some(since), mac, fp }) => {
+                if !mac.as_deref().is_some_and(|m| old_keys.row.verify(&integrity::keyring_row(&fp, since), m)) {
+                    return Err(altered("the kms.keyring row".into(), WHY_MAC));
+                }
+                verify_all_keys(&old_keys, &old.fingerprint())?;
+            }
+            _ => refuse_unkeyed_with_keyed_chain()?,
+        }
         let (old_kek, new_kek) = (old.kek(), new.kek());
         let rows = Spi::connect_mut(|c| -> Result<Vec<(i32, i32, String, Vec<u8>)>, pgrx::spi::Error> {
             let t = c.update(
@@ -550,20 +685,46 @@ fn kms_rotate_master_key() -> i64 {
                 &[(*key_id).into(), new_kek.wrap_index_root(*key_id as u32, &root, &nonce).into()],
             )?;
         }
+        let new_fp = new.fingerprint();
         spi_exec(
-            "UPDATE kms.keyring SET master_key_fingerprint = $1, rotated_at = pg_catalog.now()",
-            &[new.fingerprint().to_vec().into()],
+            "UPDATE kms.keyring SET master_key_fingerprint = $1, rotated_at = pg_catalog.now(),
+                    integrity_since = coalesce(integrity_since, pg_catalog.now())",
+            &[new_fp.to_vec().into()],
         )?;
+        seal_keyring(&new_keys)?;
         let n = rows.len() as i64;
-        audit("rotate_master_key", None, None, Some(RawText::from_ascii(&format!("{n} versions re-wrapped"))))?;
+        let reason = RawText::from_ascii(&format!("{n} versions re-wrapped"));
+        let id = append(&new_keys, &new_fp, "rotate_master_key", None, None, Some(reason), None)?;
+        reseal_all(&new_keys, id)?;
         Ok(n)
     })
 }
 
-#[pg_extern(stable, parallel_safe)]
+#[pg_extern(stable, parallel_restricted)]
 fn kms_verify_audit_log() -> bool {
-    keyring::as_catalog_owner(|_| Ok(spi_read::<bool>("SELECT kms.audit_verify()", &[])?.unwrap_or(false))).or_raise()
+    keyring::as_catalog_owner(|_| check_audit_log().map(|c| c.problem.is_none())).or_raise()
 }
+
+/// The whole audit chain checked under the master key configured now:
+/// `ok`, the number of rows, the first row that fails and why, and the
+/// chain's head (compare it with the last "pg_kms: audit chain head" line
+/// of the server log).
+#[pg_extern(stable, parallel_restricted)]
+fn kms_audit_log_check() -> TableIterator<
+    'static,
+    (
+        name!(ok, bool),
+        name!(rows_checked, i64),
+        name!(first_bad_id, Option<i64>),
+        name!(problem, Option<String>),
+        name!(head_id, Option<i64>),
+        name!(head_mac, Option<String>),
+    ),
+> {
+    let c = keyring::as_catalog_owner(|_| check_audit_log()).or_raise();
+    TableIterator::once((c.problem.is_none(), c.rows, c.first_bad, c.problem, c.head_id, c.head_mac))
+}
+
 
 /// Whether this database's re-encryption worker runs, and if not, why.
 fn worker_status() -> KmsResult<serde_json::Value> {
@@ -626,7 +787,7 @@ fn kms_health() -> pgrx::JsonB {
                     SELECT jsonb_agg(k.key_name ORDER BY k.key_name)
                       FROM kms.keys k JOIN kms.key_versions p
                         ON p.key_id = k.key_id AND p.version = k.primary_version
-                     WHERE k.rotation_period IS NOT NULL
+                     WHERE k.rotation_period IS NOT NULL AND k.destroyed_at IS NULL
                        AND p.created_at + k.rotation_period < pg_catalog.now()), '[]'::jsonb))
                FROM kms.key_versions",
             &[],
@@ -654,3 +815,718 @@ fn kms_health() -> pgrx::JsonB {
     .or_raise();
     pgrx::JsonB(report)
 }
+
+// ---------------------------------------------------------------------------
+// Catalog and audit integrity
+//
+// Keys derived from the master key (src/crypto/integrity.rs):
+// * the audit-chain key MACs each audit row's chain hash, which commits to
+//   every earlier row;
+// * the catalog-row key MACs kms.keyring, kms.keys and kms.key_versions.
+//   A key's rows are bound to its generation: the id of the audit row of
+//   its latest change (or of the latest keyring-wide act), so a saved row
+//   put back is older than the trail and refused.
+// Checked on every cold load of a key (keyring::load) and by every act on
+// the rows it reads; never on the per-row path.
+
+const WHY_MAC: &str = "Its MAC does not verify under the master key.";
+const WHY_STALE: &str = "It is older than the key's latest change recorded in the audit chain: a saved row was put back.";
+const WHY_CUT: &str = "It is newer than the audit chain: the audit rows recording its latest change were removed.";
+const WHY_TRAIL: &str = "The audit row that records the key's latest change does not verify under the master key.";
+
+/// Acts that change a key's rows: the latest one is the key's generation.
+const KEY_OPS: &str =
+    "'create_key', 'rotate_key', 'set_primary', 'disable_key_version', 'enable_key_version', 'destroy_key_version', 'destroy_key'";
+
+const KEY_ROW_SQL: &str = "SELECT key_id, key_name, primary_version, (EXTRACT(epoch FROM destroyed_at) * 1000000)::int8,
+        index_key, generation, row_mac FROM kms.keys";
+const VERSION_ROW_SQL: &str = "SELECT version, state, wrapped_key, row_mac FROM kms.key_versions";
+const AUDIT_SQL: &str = "SELECT id, prev_hash, hash, mac, key_fp, (EXTRACT(epoch FROM at) * 1000000)::int8,
+        pg_catalog.convert_to(actor, 'UTF8'), pg_catalog.convert_to(operation, 'UTF8'),
+        pg_catalog.convert_to(key_name, 'UTF8'), version, pg_catalog.convert_to(reason, 'UTF8'),
+        pg_catalog.convert_to(detail, 'UTF8'),
+        CASE WHEN mac IS NULL THEN kms.audit_row_hash(prev_hash, id, at, actor, operation, key_name, version, reason) END
+   FROM kms.audit_log";
+
+fn altered(what: String, why: &'static str) -> KmsError {
+    KmsError::CatalogAltered { what, why }
+}
+
+fn hex_of(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+type Row<'a> = pgrx::spi::SpiHeapTupleData<'a>;
+
+/// A `kms.keys` row as its MAC covers it.
+pub(crate) struct KeyCheck<'a> {
+    pub key_id: i32,
+    pub name: &'a str,
+    pub primary: i32,
+    pub destroyed_us: Option<i64>,
+    pub index_key: Option<&'a [u8]>,
+    pub generation: i64,
+    pub mac: Option<&'a [u8]>,
+}
+
+/// A `kms.key_versions` row as its MAC covers it.
+pub(crate) struct VersionCheck<'a> {
+    pub version: i32,
+    pub state: &'a str,
+    pub wrapped: Option<&'a [u8]>,
+    pub mac: Option<&'a [u8]>,
+}
+
+struct KeyRowData {
+    key_id: i32,
+    name: String,
+    primary: i32,
+    destroyed_us: Option<i64>,
+    index_key: Option<Vec<u8>>,
+    generation: i64,
+    mac: Option<Vec<u8>>,
+}
+
+impl KeyRowData {
+    fn read(r: &Row<'_>) -> Result<KeyRowData, pgrx::spi::Error> {
+        Ok(KeyRowData {
+            key_id: r.get::<i32>(1)?.unwrap_or(0),
+            name: r.get::<String>(2)?.unwrap_or_default(),
+            primary: r.get::<i32>(3)?.unwrap_or(0),
+            destroyed_us: r.get::<i64>(4)?,
+            index_key: r.get::<Vec<u8>>(5)?,
+            generation: r.get::<i64>(6)?.unwrap_or(0),
+            mac: r.get::<Vec<u8>>(7)?,
+        })
+    }
+
+    fn check(&self) -> KeyCheck<'_> {
+        KeyCheck {
+            key_id: self.key_id,
+            name: &self.name,
+            primary: self.primary,
+            destroyed_us: self.destroyed_us,
+            index_key: self.index_key.as_deref(),
+            generation: self.generation,
+            mac: self.mac.as_deref(),
+        }
+    }
+}
+
+struct VersionRowData {
+    version: i32,
+    state: String,
+    wrapped: Option<Vec<u8>>,
+    mac: Option<Vec<u8>>,
+}
+
+impl VersionRowData {
+    fn read(r: &Row<'_>) -> Result<VersionRowData, pgrx::spi::Error> {
+        Ok(VersionRowData {
+            version: r.get::<i32>(1)?.unwrap_or(0),
+            state: r.get::<String>(2)?.unwrap_or_default(),
+            wrapped: r.get::<Vec<u8>>(3)?,
+            mac: r.get::<Vec<u8>>(4)?,
+        })
+    }
+
+    fn check(&self) -> VersionCheck<'_> {
+        VersionCheck { version: self.version, state: &self.state, wrapped: self.wrapped.as_deref(), mac: self.mac.as_deref() }
+    }
+}
+
+/// A key's row and its versions' rows: read-write (it sees what the act
+/// just changed) or read-only (kms_audit_log_check, a stable function).
+fn key_rows(key_id: i32, write: bool) -> KmsResult<(KeyRowData, Vec<VersionRowData>)> {
+    type Rows = Option<(KeyRowData, Vec<VersionRowData>)>;
+    let (key_q, versions_q) =
+        (format!("{KEY_ROW_SQL} WHERE key_id = $1"), format!("{VERSION_ROW_SQL} WHERE key_id = $1 ORDER BY version"));
+    let versions = |t: pgrx::spi::SpiTupleTable<'_>| -> Result<Vec<VersionRowData>, pgrx::spi::Error> {
+        t.map(|r| VersionRowData::read(&r)).collect()
+    };
+    let args = [key_id.into()];
+    if write {
+        Spi::connect_mut(|c| -> Result<Rows, pgrx::spi::Error> {
+            let Some(r) = c.update(&key_q, Some(1), &args)?.next() else { return Ok(None) };
+            let key = KeyRowData::read(&r)?;
+            Ok(Some((key, versions(c.update(&versions_q, None, &args)?)?)))
+        })
+    } else {
+        Spi::connect(|c| -> Result<Rows, pgrx::spi::Error> {
+            let Some(r) = c.select(&key_q, Some(1), &args)?.next() else { return Ok(None) };
+            let key = KeyRowData::read(&r)?;
+            Ok(Some((key, versions(c.select(&versions_q, None, &args)?)?)))
+        })
+    }
+    .map_err(KmsError::spi)?
+    .ok_or(KmsError::UnknownKeyId(key_id as u32))
+}
+
+fn key_mac(k: &KeyCheck<'_>) -> Vec<u8> {
+    integrity::key_row(k.key_id, k.name.as_bytes(), k.primary, k.destroyed_us, k.index_key, k.generation)
+}
+
+fn version_mac(k: &KeyCheck<'_>, v: &VersionCheck<'_>) -> Vec<u8> {
+    integrity::version_row(k.key_id, v.version, v.state.as_bytes(), v.wrapped, k.generation)
+}
+
+/// Sets a key's generation and re-MACs its row and its versions' rows.
+fn reseal_key(keys: &IntegrityKeys, key_id: i32, generation: i64) -> KmsResult<()> {
+    spi_exec("UPDATE kms.keys SET generation = $2 WHERE key_id = $1", &[key_id.into(), generation.into()])?;
+    let (key, versions) = key_rows(key_id, true)?;
+    let k = key.check();
+    spi_exec(
+        "UPDATE kms.keys SET row_mac = $2 WHERE key_id = $1",
+        &[key_id.into(), keys.row.hmac(&key_mac(&k)).to_vec().into()],
+    )?;
+    for v in &versions {
+        let mac = keys.row.hmac(&version_mac(&k, &v.check()));
+        spi_exec(
+            "UPDATE kms.key_versions SET row_mac = $3 WHERE key_id = $1 AND version = $2",
+            &[key_id.into(), v.version.into(), mac.to_vec().into()],
+        )?;
+    }
+    Ok(())
+}
+
+fn all_key_ids() -> KmsResult<Vec<i32>> {
+    Spi::connect(|c| -> Result<Vec<i32>, pgrx::spi::Error> {
+        let mut out = Vec::new();
+        for r in c.select("SELECT key_id FROM kms.keys ORDER BY 1", None, &[])? {
+            out.push(r.get::<i32>(1)?.unwrap_or(0));
+        }
+        Ok(out)
+    })
+    .map_err(KmsError::spi)
+}
+
+fn reseal_all(keys: &IntegrityKeys, generation: i64) -> KmsResult<()> {
+    for id in all_key_ids()? {
+        reseal_key(keys, id, generation)?;
+    }
+    Ok(())
+}
+
+/// Checks every key's rows under `keys` (before a master-key rotation
+/// re-MACs them under the new key).
+fn verify_all_keys(keys: &IntegrityKeys, fp: &[u8]) -> KmsResult<()> {
+    for id in all_key_ids()? {
+        let (key, versions) = key_rows(id, false)?;
+        let vs: Vec<VersionCheck<'_>> = versions.iter().map(VersionRowData::check).collect();
+        verify_with(keys, fp, &key.check(), &vs)?;
+    }
+    Ok(())
+}
+
+/// The keyring row: fingerprint, MACs on since (microseconds), its MAC.
+struct KeyringRow {
+    fp: Vec<u8>,
+    since_us: Option<i64>,
+    mac: Option<Vec<u8>>,
+}
+
+fn read_keyring(lock: bool) -> KmsResult<Option<KeyringRow>> {
+    let q = format!(
+        "SELECT master_key_fingerprint, (EXTRACT(epoch FROM integrity_since) * 1000000)::int8, row_mac FROM kms.keyring{}",
+        if lock { " FOR UPDATE" } else { "" }
+    );
+    let first = |mut t: pgrx::spi::SpiTupleTable<'_>| -> Result<Option<KeyringRow>, pgrx::spi::Error> {
+        let Some(r) = t.next() else { return Ok(None) };
+        Ok(Some(KeyringRow { fp: r.get::<Vec<u8>>(1)?.unwrap_or_default(), since_us: r.get::<i64>(2)?, mac: r.get::<Vec<u8>>(3)? }))
+    };
+    if lock {
+        Spi::connect_mut(|c| first(c.update(&q, Some(1), &[])?))
+    } else {
+        Spi::connect(|c| first(c.select(&q, Some(1), &[])?))
+    }
+    .map_err(KmsError::spi)
+}
+
+/// MACs the keyring row (fingerprint, integrity_since) under `keys`.
+fn seal_keyring(keys: &IntegrityKeys) -> KmsResult<()> {
+    let kr = read_keyring(true)?.ok_or_else(|| KmsError::Spi("kms.keyring has no row".into()))?;
+    let since = kr.since_us.ok_or_else(|| KmsError::Spi("kms.keyring.integrity_since is NULL".into()))?;
+    let mac = keys.row.hmac(&integrity::keyring_row(&kr.fp, since));
+    spi_exec("UPDATE kms.keyring SET row_mac = $1", &[mac.to_vec().into()])
+}
+
+/// Commits the keyring to `mk` on first use (rows MAC'd from the start),
+/// locks its row and checks the commitment.
+fn commit_keyring(mk: &MasterKey) -> KmsResult<KeyringRow> {
+    let fresh = spi_one::<bool>(
+        "INSERT INTO kms.keyring (singleton, master_key_fingerprint, integrity_since)
+         VALUES (true, $1, pg_catalog.now()) ON CONFLICT DO NOTHING RETURNING true",
+        &[mk.fingerprint().to_vec().into()],
+    )?;
+    if fresh.is_some() {
+        seal_keyring(&mk.integrity_keys())?;
+    }
+    let kr = read_keyring(true)?.ok_or_else(|| KmsError::Spi("kms.keyring has no row".into()))?;
+    keyring::check_commitment(mk, Some(&kr.fp), Which::Current)?;
+    Ok(kr)
+}
+
+/// A keyring whose row says it carries no MACs is accepted only while the
+/// audit chain has no keyed row: otherwise its row was edited (or removed)
+/// to get altered rows accepted or re-blessed.
+fn refuse_unkeyed_with_keyed_chain() -> KmsResult<()> {
+    if spi_read::<bool>("SELECT EXISTS (SELECT 1 FROM kms.audit_log WHERE mac IS NOT NULL)", &[])? == Some(true) {
+        return Err(altered(
+            "the kms.keyring row".into(),
+            "It says key-state rows carry no MACs (or is missing), but the audit chain has keyed rows.",
+        ));
+    }
+    Ok(())
+}
+
+/// A keyring made before rows carried MACs adopts them: every wrapped key
+/// and index root must open under the KEK (their AAD binds key id and
+/// version, so a swapped or edited one is refused, not blessed), then every
+/// row is MAC'd and the adoption is audited in the keyed chain.
+fn adopt(act: &Act) -> KmsResult<()> {
+    refuse_unkeyed_with_keyed_chain()?;
+    let material = Spi::connect(|c| -> Result<Vec<(i32, String, i32, Vec<u8>)>, pgrx::spi::Error> {
+        let mut out = Vec::new();
+        for r in c.select(
+            "SELECT k.key_id, k.key_name, v.version, v.wrapped_key FROM kms.keys k JOIN kms.key_versions v ON v.key_id = k.key_id
+              WHERE v.wrapped_key IS NOT NULL
+             UNION ALL
+             SELECT key_id, key_name, 0, index_key FROM kms.keys WHERE index_key IS NOT NULL",
+            None,
+            &[],
+        )? {
+            out.push((
+                r.get::<i32>(1)?.unwrap_or(0),
+                r.get::<String>(2)?.unwrap_or_default(),
+                r.get::<i32>(3)?.unwrap_or(0),
+                r.get::<Vec<u8>>(4)?.unwrap_or_default(),
+            ));
+        }
+        Ok(out)
+    })
+    .map_err(KmsError::spi)?;
+    for (key_id, name, version, wrapped) in &material {
+        let opened = if *version == 0 {
+            act.kek.unwrap_index_root(*key_id as u32, wrapped)
+        } else {
+            act.kek.unwrap_raw(*key_id as u32, *version as u32, wrapped)
+        };
+        opened.map_err(|_| KmsError::CatalogCorrupt { key: name.clone(), version: *version })?;
+    }
+    // A key destroyed before destroyed_at existed: every version destroyed, no index root.
+    spi_exec(
+        "UPDATE kms.keys k SET destroyed_at = pg_catalog.now()
+          WHERE destroyed_at IS NULL AND index_key IS NULL
+            AND NOT EXISTS (SELECT 1 FROM kms.key_versions v WHERE v.key_id = k.key_id AND v.state <> 'destroyed')",
+        &[],
+    )?;
+    spi_exec("UPDATE kms.keyring SET integrity_since = pg_catalog.now()", &[])?;
+    seal_keyring(&act.keys)?;
+    let keys = all_key_ids()?.len();
+    let reason = RawText::from_ascii(&format!("rows of {keys} keys MAC'd (keyring made before MACs)"));
+    let id = append(&act.keys, &act.fp, "adopt_integrity", None, None, Some(reason), None)?;
+    reseal_all(&act.keys, id)
+}
+
+thread_local! {
+    /// (key source, fingerprint, keys) of the master key last used to check rows.
+    static INTEGRITY_KEYS: RefCell<Option<(String, Vec<u8>, Rc<IntegrityKeys>)>> = const { RefCell::new(None) };
+}
+
+/// The integrity keys of the master key configured now, which must match
+/// the keyring's fingerprint `stored_fp`; cached per backend.
+fn integrity_keys(stored_fp: &[u8]) -> KmsResult<Rc<IntegrityKeys>> {
+    let source = keyring::master_key_source(Which::Current).map(|(s, _, v)| format!("{s}={v}"));
+    let hit = INTEGRITY_KEYS.with(|c| match (&*c.borrow(), &source) {
+        (Some((src, fp, keys)), Some(now)) if src == now && fp.as_slice() == stored_fp => Some(keys.clone()),
+        _ => None,
+    });
+    if let Some(keys) = hit {
+        return Ok(keys);
+    }
+    let mk = keyring::load_master_key(Which::Current)?;
+    keyring::check_commitment(&mk, Some(stored_fp), Which::Current)?;
+    let keys = Rc::new(mk.integrity_keys());
+    if let Some(src) = source {
+        INTEGRITY_KEYS.with(|c| *c.borrow_mut() = Some((src, stored_fp.to_vec(), keys.clone())));
+    }
+    Ok(keys)
+}
+
+/// Checks a key's rows as read (keyring::load, cold path; and every act
+/// through lock_key): their MACs, that they are the key's latest state in
+/// the audit chain, and that the audit row recording it is authentic.
+/// XX001 "catalog row altered" otherwise. Caller is the catalog owner;
+/// read-only (works in parallel workers and on a standby).
+pub(crate) fn verify_key_rows(key: &KeyCheck<'_>, versions: &[VersionCheck<'_>]) -> KmsResult<()> {
+    match read_keyring(false)? {
+        Some(KeyringRow { fp, since_us: Some(since), mac }) => {
+            let keys = integrity_keys(&fp)?;
+            if !mac.as_deref().is_some_and(|m| keys.row.verify(&integrity::keyring_row(&fp, since), m)) {
+                return Err(altered("the kms.keyring row".into(), WHY_MAC));
+            }
+            verify_with(&keys, &fp, key, versions)
+        }
+        _ => refuse_unkeyed_with_keyed_chain(),
+    }
+}
+
+fn verify_with(keys: &IntegrityKeys, fp: &[u8], key: &KeyCheck<'_>, versions: &[VersionCheck<'_>]) -> KmsResult<()> {
+    let whose = || format!("the kms.keys row of key \"{}\"", key.name);
+    if !key.mac.is_some_and(|m| keys.row.verify(&key_mac(key), m)) {
+        return Err(altered(whose(), WHY_MAC));
+    }
+    for v in versions {
+        if !v.mac.is_some_and(|m| keys.row.verify(&version_mac(key, v), m)) {
+            return Err(altered(format!("the kms.key_versions row of version {} of key \"{}\"", v.version, key.name), WHY_MAC));
+        }
+    }
+    let latest = spi_read::<i64>(
+        &format!(
+            "SELECT GREATEST((SELECT max(id) FROM kms.audit_log WHERE key_name = $1 AND operation IN ({KEY_OPS})),
+                             (SELECT max(id) FROM kms.audit_log WHERE operation IN ('rotate_master_key', 'adopt_integrity')))"
+        ),
+        &[key.name.into()],
+    )?;
+    match latest {
+        Some(l) if l == key.generation => {}
+        Some(l) if l > key.generation => return Err(altered(whose(), WHY_STALE)),
+        _ => return Err(altered(whose(), WHY_CUT)),
+    }
+    let authentic = read_audit(Some(key.generation))?.first().is_some_and(|r| {
+        r.key_fp.as_deref() == Some(fp) && r.content_ok() && r.mac.as_deref().is_some_and(|m| keys.audit.verify(&r.hash, m))
+    });
+    if !authentic {
+        return Err(altered(whose(), WHY_TRAIL));
+    }
+    Ok(())
+}
+
+/// Appends one audit row to the keyed chain under `keys` (the master key
+/// whose fingerprint is `fp`), updates kms.audit_head, queues NOTIFY
+/// kms_events, and at commit writes the new head to the server log (row
+/// id and MAC: no secret). Returns the row's id.
+fn append(
+    keys: &IntegrityKeys,
+    fp: &[u8; 32],
+    operation: &str,
+    key_name: Option<&str>,
+    version: Option<i32>,
+    reason: Option<RawText>,
+    detail: Option<&str>,
+) -> KmsResult<i64> {
+    // Self-conflicting lock: concurrent acts are chained one after another.
+    spi_exec("LOCK TABLE kms.audit_log IN SHARE ROW EXCLUSIVE MODE", &[])?;
+    type Head = Option<(i64, Vec<u8>)>;
+    let last = Spi::connect(|c| -> Result<Head, pgrx::spi::Error> {
+        let Some(r) = c.select("SELECT id, hash FROM kms.audit_log ORDER BY id DESC LIMIT 1", None, &[])?.next() else {
+            return Ok(None);
+        };
+        Ok(Some((r.get::<i64>(1)?.unwrap_or(0), r.get::<Vec<u8>>(2)?.unwrap_or_default())))
+    })
+    .map_err(KmsError::spi)?;
+    let (id, prev) = match last {
+        Some((id, hash)) => (id + 1, hash),
+        None => (1, vec![0u8; 32]),
+    };
+    type Now = (Option<TimestampWithTimeZone>, i64, Vec<u8>, Option<Vec<u8>>, String);
+    let (at, at_us, actor, reason_utf8, db) = Spi::connect(|c| -> Result<Now, pgrx::spi::Error> {
+        let t = c.select(
+            "SELECT t, (EXTRACT(epoch FROM t) * 1000000)::int8, pg_catalog.convert_to(session_user::text, 'UTF8'),
+                    pg_catalog.convert_to($1, 'UTF8'), pg_catalog.quote_ident(pg_catalog.current_database())
+               FROM (SELECT pg_catalog.clock_timestamp() AS t) s",
+            Some(1),
+            &[reason.into()],
+        )?;
+        let r = t.first();
+        Ok((
+            r.get::<TimestampWithTimeZone>(1)?,
+            r.get::<i64>(2)?.unwrap_or(0),
+            r.get::<Vec<u8>>(3)?.unwrap_or_default(),
+            r.get::<Vec<u8>>(4)?,
+            r.get::<String>(5)?.unwrap_or_default(),
+        ))
+    })
+    .map_err(KmsError::spi)?;
+    let row = AuditRow {
+        id,
+        at_us,
+        actor: &actor,
+        operation: operation.as_bytes(),
+        key_name: key_name.map(str::as_bytes),
+        version,
+        reason: reason_utf8.as_deref(),
+        detail: detail.map(str::as_bytes),
+        key_fp: fp,
+    };
+    let hash = row.chain_hash(&prev);
+    let mac = keys.audit.hmac(&hash);
+    spi_exec(
+        "INSERT INTO kms.audit_log (id, at, actor, operation, key_name, version, reason, prev_hash, hash, detail, key_fp, mac)
+         VALUES ($1, $2, session_user, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        &[
+            id.into(),
+            at.into(),
+            operation.into(),
+            key_name.into(),
+            version.into(),
+            reason.into(),
+            prev.into(),
+            hash.to_vec().into(),
+            detail.into(),
+            fp.to_vec().into(),
+            mac.to_vec().into(),
+        ],
+    )?;
+    spi_exec(
+        "INSERT INTO kms.audit_head (singleton, last_id, last_hash, last_mac) VALUES (true, $1, $2, $3)
+         ON CONFLICT (singleton) DO UPDATE SET last_id = excluded.last_id, last_hash = excluded.last_hash, last_mac = excluded.last_mac",
+        &[id.into(), hash.to_vec().into(), mac.to_vec().into()],
+    )?;
+    spi_exec(
+        "SELECT pg_catalog.pg_notify('kms_events', pg_catalog.jsonb_build_object(
+                'operation', $1::text, 'key_name', $2::text, 'version', $3::integer)::text)",
+        &[operation.into(), key_name.into(), version.into()],
+    )?;
+    let line = format!("pg_kms: audit chain head of database {db}: id={id} mac={}", hex_of(&mac));
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, move || pgrx::log!("{line}"));
+    Ok(id)
+}
+
+/// One audit row as stored (text fields as UTF-8 bytes).
+struct AuditRecord {
+    id: i64,
+    prev: Vec<u8>,
+    hash: Vec<u8>,
+    mac: Option<Vec<u8>>,
+    key_fp: Option<Vec<u8>>,
+    at_us: i64,
+    actor: Vec<u8>,
+    operation: Vec<u8>,
+    key_name: Option<Vec<u8>>,
+    version: Option<i32>,
+    reason: Option<Vec<u8>>,
+    detail: Option<Vec<u8>>,
+    /// kms.audit_row_hash of an unkeyed row (made before the chain was keyed).
+    legacy_hash: Option<Vec<u8>>,
+}
+
+impl AuditRecord {
+    fn read(r: &Row<'_>) -> Result<AuditRecord, pgrx::spi::Error> {
+        Ok(AuditRecord {
+            id: r.get::<i64>(1)?.unwrap_or(0),
+            prev: r.get::<Vec<u8>>(2)?.unwrap_or_default(),
+            hash: r.get::<Vec<u8>>(3)?.unwrap_or_default(),
+            mac: r.get::<Vec<u8>>(4)?,
+            key_fp: r.get::<Vec<u8>>(5)?,
+            at_us: r.get::<i64>(6)?.unwrap_or(0),
+            actor: r.get::<Vec<u8>>(7)?.unwrap_or_default(),
+            operation: r.get::<Vec<u8>>(8)?.unwrap_or_default(),
+            key_name: r.get::<Vec<u8>>(9)?,
+            version: r.get::<i32>(10)?,
+            reason: r.get::<Vec<u8>>(11)?,
+            detail: r.get::<Vec<u8>>(12)?,
+            legacy_hash: r.get::<Vec<u8>>(13)?,
+        })
+    }
+
+    /// Whether the stored hash is SHA-256(prev_hash || canonical row).
+    fn content_ok(&self) -> bool {
+        let row = AuditRow {
+            id: self.id,
+            at_us: self.at_us,
+            actor: &self.actor,
+            operation: &self.operation,
+            key_name: self.key_name.as_deref(),
+            version: self.version,
+            reason: self.reason.as_deref(),
+            detail: self.detail.as_deref(),
+            key_fp: self.key_fp.as_deref().unwrap_or(&[]),
+        };
+        row.chain_hash(&self.prev).as_slice() == self.hash.as_slice()
+    }
+}
+
+/// Audit rows in id order (or the one with id `only`). Read-only.
+fn read_audit(only: Option<i64>) -> KmsResult<Vec<AuditRecord>> {
+    Spi::connect(|c| -> Result<Vec<AuditRecord>, pgrx::spi::Error> {
+        let t = match only {
+            Some(id) => c.select(&format!("{AUDIT_SQL} WHERE id = $1"), None, &[id.into()])?,
+            None => c.select(&format!("{AUDIT_SQL} ORDER BY id"), None, &[])?,
+        };
+        let mut out = Vec::new();
+        for r in t {
+            out.push(AuditRecord::read(&r)?);
+        }
+        Ok(out)
+    })
+    .map_err(KmsError::spi)
+}
+
+struct AuditCheck {
+    rows: i64,
+    first_bad: Option<i64>,
+    problem: Option<String>,
+    head_id: Option<i64>,
+    head_mac: Option<String>,
+}
+
+/// The whole chain checked under the master key configured now. Caller is
+/// the catalog owner.
+fn check_audit_log() -> KmsResult<AuditCheck> {
+    let kr = read_keyring(false)?;
+    let current = match &kr {
+        Some(k) => Some((k.fp.clone(), integrity_keys(&k.fp)?)),
+        None => None,
+    };
+    let recs = read_audit(None)?;
+    let last = recs.last();
+    let mut out = AuditCheck {
+        rows: recs.len() as i64,
+        first_bad: None,
+        problem: None,
+        head_id: last.map(|r| r.id),
+        head_mac: last.and_then(|r| r.mac.as_deref().map(hex_of)),
+    };
+    if let Some((id, why)) = find_problem(kr.as_ref(), current.as_ref().map(|(fp, k)| (fp.as_slice(), &**k)), &recs)? {
+        out.first_bad = id;
+        out.problem = Some(why);
+    }
+    Ok(out)
+}
+
+fn find_problem(
+    kr: Option<&KeyringRow>,
+    current: Option<(&[u8], &IntegrityKeys)>,
+    recs: &[AuditRecord],
+) -> KmsResult<Option<(Option<i64>, String)>> {
+    let bad = |id: i64, why: &str| Ok(Some((Some(id), format!("row {id}: {why}"))));
+    let mut prev = vec![0u8; 32];
+    let mut last_fp: Option<&[u8]> = None;
+    let mut seen_current = false;
+    for (i, r) in recs.iter().enumerate() {
+        let expect = i as i64 + 1;
+        if r.id != expect {
+            return bad(expect, &format!("missing (the next row is {})", r.id));
+        }
+        if r.prev != prev {
+            return bad(r.id, "prev_hash is not the hash of the row before it: rows were removed, inserted or reordered");
+        }
+        let op = r.operation.as_slice();
+        match (&r.mac, &r.key_fp) {
+            (None, _) => {
+                if last_fp.is_some() {
+                    return bad(r.id, "an unkeyed row after keyed rows");
+                }
+                if r.legacy_hash.as_deref() != Some(r.hash.as_slice()) {
+                    return bad(r.id, "hash does not match the row's content");
+                }
+            }
+            (Some(mac), Some(fp)) => {
+                if !r.content_ok() {
+                    return bad(r.id, "hash does not match the row's content");
+                }
+                match last_fp {
+                    None if r.id != 1 && op != b"adopt_integrity" && op != b"rotate_master_key" => {
+                        return bad(r.id, "the first keyed row after unkeyed rows is not an adoption of MACs");
+                    }
+                    Some(l) if l != fp.as_slice() && op != b"rotate_master_key" => {
+                        return bad(r.id, "the master key changes at a row that is not a master-key rotation");
+                    }
+                    _ => {}
+                }
+                match current {
+                    Some((cfp, keys)) if cfp == fp.as_slice() => {
+                        if !keys.audit.verify(&r.hash, mac) {
+                            return bad(r.id, "its MAC does not verify under the master key: the row was altered or forged");
+                        }
+                        seen_current = true;
+                    }
+                    _ if seen_current => {
+                        return bad(r.id, "MAC'd under another master key after rows MAC'd under the current one");
+                    }
+                    _ => {}
+                }
+                last_fp = Some(fp);
+            }
+            (Some(_), None) => return bad(r.id, "a keyed row without the fingerprint of its master key"),
+        }
+        prev.clone_from(&r.hash);
+    }
+    let keyed_keyring = kr.is_some_and(|k| k.since_us.is_some());
+    match recs.last() {
+        Some(r) if last_fp.is_some() && !seen_current => {
+            return bad(r.id, "the newest row is not MAC'd under the current master key");
+        }
+        Some(r) if keyed_keyring && r.mac.is_none() => {
+            return bad(r.id, "the keyring's rows carry MACs but the newest audit row is unkeyed");
+        }
+        Some(r) if !keyed_keyring && last_fp.is_some() => {
+            return bad(r.id, "the chain is keyed but the kms.keyring row says rows carry no MACs: the keyring row was edited");
+        }
+        None if keyed_keyring => {
+            return bad(1, "the audit log is empty although the keyring's rows carry MACs: rows were removed");
+        }
+        _ => {}
+    }
+    let n = recs.len() as i64;
+    let head = Spi::connect(|c| -> Result<Option<(i64, Vec<u8>)>, pgrx::spi::Error> {
+        let Some(r) = c.select("SELECT last_id, last_hash FROM kms.audit_head", Some(1), &[])?.next() else {
+            return Ok(None);
+        };
+        Ok(Some((r.get::<i64>(1)?.unwrap_or(0), r.get::<Vec<u8>>(2)?.unwrap_or_default())))
+    })
+    .map_err(KmsError::spi)?;
+    if let Some((hid, hhash)) = head {
+        if hid != n || hhash != prev {
+            return bad(if hid > n { n + 1 } else { hid }, &format!("kms.audit_head names row {hid} but the log ends at row {n}"));
+        }
+    }
+    // Destroyed material must stay destroyed.
+    let revived = Spi::connect(|c| -> Result<Option<(i64, String)>, pgrx::spi::Error> {
+        let Some(r) = c
+            .select(
+                "SELECT a.id, a.key_name || coalesce(' version ' || a.version, '')
+                   FROM kms.audit_log a JOIN kms.keys k ON k.key_name = a.key_name
+                  WHERE (a.operation = 'destroy_key_version'
+                         AND EXISTS (SELECT 1 FROM kms.key_versions v
+                                      WHERE v.key_id = k.key_id AND v.version = a.version AND v.state <> 'destroyed'))
+                     OR (a.operation = 'destroy_key'
+                         AND (k.destroyed_at IS NULL OR k.index_key IS NOT NULL
+                              OR EXISTS (SELECT 1 FROM kms.key_versions v WHERE v.key_id = k.key_id AND v.state <> 'destroyed')))
+                  ORDER BY a.id LIMIT 1",
+                None,
+                &[],
+            )?
+            .next()
+        else {
+            return Ok(None);
+        };
+        Ok(Some((r.get::<i64>(1)?.unwrap_or(0), r.get::<String>(2)?.unwrap_or_default())))
+    })
+    .map_err(KmsError::spi)?;
+    if let Some((id, what)) = revived {
+        return bad(id, &format!("records the destruction of {what}, but the catalog holds it again: a saved row was put back"));
+    }
+    // Key-state rows, as a load would check them (no audit row to name).
+    if let (true, Some((fp, keys))) = (keyed_keyring, current) {
+        for id in all_key_ids()? {
+            let (key, versions) = key_rows(id, false)?;
+            let vs: Vec<VersionCheck<'_>> = versions.iter().map(VersionRowData::check).collect();
+            match verify_with(keys, fp, &key.check(), &vs) {
+                Ok(()) => {}
+                Err(KmsError::CatalogAltered { what, why }) => return Ok(Some((None, format!("catalog row altered: {what}: {why}")))),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(None)
+}
+
+// kms_audit_log_check() is for the same roles as kms_verify_audit_log()
+// (grants.sql then revokes PUBLIC's EXECUTE on every function).
+extension_sql!(
+    "GRANT EXECUTE ON FUNCTION kms_audit_log_check() TO kms_admin, kms_auditor;",
+    name = "audit_log_check_grant",
+    requires = [kms_audit_log_check]
+);

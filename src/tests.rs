@@ -838,4 +838,269 @@ mod tests {
         // here (22P02), and never opened with the wrong primitive.
         assert_sqlstate("SELECT ('kms:' || encode(set_byte(b, 1, 0), 'base64'))::encrypted_text FROM det_raw", "22P02");
     }
+
+    /// "SQLSTATE message | hint" of the error `sql` raises, or None.
+    fn error_with_hint(sql: &str) -> Option<String> {
+        if one::<bool>("SELECT to_regprocedure('pg_temp.error_hint_of(text)') IS NOT NULL") != Some(true) {
+            run(r#"CREATE FUNCTION pg_temp.error_hint_of(q text) RETURNS text LANGUAGE plpgsql AS $$
+               DECLARE h text;
+               BEGIN EXECUTE q; RETURN NULL;
+               EXCEPTION WHEN OTHERS THEN
+                   GET STACKED DIAGNOSTICS h = PG_EXCEPTION_HINT;
+                   RETURN SQLSTATE || ' ' || SQLERRM || ' | ' || coalesce(h, ''); END $$"#);
+        }
+        Spi::get_one_with_args::<String>("SELECT pg_temp.error_hint_of($1)", &[sql.into()]).unwrap()
+    }
+
+    /// Drops this backend's key cache (every lifecycle act invalidates it).
+    fn drop_key_cache() {
+        run("SELECT kms_create_key('cache_buster_' || md5(random()::text))");
+    }
+
+    #[track_caller]
+    fn assert_altered(sql: &str, what: &str) {
+        let e = error_of(sql).unwrap_or_else(|| panic!("{sql}: expected XX001, got success"));
+        assert!(e.starts_with("XX001 catalog row altered: ") && e.contains(what), "{sql}: expected XX001 naming {what}, got {e}");
+    }
+
+    #[pg_test]
+    fn destroyed_key_refuses_every_act() {
+        setup_key("gone");
+        run("SELECT kms_rotate_key('gone')");
+        run("SELECT kms_destroy_key('gone', 'tenant left')");
+        let receipt = one::<pgrx::JsonB>("SELECT receipt FROM kms_destruction_receipts WHERE key_name = 'gone'").unwrap().0;
+        assert_eq!(receipt["key_name"], serde_json::json!("gone"));
+        assert_eq!(receipt["versions"].as_array().map(|v| v.len()), Some(2));
+        assert!(receipt["versions"][0]["material_mac"].as_str().is_some_and(|m| m.len() == 64));
+        assert!(receipt["index_root_mac"].as_str().is_some_and(|m| m.len() == 64));
+        assert_eq!(
+            one::<String>("SELECT a.operation FROM kms_audit_log a JOIN kms_destruction_receipts r ON r.audit_id = a.id").as_deref(),
+            Some("destroy_key")
+        );
+        for (sql, what) in [
+            ("SELECT kms_rotate_key('gone')", "rotate"),
+            ("SELECT kms_set_primary('gone', 1)", "primary"),
+            ("SELECT kms_enable_key_version('gone', 1)", "enable"),
+            ("SELECT kms_disable_key_version('gone', 1)", "disable"),
+            ("SELECT kms_destroy_key_version('gone', 1)", "destroy"),
+            ("SELECT kms_destroy_key('gone')", "destroy"),
+            ("SELECT kms_blind_index('x', 'gone')", "blind index"),
+        ] {
+            let e = error_with_hint(sql).unwrap_or_else(|| panic!("{sql} succeeded"));
+            assert!(e.starts_with("55000") && e.contains("key \"gone\" is destroyed") && e.contains(what), "{sql}: {e}");
+            assert!(e.contains("| A destroyed key stays destroyed"), "{sql}: hint missing: {e}");
+        }
+        let e = error_with_hint("SELECT kms_encrypt('x', 'gone')").unwrap();
+        assert!(e.starts_with("55000") && e.contains("destroyed") && !e.ends_with(" | "), "{e}");
+        assert_sqlstate("SELECT kms_create_key('gone')", "42710");
+        assert_eq!(one::<i64>("SELECT count(*) FROM kms_keys WHERE key_name = 'gone' AND state <> 'destroyed'"), Some(0));
+        assert_eq!(one::<bool>("SELECT bool_and(key_destroyed_at IS NOT NULL) FROM kms_keys WHERE key_name = 'gone'"), Some(true));
+        // Scheduled rotation skips it even when overdue (rotation_period and
+        // created_at are not what the MAC covers: no act could change them).
+        run("UPDATE kms.keys SET rotation_period = interval '1 second' WHERE key_name = 'gone'");
+        run("UPDATE kms.key_versions SET created_at = now() - interval '1 day'");
+        let due = crate::lifecycle::rotate_due_keys();
+        assert!(!due.contains(&"gone".to_string()), "{due:?}");
+        assert_eq!(one::<i64>("SELECT count(*) FROM kms_keys WHERE key_name = 'gone'"), Some(2));
+        assert_eq!(one::<bool>("SELECT kms_verify_audit_log()"), Some(true));
+    }
+
+    #[pg_test]
+    fn destruction_receipt_of_a_version() {
+        setup_key("r");
+        run("SELECT kms_rotate_key('r')");
+        let before = one::<Vec<u8>>("SELECT wrapped_key FROM kms.key_versions v JOIN kms.keys k USING (key_id) WHERE key_name = 'r' AND version = 1").unwrap();
+        run("SELECT kms_destroy_key_version('r', 1, 'retired')");
+        let receipt = one::<pgrx::JsonB>("SELECT receipt FROM kms_destruction_receipts WHERE key_name = 'r'").unwrap().0;
+        assert_eq!(receipt["version"], serde_json::json!(1));
+        assert_eq!(receipt["receipt"], serde_json::json!("pg_kms destruction"));
+        let mac = receipt["material_mac"].as_str().unwrap().to_string();
+        assert_eq!(mac.len(), 64);
+        // The receipt MACs the erased bytes without containing them.
+        let hex: String = before.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(!receipt.to_string().contains(&hex));
+        assert_eq!(
+            one::<String>("SELECT operation || ':' || version || ':' || (detail::jsonb->>'material_mac') FROM kms_audit_log ORDER BY id DESC LIMIT 1"),
+            Some(format!("destroy_key_version:1:{mac}"))
+        );
+        assert_eq!(one::<bool>("SELECT kms_verify_audit_log()"), Some(true));
+    }
+
+    #[pg_test]
+    fn key_rows_edited_behind_pg_kms_are_refused() {
+        for k in ["e1", "e2", "e3", "e4", "e5", "e6"] {
+            setup_key(k);
+            run(&format!("SELECT kms_rotate_key('{k}')"));
+        }
+        run("CREATE TEMP TABLE v1 AS SELECT kms_encrypt('one', 'e1') AS e1");
+        run("CREATE TEMP TABLE saved_v AS SELECT v.* FROM kms.key_versions v JOIN kms.keys k USING (key_id)
+              WHERE (key_name = 'e4' AND version = 1) OR key_name = 'e5'");
+        run("CREATE TEMP TABLE saved_k AS SELECT * FROM kms.keys WHERE key_name = 'e5'");
+        run("SELECT kms_disable_key_version('e2', 1)");
+        run("SELECT kms_destroy_key_version('e4', 1, force => true)");
+        run("SELECT kms_destroy_key_version('e5', 1, force => true)");
+        // Re-point the primary.
+        run("UPDATE kms.keys SET primary_version = 1 WHERE key_name = 'e1'");
+        // Re-enable a disabled version.
+        run("UPDATE kms.key_versions v SET state = 'decrypt_only' FROM kms.keys k WHERE k.key_id = v.key_id AND key_name = 'e2' AND version = 1");
+        // Swap the wrapped keys of two versions.
+        run("UPDATE kms.key_versions v SET wrapped_key = o.wrapped_key FROM kms.key_versions o, kms.keys k
+              WHERE k.key_name = 'e3' AND v.key_id = k.key_id AND o.key_id = k.key_id AND v.version + o.version = 3");
+        // Put a saved row of a destroyed version back, MAC and all ...
+        run("UPDATE kms.key_versions v SET state = s.state, wrapped_key = s.wrapped_key, row_mac = s.row_mac
+               FROM saved_v s JOIN kms.keys k ON k.key_id = s.key_id AND k.key_name = 'e4'
+              WHERE v.key_id = s.key_id AND v.version = s.version");
+        // ... or the key's row with it (a consistent older state of the key).
+        run("UPDATE kms.key_versions v SET state = s.state, wrapped_key = s.wrapped_key, row_mac = s.row_mac
+               FROM saved_v s JOIN kms.keys k ON k.key_id = s.key_id AND k.key_name = 'e5'
+              WHERE v.key_id = s.key_id AND v.version = s.version");
+        run("UPDATE kms.keys k SET generation = s.generation, row_mac = s.row_mac FROM saved_k s WHERE k.key_id = s.key_id");
+        // NULL a row's MAC to get an edited row re-blessed.
+        run("UPDATE kms.keys SET primary_version = 1, row_mac = NULL WHERE key_name = 'e6'");
+        drop_key_cache();
+        assert_altered("SELECT kms_encrypt('x', 'e1')", "kms.keys row of key \"e1\"");
+        assert_altered("SELECT kms_decrypt(e1) FROM v1", "kms.keys row of key \"e1\"");
+        assert_altered("SELECT kms_rotate_key('e1')", "kms.keys row of key \"e1\"");
+        assert_altered("SELECT kms_encrypt('x', 'e2')", "version 1 of key \"e2\"");
+        assert_altered("SELECT kms_set_primary('e2', 1)", "version 1 of key \"e2\"");
+        assert_altered("SELECT kms_encrypt('x', 'e3')", "of key \"e3\"");
+        assert_altered("SELECT kms_encrypt('x', 'e4')", "version 1 of key \"e4\"");
+        assert_altered("SELECT kms_encrypt('x', 'e5')", "kms.keys row of key \"e5\"");
+        let e = error_of("SELECT kms_encrypt('x', 'e5')").unwrap();
+        assert!(e.contains("kms.keys row of key \"e5\""), "{e}");
+        assert_altered("SELECT kms_encrypt('x', 'e6')", "kms.keys row of key \"e6\"");
+        assert_altered("SELECT kms_blind_index('x', 'e6')", "kms.keys row of key \"e6\"");
+        // The audit check names the destruction that was undone.
+        let (ok, bad, why) = Spi::get_three::<bool, i64, String>("SELECT ok, first_bad_id, problem FROM kms_audit_log_check()").unwrap();
+        assert_eq!(ok, Some(false));
+        let destroyed_e4 = one::<i64>("SELECT id FROM kms_audit_log WHERE key_name = 'e4' AND operation = 'destroy_key_version'");
+        assert_eq!(bad, destroyed_e4, "{why:?}");
+        assert!(why.unwrap_or_default().contains("e4 version 1"));
+        // Editing the keyring row to say MACs were never enabled does not help.
+        run("UPDATE kms.keyring SET integrity_since = NULL, row_mac = NULL");
+        drop_key_cache_expect_altered();
+        assert_altered("SELECT kms_encrypt('x', 'e6')", "the kms.keyring row");
+        assert_altered("SELECT kms_rotate_key('e6')", "the kms.keyring row");
+    }
+
+    fn drop_key_cache_expect_altered() {
+        assert_altered("SELECT kms_create_key('cache_buster_x')", "the kms.keyring row");
+    }
+
+    #[pg_test]
+    fn audit_chain_is_keyed() {
+        setup_key("pii");
+        run("SELECT kms_rotate_key('pii', 'why')");
+        run("SELECT kms_disable_key_version('pii', 1, 'r')");
+        assert_eq!(
+            one::<String>("SELECT ok || ':' || rows_checked || ':' || coalesce(first_bad_id::text, '-') || ':' || head_id || ':' || length(head_mac) FROM kms_audit_log_check()").as_deref(),
+            Some("true:3:-:3:64")
+        );
+        assert_eq!(one::<bool>("SELECT bool_and(length(mac) = 64) FROM kms_audit_log"), Some(true));
+        // Forge row 2 and recompute every hash with SHA-256, as the unkeyed
+        // chain allowed: the MACs no longer match.
+        run("ALTER TABLE kms.audit_log DISABLE TRIGGER USER");
+        run("UPDATE kms.audit_log SET reason = 'forged' WHERE id = 2");
+        run(r#"DO $$ DECLARE r record; p bytea; BEGIN
+                 FOR r IN SELECT * FROM kms.audit_log WHERE id >= 2 ORDER BY id LOOP
+                   SELECT hash INTO p FROM kms.audit_log WHERE id = r.id - 1;
+                   UPDATE kms.audit_log SET prev_hash = p,
+                          hash = kms.audit_row_hash(p, r.id, r.at, r.actor, r.operation, r.key_name, r.version, r.reason)
+                    WHERE id = r.id;
+                 END LOOP;
+                 UPDATE kms.audit_head SET last_hash = (SELECT hash FROM kms.audit_log ORDER BY id DESC LIMIT 1);
+               END $$"#);
+        assert_eq!(one::<bool>("SELECT kms_verify_audit_log()"), Some(false));
+        let (bad, why) = Spi::get_two::<i64, String>("SELECT first_bad_id, problem FROM kms_audit_log_check()").unwrap();
+        assert_eq!(bad, Some(2), "{why:?}");
+        // Turning the forged rows into unkeyed ones is caught too.
+        run("UPDATE kms.audit_log SET mac = NULL, key_fp = NULL WHERE id >= 2");
+        assert_eq!(one::<bool>("SELECT kms_verify_audit_log()"), Some(false));
+        assert_eq!(one::<i64>("SELECT first_bad_id FROM kms_audit_log_check()"), Some(2));
+    }
+
+    #[pg_test]
+    fn audit_log_check_is_for_auditors() {
+        setup_key("pii");
+        run("CREATE ROLE kt_aud2 IN ROLE kms_auditor");
+        run("CREATE ROLE kt_adm2 IN ROLE kms_admin");
+        run("CREATE ROLE kt_usr2 IN ROLE kms_user");
+        run("CREATE ROLE kt_pln2");
+        assert_eq!(as_role("kt_aud2", "SELECT * FROM kms_audit_log_check()"), None);
+        assert_eq!(as_role("kt_adm2", "SELECT * FROM kms_audit_log_check()"), None);
+        assert_eq!(as_role("kt_usr2", "SELECT * FROM kms_audit_log_check()").as_deref(), Some("42501"));
+        assert_eq!(as_role("kt_pln2", "SELECT * FROM kms_audit_log_check()").as_deref(), Some("42501"));
+    }
+
+    /// A keyring made before rows carried MACs (rows and keyring without
+    /// MACs, an unkeyed audit chain) works as it is, adopts MACs at the
+    /// next act (audited), and cannot be made to adopt them again.
+    #[pg_test]
+    fn unkeyed_keyring_adopts_macs_once() {
+        setup_key("old");
+        setup_key("old2");
+        run("SELECT kms_rotate_key('old')");
+        run("CREATE TEMP TABLE t AS SELECT kms_encrypt('v', 'old') AS v");
+        // Make it look like a 0.1.0 keyring.
+        run("ALTER TABLE kms.audit_log DISABLE TRIGGER USER");
+        run("DELETE FROM kms.audit_log");
+        run("DELETE FROM kms.audit_head");
+        run("UPDATE kms.keys SET row_mac = NULL, generation = 0");
+        run("UPDATE kms.key_versions SET row_mac = NULL");
+        run("UPDATE kms.keyring SET integrity_since = NULL, row_mac = NULL");
+        run(r#"INSERT INTO kms.audit_log (id, at, actor, operation, key_name, version, reason, prev_hash, hash)
+               SELECT 1, t, 'dba', 'create_key', 'old', 1, NULL, z, kms.audit_row_hash(z, 1, t, 'dba', 'create_key', 'old', 1, NULL)
+                 FROM (SELECT now() AS t, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea AS z) s"#);
+        run("ALTER TABLE kms.audit_log ENABLE TRIGGER USER");
+        drop_key_cache_expect_adoption();
+        assert_eq!(one::<String>("SELECT kms_decrypt(v) FROM t").as_deref(), Some("v"));
+        assert_eq!(
+            one::<String>("SELECT string_agg(operation, ',' ORDER BY id) FROM kms_audit_log").as_deref(),
+            Some("create_key,adopt_integrity,create_key")
+        );
+        assert_eq!(one::<bool>("SELECT kms_verify_audit_log()"), Some(true));
+        assert_eq!(one::<bool>("SELECT integrity_since IS NOT NULL AND row_mac IS NOT NULL FROM kms.keyring"), Some(true));
+        assert_eq!(one::<i64>("SELECT count(*) FROM kms.key_versions WHERE row_mac IS NULL"), Some(0));
+        // NULLing MACs again (with the keyring's) does not re-bless an edit.
+        run("UPDATE kms.keys SET primary_version = 1, row_mac = NULL WHERE key_name = 'old'");
+        run("UPDATE kms.key_versions SET row_mac = NULL");
+        run("UPDATE kms.keyring SET integrity_since = NULL, row_mac = NULL");
+        assert_altered("SELECT kms_rotate_key('old2')", "the kms.keyring row");
+        assert_altered("SELECT kms_encrypt('x', 'old2')", "the kms.keyring row");
+    }
+
+    /// Any act adopts MACs; a cache-busting create is one.
+    fn drop_key_cache_expect_adoption() {
+        drop_key_cache();
+    }
+
+    /// Adoption refuses to bless a swapped wrapped key.
+    #[pg_test]
+    fn unkeyed_keyring_with_swapped_material_is_not_blessed() {
+        setup_key("sw");
+        run("SELECT kms_rotate_key('sw')");
+        run("ALTER TABLE kms.audit_log DISABLE TRIGGER USER");
+        run("DELETE FROM kms.audit_log");
+        run("DELETE FROM kms.audit_head");
+        run("UPDATE kms.keys SET row_mac = NULL, generation = 0");
+        run("UPDATE kms.key_versions SET row_mac = NULL");
+        run("UPDATE kms.keyring SET integrity_since = NULL, row_mac = NULL");
+        run("UPDATE kms.key_versions v SET wrapped_key = o.wrapped_key FROM kms.key_versions o
+              WHERE v.key_id = o.key_id AND v.version + o.version = 3");
+        assert_sqlstate("SELECT kms_create_key('sw2')", "XX001");
+        assert_eq!(one::<bool>("SELECT integrity_since IS NULL FROM kms.keyring"), Some(true));
+    }
+
+    #[pg_test]
+    fn audit_log_check_names_edited_key_rows() {
+        setup_key("c1");
+        run("SELECT kms_rotate_key('c1')");
+        assert_eq!(one::<bool>("SELECT ok FROM kms_audit_log_check()"), Some(true));
+        run("UPDATE kms.keys SET primary_version = 1 WHERE key_name = 'c1'");
+        assert_eq!(
+            one::<String>("SELECT ok || ':' || coalesce(first_bad_id::text, '-') || ':' || problem FROM kms_audit_log_check()").as_deref(),
+            Some("false:-:catalog row altered: the kms.keys row of key \"c1\": Its MAC does not verify under the master key.")
+        );
+        assert_eq!(one::<bool>("SELECT kms_verify_audit_log()"), Some(false));
+    }
 }

@@ -175,13 +175,9 @@ fn kms_blind_index(
         }
         let key = keyring::key_by_name(name)?;
         key.check(Privilege::Encrypt)?;
+        // The index root is erased only by kms_destroy_key(): the key is destroyed.
         let Some(index) = key.index.as_ref() else {
-            return Err(KmsError::VersionState {
-                key: key.name.clone(),
-                version: key.primary as i32,
-                state: "destroyed".into(),
-                action: "compute a blind index",
-            });
+            return Err(KmsError::KeyDestroyed { key: key.name.clone(), action: "compute a blind index" });
         };
         let mac = index.blind_index(&ctx_bytes(&context), &text_to_utf8(pt.bytes()), bits as u32).expect("bits checked");
         let (out, buf) = OutBytea::alloc(mac.len());

@@ -35,6 +35,20 @@ impl MacKey {
         m.finalize().into_bytes().into()
     }
 
+    /// HMAC-SHA256 of `msg` (the catalog-row and audit-chain MACs).
+    pub fn hmac(&self, msg: &[u8]) -> [u8; 32] {
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(self.0.as_ref()).expect("any key length");
+        m.update(msg);
+        m.finalize().into_bytes().into()
+    }
+
+    /// Whether `tag` is the HMAC of `msg` (constant-time comparison).
+    pub fn verify(&self, msg: &[u8], tag: &[u8]) -> bool {
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(self.0.as_ref()).expect("any key length");
+        m.update(msg);
+        m.verify_slice(tag).is_ok()
+    }
+
     /// Blind index of `bits` bits (a multiple of 8, 16..=256).
     pub fn blind_index(&self, context: &[u8], plaintext: &[u8], bits: u32) -> Option<Vec<u8>> {
         if !(16..=256).contains(&bits) || bits % 8 != 0 {

@@ -154,6 +154,13 @@ impl MasterKey {
         fp
     }
 
+    /// The audit-chain and catalog-row MAC keys of this master key.
+    pub fn integrity_keys(&self) -> super::integrity::IntegrityKeys {
+        let keys = super::integrity::IntegrityKeys::from_master(self.bytes.as_ref());
+        wipe_stack();
+        keys
+    }
+
     /// The KEK, itself kept in a locked region (see [`Kek`]).
     pub fn kek(&self) -> Kek {
         let kek = Kek::from_bytes(&hkdf32(HKDF_SALT, self.bytes.as_ref(), INFO_KEK));

@@ -13,6 +13,7 @@
 pub mod aead;
 pub mod derive;
 pub mod envelope;
+pub mod integrity;
 pub mod kdf;
 pub mod master;
 pub mod nonce;
@@ -21,6 +22,7 @@ pub mod siv;
 
 pub use aead::{open_into, prefetch_line, seal_into, AuthError, DataKey};
 pub use derive::MacKey;
+pub use integrity::IntegrityKeys;
 pub use envelope::{Envelope, EnvelopeError, Header};
 pub use kdf::{Kek, WrapError};
 pub use master::{MasterKey, MasterKeyError};
