@@ -197,8 +197,12 @@ impl Drop for IdentityScope {
             return;
         }
         // SAFETY: restores exactly what `enter` saved, innermost first.
+        // `false`: every setting changed inside the scope is rolled back,
+        // not only search_path, as VACUUM and REINDEX do: table code run
+        // as its owner could otherwise `set_config('search_path', ...)` and
+        // have it apply to what pg_kms runs next with more privileges.
         unsafe {
-            pg_sys::AtEOXact_GUC(true, self.nest_level);
+            pg_sys::AtEOXact_GUC(false, self.nest_level);
             pg_sys::SetUserIdAndSecContext(self.saved_user, self.saved_sec);
         }
     }

@@ -22,8 +22,10 @@ use pgrx::prelude::*;
 use pgrx::IntoDatum;
 use std::collections::BTreeMap;
 
+/// Runs a statement on `kms.*` as the catalog owner (search_path pinned),
+/// whoever calls: the worker, or `kms_reencrypt_now`'s caller.
 fn spi_exec(q: &str, args: &[DatumWithOid<'_>]) -> KmsResult<()> {
-    Spi::connect_mut(|c| c.update(q, None, args).map(|_| ())).map_err(KmsError::spi)
+    keyring::as_catalog_owner(|_| Spi::connect_mut(|c| c.update(q, None, args).map(|_| ())).map_err(KmsError::spi))
 }
 
 #[derive(Clone, Debug)]
@@ -51,49 +53,135 @@ pub enum Runner {
     Caller,
 }
 
-fn on_table<R>(col: &Column, who: Runner, f: impl FnOnce() -> KmsResult<R>) -> KmsResult<R> {
+fn on_table<R>(col: &Column, who: Runner, lockmode: u32, f: impl FnOnce(&Column) -> KmsResult<R>) -> KmsResult<Option<R>> {
+    // Lock the table by oid first, then read its owner and name again in
+    // this transaction: the statement below names the table, and a rename
+    // (or a new owner) since the column list was read must not make it run
+    // someone else's table code as this owner. Lock waits are bounded by
+    // lock_timeout (the worker sets it).
+    // SAFETY: a relation lock held until the end of the transaction.
+    unsafe { pg_sys::LockRelationOid(col.relid, lockmode as pg_sys::LOCKMODE) };
+    let Some(fresh) = refresh(col)? else { return Ok(None) };
     match who {
-        Runner::Owner => keyring::as_table_owner(col.owner, f),
-        Runner::Caller => f(),
+        Runner::Owner => keyring::as_table_owner(fresh.owner, || f(&fresh)).map(Some),
+        Runner::Caller => f(&fresh).map(Some),
     }
 }
 
-/// Every `encrypted_text` column of an ordinary table (partitions included:
-/// rows live in the leaf tables) in this database. Reads pg_catalog only.
-pub fn encrypted_columns() -> KmsResult<Vec<Column>> {
-    let et = keyring::encrypted_text_oid()?;
-    Spi::connect(|c| -> Result<Vec<Column>, pgrx::spi::Error> {
+/// The column as the catalog has it now (None: dropped, or no longer an
+/// ordinary table).
+fn refresh(col: &Column) -> KmsResult<Option<Column>> {
+    Spi::connect(|c| -> Result<Option<Column>, pgrx::spi::Error> {
         let t = c.select(
-            "SELECT c.oid, c.relowner, pg_catalog.quote_ident(n.nspname) OPERATOR(pg_catalog.||) '.'
-                    OPERATOR(pg_catalog.||) pg_catalog.quote_ident(c.relname),
-                    pg_catalog.quote_ident(a.attname), a.attname::pg_catalog.text,
-                    n.nspname OPERATOR(pg_catalog.=) 'kms'
-               FROM pg_catalog.pg_attribute a
-               JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid
+            "SELECT c.relowner, pg_catalog.quote_ident(n.nspname) OPERATOR(pg_catalog.||) '.'
+                    OPERATOR(pg_catalog.||) pg_catalog.quote_ident(c.relname), pg_catalog.quote_ident(a.attname)
+               FROM pg_catalog.pg_class c
                JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
-              WHERE a.atttypid OPERATOR(pg_catalog.=) $1
-                AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
-                AND c.relkind OPERATOR(pg_catalog.=) 'r' AND c.relpersistence OPERATOR(pg_catalog.<>) 't'
-                AND n.nspname OPERATOR(pg_catalog.<>) ALL ('{pg_catalog,information_schema}'::pg_catalog.name[])
-                AND (n.nspname OPERATOR(pg_catalog.<>) 'kms' OR c.relname OPERATOR(pg_catalog.=) 'secrets')
-              ORDER BY c.oid, a.attnum",
-            None,
-            &[et.into()],
+               JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) c.oid
+              WHERE c.oid OPERATOR(pg_catalog.=) $1 AND a.attname OPERATOR(pg_catalog.=) $2::pg_catalog.name
+                AND NOT a.attisdropped AND c.relkind OPERATOR(pg_catalog.=) 'r'",
+            Some(1),
+            &[col.relid.into(), col.attname.as_str().into()],
         )?;
-        let mut out = Vec::new();
-        for r in t {
-            out.push(Column {
+        if t.is_empty() {
+            return Ok(None);
+        }
+        let r = t.first();
+        Ok(Some(Column {
+            owner: r.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
+            table: r.get::<String>(2)?.unwrap_or_default(),
+            column: r.get::<String>(3)?.unwrap_or_default(),
+            ..col.clone()
+        }))
+    })
+    .map_err(KmsError::spi)
+}
+
+/// Types that are `encrypted_text` or a domain over it (`$1`: its oid).
+const DIRECT_TYPES: &str = "WITH RECURSIVE direct(oid) AS (
+        SELECT $1::pg_catalog.oid
+        UNION SELECT t.oid FROM pg_catalog.pg_type t JOIN direct d ON t.typbasetype OPERATOR(pg_catalog.=) d.oid),
+    holds(oid) AS (
+        SELECT oid FROM direct
+        UNION SELECT t.oid FROM pg_catalog.pg_type t JOIN holds h
+           ON t.typbasetype OPERATOR(pg_catalog.=) h.oid OR t.typelem OPERATOR(pg_catalog.=) h.oid
+           OR (t.typtype OPERATOR(pg_catalog.=) 'c' AND EXISTS (
+                 SELECT 1 FROM pg_catalog.pg_attribute x
+                  WHERE x.attrelid OPERATOR(pg_catalog.=) t.typrelid AND x.atttypid OPERATOR(pg_catalog.=) h.oid
+                    AND NOT x.attisdropped)))";
+
+/// Every column that holds `encrypted_text` values in this database:
+/// (columns the worker rewraps and the usage counts scan: of type
+/// `encrypted_text` or a domain over it, in an ordinary table, partitions
+/// included since rows live in the leaf tables; other columns that hold
+/// such values inside an array, a composite or a domain over those, or in
+/// a materialized view or foreign table, as `table.column`: those cannot be
+/// counted, so a destroy guard cannot prove a version unused while they
+/// exist). Reads pg_catalog only; every operator is qualified.
+pub fn all_columns() -> KmsResult<(Vec<Column>, Vec<String>)> {
+    let et = keyring::encrypted_text_oid()?;
+    let q = format!(
+        "{DIRECT_TYPES}
+         SELECT c.oid, c.relowner, pg_catalog.quote_ident(n.nspname) OPERATOR(pg_catalog.||) '.'
+                    OPERATOR(pg_catalog.||) pg_catalog.quote_ident(c.relname),
+                pg_catalog.quote_ident(a.attname), a.attname::pg_catalog.text,
+                n.nspname OPERATOR(pg_catalog.=) 'kms',
+                a.atttypid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT oid FROM direct))
+                    AND c.relkind OPERATOR(pg_catalog.=) 'r'
+           FROM pg_catalog.pg_attribute a
+           JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid
+           JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+          WHERE a.atttypid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT oid FROM holds))
+            AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
+            AND c.relkind OPERATOR(pg_catalog.=) ANY ('{{r,m,f}}'::pg_catalog.\"char\"[])
+            AND c.relpersistence OPERATOR(pg_catalog.<>) 't'
+            AND n.nspname OPERATOR(pg_catalog.<>) ALL ('{{pg_catalog,information_schema}}'::pg_catalog.name[])
+            AND (n.nspname OPERATOR(pg_catalog.<>) 'kms' OR c.relname OPERATOR(pg_catalog.=) 'secrets')
+          ORDER BY c.oid, a.attnum"
+    );
+    Spi::connect(|c| -> Result<(Vec<Column>, Vec<String>), pgrx::spi::Error> {
+        let (mut direct, mut opaque) = (Vec::new(), Vec::new());
+        for r in c.select(&q, None, &[et.into()])? {
+            let col = Column {
                 relid: r.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
                 owner: r.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
                 table: r.get::<String>(3)?.unwrap_or_default(),
                 column: r.get::<String>(4)?.unwrap_or_default(),
                 attname: r.get::<String>(5)?.unwrap_or_default(),
                 internal: r.get::<bool>(6)?.unwrap_or(false),
-            });
+            };
+            if r.get::<bool>(7)?.unwrap_or(false) {
+                direct.push(col);
+            } else {
+                opaque.push(format!("{}.{}", col.table, col.column));
+            }
         }
-        Ok(out)
+        Ok((direct, opaque))
     })
     .map_err(KmsError::spi)
+}
+
+/// The columns the worker rewraps (see [`all_columns`]).
+pub fn encrypted_columns() -> KmsResult<Vec<Column>> {
+    all_columns().map(|(direct, _)| direct)
+}
+
+/// Whether `caller` may read every row of `col` that its owner's scan
+/// counts: SELECT on the column, USAGE on the schema, and no row-level
+/// security that applies to the caller (the owner's scan would count rows
+/// the caller's policies hide).
+fn caller_sees_all(caller: pg_sys::Oid, col: &Column) -> KmsResult<bool> {
+    keyring::spi_first::<bool>(
+        "SELECT pg_catalog.has_column_privilege($1, c.oid, $3::pg_catalog.text, 'SELECT')
+            AND pg_catalog.has_schema_privilege($1, c.relnamespace, 'USAGE')
+            AND (NOT c.relrowsecurity OR r.rolsuper OR r.rolbypassrls
+                 OR (c.relowner OPERATOR(pg_catalog.=) r.oid AND NOT c.relforcerowsecurity))
+           FROM pg_catalog.pg_class c, pg_catalog.pg_roles r
+          WHERE c.oid OPERATOR(pg_catalog.=) $2 AND r.oid OPERATOR(pg_catalog.=) $1",
+        &[caller.into(), col.relid.into(), col.attname.as_str().into()],
+        false,
+    )
+    .map(|b| b == Some(true))
 }
 
 /// The envelope headers (first 10 bytes) that the worker may rewrap, and
@@ -158,15 +246,15 @@ pub fn pending_counts(col: &Column, who: Runner, targets: &Targets) -> KmsResult
     if targets.is_empty() {
         return Ok((0, 0));
     }
-    let q = format!(
-        "SELECT pg_catalog.count(*) FILTER (WHERE h OPERATOR(pg_catalog.=) ANY ($1)),
-                pg_catalog.count(*) FILTER (WHERE h OPERATOR(pg_catalog.=) ANY ($2))
-           FROM (SELECT {h} AS h FROM ONLY {t} kms_t WHERE kms_t.{c} IS NOT NULL) x",
-        h = header_expr("kms_t", col),
-        c = col.column,
-        t = col.table
-    );
-    on_table(col, who, || {
+    let counts = on_table(col, who, pg_sys::AccessShareLock, |col| {
+        let q = format!(
+            "SELECT pg_catalog.count(*) FILTER (WHERE h OPERATOR(pg_catalog.=) ANY ($1)),
+                    pg_catalog.count(*) FILTER (WHERE h OPERATOR(pg_catalog.=) ANY ($2))
+               FROM (SELECT {h} AS h FROM ONLY {t} kms_t WHERE kms_t.{c} IS NOT NULL) x",
+            h = header_expr("kms_t", col),
+            c = col.column,
+            t = col.table
+        );
         Spi::connect(|c| {
             c.select(&q, Some(1), &[targets.rewrap.clone().into(), targets.context.clone().into()])?
                 .first()
@@ -174,7 +262,9 @@ pub fn pending_counts(col: &Column, who: Runner, targets: &Targets) -> KmsResult
         })
         .map(|(a, b)| (a.unwrap_or(0), b.unwrap_or(0)))
         .map_err(KmsError::spi)
-    })
+    })?;
+    // A table dropped meanwhile has nothing pending.
+    Ok(counts.unwrap_or((0, 0)))
 }
 
 /// A position in a table: (block, line pointer), as in `ctid`.
@@ -235,17 +325,17 @@ pub fn rewrap_batch(col: &Column, who: Runner, targets: &Targets, from: Tid, lim
     if targets.rewrap.is_empty() {
         return Ok(none);
     }
-    let pick = format!(
-        "SELECT kms_t.ctid::pg_catalog.text, kms_t.{c}::pg_catalog.bytea FROM ONLY {t} kms_t
-          WHERE kms_t.ctid OPERATOR(pg_catalog.>=) $1::pg_catalog.tid
-            AND {h} OPERATOR(pg_catalog.=) ANY ($2)
-          LIMIT $3 FOR UPDATE OF kms_t SKIP LOCKED",
-        h = header_expr("kms_t", col),
-        c = col.column,
-        t = col.table
-    );
     let start = tid_text(from);
-    let rows = on_table(col, who, || {
+    let rows = on_table(col, who, pg_sys::RowExclusiveLock, |col| {
+        let pick = format!(
+            "SELECT kms_t.ctid::pg_catalog.text, kms_t.{c}::pg_catalog.bytea FROM ONLY {t} kms_t
+              WHERE kms_t.ctid OPERATOR(pg_catalog.>=) $1::pg_catalog.tid
+                AND {h} OPERATOR(pg_catalog.=) ANY ($2)
+              LIMIT $3 FOR UPDATE OF kms_t SKIP LOCKED",
+            h = header_expr("kms_t", col),
+            c = col.column,
+            t = col.table
+        );
         Spi::connect_mut(|c| -> Result<Vec<(String, Vec<u8>)>, pgrx::spi::Error> {
             let t = c.update(&pick, None, &[start.as_str().into(), targets.rewrap.clone().into(), limit.into()])?;
             let mut out = Vec::new();
@@ -255,7 +345,8 @@ pub fn rewrap_batch(col: &Column, who: Runner, targets: &Targets, from: Tid, lim
             Ok(out)
         })
         .map_err(KmsError::spi)
-    })?;
+    })?
+    .unwrap_or_default();
     let mut batch = Batch { picked: rows.len() as i64, last: rows.iter().filter_map(|(t, _)| parse_tid(t)).max(), ..none };
     let (mut tids, mut values) = (Vec::new(), Vec::new());
     for (tid, bytes) in rows {
@@ -274,18 +365,19 @@ pub fn rewrap_batch(col: &Column, who: Runner, targets: &Targets, from: Tid, lim
     if tids.is_empty() {
         return Ok(batch);
     }
-    let update = format!(
-        "UPDATE ONLY {t} kms_t SET {c} = kms_u.n
-           FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.tid[]), pg_catalog.unnest($2)) AS kms_u(tid, n)
-          WHERE kms_t.ctid OPERATOR(pg_catalog.=) kms_u.tid
-            AND kms_t.ctid OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.tid[])",
-        c = col.column,
-        t = col.table
-    );
     let arr = encrypted_text_array(values)?;
-    batch.updated = on_table(col, who, || {
+    batch.updated = on_table(col, who, pg_sys::RowExclusiveLock, |col| {
+        let update = format!(
+            "UPDATE ONLY {t} kms_t SET {c} = kms_u.n
+               FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.tid[]), pg_catalog.unnest($2)) AS kms_u(tid, n)
+              WHERE kms_t.ctid OPERATOR(pg_catalog.=) kms_u.tid
+                AND kms_t.ctid OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.tid[])",
+            c = col.column,
+            t = col.table
+        );
         Spi::connect_mut(|c| c.update(&update, None, &[tids.into(), arr]).map(|t| t.len() as i64)).map_err(KmsError::spi)
-    })?;
+    })?
+    .unwrap_or(0);
     Ok(batch)
 }
 
@@ -296,15 +388,15 @@ pub fn next_candidate(col: &Column, who: Runner, targets: &Targets, from: Tid) -
     if targets.rewrap.is_empty() {
         return Ok(None);
     }
-    let q = format!(
-        "SELECT kms_t.ctid::pg_catalog.text FROM ONLY {t} kms_t
-          WHERE kms_t.ctid OPERATOR(pg_catalog.>=) $1::pg_catalog.tid AND {h} OPERATOR(pg_catalog.=) ANY ($2)
-          LIMIT 1",
-        h = header_expr("kms_t", col),
-        t = col.table
-    );
     let start = tid_text(from);
-    on_table(col, who, || {
+    on_table(col, who, pg_sys::AccessShareLock, |col| {
+        let q = format!(
+            "SELECT kms_t.ctid::pg_catalog.text FROM ONLY {t} kms_t
+              WHERE kms_t.ctid OPERATOR(pg_catalog.>=) $1::pg_catalog.tid AND {h} OPERATOR(pg_catalog.=) ANY ($2)
+              LIMIT 1",
+            h = header_expr("kms_t", col),
+            t = col.table
+        );
         Spi::connect(|c| {
             let t = c.select(&q, Some(1), &[start.as_str().into(), targets.rewrap.clone().into()])?;
             if t.is_empty() {
@@ -315,6 +407,7 @@ pub fn next_candidate(col: &Column, who: Runner, targets: &Targets, from: Tid) -
         .map(|s| s.as_deref().and_then(parse_tid))
         .map_err(KmsError::spi)
     })
+    .map(Option::flatten)
 }
 
 pub fn progress_start(col: &Column, pending: i64, with_context: i64) -> KmsResult<()> {
@@ -378,26 +471,22 @@ pub fn progress_gc() -> KmsResult<()> {
 /// `caller` may not read them (`table.column`).
 pub fn usage_by_version(key_id: i32, caller: pg_sys::Oid) -> KmsResult<(BTreeMap<i32, i64>, Vec<String>)> {
     let mut counts = BTreeMap::new();
-    let mut skipped = Vec::new();
     let id = (key_id as u32).to_be_bytes().to_vec();
-    for col in encrypted_columns()? {
-        let readable = col.internal
-            || keyring::spi_first::<bool>(
-            "SELECT pg_catalog.has_column_privilege($1, $2, $3, 'SELECT')",
-            &[caller.into(), col.relid.into(), col.attname.as_str().into()],
-            false,
-        )? == Some(true);
-        if !readable {
+    // Values inside arrays, composites, materialized views or foreign
+    // tables cannot be counted: they are reported as skipped.
+    let (columns, mut skipped) = all_columns()?;
+    for col in columns {
+        if !col.internal && !caller_sees_all(caller, &col)? {
             skipped.push(format!("{}.{}", col.table, col.column));
             continue;
         }
-        let q = format!(
-            "SELECT pg_catalog.substring(kms_t.{c}::pg_catalog.bytea, 7, 4), pg_catalog.count(*) FROM ONLY {t} kms_t
-              WHERE pg_catalog.substring(kms_t.{c}::pg_catalog.bytea, 3, 4) OPERATOR(pg_catalog.=) $1 GROUP BY 1",
-            c = col.column,
-            t = col.table
-        );
-        on_table(&col, Runner::Owner, || {
+        on_table(&col, Runner::Owner, pg_sys::AccessShareLock, |col| {
+            let q = format!(
+                "SELECT pg_catalog.substring(kms_t.{c}::pg_catalog.bytea, 7, 4), pg_catalog.count(*) FROM ONLY {t} kms_t
+                  WHERE pg_catalog.substring(kms_t.{c}::pg_catalog.bytea, 3, 4) OPERATOR(pg_catalog.=) $1 GROUP BY 1",
+                c = col.column,
+                t = col.table
+            );
             Spi::connect(|c| -> Result<(), pgrx::spi::Error> {
                 for r in c.select(&q, None, &[id.clone().into()])? {
                     let v = r.get::<Vec<u8>>(1)?.unwrap_or_default();
@@ -492,17 +581,21 @@ fn kms_reencrypt_now(tbl: RegClass, col: SqlName, max_rows: default!(Option<i32>
         })?;
         let targets = targets()?;
         // The user table is read and written as the caller; only the
-        // progress row is written as the catalog owner.
+        // progress row is written as the catalog owner, and only when the
+        // caller sees every row (no row-level security applies to it):
+        // otherwise its partial view must not mark the column clean.
+        let shared = caller_sees_all(keyring::current_user(), &column)?;
         let (pending, ctx) = pending_counts(&column, Runner::Caller, &targets)?;
-        keyring::as_catalog_owner(|_| progress_start(&column, pending, ctx))?;
+        if shared {
+            progress_start(&column, pending, ctx)?;
+        }
         let b = rewrap_batch(&column, Runner::Caller, &targets, (0, 0), max_rows.map(i64::from))?;
-        keyring::as_catalog_owner(|_| {
+        if shared {
             progress_batch(&column, b.updated)?;
-            match &b.failed {
-                Some((tid, why)) => progress_error(&column, &row_error(*tid, why)),
-                None => Ok(()),
+            if let Some((tid, why)) = &b.failed {
+                progress_error(&column, &row_error(*tid, why))?;
             }
-        })?;
+        }
         if let Some((tid, why)) = &b.failed {
             warning!("{}", row_error(*tid, why));
         }

@@ -191,15 +191,18 @@ impl Throttle {
 }
 
 fn keyring_signature() -> Result<String, String> {
-    xact(|| {
-        Spi::get_one::<String>(
-            "SELECT coalesce(string_agg(key_id || ':' || primary_version || ':' || v.states, ',' ORDER BY key_id), '')
-               FROM kms.keys k,
-                    LATERAL (SELECT string_agg(version || state, '' ORDER BY version) AS states
-                               FROM kms.key_versions WHERE key_id = k.key_id) v",
-        )
+    xact_kms(|| {
+        crate::keyring::as_catalog_owner(|_| {
+            crate::keyring::spi_first::<String>(
+                "SELECT coalesce(string_agg(key_id || ':' || primary_version || ':' || v.states, ',' ORDER BY key_id), '')
+                   FROM kms.keys k,
+                        LATERAL (SELECT string_agg(version || state, '' ORDER BY version) AS states
+                                   FROM kms.key_versions WHERE key_id = k.key_id) v",
+                &[],
+                false,
+            )
+        })
     })
-    .and_then(|r| r.map_err(|e| e.to_string()))
     .map(|s| s.unwrap_or_default())
 }
 
@@ -228,6 +231,11 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
     // means they are done again. Do not make the application wait on our
     // WAL flushes.
     set(c"synchronous_commit", c"off");
+    // A table owner holding a lock on their table must not stall the
+    // worker (and with it every other table and scheduled rotation): a
+    // wait longer than this fails that batch, named in last_error, and the
+    // worker moves on.
+    set(c"lock_timeout", c"5s");
     set(c"application_name", c"pg_kms worker");
     let slot = match shmem::register_worker(db) {
         Ok(slot) => slot,

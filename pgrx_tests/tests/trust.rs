@@ -30,6 +30,19 @@ fn probes(schema: &str, role: &str, key_file: &str) -> String {
                 (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user), esc, rk);
             RETURN true;
         END $f$;
+        -- Table code that changes a setting: a search_path that would make
+        -- what runs next use these operators (they try the same things).
+        CREATE FUNCTION {schema}.sp() RETURNS boolean LANGUAGE plpgsql VOLATILE AS $f$
+        BEGIN PERFORM pg_catalog.set_config('search_path', '{schema}, pg_catalog, public', false); RETURN true; END $f$;
+        CREATE FUNCTION {schema}.eq_oid(a oid, b oid) RETURNS boolean LANGUAGE plpgsql AS $f$
+        BEGIN PERFORM {schema}.probe('operator'); RETURN a OPERATOR(pg_catalog.=) b; END $f$;
+        CREATE OPERATOR {schema}.= (LEFTARG = oid, RIGHTARG = oid, FUNCTION = {schema}.eq_oid);
+        CREATE FUNCTION {schema}.eq_int(a int, b int) RETURNS boolean LANGUAGE plpgsql AS $f$
+        BEGIN PERFORM {schema}.probe('operator'); RETURN a OPERATOR(pg_catalog.=) b; END $f$;
+        CREATE OPERATOR {schema}.= (LEFTARG = int, RIGHTARG = int, FUNCTION = {schema}.eq_int);
+        CREATE FUNCTION {schema}.eq_text(a text, b text) RETURNS boolean LANGUAGE plpgsql AS $f$
+        BEGIN PERFORM {schema}.probe('operator'); RETURN a OPERATOR(pg_catalog.=) b; END $f$;
+        CREATE OPERATOR {schema}.= (LEFTARG = text, RIGHTARG = text, FUNCTION = {schema}.eq_text);
         CREATE FUNCTION {schema}.probe_i(v encrypted_text) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $f$
         BEGIN PERFORM {schema}.probe('index'); RETURN 1; END $f$;
         CREATE FUNCTION {schema}.probe_g(v encrypted_text) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $f$
@@ -55,7 +68,7 @@ fn hostile_table(schema: &str, tbl: &str) -> String {
         CREATE TRIGGER r BEFORE UPDATE ON {schema}.{tbl} FOR EACH ROW EXECUTE FUNCTION {schema}.trig('trigger_row');
         ALTER TABLE {schema}.{tbl} ENABLE ALWAYS TRIGGER s, ENABLE ALWAYS TRIGGER r;
         ALTER TABLE {schema}.{tbl} ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
-        CREATE POLICY p ON {schema}.{tbl} USING ({schema}.probe('rls')) WITH CHECK ({schema}.probe('rls_check'));
+        CREATE POLICY p ON {schema}.{tbl} USING ({schema}.probe('rls') AND {schema}.sp()) WITH CHECK ({schema}.probe('rls_check'));
         "#
     )
 }
@@ -203,6 +216,7 @@ fn key_usage_and_destroy_guard_count_only_what_the_caller_may_read() {
          {SEEN}
          CREATE ROLE adm LOGIN IN ROLE kms_admin;
          CREATE ROLE owner LOGIN IN ROLE kms_user; CREATE SCHEMA o AUTHORIZATION owner;
+         CREATE SCHEMA o2 AUTHORIZATION owner;
          GRANT USAGE ON SCHEMA o TO adm;"
     ))
     .unwrap();
@@ -210,32 +224,52 @@ fn key_usage_and_destroy_guard_count_only_what_the_caller_may_read() {
     own.batch_execute(&probes("o", "owner", &key_file)).unwrap();
     own.batch_execute(&hostile_table("o", "shared")).unwrap();
     own.batch_execute(
-        "CREATE TABLE o.private (id int, v encrypted_text);
+        "CREATE DOMAIN o.email AS encrypted_text;
+         CREATE TABLE o.plain (id int, v encrypted_text);
+         CREATE TABLE o.dom (id int, v o.email);
+         CREATE TABLE o.private (id int, v encrypted_text);
+         CREATE TABLE o2.t (id int, v encrypted_text);
          INSERT INTO o.shared (id, v) SELECT g, kms_encrypt('s' || g, 'pii') FROM generate_series(1, 7) g;
-         INSERT INTO o.private SELECT g, kms_encrypt('p' || g, 'pii') FROM generate_series(1, 3) g;
-         GRANT SELECT ON o.shared TO adm;",
+         INSERT INTO o.plain SELECT g, kms_encrypt('p' || g, 'pii') FROM generate_series(1, 5) g;
+         INSERT INTO o.dom SELECT g, kms_encrypt('d' || g, 'pii') FROM generate_series(1, 4) g;
+         INSERT INTO o.private SELECT g, kms_encrypt('x' || g, 'pii') FROM generate_series(1, 3) g;
+         INSERT INTO o2.t SELECT g, kms_encrypt('y' || g, 'pii') FROM generate_series(1, 2) g;
+         -- adm may SELECT these, but row-level security (forced) applies to
+         -- adm on o.shared, and adm has no USAGE on schema o2.
+         GRANT SELECT ON o.shared, o.plain, o.dom, o2.t TO adm;",
     )
     .unwrap();
     db.batch_execute("TRUNCATE public.seen; SELECT kms_rotate_key('pii');").unwrap();
     let mut adm = c.connect_as("adm", "postgres");
-    // adm counts only the table it may read, scanned as its owner.
+    // adm counts only what it may read in full (o.plain, o.dom: a domain
+    // over encrypted_text), each scanned as its owner.
     let usage: Vec<(i32, i64)> = pairs(&mut adm, "SELECT version, rows FROM kms_key_usage('pii')");
-    assert_eq!(usage, vec![(1, 7), (2, 0)]);
+    assert_eq!(usage, vec![(1, 9), (2, 0)]);
+    assert_eq!(seen(&mut db), vec![], "adm's count ran table code");
+    // The table code's set_config() did not stay in adm's session.
+    let sp: String = adm.query_one("SELECT current_setting('search_path')", &[]).unwrap().get(0);
+    assert_eq!(sp, "\"$user\", public");
     let all: Vec<(i32, i64)> = pairs(&mut db, "SELECT version, rows FROM kms_key_usage('pii')");
-    assert_eq!(all, vec![(1, 10), (2, 0)]);
+    assert_eq!(all, vec![(1, 21), (2, 0)]);
     let got = seen(&mut db);
     println!("kms_key_usage: table code ran as {:?}", got);
     assert_eq!(got, vec![("rls".to_string(), "owner".to_string())]);
     assert_nothing_gained(&mut db, "kms_key_usage");
     // The destroy guard: rows adm can see block it (55000); once they are
-    // rewrapped, a column adm cannot read makes the check impossible (42501).
+    // rewrapped, columns adm cannot read in full make the check impossible
+    // (42501, naming them), and so does an array of encrypted_text.
     let r = adm.batch_execute("SELECT kms_destroy_key_version('pii', 1)");
     assert_eq!(sqlstate(r), "55000");
-    own.batch_execute("UPDATE o.shared SET v = kms_rewrap(v)").unwrap();
-    let r = adm.batch_execute("SELECT kms_destroy_key_version('pii', 1)");
+    own.batch_execute("UPDATE o.plain SET v = kms_rewrap(v)").unwrap();
+    let n: i64 = db.query_one("SELECT kms_reencrypt_now('o.dom', 'v')", &[]).unwrap().get(0);
+    assert_eq!(n, 4, "the domain column is rewrapped");
+    own.batch_execute("CREATE TABLE o.arr (v encrypted_text[]); INSERT INTO o.arr VALUES (ARRAY[kms_encrypt('a', 'pii')]);")
+        .unwrap();
     let msg = message(adm.batch_execute("SELECT kms_destroy_key_version('pii', 1)"));
-    assert_eq!(sqlstate(r), "42501");
-    assert!(msg.contains("o.private.v") && msg.contains("force => true"), "{msg}");
+    assert_eq!(sqlstate(adm.batch_execute("SELECT kms_destroy_key_version('pii', 1)")), "42501");
+    for name in ["o.shared.v", "o.private.v", "o2.t.v", "o.arr.v"] {
+        assert!(msg.contains(name) && msg.contains("force => true"), "{name}: {msg}");
+    }
     // A superuser's guard sees the private rows (55000); force shreds.
     assert_eq!(sqlstate(db.batch_execute("SELECT kms_destroy_key_version('pii', 1)")), "55000");
     adm.batch_execute("SELECT kms_destroy_key_version('pii', 1, 'tenant erased', force => true)").unwrap();
