@@ -164,6 +164,41 @@ mod tests {
         }
     }
 
+    /// Wycheproof's AES-SIV vectors for 512-bit keys (AES-256-SIV), as
+    /// shipped in the `aes-siv` crate's tests (tests/data/wycheproof-512.blb,
+    /// copied to testdata/): valid ones must give exactly the expected
+    /// output and open, invalid ones must not open.
+    #[test]
+    fn wycheproof_aes256_siv() {
+        use blobby::Blob5Iterator;
+        let data = include_bytes!("testdata/wycheproof-aes256-siv.blb");
+        let (mut valid, mut invalid) = (0, 0);
+        for row in Blob5Iterator::new(data).unwrap() {
+            let [key, aad, pt, ct, status] = row.unwrap();
+            let pass = status[0] == 1;
+            let mut k = Zeroizing::new([0u8; 64]);
+            k.copy_from_slice(key);
+            let sk = SivKey::from_bytes(&k);
+            let mut buf = pt.to_vec();
+            let tag = sk.cipher().encrypt_in_place_detached([aad], &mut buf).unwrap();
+            let sealed = [tag.as_slice(), &buf].concat();
+            assert_eq!(sealed == ct, pass);
+            let opened = ct.len() >= SIV_LEN && {
+                let mut b = ct[SIV_LEN..].to_vec();
+                let ok = sk.cipher().decrypt_in_place_detached([aad], &mut b, Tag::from_slice(&ct[..SIV_LEN])).is_ok();
+                assert!(!ok || b == pt);
+                ok
+            };
+            assert_eq!(opened, pass);
+            if pass {
+                valid += 1;
+            } else {
+                invalid += 1;
+            }
+        }
+        assert_eq!((valid, invalid), (39, 108), "every vector of the file was run");
+    }
+
     /// Known answers pinning the whole envelope. Computed independently
     /// with Python's `cryptography` (48.0):
     /// ```text
