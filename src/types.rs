@@ -281,7 +281,7 @@ CREATE TYPE encrypted_text (
     STORAGE = external,
     CATEGORY = 'U'
 );
-COMMENT ON TYPE encrypted_text IS 'AES-256-GCM envelope (format, key id, key version, nonce, ciphertext, tag) produced by kms_encrypt(); text form kms:<base64>';
+COMMENT ON TYPE encrypted_text IS 'AES-256-GCM envelope (format, key id, key version, nonce, ciphertext, tag) produced by kms_encrypt(), or AES-256-SIV (header, synthetic IV, ciphertext) from kms_encrypt_deterministic(); text form kms:<base64>';
 CREATE CAST (encrypted_text AS bytea) WITHOUT FUNCTION;
 "#,
     name = "encrypted_text_type",
