@@ -100,34 +100,67 @@ fn refresh(col: &Column) -> KmsResult<Option<Column>> {
 /// Types that are `encrypted_text` or a domain over it (`$1`: its oid).
 const DIRECT_TYPES: &str = "WITH RECURSIVE direct(oid) AS (
         SELECT $1::pg_catalog.oid
-        UNION SELECT t.oid FROM pg_catalog.pg_type t JOIN direct d ON t.typbasetype OPERATOR(pg_catalog.=) d.oid),
-    holds(oid) AS (
-        SELECT oid FROM direct
-        UNION SELECT t.oid FROM pg_catalog.pg_type t JOIN holds h
-           ON t.typbasetype OPERATOR(pg_catalog.=) h.oid OR t.typelem OPERATOR(pg_catalog.=) h.oid
-           OR (t.typtype OPERATOR(pg_catalog.=) 'c' AND EXISTS (
-                 SELECT 1 FROM pg_catalog.pg_attribute x
-                  WHERE x.attrelid OPERATOR(pg_catalog.=) t.typrelid AND x.atttypid OPERATOR(pg_catalog.=) h.oid
-                    AND NOT x.attisdropped)))";
+        UNION SELECT t.oid FROM pg_catalog.pg_type t JOIN direct d ON t.typbasetype OPERATOR(pg_catalog.=) d.oid)";
 
-/// Every column that holds `encrypted_text` values in this database:
-/// (columns the worker rewraps and the usage counts scan: of type
-/// `encrypted_text` or a domain over it, in an ordinary table, partitions
-/// included since rows live in the leaf tables; other columns that hold
-/// such values inside an array, a composite or a domain over those, or in
-/// a materialized view or foreign table, as `table.column`: those cannot be
-/// counted, so a destroy guard cannot prove a version unused while they
-/// exist). Reads pg_catalog only; every operator is qualified.
-pub fn all_columns() -> KmsResult<(Vec<Column>, Vec<String>)> {
+/// Every column of type `encrypted_text` or a domain over it in an
+/// ordinary table of this database (partitions included: rows live in the
+/// leaf tables): what the worker rewraps and the usage counts scan. Reads
+/// pg_catalog only; every operator is qualified.
+pub fn encrypted_columns() -> KmsResult<Vec<Column>> {
     let et = keyring::encrypted_text_oid()?;
     let q = format!(
         "{DIRECT_TYPES}
          SELECT c.oid, c.relowner, pg_catalog.quote_ident(n.nspname) OPERATOR(pg_catalog.||) '.'
                     OPERATOR(pg_catalog.||) pg_catalog.quote_ident(c.relname),
                 pg_catalog.quote_ident(a.attname), a.attname::pg_catalog.text,
-                n.nspname OPERATOR(pg_catalog.=) 'kms',
-                a.atttypid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT oid FROM direct))
-                    AND c.relkind OPERATOR(pg_catalog.=) 'r'
+                n.nspname OPERATOR(pg_catalog.=) 'kms'
+           FROM pg_catalog.pg_attribute a
+           JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid
+           JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+          WHERE a.atttypid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT oid FROM direct))
+            AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
+            AND c.relkind OPERATOR(pg_catalog.=) 'r' AND c.relpersistence OPERATOR(pg_catalog.<>) 't'
+            AND n.nspname OPERATOR(pg_catalog.<>) ALL ('{{pg_catalog,information_schema}}'::pg_catalog.name[])
+            AND (n.nspname OPERATOR(pg_catalog.<>) 'kms' OR c.relname OPERATOR(pg_catalog.=) 'secrets')
+          ORDER BY c.oid, a.attnum"
+    );
+    Spi::connect(|c| -> Result<Vec<Column>, pgrx::spi::Error> {
+        let mut out = Vec::new();
+        for r in c.select(&q, None, &[et.into()])? {
+            out.push(Column {
+                relid: r.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
+                owner: r.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
+                table: r.get::<String>(3)?.unwrap_or_default(),
+                column: r.get::<String>(4)?.unwrap_or_default(),
+                attname: r.get::<String>(5)?.unwrap_or_default(),
+                internal: r.get::<bool>(6)?.unwrap_or(false),
+            });
+        }
+        Ok(out)
+    })
+    .map_err(KmsError::spi)
+}
+
+/// Columns (as `table.column`) that hold `encrypted_text` values where no
+/// scan can count them: inside an array, a composite or a domain over
+/// those, or in a materialized view or foreign table. While any exists, a
+/// destroy guard cannot prove a version unused. (Slower than
+/// [`encrypted_columns`]: only usage counts call it.)
+pub fn opaque_columns() -> KmsResult<Vec<String>> {
+    let et = keyring::encrypted_text_oid()?;
+    let q = format!(
+        "{DIRECT_TYPES},
+         holds(oid) AS (
+            SELECT oid FROM direct
+            UNION SELECT t.oid FROM pg_catalog.pg_type t JOIN holds h
+               ON t.typbasetype OPERATOR(pg_catalog.=) h.oid OR t.typelem OPERATOR(pg_catalog.=) h.oid
+               OR (t.typtype OPERATOR(pg_catalog.=) 'c' AND EXISTS (
+                     SELECT 1 FROM pg_catalog.pg_attribute x
+                      WHERE x.attrelid OPERATOR(pg_catalog.=) t.typrelid AND x.atttypid OPERATOR(pg_catalog.=) h.oid
+                        AND NOT x.attisdropped)))
+         SELECT pg_catalog.quote_ident(n.nspname) OPERATOR(pg_catalog.||) '.'
+                    OPERATOR(pg_catalog.||) pg_catalog.quote_ident(c.relname)
+                    OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(a.attname)
            FROM pg_catalog.pg_attribute a
            JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid
            JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
@@ -135,35 +168,19 @@ pub fn all_columns() -> KmsResult<(Vec<Column>, Vec<String>)> {
             AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
             AND c.relkind OPERATOR(pg_catalog.=) ANY ('{{r,m,f}}'::pg_catalog.\"char\"[])
             AND c.relpersistence OPERATOR(pg_catalog.<>) 't'
+            AND NOT (c.relkind OPERATOR(pg_catalog.=) 'r'
+                     AND a.atttypid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT oid FROM direct)))
             AND n.nspname OPERATOR(pg_catalog.<>) ALL ('{{pg_catalog,information_schema}}'::pg_catalog.name[])
-            AND (n.nspname OPERATOR(pg_catalog.<>) 'kms' OR c.relname OPERATOR(pg_catalog.=) 'secrets')
           ORDER BY c.oid, a.attnum"
     );
-    Spi::connect(|c| -> Result<(Vec<Column>, Vec<String>), pgrx::spi::Error> {
-        let (mut direct, mut opaque) = (Vec::new(), Vec::new());
+    Spi::connect(|c| -> Result<Vec<String>, pgrx::spi::Error> {
+        let mut out = Vec::new();
         for r in c.select(&q, None, &[et.into()])? {
-            let col = Column {
-                relid: r.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
-                owner: r.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
-                table: r.get::<String>(3)?.unwrap_or_default(),
-                column: r.get::<String>(4)?.unwrap_or_default(),
-                attname: r.get::<String>(5)?.unwrap_or_default(),
-                internal: r.get::<bool>(6)?.unwrap_or(false),
-            };
-            if r.get::<bool>(7)?.unwrap_or(false) {
-                direct.push(col);
-            } else {
-                opaque.push(format!("{}.{}", col.table, col.column));
-            }
+            out.push(r.get::<String>(1)?.unwrap_or_default());
         }
-        Ok((direct, opaque))
+        Ok(out)
     })
     .map_err(KmsError::spi)
-}
-
-/// The columns the worker rewraps (see [`all_columns`]).
-pub fn encrypted_columns() -> KmsResult<Vec<Column>> {
-    all_columns().map(|(direct, _)| direct)
 }
 
 /// Whether `caller` may read every row of `col` that its owner's scan
@@ -474,8 +491,8 @@ pub fn usage_by_version(key_id: i32, caller: pg_sys::Oid) -> KmsResult<(BTreeMap
     let id = (key_id as u32).to_be_bytes().to_vec();
     // Values inside arrays, composites, materialized views or foreign
     // tables cannot be counted: they are reported as skipped.
-    let (columns, mut skipped) = all_columns()?;
-    for col in columns {
+    let mut skipped = opaque_columns()?;
+    for col in encrypted_columns()? {
         if !col.internal && !caller_sees_all(caller, &col)? {
             skipped.push(format!("{}.{}", col.table, col.column));
             continue;
