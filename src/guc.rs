@@ -16,6 +16,7 @@ pub static REENCRYPT_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static REENCRYPT_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static REENCRYPT_MAX_ROWS_PER_SECOND: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 pub static REENCRYPT_NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+pub static REENCRYPT_STATEMENT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(300_000);
 
 /// `pg_kms.redact_statement_logs`. The hidden spellings keep the boolean
 /// values of earlier versions working.
@@ -165,6 +166,16 @@ pub fn init() {
         &REENCRYPT_NAPTIME_MS,
         10,
         3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_kms.reencrypt_statement_timeout",
+        c"Longest time one transaction of the background worker may take (0: no limit).",
+        c"Table code (a trigger, policy or index expression) that sleeps cannot stall the worker: the transaction is cancelled, named in last_error, and the worker moves on.",
+        &REENCRYPT_STATEMENT_TIMEOUT_MS,
+        0,
+        i32::MAX,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );

@@ -47,13 +47,33 @@ fn reload_config_if_asked() -> bool {
     false
 }
 
-/// Runs `f` in its own transaction. An ERROR aborts that transaction and
-/// comes back as its message, so one bad table never stops the worker.
+// PostgreSQL's timeout API (utils/timeout.h), not in pgrx's bindings.
+// `STATEMENT_TIMEOUT` is the fourth `TimeoutId` in PostgreSQL 13 to 18; its
+// handler (registered by InitPostgres for every backend with a database,
+// background workers included) sends SIGINT, which a background worker with
+// a database connection handles as a query cancel, so the running statement
+// fails at its next CHECK_FOR_INTERRUPTS with "canceling statement due to
+// statement timeout".
+const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
+extern "C-unwind" {
+    fn enable_timeout_after(id: std::ffi::c_int, delay_ms: std::ffi::c_int);
+    fn disable_timeout(id: std::ffi::c_int, keep_indicator: bool);
+}
+
+/// Runs `f` in its own transaction, cancelled after
+/// `pg_kms.reencrypt_statement_timeout`. An ERROR aborts that transaction
+/// and comes back as its message, so one bad table never stops the worker.
 fn xact<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<R, String> {
+    let limit = guc::REENCRYPT_STATEMENT_TIMEOUT_MS.get();
+    // SAFETY: a transaction is started and ended below on every path; the
+    // timer is armed only inside it and disarmed on both exits.
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        if limit > 0 {
+            enable_timeout_after(STATEMENT_TIMEOUT, limit);
+        }
     }
     let r = PgTryBuilder::new(|| Ok(f()))
         .catch_others(|e| {
@@ -64,7 +84,13 @@ fn xact<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<R, String> 
             })
         })
         .execute();
+    // SAFETY: ends the transaction started above; a cancel that fired after
+    // `f` returned is cleared so it cannot hit the next transaction.
     unsafe {
+        if limit > 0 {
+            disable_timeout(STATEMENT_TIMEOUT, false);
+            pg_sys::QueryCancelPending = 0;
+        }
         match &r {
             Ok(_) => {
                 pg_sys::PopActiveSnapshot();

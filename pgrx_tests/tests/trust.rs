@@ -275,3 +275,56 @@ fn key_usage_and_destroy_guard_count_only_what_the_caller_may_read() {
     adm.batch_execute("SELECT kms_destroy_key_version('pii', 1, 'tenant erased', force => true)").unwrap();
     assert_nothing_gained(&mut db, "destroy guard");
 }
+
+#[test]
+fn table_code_that_sleeps_or_locks_does_not_stall_the_worker() {
+    let c = Cluster::start(
+        "t_stall",
+        &[
+            "shared_preload_libraries = 'pg_kms'",
+            "pg_kms.reencrypt_naptime = '200ms'",
+            "pg_kms.reencrypt_max_rows_per_second = 0",
+            "pg_kms.reencrypt_statement_timeout = '8s'",
+        ],
+    );
+    let mut db = c.connect();
+    db.batch_execute(
+        "CREATE EXTENSION pg_kms; SELECT kms_create_key('pii');
+         CREATE ROLE sloth LOGIN IN ROLE kms_user; CREATE SCHEMA s AUTHORIZATION sloth;",
+    )
+    .unwrap();
+    let mut sloth = c.connect_as("sloth", "postgres");
+    // Created first, so the worker meets them first in every pass.
+    sloth
+        .batch_execute(
+            "CREATE TABLE s.sleepy (id int, v encrypted_text);
+             CREATE TABLE s.locked (id int, v encrypted_text);
+             CREATE TABLE s.fine (id int, v encrypted_text);
+             INSERT INTO s.sleepy SELECT g, kms_encrypt('a' || g, 'pii') FROM generate_series(1, 3) g;
+             INSERT INTO s.locked SELECT g, kms_encrypt('b' || g, 'pii') FROM generate_series(1, 3) g;
+             INSERT INTO s.fine SELECT g, kms_encrypt('c' || g, 'pii') FROM generate_series(1, 100) g;
+             ALTER TABLE s.sleepy ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
+             CREATE POLICY p ON s.sleepy USING (pg_sleep(3600) IS NOT NULL);",
+        )
+        .unwrap();
+    // The owner holds an exclusive lock on s.locked for the whole test.
+    let mut holder = c.connect_as("sloth", "postgres");
+    holder.batch_execute("BEGIN; LOCK TABLE s.locked IN ACCESS EXCLUSIVE MODE;").unwrap();
+    db.batch_execute("SELECT kms_rotate_key('pii')").unwrap();
+    poll("s.fine to be rewrapped past the sleeping and the locked table", Duration::from_secs(90), || {
+        let left: i64 = db.query_one("SELECT count(*) FROM s.fine WHERE kms_key_version(v) <> 2", &[]).ok()?.get(0);
+        (left == 0).then_some(())
+    });
+    let errors: Vec<(String, String)> = poll("both stalls to be named", Duration::from_secs(60), || {
+        let e: Vec<(String, String)> = pairs(
+            &mut db,
+            "SELECT table_name::text, last_error FROM kms_reencryption_progress
+              WHERE last_error IS NOT NULL AND table_name::text IN ('s.sleepy', 's.locked') ORDER BY 1",
+        );
+        (e.len() == 2).then_some(e)
+    });
+    println!("stalls named: {errors:?}");
+    assert!(errors[0].1.contains("lock timeout"), "{errors:?}");
+    assert!(errors[1].1.contains("statement timeout"), "{errors:?}");
+    holder.batch_execute("ROLLBACK").unwrap();
+}
