@@ -40,6 +40,7 @@ pub(crate) fn lifecycle<R>(f: impl FnOnce() -> KmsResult<R>) -> R {
         KmsError::ReadOnly.raise();
     }
     keyring::as_catalog_owner(|cat| {
+        guard_catalog()?;
         let r = f()?;
         keyring::invalidate_all_backends(cat);
         // After commit, wake this database's re-encryption worker at once.
@@ -47,6 +48,37 @@ pub(crate) fn lifecycle<R>(f: impl FnOnce() -> KmsResult<R>) -> R {
         Ok(r)
     })
     .or_raise()
+}
+
+/// Before any check of an act: no other transaction may change the
+/// key-state rows until this one ends (a row inserted or edited by a
+/// concurrent, uncommitted transaction would otherwise be re-MAC'd by the
+/// act as genuine once it commits), and no trigger or rule on `kms.*` may
+/// run inside the act (it could change rows between the check and the
+/// re-MAC). Loads (AccessShare) are not blocked; acts run one at a time.
+fn guard_catalog() -> KmsResult<()> {
+    spi_exec("LOCK TABLE kms.keyring, kms.keys, kms.key_versions, kms.key_grants IN SHARE ROW EXCLUSIVE MODE", &[])?;
+    let foreign = spi_one::<String>(
+        "SELECT x FROM (
+             SELECT t.tgrelid::pg_catalog.regclass::pg_catalog.text || ' trigger ' || t.tgname AS x
+               FROM pg_catalog.pg_trigger t
+               JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = 'kms' AND NOT t.tgisinternal
+                AND NOT (c.relname = 'audit_log' AND t.tgname IN ('audit_log_no_update_delete', 'audit_log_no_truncate'))
+             UNION ALL
+             SELECT r.ev_class::pg_catalog.regclass::pg_catalog.text || ' rule ' || r.rulename
+               FROM pg_catalog.pg_rewrite r
+               JOIN pg_catalog.pg_class c ON c.oid = r.ev_class
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = 'kms' AND r.rulename <> '_RETURN') f
+          LIMIT 1",
+        &[],
+    )?;
+    match foreign {
+        Some(what) => Err(altered(what, "pg_kms did not create it; lifecycle acts refuse to run while kms.* has triggers or rules of others.")),
+        None => Ok(()),
+    }
 }
 
 /// Appends an audit row for an act that changes no key-state row (grants,

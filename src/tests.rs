@@ -1103,4 +1103,21 @@ mod tests {
         );
         assert_eq!(one::<bool>("SELECT kms_verify_audit_log()"), Some(false));
     }
+
+    /// Table code on kms.* (a trigger or rule of someone else's) could change
+    /// key rows between an act's check and its re-MAC: acts refuse to run.
+    #[pg_test]
+    fn acts_refuse_foreign_triggers_and_rules_on_the_catalog() {
+        setup_key("tg");
+        run("CREATE FUNCTION pg_temp.noop() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$");
+        run("CREATE TRIGGER sneaky BEFORE UPDATE ON kms.key_versions FOR EACH ROW EXECUTE FUNCTION pg_temp.noop()");
+        let e = error_of("SELECT kms_rotate_key('tg')").unwrap();
+        assert!(e.starts_with("XX001 catalog row altered: kms.key_versions trigger sneaky"), "{e}");
+        run("DROP TRIGGER sneaky ON kms.key_versions");
+        run("CREATE RULE sneaky AS ON INSERT TO kms.audit_head DO ALSO NOTIFY x");
+        let e = error_of("SELECT kms_rotate_key('tg')").unwrap();
+        assert!(e.starts_with("XX001 catalog row altered: kms.audit_head rule sneaky"), "{e}");
+        run("DROP RULE sneaky ON kms.audit_head");
+        assert_eq!(one::<i32>("SELECT kms_rotate_key('tg')"), Some(2));
+    }
 }
