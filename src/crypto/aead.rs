@@ -4,7 +4,7 @@
 //! The buffer is the final `encrypted_text` (or `text`) payload, so a value
 //! is copied exactly once and encrypted in place.
 
-use super::envelope::{Envelope, Header, FLAG_CONTEXT, HEADER_LEN, NONCE_LEN, OVERHEAD, TAG_LEN};
+use super::envelope::{Envelope, Header, HEADER_LEN, NONCE_LEN, OVERHEAD, TAG_LEN};
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::aead::consts::U12;
 use aes_gcm::{AesGcm, Nonce, Tag};
@@ -117,12 +117,7 @@ pub fn seal_into(
     out: &mut [u8],
 ) {
     assert_eq!(out.len(), plaintext.len() + OVERHEAD, "seal_into: output length");
-    let mut header = header;
-    if context.is_empty() {
-        header.flags &= !FLAG_CONTEXT;
-    } else {
-        header.flags |= FLAG_CONTEXT;
-    }
+    let header = header.with_context_flag(context);
     let hdr = header.encode();
     out[..HEADER_LEN].copy_from_slice(&hdr);
     out[HEADER_LEN..HEADER_LEN + NONCE_LEN].copy_from_slice(nonce);

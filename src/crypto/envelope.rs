@@ -62,6 +62,17 @@ pub struct Header {
 }
 
 impl Header {
+    /// This header with the context flag set exactly when `context` is not
+    /// empty (what the seal functions write, so it is what the tag covers).
+    pub fn with_context_flag(mut self, context: &[u8]) -> Header {
+        if context.is_empty() {
+            self.flags &= !FLAG_CONTEXT;
+        } else {
+            self.flags |= FLAG_CONTEXT;
+        }
+        self
+    }
+
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut h = [0u8; HEADER_LEN];
         h[0] = FORMAT_V1;

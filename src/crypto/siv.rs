@@ -15,7 +15,7 @@
 //! See [`super::envelope`] for the byte layout.
 
 use super::aead::{with_aad, AuthError};
-use super::envelope::{Envelope, Header, DET_OVERHEAD, FLAG_CONTEXT, FLAG_DETERMINISTIC, HEADER_LEN, SIV_LEN};
+use super::envelope::{Envelope, Header, DET_OVERHEAD, FLAG_DETERMINISTIC, HEADER_LEN, SIV_LEN};
 use aes_siv::aead::generic_array::GenericArray;
 use aes_siv::siv::Aes256Siv;
 use aes_siv::{KeyInit, Tag};
@@ -71,13 +71,8 @@ impl SivKey {
     /// cleared here, so the header is always what the tag covers.
     pub fn seal_into(&self, header: Header, context: &[u8], plaintext: &[u8], out: &mut [u8]) {
         assert_eq!(out.len(), plaintext.len() + DET_OVERHEAD, "siv seal_into: output length");
-        let mut header = header;
+        let mut header = header.with_context_flag(context);
         header.flags |= FLAG_DETERMINISTIC;
-        if context.is_empty() {
-            header.flags &= !FLAG_CONTEXT;
-        } else {
-            header.flags |= FLAG_CONTEXT;
-        }
         let hdr = header.encode();
         out[..HEADER_LEN].copy_from_slice(&hdr);
         let (siv_out, body) = out[HEADER_LEN..].split_at_mut(SIV_LEN);
