@@ -383,16 +383,25 @@ pub fn rewrap_batch(col: &Column, who: Runner, targets: &Targets, from: Tid, lim
         return Ok(batch);
     }
     let arr = encrypted_text_array(values)?;
+    // The rows picked lie between the lowest and highest TID: that range
+    // (a TID Range Scan of the pages just read) joined with the new values.
+    // A `ctid = ANY (array)` qual made the planner scan the whole table.
+    let lo = tid_text(tids.iter().filter_map(|t| parse_tid(t)).min().unwrap_or((0, 0)));
+    let hi = tid_text(tids.iter().filter_map(|t| parse_tid(t)).max().unwrap_or((0, 0)));
     batch.updated = on_table(col, who, pg_sys::RowExclusiveLock, |col| {
         let update = format!(
             "UPDATE ONLY {t} kms_t SET {c} = kms_u.n
                FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.tid[]), pg_catalog.unnest($2)) AS kms_u(tid, n)
               WHERE kms_t.ctid OPERATOR(pg_catalog.=) kms_u.tid
-                AND kms_t.ctid OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.tid[])",
+                AND kms_t.ctid OPERATOR(pg_catalog.>=) $3::pg_catalog.tid
+                AND kms_t.ctid OPERATOR(pg_catalog.<=) $4::pg_catalog.tid",
             c = col.column,
             t = col.table
         );
-        Spi::connect_mut(|c| c.update(&update, None, &[tids.into(), arr]).map(|t| t.len() as i64)).map_err(KmsError::spi)
+        Spi::connect_mut(|c| {
+            c.update(&update, None, &[tids.into(), arr, lo.as_str().into(), hi.as_str().into()]).map(|t| t.len() as i64)
+        })
+        .map_err(KmsError::spi)
     })?
     .unwrap_or(0);
     Ok(batch)
