@@ -292,6 +292,10 @@ fn parse_tid(s: &str) -> Option<Tid> {
     Some((b.trim().parse().ok()?, o.trim().parse().ok()?))
 }
 
+fn tid_of(ip: pg_sys::ItemPointerData) -> Tid {
+    pgrx::itemptr::item_pointer_get_both(ip)
+}
+
 fn tid_text(t: Tid) -> String {
     format!("({},{})", t.0, t.1)
 }
@@ -345,7 +349,7 @@ pub fn rewrap_batch(col: &Column, who: Runner, targets: &Targets, from: Tid, lim
     let start = tid_text(from);
     let rows = on_table(col, who, pg_sys::RowExclusiveLock, |col| {
         let pick = format!(
-            "SELECT kms_t.ctid::pg_catalog.text, kms_t.{c}::pg_catalog.bytea FROM ONLY {t} kms_t
+            "SELECT kms_t.ctid, kms_t.{c}::pg_catalog.bytea FROM ONLY {t} kms_t
               WHERE kms_t.ctid OPERATOR(pg_catalog.>=) $1::pg_catalog.tid
                 AND {h} OPERATOR(pg_catalog.=) ANY ($2)
               LIMIT $3 FOR UPDATE OF kms_t SKIP LOCKED",
@@ -353,18 +357,20 @@ pub fn rewrap_batch(col: &Column, who: Runner, targets: &Targets, from: Tid, lim
             c = col.column,
             t = col.table
         );
-        Spi::connect_mut(|c| -> Result<Vec<(String, Vec<u8>)>, pgrx::spi::Error> {
+        Spi::connect_mut(|c| -> Result<Vec<(pg_sys::ItemPointerData, Vec<u8>)>, pgrx::spi::Error> {
             let t = c.update(&pick, None, &[start.as_str().into(), targets.rewrap.clone().into(), limit.into()])?;
             let mut out = Vec::new();
             for r in t {
-                out.push((r.get::<String>(1)?.unwrap_or_default(), r.get::<Vec<u8>>(2)?.unwrap_or_default()));
+                if let (Some(tid), Some(v)) = (r.get::<pg_sys::ItemPointerData>(1)?, r.get::<Vec<u8>>(2)?) {
+                    out.push((tid, v));
+                }
             }
             Ok(out)
         })
         .map_err(KmsError::spi)
     })?
     .unwrap_or_default();
-    let mut batch = Batch { picked: rows.len() as i64, last: rows.iter().filter_map(|(t, _)| parse_tid(t)).max(), ..none };
+    let mut batch = Batch { picked: rows.len() as i64, last: rows.iter().map(|(t, _)| tid_of(*t)).max(), ..none };
     let (mut tids, mut values) = (Vec::new(), Vec::new());
     for (tid, bytes) in rows {
         match crate::values::rewrap(EncryptedText::from_bytes(&bytes), &[]) {
@@ -374,7 +380,7 @@ pub fn rewrap_batch(col: &Column, who: Runner, targets: &Targets, from: Tid, lim
             }
             Err(e) => {
                 if batch.failed.is_none() {
-                    batch.failed = parse_tid(&tid).map(|t| (t, e.message()));
+                    batch.failed = Some((tid_of(tid), e.message()));
                 }
             }
         }
@@ -386,20 +392,19 @@ pub fn rewrap_batch(col: &Column, who: Runner, targets: &Targets, from: Tid, lim
     // The rows picked lie between the lowest and highest TID: that range
     // (a TID Range Scan of the pages just read) joined with the new values.
     // A `ctid = ANY (array)` qual made the planner scan the whole table.
-    let lo = tid_text(tids.iter().filter_map(|t| parse_tid(t)).min().unwrap_or((0, 0)));
-    let hi = tid_text(tids.iter().filter_map(|t| parse_tid(t)).max().unwrap_or((0, 0)));
+    let lo = tids.iter().copied().min_by_key(|t| tid_of(*t)).expect("not empty");
+    let hi = tids.iter().copied().max_by_key(|t| tid_of(*t)).expect("not empty");
     batch.updated = on_table(col, who, pg_sys::RowExclusiveLock, |col| {
         let update = format!(
             "UPDATE ONLY {t} kms_t SET {c} = kms_u.n
-               FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.tid[]), pg_catalog.unnest($2)) AS kms_u(tid, n)
+               FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2)) AS kms_u(tid, n)
               WHERE kms_t.ctid OPERATOR(pg_catalog.=) kms_u.tid
-                AND kms_t.ctid OPERATOR(pg_catalog.>=) $3::pg_catalog.tid
-                AND kms_t.ctid OPERATOR(pg_catalog.<=) $4::pg_catalog.tid",
+                AND kms_t.ctid OPERATOR(pg_catalog.>=) $3 AND kms_t.ctid OPERATOR(pg_catalog.<=) $4",
             c = col.column,
             t = col.table
         );
         Spi::connect_mut(|c| {
-            c.update(&update, None, &[tids.into(), arr, lo.as_str().into(), hi.as_str().into()]).map(|t| t.len() as i64)
+            c.update(&update, None, &[tids.into(), arr, lo.into(), hi.into()]).map(|t| t.len() as i64)
         })
         .map_err(KmsError::spi)
     })?
