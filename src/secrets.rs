@@ -84,7 +84,7 @@ fn kms_secret_set(
 /// error, so nothing about a secret is revealed to who may not read it.
 #[pg_extern(stable, parallel_unsafe)]
 fn kms_secret_get(name: Option<RawText>, version: default!(Option<i32>, "NULL")) -> Option<OutText> {
-    let caller = unsafe { pg_sys::GetUserId() };
+    let caller = keyring::current_user();
     let r = keyring::as_catalog_owner(|_| {
         let name = secret_name(&name)?;
         let admin = spi_read::<pg_sys::Oid>("SELECT oid FROM pg_catalog.pg_roles WHERE rolname = 'kms_admin'", &[])?;

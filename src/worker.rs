@@ -216,9 +216,13 @@ impl Throttle {
     }
 }
 
-fn keyring_signature() -> Result<String, String> {
+/// The keyring as the worker sees it, read in one transaction (one
+/// snapshot): a signature of every key's primary and version states (a
+/// column found clean under it stays clean until it changes), and the
+/// headers to rewrap.
+fn keyring_state() -> Result<(String, reencrypt::Targets), String> {
     xact_kms(|| {
-        crate::keyring::as_catalog_owner(|_| {
+        let signature = crate::keyring::as_catalog_owner(|_| {
             crate::keyring::spi_first::<String>(
                 "SELECT coalesce(string_agg(key_id || ':' || primary_version || ':' || v.states, ',' ORDER BY key_id), '')
                    FROM kms.keys k,
@@ -227,9 +231,9 @@ fn keyring_signature() -> Result<String, String> {
                 &[],
                 false,
             )
-        })
+        })?;
+        Ok((signature.unwrap_or_default(), reencrypt::targets()?))
     })
-    .map(|s| s.unwrap_or_default())
 }
 
 #[pg_guard]
@@ -297,14 +301,8 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
         }) {
             warning!("pg_kms: scheduled rotation failed: {e}");
         }
-        let Ok(signature) = keyring_signature() else {
-            if !BackgroundWorker::wait_latch(Some(naptime())) {
-                break;
-            }
-            continue;
-        };
-        let targets = match xact_kms(reencrypt::targets) {
-            Ok(t) => t,
+        let (signature, targets) = match keyring_state() {
+            Ok(state) => state,
             Err(e) => {
                 warning!("pg_kms: could not read the keyring: {e}");
                 if !BackgroundWorker::wait_latch(Some(naptime())) {
