@@ -24,18 +24,38 @@ pub enum KmsError {
     /// 22023
     BadArgument { message: String, hint: &'static str },
     /// 55000: the version exists but its state forbids the operation.
-    VersionState { key: String, version: i32, state: String, action: &'static str },
+    VersionState {
+        key: String,
+        version: i32,
+        state: String,
+        action: &'static str,
+    },
     /// 55000: the operation would touch the primary version.
-    PrimaryVersion { key: String, version: i32, action: &'static str },
+    PrimaryVersion {
+        key: String,
+        version: i32,
+        action: &'static str,
+    },
     /// 55000: rows in this database still reference the version.
-    StillReferenced { key: String, version: i32, rows: i64 },
+    StillReferenced {
+        key: String,
+        version: i32,
+        rows: i64,
+    },
     /// 42501: the destroy guard cannot count every column (the caller may
     /// not read some of them).
-    UsageUnverifiable { key: String, version: i32, detail: String },
+    UsageUnverifiable {
+        key: String,
+        version: i32,
+        detail: String,
+    },
     /// 55000: neither master-key setting is configured.
     MasterKeyMissing { previous: bool },
     /// 55000: the configured source could not give a valid key.
-    MasterKeyInvalid { setting: &'static str, cause: MasterKeyError },
+    MasterKeyInvalid {
+        setting: &'static str,
+        cause: MasterKeyError,
+    },
     /// 55000: the master key's fingerprint differs from the keyring's.
     MasterKeyMismatch { previous: bool },
     /// 55000: the extension's catalog is not there (not installed in this database).
@@ -60,7 +80,11 @@ pub enum KmsError {
     NotAllowed(String),
     /// 42501: the key has per-key grants and none of them covers the role.
     /// `role` is the role's name as `regrole` prints it (quoted if needed).
-    KeyNotAllowed { role: String, privilege: &'static str, key: String },
+    KeyNotAllowed {
+        role: String,
+        privilege: &'static str,
+        key: String,
+    },
     /// 42501: the role may not read the secret, or it does not exist (one
     /// error for both, so that existence is not revealed).
     SecretNotAllowed { role: String, name: String },
@@ -287,8 +311,14 @@ pub fn role_display(role: pgrx::pg_sys::Oid) -> String {
     use pgrx::IntoDatum;
     // SAFETY: regroleout takes one oid argument and returns a palloc'd C
     // string; it never fails for a missing role (it prints the number).
-    let s = unsafe { pgrx::direct_function_call::<&std::ffi::CStr>(pgrx::pg_sys::regroleout, &[role.into_datum()]) };
-    s.map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+    let s = unsafe {
+        pgrx::direct_function_call::<&std::ffi::CStr>(
+            pgrx::pg_sys::regroleout,
+            &[role.into_datum()],
+        )
+    };
+    s.map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// A relation's name as `regclass` prints it (schema-qualified unless it
@@ -296,17 +326,27 @@ pub fn role_display(role: pgrx::pg_sys::Oid) -> String {
 pub fn relation_display(rel: pgrx::pg_sys::Oid) -> String {
     use pgrx::IntoDatum;
     // SAFETY: as for regroleout: one oid argument, a palloc'd C string.
-    let s = unsafe { pgrx::direct_function_call::<&std::ffi::CStr>(pgrx::pg_sys::regclassout, &[rel.into_datum()]) };
-    s.map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+    let s = unsafe {
+        pgrx::direct_function_call::<&std::ffi::CStr>(
+            pgrx::pg_sys::regclassout,
+            &[rel.into_datum()],
+        )
+    };
+    s.map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// An identifier quoted as `quote_ident` would (only when needed), for
 /// messages (e.g. a column name).
 pub fn quote_ident(ident: &str) -> String {
-    let Ok(c) = std::ffi::CString::new(ident) else { return format!("{ident:?}") };
+    let Ok(c) = std::ffi::CString::new(ident) else {
+        return format!("{ident:?}");
+    };
     // SAFETY: quote_identifier reads a NUL-terminated string and returns
     // either it or a palloc'd quoted copy, both valid while `c` lives.
-    unsafe { std::ffi::CStr::from_ptr(pgrx::pg_sys::quote_identifier(c.as_ptr())) }.to_string_lossy().into_owned()
+    unsafe { std::ffi::CStr::from_ptr(pgrx::pg_sys::quote_identifier(c.as_ptr())) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 impl From<EnvelopeError> for KmsError {

@@ -5,12 +5,16 @@ use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 use std::ffi::CString;
 
 pub static MASTER_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
-pub static MASTER_KEY_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
-pub static PREVIOUS_MASTER_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
-pub static PREVIOUS_MASTER_KEY_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static MASTER_KEY_COMMAND: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+pub static PREVIOUS_MASTER_KEY_FILE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+pub static PREVIOUS_MASTER_KEY_COMMAND: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
 pub static MASTER_KEY_COMMAND_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static KEY_CACHE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(16384);
-pub static REDACT_STATEMENT_LOGS: GucSetting<RedactMode> = GucSetting::<RedactMode>::new(RedactMode::On);
+pub static REDACT_STATEMENT_LOGS: GucSetting<RedactMode> =
+    GucSetting::<RedactMode>::new(RedactMode::On);
 pub static NONCE_WARNING_ENCRYPTIONS: GucSetting<i32> = GucSetting::<i32>::new(i32::MAX);
 pub static REENCRYPT_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static REENCRYPT_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
@@ -52,7 +56,9 @@ impl RedactMode {
     /// Off, On or All (the hidden spellings folded).
     pub fn effective(self) -> RedactMode {
         match self {
-            RedactMode::Off | RedactMode::False | RedactMode::No | RedactMode::Zero => RedactMode::Off,
+            RedactMode::Off | RedactMode::False | RedactMode::No | RedactMode::Zero => {
+                RedactMode::Off
+            }
             RedactMode::All => RedactMode::All,
             _ => RedactMode::On,
         }

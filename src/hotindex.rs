@@ -34,12 +34,20 @@ pub struct HotIndex<T> {
 
 impl<T> Default for HotIndex<T> {
     fn default() -> Self {
-        HotIndex { slots: Vec::new(), hashes: Vec::new(), len: 0, _values: PhantomData }
+        HotIndex {
+            slots: Vec::new(),
+            hashes: Vec::new(),
+            len: 0,
+            _values: PhantomData,
+        }
     }
 }
 
 impl<T> HotIndex<T> {
-    const ALIGNED: () = assert!(std::mem::align_of::<T>() > TAG_MASK, "values must be 64-byte aligned");
+    const ALIGNED: () = assert!(
+        std::mem::align_of::<T>() > TAG_MASK,
+        "values must be 64-byte aligned"
+    );
 
     #[inline]
     fn tag(hash: u64) -> usize {
@@ -229,7 +237,10 @@ mod tests {
         let values: Vec<Box<V>> = (0..10_000).map(|i| Box::new(V(i))).collect();
         let mut index = HotIndex::<V>::default();
         for (i, v) in values.iter().enumerate() {
-            index.insert((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15), NonNull::from(&**v));
+            index.insert(
+                (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                NonNull::from(&**v),
+            );
         }
         // 10,000 keys: 16,384 one-word slots (128 KiB).
         assert_eq!(index.slots.len(), 16_384);

@@ -29,12 +29,22 @@ static PRELOADED: AtomicBool = AtomicBool::new(false);
 
 pub fn init() {
     unsafe {
-        PRELOADED.store(pg_sys::process_shared_preload_libraries_in_progress, Ordering::Relaxed);
+        PRELOADED.store(
+            pg_sys::process_shared_preload_libraries_in_progress,
+            Ordering::Relaxed,
+        );
         pg_sys::CacheRegisterRelcacheCallback(Some(relcache_callback), pg_sys::Datum::from(0usize));
         // Role membership or attribute changes can change per-key grant
         // decisions: drop the cache when they happen.
-        for cache in [pg_sys::SysCacheIdentifier::AUTHMEMROLEMEM, pg_sys::SysCacheIdentifier::AUTHOID] {
-            pg_sys::CacheRegisterSyscacheCallback(cache as i32, Some(syscache_callback), pg_sys::Datum::from(0usize));
+        for cache in [
+            pg_sys::SysCacheIdentifier::AUTHMEMROLEMEM,
+            pg_sys::SysCacheIdentifier::AUTHOID,
+        ] {
+            pg_sys::CacheRegisterSyscacheCallback(
+                cache as i32,
+                Some(syscache_callback),
+                pg_sys::Datum::from(0usize),
+            );
         }
     }
 }
@@ -184,7 +194,11 @@ impl IdentityScope {
                 0,
                 false,
             );
-            IdentityScope { saved_user, saved_sec, nest_level }
+            IdentityScope {
+                saved_user,
+                saved_sec,
+                nest_level,
+            }
         }
     }
 }
@@ -220,7 +234,12 @@ pub enum Which {
 /// Where the master key comes from, as configured now: (setting name, value).
 pub fn master_key_source(which: Which) -> Option<(&'static str, bool, String)> {
     let (file, cmd, fname, cname) = match which {
-        Which::Current => (&guc::MASTER_KEY_FILE, &guc::MASTER_KEY_COMMAND, "pg_kms.master_key_file", "pg_kms.master_key_command"),
+        Which::Current => (
+            &guc::MASTER_KEY_FILE,
+            &guc::MASTER_KEY_COMMAND,
+            "pg_kms.master_key_file",
+            "pg_kms.master_key_command",
+        ),
         Which::Previous => (
             &guc::PREVIOUS_MASTER_KEY_FILE,
             &guc::PREVIOUS_MASTER_KEY_COMMAND,
@@ -236,8 +255,9 @@ pub fn master_key_source(which: Which) -> Option<(&'static str, bool, String)> {
 
 /// Reads the master key from its configured source (file wins over command).
 pub fn load_master_key(which: Which) -> KmsResult<MasterKey> {
-    let (setting, is_file, value) =
-        master_key_source(which).ok_or(KmsError::MasterKeyMissing { previous: which == Which::Previous })?;
+    let (setting, is_file, value) = master_key_source(which).ok_or(KmsError::MasterKeyMissing {
+        previous: which == Which::Previous,
+    })?;
     let r = if is_file {
         MasterKey::from_file(std::path::Path::new(&value))
     } else {
@@ -251,8 +271,18 @@ pub fn load_master_key(which: Which) -> KmsResult<MasterKey> {
 /// it read-write (it may lock or modify, and takes a transaction id);
 /// otherwise read-only, which also works on a standby and in parallel
 /// workers.
-pub fn spi_first<T: FromDatum + IntoDatum>(q: &str, args: &[pgrx::datum::DatumWithOid<'_>], write: bool) -> KmsResult<Option<T>> {
-    let first = |t: pgrx::spi::SpiTupleTable<'_>| if t.is_empty() { Ok(None) } else { t.first().get_one::<T>() };
+pub fn spi_first<T: FromDatum + IntoDatum>(
+    q: &str,
+    args: &[pgrx::datum::DatumWithOid<'_>],
+    write: bool,
+) -> KmsResult<Option<T>> {
+    let first = |t: pgrx::spi::SpiTupleTable<'_>| {
+        if t.is_empty() {
+            Ok(None)
+        } else {
+            t.first().get_one::<T>()
+        }
+    };
     if write {
         Spi::connect_mut(|c| first(c.update(q, Some(1), args)?))
     } else {
@@ -264,7 +294,11 @@ pub fn spi_first<T: FromDatum + IntoDatum>(q: &str, args: &[pgrx::datum::DatumWi
 /// The keyring's stored master-key fingerprint (caller is catalog owner).
 pub fn stored_fingerprint(lock: bool) -> KmsResult<Option<Vec<u8>>> {
     if lock {
-        spi_first("SELECT master_key_fingerprint FROM kms.keyring FOR UPDATE", &[], true)
+        spi_first(
+            "SELECT master_key_fingerprint FROM kms.keyring FOR UPDATE",
+            &[],
+            true,
+        )
     } else {
         spi_first("SELECT master_key_fingerprint FROM kms.keyring", &[], false)
     }
@@ -273,9 +307,9 @@ pub fn stored_fingerprint(lock: bool) -> KmsResult<Option<Vec<u8>>> {
 /// Checks a master key against the stored fingerprint (none stored: ok).
 pub fn check_commitment(mk: &MasterKey, stored: Option<&[u8]>, which: Which) -> KmsResult<()> {
     match stored {
-        Some(fp) if fp != mk.fingerprint().as_slice() => {
-            Err(KmsError::MasterKeyMismatch { previous: which == Which::Previous })
-        }
+        Some(fp) if fp != mk.fingerprint().as_slice() => Err(KmsError::MasterKeyMismatch {
+            previous: which == Which::Previous,
+        }),
         _ => Ok(()),
     }
 }
@@ -418,14 +452,21 @@ impl Grants {
         // SAFETY: plain catalog lookups on role oids. A superuser passes
         // even when no grant of the key applies any more (all stale).
         let a = unsafe { pg_sys::superuser_arg(user) }
-            || self.list.iter().any(|(gp, role)| *gp == p && unsafe { pg_sys::has_privs_of_role(user, *role) });
+            || self
+                .list
+                .iter()
+                .any(|(gp, role)| *gp == p && unsafe { pg_sys::has_privs_of_role(user, *role) });
         self.decisions.borrow_mut().insert((user, p), a);
         a
     }
 }
 
 fn not_allowed(p: Privilege, name: &str, user: pg_sys::Oid) -> KmsError {
-    KmsError::KeyNotAllowed { role: crate::errors::role_display(user), privilege: p.as_str(), key: name.to_string() }
+    KmsError::KeyNotAllowed {
+        role: crate::errors::role_display(user),
+        privilege: p.as_str(),
+        key: name.to_string(),
+    }
 }
 
 pub struct CachedKey {
@@ -489,7 +530,12 @@ impl CachedVersion {
             bits = 0;
         }
         if bits & known == 0 {
-            bits |= known | if self.grants.allowed(user, p) { allowed } else { 0 };
+            bits |= known
+                | if self.grants.allowed(user, p) {
+                    allowed
+                } else {
+                    0
+                };
             self.seen.set((user, bits));
         }
         if bits & allowed != 0 {
@@ -533,12 +579,19 @@ impl CachedVersion {
 
     fn flush_counts(&self) {
         let Some(s) = self.stat else { return };
-        let (e, d) = (self.pending_enc.replace(0) as u64, self.pending_dec.replace(0) as u64);
+        let (e, d) = (
+            self.pending_enc.replace(0) as u64,
+            self.pending_dec.replace(0) as u64,
+        );
         if d > 0 {
             s.decryptions.fetch_add(d, Ordering::Relaxed);
         }
         let level = crate::guc::NONCE_WARNING_ENCRYPTIONS.get().max(1) as u64;
-        let total = if e > 0 { s.encryptions.fetch_add(e, Ordering::Relaxed) + e } else { s.encryptions.load(Ordering::Relaxed) };
+        let total = if e > 0 {
+            s.encryptions.fetch_add(e, Ordering::Relaxed) + e
+        } else {
+            s.encryptions.load(Ordering::Relaxed)
+        };
         if e > 0 && total >= level && total - e < level {
             pgrx::warning!(
                 "pg_kms: version {} of key \"{}\" has sealed {total} values since server start; rotate it before 2^32 encryptions (AES-GCM random-nonce limit)",
@@ -546,7 +599,11 @@ impl CachedVersion {
                 self.key_name()
             );
         }
-        self.enc_budget.set(if total < level { (level - total).min(FLUSH_EVERY as u64) as u32 } else { FLUSH_EVERY });
+        self.enc_budget.set(if total < level {
+            (level - total).min(FLUSH_EVERY as u64) as u32
+        } else {
+            FLUSH_EVERY
+        });
     }
 }
 
@@ -581,9 +638,19 @@ fn list_dirty(v: &CachedVersion) {
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn flush_at_xact_end(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+unsafe extern "C-unwind" fn flush_at_xact_end(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
     use pg_sys::XactEvent::*;
-    if !matches!(event, XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT | XACT_EVENT_PRE_PREPARE | XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT) {
+    if !matches!(
+        event,
+        XACT_EVENT_PRE_COMMIT
+            | XACT_EVENT_PARALLEL_PRE_COMMIT
+            | XACT_EVENT_PRE_PREPARE
+            | XACT_EVENT_ABORT
+            | XACT_EVENT_PARALLEL_ABORT
+    ) {
         return;
     }
     let slots = DIRTY.with(|d| std::mem::take(&mut *d.borrow_mut()));
@@ -594,7 +661,10 @@ unsafe extern "C-unwind" fn flush_at_xact_end(event: pg_sys::XactEvent::Type, _a
         Ok(c) => {
             for slot in &slots {
                 // SAFETY: hot pointers are to versions of cached keys.
-                if let Some(p) = c.hot_versions.find(hash_u64(*slot), |p| unsafe { p.as_ref() }.slot() == *slot) {
+                if let Some(p) = c
+                    .hot_versions
+                    .find(hash_u64(*slot), |p| unsafe { p.as_ref() }.slot() == *slot)
+                {
                     let v = unsafe { p.as_ref() };
                     v.dirty.set(false);
                     v.flush_counts();
@@ -630,15 +700,24 @@ impl CachedKey {
 
     /// `version`, if its state allows decryption.
     pub fn usable(&self, version: u32) -> KmsResult<&CachedVersion> {
-        match self.versions.get((version as usize).wrapping_sub(1)).and_then(|v| v.as_ref()) {
-            Some(VersionInfo { usable: Some(v), .. }) => Ok(v),
+        match self
+            .versions
+            .get((version as usize).wrapping_sub(1))
+            .and_then(|v| v.as_ref())
+        {
+            Some(VersionInfo {
+                usable: Some(v), ..
+            }) => Ok(v),
             Some(v) => Err(KmsError::VersionState {
                 key: self.name.clone(),
                 version: version as i32,
                 state: v.state.as_str().into(),
                 action: "use it",
             }),
-            None => Err(KmsError::UnknownVersion { key: self.name.clone(), version: version as i32 }),
+            None => Err(KmsError::UnknownVersion {
+                key: self.name.clone(),
+                version: version as i32,
+            }),
         }
     }
 
@@ -647,7 +726,10 @@ impl CachedKey {
     }
 
     fn usable_versions(&self) -> impl Iterator<Item = &CachedVersion> {
-        self.versions.iter().flatten().filter_map(|v| v.usable.as_deref())
+        self.versions
+            .iter()
+            .flatten()
+            .filter_map(|v| v.usable.as_deref())
     }
 }
 
@@ -755,10 +837,12 @@ impl Cache {
             self.remove(&old);
         }
         for v in key.usable_versions() {
-            self.hot_versions.insert(hash_u64(v.slot()), NonNull::from(v));
+            self.hot_versions
+                .insert(hash_u64(v.slot()), NonNull::from(v));
         }
         if let Ok(p) = key.primary_version() {
-            self.hot_primaries.insert(name_hash(key.name.as_bytes()), NonNull::from(p));
+            self.hot_primaries
+                .insert(name_hash(key.name.as_bytes()), NonNull::from(p));
         }
         self.by_name.insert(key.name.as_bytes().into(), key.clone());
         self.by_id.insert(key.id, key.clone());
@@ -766,10 +850,12 @@ impl Cache {
 
     fn remove(&mut self, key: &CachedKey) {
         for v in key.usable_versions() {
-            self.hot_versions.remove(hash_u64(v.slot()), NonNull::from(v));
+            self.hot_versions
+                .remove(hash_u64(v.slot()), NonNull::from(v));
         }
         if let Ok(p) = key.primary_version() {
-            self.hot_primaries.remove(name_hash(key.name.as_bytes()), NonNull::from(p));
+            self.hot_primaries
+                .remove(name_hash(key.name.as_bytes()), NonNull::from(p));
         }
         self.by_name.remove(key.name.as_bytes());
         self.by_id.remove(&key.id);
@@ -793,7 +879,9 @@ thread_local! {
 #[inline]
 pub fn nonce() -> KmsResult<[u8; 12]> {
     let pid = unsafe { pg_sys::MyProcPid };
-    NONCES.with(|n| n.borrow_mut().nonce(pid)).map_err(|_| KmsError::Random)
+    NONCES
+        .with(|n| n.borrow_mut().nonce(pid))
+        .map_err(|_| KmsError::Random)
 }
 
 pub fn random_bytes(out: &mut [u8]) -> KmsResult<()> {
@@ -803,7 +891,9 @@ pub fn random_bytes(out: &mut [u8]) -> KmsResult<()> {
 pub fn validate_key_name(name: &[u8]) -> KmsResult<&str> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'));
+        && name
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'));
     if !ok {
         return Err(KmsError::BadArgument {
             message: format!("invalid key name (length {})", name.len()),
@@ -854,7 +944,12 @@ enum Hot {
 /// it. Leaves `f` in place (returns None) when the caller must take its
 /// cold path.
 #[inline]
-fn run_hot<F, R>(hot: Hot, hash: u64, is: impl Fn(&CachedVersion) -> bool, f: &mut Option<F>) -> Option<KmsResult<R>>
+fn run_hot<F, R>(
+    hot: Hot,
+    hash: u64,
+    is: impl Fn(&CachedVersion) -> bool,
+    f: &mut Option<F>,
+) -> Option<KmsResult<R>>
 where
     F: FnOnce(&CachedVersion) -> KmsResult<R>,
 {
@@ -879,9 +974,17 @@ where
 /// Runs `f` on the primary version of the key named `name` (the per-row
 /// encrypt path). Warm, this is one probe of a small index and one pointer.
 #[inline]
-pub fn with_primary<R>(name: &[u8], f: impl FnOnce(&CachedVersion) -> KmsResult<R>) -> KmsResult<R> {
+pub fn with_primary<R>(
+    name: &[u8],
+    f: impl FnOnce(&CachedVersion) -> KmsResult<R>,
+) -> KmsResult<R> {
     let mut f = Some(f);
-    if let Some(r) = run_hot(Hot::Primaries, name_hash(name), |v| v.key_name_bytes() == name, &mut f) {
+    if let Some(r) = run_hot(
+        Hot::Primaries,
+        name_hash(name),
+        |v| v.key_name_bytes() == name,
+        &mut f,
+    ) {
         return r;
     }
     // Cold: the permission error comes before any state error.
@@ -893,7 +996,11 @@ pub fn with_primary<R>(name: &[u8], f: impl FnOnce(&CachedVersion) -> KmsResult<
 /// Runs `f` on version `version` of key `id`, if usable (the per-row
 /// decrypt path).
 #[inline]
-pub fn with_version<R>(id: u32, version: u32, f: impl FnOnce(&CachedVersion) -> KmsResult<R>) -> KmsResult<R> {
+pub fn with_version<R>(
+    id: u32,
+    version: u32,
+    f: impl FnOnce(&CachedVersion) -> KmsResult<R>,
+) -> KmsResult<R> {
     let mut f = Some(f);
     let slot = version_slot(id, version);
     if let Some(r) = run_hot(Hot::Versions, hash_u64(slot), |v| v.slot() == slot, &mut f) {
@@ -944,7 +1051,12 @@ fn verify_loaded(rows: &[VersionRow]) -> KmsResult<()> {
     };
     let versions: Vec<VersionCheck<'_>> = rows
         .iter()
-        .map(|r| VersionCheck { version: r.version, state: &r.state, wrapped: r.wrapped.as_deref(), mac: r.version_mac.as_deref() })
+        .map(|r| VersionCheck {
+            version: r.version,
+            state: &r.state,
+            wrapped: r.wrapped.as_deref(),
+            mac: r.version_mac.as_deref(),
+        })
         .collect();
     verify_key_rows(&key, &versions)
 }
@@ -976,7 +1088,11 @@ fn load_grants(key_id: i32) -> KmsResult<Grants> {
                 list.push((p, role));
             }
         }
-        Ok(Grants { list, restricted, decisions: RefCell::new(HashMap::new()) })
+        Ok(Grants {
+            list,
+            restricted,
+            decisions: RefCell::new(HashMap::new()),
+        })
     })
     .map_err(KmsError::spi)
 }
@@ -986,8 +1102,16 @@ fn load(lookup: Lookup<'_>) -> KmsResult<Rc<CachedKey>> {
     let (rows, stored_fp, grants) = as_catalog_owner(|_| {
         let rows = Spi::connect(|c| -> Result<Vec<VersionRow>, pgrx::spi::Error> {
             let table = match lookup {
-                Lookup::Name(n) => c.select(&format!("{LOAD_SQL} WHERE k.key_name = $1"), None, &[n.into()])?,
-                Lookup::Id(id) => c.select(&format!("{LOAD_SQL} WHERE k.key_id = $1"), None, &[(id as i32).into()])?,
+                Lookup::Name(n) => c.select(
+                    &format!("{LOAD_SQL} WHERE k.key_name = $1"),
+                    None,
+                    &[n.into()],
+                )?,
+                Lookup::Id(id) => c.select(
+                    &format!("{LOAD_SQL} WHERE k.key_id = $1"),
+                    None,
+                    &[(id as i32).into()],
+                )?,
             };
             let mut rows = Vec::new();
             for r in table {
@@ -1011,7 +1135,11 @@ fn load(lookup: Lookup<'_>) -> KmsResult<Rc<CachedKey>> {
         verify_loaded(&rows)?;
         let grants = match rows.first() {
             Some(r) => load_grants(r.key_id)?,
-            None => Grants { list: Vec::new(), restricted: false, decisions: RefCell::new(HashMap::new()) },
+            None => Grants {
+                list: Vec::new(),
+                restricted: false,
+                decisions: RefCell::new(HashMap::new()),
+            },
         };
         Ok((rows, stored_fingerprint(false)?, grants))
     })?;
@@ -1034,18 +1162,32 @@ fn load(lookup: Lookup<'_>) -> KmsResult<Rc<CachedKey>> {
     let name_len = name_bytes.len().min(NAME_MAX);
     name[..name_len].copy_from_slice(&name_bytes[..name_len]);
     let needs_kek = first.index_root.is_some()
-        || rows.iter().any(|r| r.wrapped.is_some() && matches!(State::parse(&r.state), State::Active | State::DecryptOnly));
-    let kek = if needs_kek { Some(current_kek(stored_fp.as_deref())?) } else { None };
-    let corrupt = |version: i32| KmsError::CatalogCorrupt { key: first.name.clone(), version };
+        || rows.iter().any(|r| {
+            r.wrapped.is_some()
+                && matches!(State::parse(&r.state), State::Active | State::DecryptOnly)
+        });
+    let kek = if needs_kek {
+        Some(current_kek(stored_fp.as_deref())?)
+    } else {
+        None
+    };
+    let corrupt = |version: i32| KmsError::CatalogCorrupt {
+        key: first.name.clone(),
+        version,
+    };
     if let (Some(kek), Some(root)) = (&kek, &first.index_root) {
-        let root = kek.unwrap_index_root(key.id, root).map_err(|_| corrupt(0))?;
+        let root = kek
+            .unwrap_index_root(key.id, root)
+            .map_err(|_| corrupt(0))?;
         key.index = Some(MacKey::derive(root.as_ref(), INFO_BLIND_INDEX));
     }
     for r in &rows {
         let state = State::parse(&r.state);
         let usable = match (&kek, &r.wrapped, state) {
             (Some(kek), Some(w), State::Active | State::DecryptOnly) => {
-                let raw = kek.unwrap_raw(key.id, r.version as u32, w).map_err(|_| corrupt(r.version))?;
+                let raw = kek
+                    .unwrap_raw(key.id, r.version as u32, w)
+                    .map_err(|_| corrupt(r.version))?;
                 let stat = crate::shmem::stat_slot(key.id, r.version as u32);
                 Some(Box::new(CachedVersion {
                     key: DataKey::new(&raw),
@@ -1081,7 +1223,9 @@ fn load(lookup: Lookup<'_>) -> KmsResult<Rc<CachedKey>> {
             // Bounded: evict (and so zeroize) some other key when full.
             let limit = crate::guc::KEY_CACHE_SIZE.get().max(1) as usize;
             while c.by_id.len() >= limit && !c.by_id.contains_key(&key.id) {
-                let Some(old) = c.by_id.values().next().cloned() else { break };
+                let Some(old) = c.by_id.values().next().cloned() else {
+                    break;
+                };
                 c.remove(&old);
             }
             c.insert(&key);
@@ -1160,7 +1304,10 @@ mod layout_tests {
     use std::mem::offset_of;
 
     fn lines(ranges: &[(usize, usize)]) -> BTreeSet<usize> {
-        ranges.iter().flat_map(|&(from, to)| from / 64..=(to - 1) / 64).collect()
+        ranges
+            .iter()
+            .flat_map(|&(from, to)| from / 64..=(to - 1) / 64)
+            .collect()
     }
 
     /// The per-row cache lines of a version (see [`CachedVersion`]): the
@@ -1171,9 +1318,15 @@ mod layout_tests {
     #[cfg(target_arch = "x86_64")]
     fn hot_fields_share_the_ghash_line() {
         let key = offset_of!(CachedVersion, key);
-        let schedule: Vec<(usize, usize)> = DataKey::HOT_RANGES.iter().map(|&(a, b)| (key + a, key + b)).collect();
+        let schedule: Vec<(usize, usize)> = DataKey::HOT_RANGES
+            .iter()
+            .map(|&(a, b)| (key + a, key + b))
+            .collect();
         let ghash_line = (key + DataKey::HOT_RANGES[1].0) / 64;
-        let hot = (offset_of!(CachedVersion, key_id), offset_of!(CachedVersion, name_len) + 1);
+        let hot = (
+            offset_of!(CachedVersion, key_id),
+            offset_of!(CachedVersion, name_len) + 1,
+        );
         assert_eq!(lines(&[hot]), BTreeSet::from([ghash_line]));
         let decrypt = lines(&[&schedule[..], &[hot]].concat());
         assert_eq!(decrypt.len(), 5, "decrypt lines {decrypt:?}");

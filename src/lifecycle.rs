@@ -24,13 +24,19 @@ pub(crate) fn spi_exec(q: &str, args: &[DatumWithOid<'_>]) -> KmsResult<()> {
     Spi::connect_mut(|c| c.update(q, None, args).map(|_| ())).map_err(KmsError::spi)
 }
 
-pub(crate) fn spi_one<T: FromDatum + IntoDatum>(q: &str, args: &[DatumWithOid<'_>]) -> KmsResult<Option<T>> {
+pub(crate) fn spi_one<T: FromDatum + IntoDatum>(
+    q: &str,
+    args: &[DatumWithOid<'_>],
+) -> KmsResult<Option<T>> {
     keyring::spi_first(q, args, true)
 }
 
 /// Read-only variant (no transaction id: works on a standby and in
 /// parallel workers).
-pub(crate) fn spi_read<T: FromDatum + IntoDatum>(q: &str, args: &[DatumWithOid<'_>]) -> KmsResult<Option<T>> {
+pub(crate) fn spi_read<T: FromDatum + IntoDatum>(
+    q: &str,
+    args: &[DatumWithOid<'_>],
+) -> KmsResult<Option<T>> {
     keyring::spi_first(q, args, false)
 }
 
@@ -44,7 +50,10 @@ pub(crate) fn lifecycle<R>(f: impl FnOnce() -> KmsResult<R>) -> R {
         let r = f()?;
         keyring::invalidate_all_backends(cat);
         // After commit, wake this database's re-encryption worker at once.
-        pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, crate::shmem::wake_workers_of_this_db);
+        pgrx::register_xact_callback(
+            pgrx::PgXactCallbackEvent::Commit,
+            crate::shmem::wake_workers_of_this_db,
+        );
         Ok(r)
     })
     .or_raise()
@@ -83,15 +92,38 @@ fn guard_catalog() -> KmsResult<()> {
 
 /// Appends an audit row for an act that changes no key-state row (grants,
 /// secrets). Caller is the catalog owner.
-pub(crate) fn audit(operation: &str, key_name: Option<&str>, version: Option<i32>, reason: Option<RawText>) -> KmsResult<()> {
+pub(crate) fn audit(
+    operation: &str,
+    key_name: Option<&str>,
+    version: Option<i32>,
+    reason: Option<RawText>,
+) -> KmsResult<()> {
     let act = begin_act()?;
-    append(&act.keys, &act.fp, operation, key_name, version, reason, None).map(|_| ())
+    append(
+        &act.keys, &act.fp, operation, key_name, version, reason, None,
+    )
+    .map(|_| ())
 }
 
 /// Appends the audit row of a change to key `key_id`, then re-MACs the
 /// key's rows under the new generation (that row's id). Returns the id.
-fn record(act: &Act, operation: &str, key: &KeyRow, version: Option<i32>, reason: Option<RawText>, detail: Option<&str>) -> KmsResult<i64> {
-    let id = append(&act.keys, &act.fp, operation, Some(&key.name), version, reason, detail)?;
+fn record(
+    act: &Act,
+    operation: &str,
+    key: &KeyRow,
+    version: Option<i32>,
+    reason: Option<RawText>,
+    detail: Option<&str>,
+) -> KmsResult<i64> {
+    let id = append(
+        &act.keys,
+        &act.fp,
+        operation,
+        Some(&key.name),
+        version,
+        reason,
+        detail,
+    )?;
     reseal_key(&act.keys, key.id, id)?;
     Ok(id)
 }
@@ -108,10 +140,18 @@ struct Act {
 fn begin_act() -> KmsResult<Act> {
     let mk = keyring::load_master_key(Which::Current)?;
     let kr = commit_keyring(&mk)?;
-    let act = Act { kek: mk.kek(), keys: mk.integrity_keys(), fp: mk.fingerprint() };
+    let act = Act {
+        kek: mk.kek(),
+        keys: mk.integrity_keys(),
+        fp: mk.fingerprint(),
+    };
     match kr.since_us {
         Some(since) => {
-            if !kr.mac.as_deref().is_some_and(|m| act.keys.row.verify(&integrity::keyring_row(&kr.fp, since), m)) {
+            if !kr.mac.as_deref().is_some_and(|m| {
+                act.keys
+                    .row
+                    .verify(&integrity::keyring_row(&kr.fp, since), m)
+            }) {
                 return Err(altered("the kms.keyring row".into(), WHY_MAC));
             }
         }
@@ -144,27 +184,48 @@ struct KeyRow {
 /// Locks a key's row and its versions' rows and checks their MACs (XX001
 /// if a row was altered behind pg_kms's back).
 fn lock_key(name: &str) -> KmsResult<KeyRow> {
-    let rows = Spi::connect_mut(|c| -> Result<Option<(KeyRowData, Vec<VersionRowData>)>, pgrx::spi::Error> {
-        let Some(r) = c.update(&format!("{KEY_ROW_SQL} WHERE key_name = $1 FOR UPDATE"), Some(1), &[name.into()])?.next() else {
-            return Ok(None);
-        };
-        let key = KeyRowData::read(&r)?;
-        let mut versions = Vec::new();
-        for r in c.update(&format!("{VERSION_ROW_SQL} WHERE key_id = $1 ORDER BY version FOR UPDATE"), None, &[key.key_id.into()])? {
-            versions.push(VersionRowData::read(&r)?);
-        }
-        Ok(Some((key, versions)))
-    })
+    let rows = Spi::connect_mut(
+        |c| -> Result<Option<(KeyRowData, Vec<VersionRowData>)>, pgrx::spi::Error> {
+            let Some(r) = c
+                .update(
+                    &format!("{KEY_ROW_SQL} WHERE key_name = $1 FOR UPDATE"),
+                    Some(1),
+                    &[name.into()],
+                )?
+                .next()
+            else {
+                return Ok(None);
+            };
+            let key = KeyRowData::read(&r)?;
+            let mut versions = Vec::new();
+            for r in c.update(
+                &format!("{VERSION_ROW_SQL} WHERE key_id = $1 ORDER BY version FOR UPDATE"),
+                None,
+                &[key.key_id.into()],
+            )? {
+                versions.push(VersionRowData::read(&r)?);
+            }
+            Ok(Some((key, versions)))
+        },
+    )
     .map_err(KmsError::spi)?;
     let (key, versions) = rows.ok_or_else(|| KmsError::UnknownKey(name.into()))?;
     let vs: Vec<VersionCheck<'_>> = versions.iter().map(VersionRowData::check).collect();
     verify_key_rows(&key.check(), &vs)?;
-    Ok(KeyRow { id: key.key_id, name: key.name, primary: key.primary, destroyed: key.destroyed_us.is_some() })
+    Ok(KeyRow {
+        id: key.key_id,
+        name: key.name,
+        primary: key.primary,
+        destroyed: key.destroyed_us.is_some(),
+    })
 }
 
 fn refuse_destroyed(key: &KeyRow, action: &'static str) -> KmsResult<()> {
     if key.destroyed {
-        return Err(KmsError::KeyDestroyed { key: key.name.clone(), action });
+        return Err(KmsError::KeyDestroyed {
+            key: key.name.clone(),
+            action,
+        });
     }
     Ok(())
 }
@@ -174,10 +235,11 @@ fn version_state(key: &KeyRow, name: &str, version: i32) -> KmsResult<State> {
         "SELECT state FROM kms.key_versions WHERE key_id = $1 AND version = $2 FOR UPDATE",
         &[key.id.into(), version.into()],
     )?;
-    s.map(|s| State::parse(&s)).ok_or_else(|| KmsError::BadArgument {
-        message: format!("key \"{name}\" has no version {version}"),
-        hint: "See the kms_keys view for existing versions.",
-    })
+    s.map(|s| State::parse(&s))
+        .ok_or_else(|| KmsError::BadArgument {
+            message: format!("key \"{name}\" has no version {version}"),
+            hint: "See the kms_keys view for existing versions.",
+        })
 }
 
 fn set_state(key: &KeyRow, version: i32, state: State) -> KmsResult<()> {
@@ -213,7 +275,8 @@ fn kms_create_key(key_name: RawText, rotation_period: default!(Option<Interval>,
 pub fn create_key(name: &str, rotation_period: Option<Interval>) -> KmsResult<i32> {
     {
         if let Some(p) = rotation_period {
-            let positive = spi_one::<bool>("SELECT $1 > interval '0'", &[p.into()])?.unwrap_or(false);
+            let positive =
+                spi_one::<bool>("SELECT $1 > interval '0'", &[p.into()])?.unwrap_or(false);
             if !positive {
                 return Err(KmsError::BadArgument {
                     message: "rotation_period must be a positive interval".into(),
@@ -238,7 +301,10 @@ pub fn create_key(name: &str, rotation_period: Option<Interval>) -> KmsResult<i3
             if inserted.is_some() {
                 break id;
             }
-            let exists = spi_one::<bool>("SELECT true FROM kms.keys WHERE key_name = $1", &[name.into()])?;
+            let exists = spi_one::<bool>(
+                "SELECT true FROM kms.keys WHERE key_name = $1",
+                &[name.into()],
+            )?;
             if exists.is_some() {
                 return Err(KmsError::KeyExists(name.into()));
             }
@@ -251,9 +317,17 @@ pub fn create_key(name: &str, rotation_period: Option<Interval>) -> KmsResult<i3
         keyring::random_bytes(&mut nonce)?;
         spi_exec(
             "UPDATE kms.keys SET index_key = $2 WHERE key_id = $1",
-            &[key_id.into(), kek.wrap_index_root(key_id as u32, &root, &nonce).into()],
+            &[
+                key_id.into(),
+                kek.wrap_index_root(key_id as u32, &root, &nonce).into(),
+            ],
         )?;
-        let key = KeyRow { id: key_id, name: name.into(), primary: 1, destroyed: false };
+        let key = KeyRow {
+            id: key_id,
+            name: name.into(),
+            primary: 1,
+            destroyed: false,
+        };
         record(&act, "create_key", &key, Some(1), None, None)?;
         Ok(1)
     }
@@ -306,7 +380,8 @@ pub fn rotate_due_keys() -> Vec<String> {
             Ok(out)
         })
         .map_err(KmsError::spi)?;
-        let legacy = spi_read::<bool>("SELECT integrity_since IS NULL FROM kms.keyring", &[])?.unwrap_or(false);
+        let legacy = spi_read::<bool>("SELECT integrity_since IS NULL FROM kms.keyring", &[])?
+            .unwrap_or(false);
         Ok((due, legacy))
     })
     .or_raise();
@@ -352,7 +427,10 @@ fn kms_set_primary(key_name: RawText, version: i32) {
         }
         set_state(&key, key.primary, State::DecryptOnly)?;
         set_state(&key, version, State::Active)?;
-        spi_exec("UPDATE kms.keys SET primary_version = $2 WHERE key_id = $1", &[key.id.into(), version.into()])?;
+        spi_exec(
+            "UPDATE kms.keys SET primary_version = $2 WHERE key_id = $1",
+            &[key.id.into(), version.into()],
+        )?;
         record(&act, "set_primary", &key, Some(version), None, None).map(|_| ())
     })
 }
@@ -372,21 +450,48 @@ fn lock_retirable<'a>(
     refuse_destroyed(&key, key_verb)?;
     let state = version_state(&key, name, version)?;
     if version == key.primary {
-        return Err(KmsError::PrimaryVersion { key: name.into(), version, action: verb });
+        return Err(KmsError::PrimaryVersion {
+            key: name.into(),
+            version,
+            action: verb,
+        });
     }
     if state == State::Destroyed {
-        return Err(KmsError::VersionState { key: name.into(), version, state: "destroyed".into(), action: again });
+        return Err(KmsError::VersionState {
+            key: name.into(),
+            version,
+            state: "destroyed".into(),
+            action: again,
+        });
     }
     Ok((name, key, version))
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
-fn kms_disable_key_version(key_name: RawText, version: i32, reason: default!(Option<RawText>, "NULL")) {
+fn kms_disable_key_version(
+    key_name: RawText,
+    version: i32,
+    reason: default!(Option<RawText>, "NULL"),
+) {
     lifecycle(|| {
         let act = begin_act()?;
-        let (_, key, version) = lock_retirable(&key_name, version, "disable", "disable it", "disable a version")?;
+        let (_, key, version) = lock_retirable(
+            &key_name,
+            version,
+            "disable",
+            "disable it",
+            "disable a version",
+        )?;
         set_state(&key, version, State::Disabled)?;
-        record(&act, "disable_key_version", &key, Some(version), reason, None).map(|_| ())
+        record(
+            &act,
+            "disable_key_version",
+            &key,
+            Some(version),
+            reason,
+            None,
+        )
+        .map(|_| ())
     })
 }
 
@@ -428,7 +533,11 @@ fn now_utc_text() -> KmsResult<String> {
 /// the master key recognize the erased bytes in an old backup, without
 /// revealing them.
 fn material_mac(act: &Act, key_id: i32, version: i32, wrapped: &[u8]) -> String {
-    hex_of(&act.keys.row.hmac(&integrity::destroyed_material(key_id, version, wrapped)))
+    hex_of(
+        &act.keys
+            .row
+            .hmac(&integrity::destroyed_material(key_id, version, wrapped)),
+    )
 }
 
 /// Erases the wrapped material of a version (see the README, "Crypto-shredding
@@ -446,12 +555,22 @@ fn kms_destroy_key_version(
     let caller = keyring::current_user();
     lifecycle(|| {
         let act = begin_act()?;
-        let (name, key, version) = lock_retirable(&key_name, version, "destroy", "destroy it again", "destroy a version")?;
+        let (name, key, version) = lock_retirable(
+            &key_name,
+            version,
+            "destroy",
+            "destroy it again",
+            "destroy a version",
+        )?;
         if !force {
             let (counts, skipped) = crate::reencrypt::usage_by_version(key.id, caller)?;
             let rows = counts.get(&version).copied().unwrap_or(0);
             if rows > 0 {
-                return Err(KmsError::StillReferenced { key: name.into(), version, rows });
+                return Err(KmsError::StillReferenced {
+                    key: name.into(),
+                    version,
+                    rows,
+                });
             }
             if !skipped.is_empty() {
                 return Err(KmsError::UsageUnverifiable {
@@ -475,7 +594,15 @@ fn kms_destroy_key_version(
             "material_mac": material_mac(&act, key.id, version, &wrapped),
         });
         set_state(&key, version, State::Destroyed)?;
-        record(&act, "destroy_key_version", &key, Some(version), reason, Some(&receipt.to_string())).map(|_| ())
+        record(
+            &act,
+            "destroy_key_version",
+            &key,
+            Some(version),
+            reason,
+            Some(&receipt.to_string()),
+        )
+        .map(|_| ())
     })
 }
 
@@ -501,10 +628,15 @@ fn kms_destroy_key(key_name: RawText, reason: default!(Option<RawText>, "NULL"))
             Ok(out)
         })
         .map_err(KmsError::spi)?;
-        let root = spi_one::<Vec<u8>>("SELECT index_key FROM kms.keys WHERE key_id = $1", &[key.id.into()])?;
+        let root = spi_one::<Vec<u8>>(
+            "SELECT index_key FROM kms.keys WHERE key_id = $1",
+            &[key.id.into()],
+        )?;
         let versions: Vec<serde_json::Value> = erased
             .iter()
-            .map(|(v, w)| json!({ "version": v, "material_mac": material_mac(&act, key.id, *v, w) }))
+            .map(
+                |(v, w)| json!({ "version": v, "material_mac": material_mac(&act, key.id, *v, w) }),
+            )
             .collect();
         let receipt = json!({
             "receipt": "pg_kms destruction",
@@ -523,19 +655,37 @@ fn kms_destroy_key(key_name: RawText, reason: default!(Option<RawText>, "NULL"))
             "UPDATE kms.keys SET index_key = NULL, destroyed_at = pg_catalog.now() WHERE key_id = $1",
             &[key.id.into()],
         )?;
-        record(&act, "destroy_key", &key, None, reason, Some(&receipt.to_string())).map(|_| ())
+        record(
+            &act,
+            "destroy_key",
+            &key,
+            None,
+            reason,
+            Some(&receipt.to_string()),
+        )
+        .map(|_| ())
     })
 }
 
-fn grant_args<'a>(key_name: &'a RawText, grantee: &RegRole, privilege: &RawText) -> KmsResult<(&'a str, String, Privilege)> {
+fn grant_args<'a>(
+    key_name: &'a RawText,
+    grantee: &RegRole,
+    privilege: &RawText,
+) -> KmsResult<(&'a str, String, Privilege)> {
     let name = name_arg(key_name)?;
     let privilege = String::from_utf8_lossy(privilege.bytes());
     let p = Privilege::parse(&privilege).ok_or_else(|| KmsError::BadArgument {
         message: format!("unknown key privilege \"{}\"", privilege.escape_default()),
         hint: "Key privileges are 'encrypt' and 'decrypt'.",
     })?;
-    let role = spi_read::<String>("SELECT rolname::text FROM pg_catalog.pg_roles WHERE oid = $1", &[grantee.0.into()])?
-        .ok_or_else(|| KmsError::BadArgument { message: "role does not exist".into(), hint: "Pass an existing role." })?;
+    let role = spi_read::<String>(
+        "SELECT rolname::text FROM pg_catalog.pg_roles WHERE oid = $1",
+        &[grantee.0.into()],
+    )?
+    .ok_or_else(|| KmsError::BadArgument {
+        message: "role does not exist".into(),
+        hint: "Pass an existing role.",
+    })?;
     Ok((name, role, p))
 }
 
@@ -581,9 +731,17 @@ fn change_grant(key_name: &RawText, grantee: &RegRole, privilege: &RawText, gran
                 &[key.id.into(), role.as_str().into(), p.as_str().into()],
             )?;
         }
-        let (op, word) = if grant { ("grant_key", "to") } else { ("revoke_key", "from") };
+        let (op, word) = if grant {
+            ("grant_key", "to")
+        } else {
+            ("revoke_key", "from")
+        };
         // The role as regrole prints it (quoted if needed), never its oid.
-        let reason = format!("{} {word} role {}", p.as_str(), crate::errors::role_display(grantee.0));
+        let reason = format!(
+            "{} {word} role {}",
+            p.as_str(),
+            crate::errors::role_display(grantee.0)
+        );
         audit(op, Some(name), None, Some(RawText::from_ascii(&reason)))
     })
 }
@@ -598,34 +756,43 @@ fn change_grant(key_name: &RawText, grantee: &RegRole, privilege: &RawText, gran
 #[pg_extern(volatile, parallel_unsafe)]
 fn kms_rebind_key_grants() -> i64 {
     lifecycle(|| {
-        let rebound = Spi::connect_mut(|c| -> Result<Vec<(String, String, String)>, pgrx::spi::Error> {
-            let t = c.update(
-                &format!(
+        let rebound = Spi::connect_mut(
+            |c| -> Result<Vec<(String, String, String)>, pgrx::spi::Error> {
+                let t = c.update(
+                    &format!(
                     "UPDATE kms.key_grants g SET grantee_oid = r.oid, cluster_id = {CLUSTER_ID_SQL}
                        FROM pg_catalog.pg_roles r, kms.keys k
                       WHERE r.rolname::pg_catalog.text = g.grantee AND k.key_id = g.key_id
                         AND g.cluster_id <> {CLUSTER_ID_SQL}
                   RETURNING k.key_name, g.privilege, r.oid::pg_catalog.regrole::pg_catalog.text"
                 ),
-                None,
-                &[],
-            )?;
-            let mut out = Vec::new();
-            for r in t {
-                out.push((
-                    r.get::<String>(1)?.unwrap_or_default(),
-                    r.get::<String>(2)?.unwrap_or_default(),
-                    r.get::<String>(3)?.unwrap_or_default(),
-                ));
-            }
-            Ok(out)
-        })
+                    None,
+                    &[],
+                )?;
+                let mut out = Vec::new();
+                for r in t {
+                    out.push((
+                        r.get::<String>(1)?.unwrap_or_default(),
+                        r.get::<String>(2)?.unwrap_or_default(),
+                        r.get::<String>(3)?.unwrap_or_default(),
+                    ));
+                }
+                Ok(out)
+            },
+        )
         .map_err(KmsError::spi)?;
         let mut sorted = rebound;
         sorted.sort();
         for (key, privilege, role) in &sorted {
-            let reason = format!("{privilege} to role {role} (restored from another cluster, bound by name)");
-            audit("rebind_key_grant", Some(key), None, Some(RawText::from_ascii(&reason)))?;
+            let reason = format!(
+                "{privilege} to role {role} (restored from another cluster, bound by name)"
+            );
+            audit(
+                "rebind_key_grant",
+                Some(key),
+                None,
+                Some(RawText::from_ascii(&reason)),
+            )?;
         }
         Ok(sorted.len() as i64)
     })
@@ -646,7 +813,12 @@ fn kms_rotate_master_key() -> i64 {
         let stored = keyring::stored_fingerprint(true)?;
         let Some(stored) = stored else {
             // Nothing was ever wrapped: just commit to the new key.
-            audit("rotate_master_key", None, None, Some(RawText::from_ascii("0 versions re-wrapped")))?;
+            audit(
+                "rotate_master_key",
+                None,
+                None,
+                Some(RawText::from_ascii("0 versions re-wrapped")),
+            )?;
             return Ok(0);
         };
         if stored == new.fingerprint() {
@@ -657,8 +829,15 @@ fn kms_rotate_master_key() -> i64 {
         let (old_keys, new_keys) = (old.integrity_keys(), new.integrity_keys());
         // Authentic under the old key, or a keyring from before MACs that may adopt them.
         match read_keyring(true)? {
-            Some(KeyringRow { since_us: Some(since), mac, fp }) => {
-                if !mac.as_deref().is_some_and(|m| old_keys.row.verify(&integrity::keyring_row(&fp, since), m)) {
+            Some(KeyringRow {
+                since_us: Some(since),
+                mac,
+                fp,
+            }) => {
+                if !mac
+                    .as_deref()
+                    .is_some_and(|m| old_keys.row.verify(&integrity::keyring_row(&fp, since), m))
+                {
                     return Err(altered("the kms.keyring row".into(), WHY_MAC));
                 }
                 verify_all_keys(&old_keys, &old.fingerprint())?;
@@ -666,30 +845,35 @@ fn kms_rotate_master_key() -> i64 {
             _ => refuse_unkeyed_with_keyed_chain()?,
         }
         let (old_kek, new_kek) = (old.kek(), new.kek());
-        let rows = Spi::connect_mut(|c| -> Result<Vec<(i32, i32, String, Vec<u8>)>, pgrx::spi::Error> {
-            let t = c.update(
-                "SELECT v.key_id, v.version, k.key_name, v.wrapped_key
+        let rows = Spi::connect_mut(
+            |c| -> Result<Vec<(i32, i32, String, Vec<u8>)>, pgrx::spi::Error> {
+                let t = c.update(
+                    "SELECT v.key_id, v.version, k.key_name, v.wrapped_key
                    FROM kms.key_versions v JOIN kms.keys k ON k.key_id = v.key_id
                   WHERE v.wrapped_key IS NOT NULL ORDER BY 1, 2 FOR UPDATE OF v",
-                None,
-                &[],
-            )?;
-            let mut out = Vec::new();
-            for r in t {
-                out.push((
-                    r.get::<i32>(1)?.unwrap_or(0),
-                    r.get::<i32>(2)?.unwrap_or(0),
-                    r.get::<String>(3)?.unwrap_or_default(),
-                    r.get::<Vec<u8>>(4)?.unwrap_or_default(),
-                ));
-            }
-            Ok(out)
-        })
+                    None,
+                    &[],
+                )?;
+                let mut out = Vec::new();
+                for r in t {
+                    out.push((
+                        r.get::<i32>(1)?.unwrap_or(0),
+                        r.get::<i32>(2)?.unwrap_or(0),
+                        r.get::<String>(3)?.unwrap_or_default(),
+                        r.get::<Vec<u8>>(4)?.unwrap_or_default(),
+                    ));
+                }
+                Ok(out)
+            },
+        )
         .map_err(KmsError::spi)?;
         for (key_id, version, name, wrapped) in &rows {
             let dk = old_kek
                 .unwrap_raw(*key_id as u32, *version as u32, wrapped)
-                .map_err(|_| KmsError::CatalogCorrupt { key: name.clone(), version: *version })?;
+                .map_err(|_| KmsError::CatalogCorrupt {
+                    key: name.clone(),
+                    version: *version,
+                })?;
             let mut nonce = [0u8; 12];
             keyring::random_bytes(&mut nonce)?;
             let rewrapped = new_kek.wrap(*key_id as u32, *version as u32, &dk, &nonce);
@@ -698,23 +882,41 @@ fn kms_rotate_master_key() -> i64 {
                 &[(*key_id).into(), (*version).into(), rewrapped.into()],
             )?;
         }
-        let roots = Spi::connect(|c| -> Result<Vec<(i32, String, Vec<u8>)>, pgrx::spi::Error> {
-            let mut out = Vec::new();
-            for r in c.select("SELECT key_id, key_name, index_key FROM kms.keys WHERE index_key IS NOT NULL", None, &[])? {
-                out.push((r.get::<i32>(1)?.unwrap_or(0), r.get::<String>(2)?.unwrap_or_default(), r.get::<Vec<u8>>(3)?.unwrap_or_default()));
-            }
-            Ok(out)
-        })
+        let roots = Spi::connect(
+            |c| -> Result<Vec<(i32, String, Vec<u8>)>, pgrx::spi::Error> {
+                let mut out = Vec::new();
+                for r in c.select(
+                    "SELECT key_id, key_name, index_key FROM kms.keys WHERE index_key IS NOT NULL",
+                    None,
+                    &[],
+                )? {
+                    out.push((
+                        r.get::<i32>(1)?.unwrap_or(0),
+                        r.get::<String>(2)?.unwrap_or_default(),
+                        r.get::<Vec<u8>>(3)?.unwrap_or_default(),
+                    ));
+                }
+                Ok(out)
+            },
+        )
         .map_err(KmsError::spi)?;
         for (key_id, name, wrapped) in &roots {
             let root = old_kek
                 .unwrap_index_root(*key_id as u32, wrapped)
-                .map_err(|_| KmsError::CatalogCorrupt { key: name.clone(), version: 0 })?;
+                .map_err(|_| KmsError::CatalogCorrupt {
+                    key: name.clone(),
+                    version: 0,
+                })?;
             let mut nonce = [0u8; 12];
             keyring::random_bytes(&mut nonce)?;
             spi_exec(
                 "UPDATE kms.keys SET index_key = $2 WHERE key_id = $1",
-                &[(*key_id).into(), new_kek.wrap_index_root(*key_id as u32, &root, &nonce).into()],
+                &[
+                    (*key_id).into(),
+                    new_kek
+                        .wrap_index_root(*key_id as u32, &root, &nonce)
+                        .into(),
+                ],
             )?;
         }
         let new_fp = new.fingerprint();
@@ -726,7 +928,15 @@ fn kms_rotate_master_key() -> i64 {
         seal_keyring(&new_keys)?;
         let n = rows.len() as i64;
         let reason = RawText::from_ascii(&format!("{n} versions re-wrapped"));
-        let id = append(&new_keys, &new_fp, "rotate_master_key", None, None, Some(reason), None)?;
+        let id = append(
+            &new_keys,
+            &new_fp,
+            "rotate_master_key",
+            None,
+            None,
+            Some(reason),
+            None,
+        )?;
         reseal_all(&new_keys, id)?;
         Ok(n)
     })
@@ -754,9 +964,15 @@ fn kms_audit_log_check() -> TableIterator<
     ),
 > {
     let c = keyring::as_catalog_owner(|_| check_audit_log()).or_raise();
-    TableIterator::once((c.problem.is_none(), c.rows, c.first_bad, c.problem, c.head_id, c.head_mac))
+    TableIterator::once((
+        c.problem.is_none(),
+        c.rows,
+        c.first_bad,
+        c.problem,
+        c.head_id,
+        c.head_mac,
+    ))
 }
-
 
 /// Whether this database's re-encryption worker runs, and if not, why.
 fn worker_status() -> KmsResult<serde_json::Value> {
@@ -786,7 +1002,10 @@ fn nonce_warnings() -> KmsResult<serde_json::Value> {
     let mut out = Vec::new();
     for (key_id, version, enc, _) in crate::shmem::stats_of_this_db() {
         if enc >= threshold {
-            let name = spi_read::<String>("SELECT key_name FROM kms.keys WHERE key_id = $1", &[(key_id as i32).into()])?;
+            let name = spi_read::<String>(
+                "SELECT key_name FROM kms.keys WHERE key_id = $1",
+                &[(key_id as i32).into()],
+            )?;
             out.push(json!({ "key_name": name, "version": version, "encryptions": enc,
                              "message": "rotate this key: AES-GCM random nonces allow at most 2^32 encryptions per key" }));
         }
@@ -802,7 +1021,8 @@ fn kms_health() -> pgrx::JsonB {
         let source = keyring::describe_source(Which::Current);
         // Reuses this backend's validated key while the source is unchanged
         // (no key command run per call).
-        let (valid, matches, error) = match keyring::validate_current_master_key(stored.as_deref()) {
+        let (valid, matches, error) = match keyring::validate_current_master_key(stored.as_deref())
+        {
             Ok(()) => (true, stored.is_some().then_some(true), None),
             Err(e @ KmsError::MasterKeyMismatch { .. }) => (true, Some(false), Some(e.message())),
             Err(e) => (false, None, Some(e.message())),
@@ -863,14 +1083,17 @@ fn kms_health() -> pgrx::JsonB {
 
 const WHY_MAC: &str = "Its MAC does not verify under the master key.";
 const WHY_STALE: &str = "It is older than the key's latest change recorded in the audit chain: a saved row was put back.";
-const WHY_CUT: &str = "It is newer than the audit chain: the audit rows recording its latest change were removed.";
-const WHY_TRAIL: &str = "The audit row that records the key's latest change does not verify under the master key.";
+const WHY_CUT: &str =
+    "It is newer than the audit chain: the audit rows recording its latest change were removed.";
+const WHY_TRAIL: &str =
+    "The audit row that records the key's latest change does not verify under the master key.";
 
 /// Acts that change a key's rows: the latest one is the key's generation.
 const KEY_OPS: &str =
     "'create_key', 'rotate_key', 'set_primary', 'disable_key_version', 'enable_key_version', 'destroy_key_version', 'destroy_key'";
 
-const KEY_ROW_SQL: &str = "SELECT key_id, key_name, primary_version, (EXTRACT(epoch FROM destroyed_at) * 1000000)::int8,
+const KEY_ROW_SQL: &str =
+    "SELECT key_id, key_name, primary_version, (EXTRACT(epoch FROM destroyed_at) * 1000000)::int8,
         index_key, generation, row_mac FROM kms.keys";
 const VERSION_ROW_SQL: &str = "SELECT version, state, wrapped_key, row_mac FROM kms.key_versions";
 const AUDIT_SQL: &str = "SELECT id, prev_hash, hash, mac, key_fp, (EXTRACT(epoch FROM at) * 1000000)::int8,
@@ -963,7 +1186,12 @@ impl VersionRowData {
     }
 
     fn check(&self) -> VersionCheck<'_> {
-        VersionCheck { version: self.version, state: &self.state, wrapped: self.wrapped.as_deref(), mac: self.mac.as_deref() }
+        VersionCheck {
+            version: self.version,
+            state: &self.state,
+            wrapped: self.wrapped.as_deref(),
+            mac: self.mac.as_deref(),
+        }
     }
 }
 
@@ -971,21 +1199,28 @@ impl VersionRowData {
 /// just changed) or read-only (kms_audit_log_check, a stable function).
 fn key_rows(key_id: i32, write: bool) -> KmsResult<(KeyRowData, Vec<VersionRowData>)> {
     type Rows = Option<(KeyRowData, Vec<VersionRowData>)>;
-    let (key_q, versions_q) =
-        (format!("{KEY_ROW_SQL} WHERE key_id = $1"), format!("{VERSION_ROW_SQL} WHERE key_id = $1 ORDER BY version"));
-    let versions = |t: pgrx::spi::SpiTupleTable<'_>| -> Result<Vec<VersionRowData>, pgrx::spi::Error> {
-        t.map(|r| VersionRowData::read(&r)).collect()
-    };
+    let (key_q, versions_q) = (
+        format!("{KEY_ROW_SQL} WHERE key_id = $1"),
+        format!("{VERSION_ROW_SQL} WHERE key_id = $1 ORDER BY version"),
+    );
+    let versions =
+        |t: pgrx::spi::SpiTupleTable<'_>| -> Result<Vec<VersionRowData>, pgrx::spi::Error> {
+            t.map(|r| VersionRowData::read(&r)).collect()
+        };
     let args = [key_id.into()];
     if write {
         Spi::connect_mut(|c| -> Result<Rows, pgrx::spi::Error> {
-            let Some(r) = c.update(&key_q, Some(1), &args)?.next() else { return Ok(None) };
+            let Some(r) = c.update(&key_q, Some(1), &args)?.next() else {
+                return Ok(None);
+            };
             let key = KeyRowData::read(&r)?;
             Ok(Some((key, versions(c.update(&versions_q, None, &args)?)?)))
         })
     } else {
         Spi::connect(|c| -> Result<Rows, pgrx::spi::Error> {
-            let Some(r) = c.select(&key_q, Some(1), &args)?.next() else { return Ok(None) };
+            let Some(r) = c.select(&key_q, Some(1), &args)?.next() else {
+                return Ok(None);
+            };
             let key = KeyRowData::read(&r)?;
             Ok(Some((key, versions(c.select(&versions_q, None, &args)?)?)))
         })
@@ -995,16 +1230,32 @@ fn key_rows(key_id: i32, write: bool) -> KmsResult<(KeyRowData, Vec<VersionRowDa
 }
 
 fn key_mac(k: &KeyCheck<'_>) -> Vec<u8> {
-    integrity::key_row(k.key_id, k.name.as_bytes(), k.primary, k.destroyed_us, k.index_key, k.generation)
+    integrity::key_row(
+        k.key_id,
+        k.name.as_bytes(),
+        k.primary,
+        k.destroyed_us,
+        k.index_key,
+        k.generation,
+    )
 }
 
 fn version_mac(k: &KeyCheck<'_>, v: &VersionCheck<'_>) -> Vec<u8> {
-    integrity::version_row(k.key_id, v.version, v.state.as_bytes(), v.wrapped, k.generation)
+    integrity::version_row(
+        k.key_id,
+        v.version,
+        v.state.as_bytes(),
+        v.wrapped,
+        k.generation,
+    )
 }
 
 /// Sets a key's generation and re-MACs its row and its versions' rows.
 fn reseal_key(keys: &IntegrityKeys, key_id: i32, generation: i64) -> KmsResult<()> {
-    spi_exec("UPDATE kms.keys SET generation = $2 WHERE key_id = $1", &[key_id.into(), generation.into()])?;
+    spi_exec(
+        "UPDATE kms.keys SET generation = $2 WHERE key_id = $1",
+        &[key_id.into(), generation.into()],
+    )?;
     let (key, versions) = key_rows(key_id, true)?;
     let k = key.check();
     spi_exec(
@@ -1062,10 +1313,15 @@ fn read_keyring(lock: bool) -> KmsResult<Option<KeyringRow>> {
         "SELECT master_key_fingerprint, (EXTRACT(epoch FROM integrity_since) * 1000000)::int8, row_mac FROM kms.keyring{}",
         if lock { " FOR UPDATE" } else { "" }
     );
-    let first = |mut t: pgrx::spi::SpiTupleTable<'_>| -> Result<Option<KeyringRow>, pgrx::spi::Error> {
-        let Some(r) = t.next() else { return Ok(None) };
-        Ok(Some(KeyringRow { fp: r.get::<Vec<u8>>(1)?.unwrap_or_default(), since_us: r.get::<i64>(2)?, mac: r.get::<Vec<u8>>(3)? }))
-    };
+    let first =
+        |mut t: pgrx::spi::SpiTupleTable<'_>| -> Result<Option<KeyringRow>, pgrx::spi::Error> {
+            let Some(r) = t.next() else { return Ok(None) };
+            Ok(Some(KeyringRow {
+                fp: r.get::<Vec<u8>>(1)?.unwrap_or_default(),
+                since_us: r.get::<i64>(2)?,
+                mac: r.get::<Vec<u8>>(3)?,
+            }))
+        };
     if lock {
         Spi::connect_mut(|c| first(c.update(&q, Some(1), &[])?))
     } else {
@@ -1077,9 +1333,14 @@ fn read_keyring(lock: bool) -> KmsResult<Option<KeyringRow>> {
 /// MACs the keyring row (fingerprint, integrity_since) under `keys`.
 fn seal_keyring(keys: &IntegrityKeys) -> KmsResult<()> {
     let kr = read_keyring(true)?.ok_or_else(|| KmsError::Spi("kms.keyring has no row".into()))?;
-    let since = kr.since_us.ok_or_else(|| KmsError::Spi("kms.keyring.integrity_since is NULL".into()))?;
+    let since = kr
+        .since_us
+        .ok_or_else(|| KmsError::Spi("kms.keyring.integrity_since is NULL".into()))?;
     let mac = keys.row.hmac(&integrity::keyring_row(&kr.fp, since));
-    spi_exec("UPDATE kms.keyring SET row_mac = $1", &[mac.to_vec().into()])
+    spi_exec(
+        "UPDATE kms.keyring SET row_mac = $1",
+        &[mac.to_vec().into()],
+    )
 }
 
 /// Commits the keyring to `mk` on first use (rows MAC'd from the start),
@@ -1102,7 +1363,11 @@ fn commit_keyring(mk: &MasterKey) -> KmsResult<KeyringRow> {
 /// audit chain has no keyed row: otherwise its row was edited (or removed)
 /// to get altered rows accepted or re-blessed.
 fn refuse_unkeyed_with_keyed_chain() -> KmsResult<()> {
-    if spi_read::<bool>("SELECT EXISTS (SELECT 1 FROM kms.audit_log WHERE mac IS NOT NULL)", &[])? == Some(true) {
+    if spi_read::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM kms.audit_log WHERE mac IS NOT NULL)",
+        &[],
+    )? == Some(true)
+    {
         return Err(altered(
             "the kms.keyring row".into(),
             "It says key-state rows carry no MACs (or is missing), but the audit chain has keyed rows.",
@@ -1143,7 +1408,10 @@ fn adopt(act: &Act) -> KmsResult<()> {
         } else {
             act.kek.unwrap_raw(*key_id as u32, *version as u32, wrapped)
         };
-        opened.map_err(|_| KmsError::CatalogCorrupt { key: name.clone(), version: *version })?;
+        opened.map_err(|_| KmsError::CatalogCorrupt {
+            key: name.clone(),
+            version: *version,
+        })?;
     }
     // A key destroyed before destroyed_at existed: every version destroyed, no index root.
     spi_exec(
@@ -1152,11 +1420,24 @@ fn adopt(act: &Act) -> KmsResult<()> {
             AND NOT EXISTS (SELECT 1 FROM kms.key_versions v WHERE v.key_id = k.key_id AND v.state <> 'destroyed')",
         &[],
     )?;
-    spi_exec("UPDATE kms.keyring SET integrity_since = pg_catalog.now()", &[])?;
+    spi_exec(
+        "UPDATE kms.keyring SET integrity_since = pg_catalog.now()",
+        &[],
+    )?;
     seal_keyring(&act.keys)?;
     let keys = all_key_ids()?.len();
-    let reason = RawText::from_ascii(&format!("rows of {keys} keys MAC'd (keyring made before MACs)"));
-    let id = append(&act.keys, &act.fp, "adopt_integrity", None, None, Some(reason), None)?;
+    let reason = RawText::from_ascii(&format!(
+        "rows of {keys} keys MAC'd (keyring made before MACs)"
+    ));
+    let id = append(
+        &act.keys,
+        &act.fp,
+        "adopt_integrity",
+        None,
+        None,
+        Some(reason),
+        None,
+    )?;
     reseal_all(&act.keys, id)
 }
 
@@ -1170,7 +1451,9 @@ thread_local! {
 fn integrity_keys(stored_fp: &[u8]) -> KmsResult<Rc<IntegrityKeys>> {
     let source = keyring::master_key_source(Which::Current).map(|(s, _, v)| format!("{s}={v}"));
     let hit = INTEGRITY_KEYS.with(|c| match (&*c.borrow(), &source) {
-        (Some((src, fp, keys)), Some(now)) if src == now && fp.as_slice() == stored_fp => Some(keys.clone()),
+        (Some((src, fp, keys)), Some(now)) if src == now && fp.as_slice() == stored_fp => {
+            Some(keys.clone())
+        }
         _ => None,
     });
     if let Some(keys) = hit {
@@ -1192,9 +1475,16 @@ fn integrity_keys(stored_fp: &[u8]) -> KmsResult<Rc<IntegrityKeys>> {
 /// read-only (works in parallel workers and on a standby).
 pub(crate) fn verify_key_rows(key: &KeyCheck<'_>, versions: &[VersionCheck<'_>]) -> KmsResult<()> {
     match read_keyring(false)? {
-        Some(KeyringRow { fp, since_us: Some(since), mac }) => {
+        Some(KeyringRow {
+            fp,
+            since_us: Some(since),
+            mac,
+        }) => {
             let keys = integrity_keys(&fp)?;
-            if !mac.as_deref().is_some_and(|m| keys.row.verify(&integrity::keyring_row(&fp, since), m)) {
+            if !mac
+                .as_deref()
+                .is_some_and(|m| keys.row.verify(&integrity::keyring_row(&fp, since), m))
+            {
                 return Err(altered("the kms.keyring row".into(), WHY_MAC));
             }
             verify_with(&keys, &fp, key, versions)
@@ -1203,14 +1493,28 @@ pub(crate) fn verify_key_rows(key: &KeyCheck<'_>, versions: &[VersionCheck<'_>])
     }
 }
 
-fn verify_with(keys: &IntegrityKeys, fp: &[u8], key: &KeyCheck<'_>, versions: &[VersionCheck<'_>]) -> KmsResult<()> {
+fn verify_with(
+    keys: &IntegrityKeys,
+    fp: &[u8],
+    key: &KeyCheck<'_>,
+    versions: &[VersionCheck<'_>],
+) -> KmsResult<()> {
     let whose = || format!("the kms.keys row of key \"{}\"", key.name);
     if !key.mac.is_some_and(|m| keys.row.verify(&key_mac(key), m)) {
         return Err(altered(whose(), WHY_MAC));
     }
     for v in versions {
-        if !v.mac.is_some_and(|m| keys.row.verify(&version_mac(key, v), m)) {
-            return Err(altered(format!("the kms.key_versions row of version {} of key \"{}\"", v.version, key.name), WHY_MAC));
+        if !v
+            .mac
+            .is_some_and(|m| keys.row.verify(&version_mac(key, v), m))
+        {
+            return Err(altered(
+                format!(
+                    "the kms.key_versions row of version {} of key \"{}\"",
+                    v.version, key.name
+                ),
+                WHY_MAC,
+            ));
         }
     }
     let latest = spi_read::<i64>(
@@ -1226,7 +1530,11 @@ fn verify_with(keys: &IntegrityKeys, fp: &[u8], key: &KeyCheck<'_>, versions: &[
         _ => return Err(altered(whose(), WHY_CUT)),
     }
     let authentic = read_audit(Some(key.generation))?.first().is_some_and(|r| {
-        r.key_fp.as_deref() == Some(fp) && r.content_ok() && r.mac.as_deref().is_some_and(|m| keys.audit.verify(&r.hash, m))
+        r.key_fp.as_deref() == Some(fp)
+            && r.content_ok()
+            && r.mac
+                .as_deref()
+                .is_some_and(|m| keys.audit.verify(&r.hash, m))
     });
     if !authentic {
         return Err(altered(whose(), WHY_TRAIL));
@@ -1251,17 +1559,33 @@ fn append(
     spi_exec("LOCK TABLE kms.audit_log IN SHARE ROW EXCLUSIVE MODE", &[])?;
     type Head = Option<(i64, Vec<u8>)>;
     let last = Spi::connect(|c| -> Result<Head, pgrx::spi::Error> {
-        let Some(r) = c.select("SELECT id, hash FROM kms.audit_log ORDER BY id DESC LIMIT 1", None, &[])?.next() else {
+        let Some(r) = c
+            .select(
+                "SELECT id, hash FROM kms.audit_log ORDER BY id DESC LIMIT 1",
+                None,
+                &[],
+            )?
+            .next()
+        else {
             return Ok(None);
         };
-        Ok(Some((r.get::<i64>(1)?.unwrap_or(0), r.get::<Vec<u8>>(2)?.unwrap_or_default())))
+        Ok(Some((
+            r.get::<i64>(1)?.unwrap_or(0),
+            r.get::<Vec<u8>>(2)?.unwrap_or_default(),
+        )))
     })
     .map_err(KmsError::spi)?;
     let (id, prev) = match last {
         Some((id, hash)) => (id + 1, hash),
         None => (1, vec![0u8; 32]),
     };
-    type Now = (Option<TimestampWithTimeZone>, i64, Vec<u8>, Option<Vec<u8>>, String);
+    type Now = (
+        Option<TimestampWithTimeZone>,
+        i64,
+        Vec<u8>,
+        Option<Vec<u8>>,
+        String,
+    );
     let (at, at_us, actor, reason_utf8, db) = Spi::connect(|c| -> Result<Now, pgrx::spi::Error> {
         let t = c.select(
             "SELECT t, (EXTRACT(epoch FROM t) * 1000000)::int8, pg_catalog.convert_to(session_user::text, 'UTF8'),
@@ -1320,8 +1644,13 @@ fn append(
                 'operation', $1::text, 'key_name', $2::text, 'version', $3::integer)::text)",
         &[operation.into(), key_name.into(), version.into()],
     )?;
-    let line = format!("pg_kms: audit chain head of database {db}: id={id} mac={}", hex_of(&mac));
-    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, move || pgrx::log!("{line}"));
+    let line = format!(
+        "pg_kms: audit chain head of database {db}: id={id} mac={}",
+        hex_of(&mac)
+    );
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, move || {
+        pgrx::log!("{line}")
+    });
     Ok(id)
 }
 
@@ -1420,7 +1749,11 @@ fn check_audit_log() -> KmsResult<AuditCheck> {
         head_id: last.map(|r| r.id),
         head_mac: last.and_then(|r| r.mac.as_deref().map(hex_of)),
     };
-    if let Some((id, why)) = find_problem(kr.as_ref(), current.as_ref().map(|(fp, k)| (fp.as_slice(), &**k)), &recs)? {
+    if let Some((id, why)) = find_problem(
+        kr.as_ref(),
+        current.as_ref().map(|(fp, k)| (fp.as_slice(), &**k)),
+        &recs,
+    )? {
         out.first_bad = id;
         out.problem = Some(why);
     }
@@ -1460,10 +1793,16 @@ fn find_problem(
                 }
                 match last_fp {
                     None if r.id != 1 && op != b"adopt_integrity" && op != b"rotate_master_key" => {
-                        return bad(r.id, "the first keyed row after unkeyed rows is not an adoption of MACs");
+                        return bad(
+                            r.id,
+                            "the first keyed row after unkeyed rows is not an adoption of MACs",
+                        );
                     }
                     Some(l) if l != fp.as_slice() && op != b"rotate_master_key" => {
-                        return bad(r.id, "the master key changes at a row that is not a master-key rotation");
+                        return bad(
+                            r.id,
+                            "the master key changes at a row that is not a master-key rotation",
+                        );
                     }
                     _ => {}
                 }
@@ -1475,43 +1814,73 @@ fn find_problem(
                         seen_current = true;
                     }
                     _ if seen_current => {
-                        return bad(r.id, "MAC'd under another master key after rows MAC'd under the current one");
+                        return bad(
+                            r.id,
+                            "MAC'd under another master key after rows MAC'd under the current one",
+                        );
                     }
                     _ => {}
                 }
                 last_fp = Some(fp);
             }
-            (Some(_), None) => return bad(r.id, "a keyed row without the fingerprint of its master key"),
+            (Some(_), None) => {
+                return bad(
+                    r.id,
+                    "a keyed row without the fingerprint of its master key",
+                )
+            }
         }
         prev.clone_from(&r.hash);
     }
     let keyed_keyring = kr.is_some_and(|k| k.since_us.is_some());
     match recs.last() {
         Some(r) if last_fp.is_some() && !seen_current => {
-            return bad(r.id, "the newest row is not MAC'd under the current master key");
+            return bad(
+                r.id,
+                "the newest row is not MAC'd under the current master key",
+            );
         }
         Some(r) if keyed_keyring && r.mac.is_none() => {
-            return bad(r.id, "the keyring's rows carry MACs but the newest audit row is unkeyed");
+            return bad(
+                r.id,
+                "the keyring's rows carry MACs but the newest audit row is unkeyed",
+            );
         }
         Some(r) if !keyed_keyring && last_fp.is_some() => {
             return bad(r.id, "the chain is keyed but the kms.keyring row says rows carry no MACs: the keyring row was edited");
         }
         None if keyed_keyring => {
-            return bad(1, "the audit log is empty although the keyring's rows carry MACs: rows were removed");
+            return bad(
+                1,
+                "the audit log is empty although the keyring's rows carry MACs: rows were removed",
+            );
         }
         _ => {}
     }
     let n = recs.len() as i64;
     let head = Spi::connect(|c| -> Result<Option<(i64, Vec<u8>)>, pgrx::spi::Error> {
-        let Some(r) = c.select("SELECT last_id, last_hash FROM kms.audit_head", Some(1), &[])?.next() else {
+        let Some(r) = c
+            .select(
+                "SELECT last_id, last_hash FROM kms.audit_head",
+                Some(1),
+                &[],
+            )?
+            .next()
+        else {
             return Ok(None);
         };
-        Ok(Some((r.get::<i64>(1)?.unwrap_or(0), r.get::<Vec<u8>>(2)?.unwrap_or_default())))
+        Ok(Some((
+            r.get::<i64>(1)?.unwrap_or(0),
+            r.get::<Vec<u8>>(2)?.unwrap_or_default(),
+        )))
     })
     .map_err(KmsError::spi)?;
     if let Some((hid, hhash)) = head {
         if hid != n || hhash != prev {
-            return bad(if hid > n { n + 1 } else { hid }, &format!("kms.audit_head names row {hid} but the log ends at row {n}"));
+            return bad(
+                if hid > n { n + 1 } else { hid },
+                &format!("kms.audit_head names row {hid} but the log ends at row {n}"),
+            );
         }
     }
     // Destroyed material must stay destroyed.
@@ -1547,7 +1916,9 @@ fn find_problem(
             let vs: Vec<VersionCheck<'_>> = versions.iter().map(VersionRowData::check).collect();
             match verify_with(keys, fp, &key.check(), &vs) {
                 Ok(()) => {}
-                Err(KmsError::CatalogAltered { what, why }) => return Ok(Some((None, format!("catalog row altered: {what}: {why}")))),
+                Err(KmsError::CatalogAltered { what, why }) => {
+                    return Ok(Some((None, format!("catalog row altered: {what}: {why}"))))
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -268,7 +268,9 @@ pub fn scan(s: &[u8], standard_conforming_strings: bool) -> Option<Vec<(usize, u
                 if at(j) == b'$' {
                     let delim = &s[i..=j];
                     let body = j + 1;
-                    let end = s[body..].windows(delim.len()).position(|w| w == delim)? + body + delim.len();
+                    let end = s[body..].windows(delim.len()).position(|w| w == delim)?
+                        + body
+                        + delim.len();
                     lits.push((i, end));
                     i = end;
                 } else {
@@ -321,7 +323,11 @@ pub fn scan(s: &[u8], standard_conforming_strings: bool) -> Option<Vec<(usize, u
             }
         } else if op_char(c) {
             let mut j = i;
-            while j < n && op_char(s[j]) && !(j > i && ((s[j] == b'-' && at(j + 1) == b'-') || (s[j] == b'/' && at(j + 1) == b'*'))) {
+            while j < n
+                && op_char(s[j])
+                && !(j > i
+                    && ((s[j] == b'-' && at(j + 1) == b'-') || (s[j] == b'/' && at(j + 1) == b'*')))
+            {
                 j += 1;
             }
             if j - i >= 63 {
@@ -375,7 +381,11 @@ unsafe fn server_tokens(sql: &CStr) -> Vec<(i32, usize)> {
             }
         }
     }
-    let _restore = Restore(pg_sys::MemoryContextSwitchTo(SCRATCH), pg_sys::log_min_messages, pg_sys::client_min_messages);
+    let _restore = Restore(
+        pg_sys::MemoryContextSwitchTo(SCRATCH),
+        pg_sys::log_min_messages,
+        pg_sys::client_min_messages,
+    );
     // Identifier truncation emits a NOTICE: keep it out of the log and away
     // from the client while we scan.
     pg_sys::log_min_messages = pg_sys::PGERROR as i32;
@@ -489,7 +499,10 @@ fn translated(msgid: &CStr) -> Vec<u8> {
 
 /// A line cut at its first quote-like or non-ASCII byte.
 fn cut_line(line: &[u8], out: &mut Vec<u8>) {
-    match line.iter().position(|&c| c == b'"' || c == b'\'' || c == b'$' || c >= 0x80) {
+    match line
+        .iter()
+        .position(|&c| c == b'"' || c == b'\'' || c == b'$' || c >= 0x80)
+    {
         Some(p) => {
             out.extend_from_slice(&line[..p]);
             out.extend_from_slice(WITHHELD.as_bytes());
@@ -501,12 +514,20 @@ fn cut_line(line: &[u8], out: &mut Vec<u8>) {
 /// A CONTEXT text with the SQL of SPI's `SQL statement "%s"` (and
 /// expression, assignment) entries redacted and every other line cut at
 /// its first quote (COPY's `column email: "..."`). `server`: see redact_sql.
-pub fn redact_context(ctx: &[u8], formats: &[(Vec<u8>, Vec<u8>)], scs: bool, server: ServerLexer) -> Vec<u8> {
+pub fn redact_context(
+    ctx: &[u8],
+    formats: &[(Vec<u8>, Vec<u8>)],
+    scs: bool,
+    server: ServerLexer,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(ctx.len());
     let mut i = 0;
     'entries: while i < ctx.len() {
         let rest = &ctx[i..];
-        if let Some((pre, suf)) = formats.iter().find(|(p, s)| !p.is_empty() && !s.is_empty() && rest.starts_with(p)) {
+        if let Some((pre, suf)) = formats
+            .iter()
+            .find(|(p, s)| !p.is_empty() && !s.is_empty() && rest.starts_with(p))
+        {
             let body = i + pre.len();
             let mut k = body;
             while k + suf.len() <= ctx.len() {
@@ -543,11 +564,18 @@ pub fn redact_context(ctx: &[u8], formats: &[(Vec<u8>, Vec<u8>)], scs: bool, ser
 /// at the first quote when there is only one.
 fn redact_value_message(msg: &[u8]) -> Option<Vec<u8>> {
     const QUOTES: [&str; 11] = ["\"", "'", "«", "»", "„", "“", "”", "‘", "’", "「", "」"];
-    let quote_at = |k: usize| QUOTES.iter().find(|q| msg[k..].starts_with(q.as_bytes())).map(|q| q.len());
+    let quote_at = |k: usize| {
+        QUOTES
+            .iter()
+            .find(|q| msg[k..].starts_with(q.as_bytes()))
+            .map(|q| q.len())
+    };
     let first = (0..msg.len()).find(|&k| quote_at(k).is_some())?;
     let mut out = msg[..first].to_vec();
     out.extend_from_slice(b"\"<redacted by pg_kms>\"");
-    let last = (first + 1..msg.len()).rev().find_map(|k| quote_at(k).map(|l| k + l));
+    let last = (first + 1..msg.len())
+        .rev()
+        .find_map(|k| quote_at(k).map(|l| k + l));
     if let Some(end) = last {
         out.extend_from_slice(&msg[end..]);
     }
@@ -558,9 +586,18 @@ fn redact_value_message(msg: &[u8]) -> Option<Vec<u8>> {
 #[test]
 fn value_messages() {
     let r = |m: &str| String::from_utf8(redact_value_message(m.as_bytes()).unwrap()).unwrap();
-    assert_eq!(r("invalid input syntax for type integer: \"v\""), "invalid input syntax for type integer: \"<redacted by pg_kms>\"");
-    assert_eq!(r("value \"v\" is out of range for type integer"), "value \"<redacted by pg_kms>\" is out of range for type integer");
-    assert_eq!(r("ungültige Eingabesyntax für Typ integer: »v«"), "ungültige Eingabesyntax für Typ integer: \"<redacted by pg_kms>\"");
+    assert_eq!(
+        r("invalid input syntax for type integer: \"v\""),
+        "invalid input syntax for type integer: \"<redacted by pg_kms>\""
+    );
+    assert_eq!(
+        r("value \"v\" is out of range for type integer"),
+        "value \"<redacted by pg_kms>\" is out of range for type integer"
+    );
+    assert_eq!(
+        r("ungültige Eingabesyntax für Typ integer: »v«"),
+        "ungültige Eingabesyntax für Typ integer: \"<redacted by pg_kms>\""
+    );
     assert_eq!(r("a \"v"), "a \"<redacted by pg_kms>\"");
     assert!(redact_value_message(b"division by zero").is_none());
 }
@@ -581,7 +618,12 @@ const STATEMENT_FORMATS: [&str; 7] = [
 
 /// elog.c's is_log_level_output.
 fn is_log_level_output(elevel: i32, min: i32) -> bool {
-    let (log, ls_only, fatal, error) = (pg_sys::LOG as i32, pg_sys::LOG_SERVER_ONLY as i32, pg_sys::FATAL as i32, pg_sys::PGERROR as i32);
+    let (log, ls_only, fatal, error) = (
+        pg_sys::LOG as i32,
+        pg_sys::LOG_SERVER_ONLY as i32,
+        pg_sys::FATAL as i32,
+        pg_sys::PGERROR as i32,
+    );
     if elevel == log || elevel == ls_only {
         min == log || min <= error
     } else if elevel == pg_sys::WARNING_CLIENT_ONLY as i32 {
@@ -609,7 +651,10 @@ unsafe fn pstr(b: &[u8]) -> *mut c_char {
 }
 
 fn sqlstate_class(code: i32) -> [u8; 2] {
-    [b'0' + (code & 0x3f) as u8, b'0' + ((code >> 6) & 0x3f) as u8]
+    [
+        b'0' + (code & 0x3f) as u8,
+        b'0' + ((code >> 6) & 0x3f) as u8,
+    ]
 }
 
 /// SAFETY (for callers): `e` is the entry being reported by
@@ -658,7 +703,9 @@ unsafe fn redact_fields(e: &mut pg_sys::ErrorData, all: bool, old: &mut Vec<*mut
                     stmt_inv.then(|| [&m[..m.len() - s.len()], &redact(s)[..]].concat())
                 }
                 _ if involved(m) => Some(match m.iter().position(|&c| c == b'\n') {
-                    Some(nl) if mid.starts_with(b"duration: %.3f ms  plan:") => [&m[..=nl], &redact(&m[nl + 1..])[..]].concat(),
+                    Some(nl) if mid.starts_with(b"duration: %.3f ms  plan:") => {
+                        [&m[..=nl], &redact(&m[nl + 1..])[..]].concat()
+                    }
                     _ => redact(m),
                 }),
                 _ => None,
@@ -693,9 +740,18 @@ unsafe fn redact_fields(e: &mut pg_sys::ErrorData, all: bool, old: &mut Vec<*mut
 
     // 3. STATEMENT: hidden; a redacted copy in the log-only detail.
     if let Some(s) = stmt {
-        if !e.hide_stmt && (stmt_inv || input_error) && is_log_level_output(e.elevel, pg_sys::log_min_error_statement) {
+        if !e.hide_stmt
+            && (stmt_inv || input_error)
+            && is_log_level_output(e.elevel, pg_sys::log_min_error_statement)
+        {
             e.hide_stmt = true;
-            log_detail.push([&b"statement (literals redacted by pg_kms): "[..], &redact(s)[..]].concat());
+            log_detail.push(
+                [
+                    &b"statement (literals redacted by pg_kms): "[..],
+                    &redact(s)[..],
+                ]
+                .concat(),
+            );
         }
     }
 
@@ -713,22 +769,35 @@ unsafe fn redact_fields(e: &mut pg_sys::ErrorData, all: bool, old: &mut Vec<*mut
             if data_error {
                 log_detail.push(b"context withheld by pg_kms".to_vec());
             } else {
-                let formats: Vec<(Vec<u8>, Vec<u8>)> = [c"SQL statement \"%s\"", c"SQL expression \"%s\"", c"PL/pgSQL assignment \"%s\""]
-                    .iter()
-                    .filter_map(|f| {
-                        let t = translated(f);
-                        let p = t.windows(2).position(|w| w == b"%s")?;
-                        Some((t[..p].to_vec(), t[p + 2..].to_vec()))
-                    })
-                    .collect();
-                let r = redact_context(ctx, &formats, pg_sys::standard_conforming_strings, Some(server_tokens));
+                let formats: Vec<(Vec<u8>, Vec<u8>)> = [
+                    c"SQL statement \"%s\"",
+                    c"SQL expression \"%s\"",
+                    c"PL/pgSQL assignment \"%s\"",
+                ]
+                .iter()
+                .filter_map(|f| {
+                    let t = translated(f);
+                    let p = t.windows(2).position(|w| w == b"%s")?;
+                    Some((t[..p].to_vec(), t[p + 2..].to_vec()))
+                })
+                .collect();
+                let r = redact_context(
+                    ctx,
+                    &formats,
+                    pg_sys::standard_conforming_strings,
+                    Some(server_tokens),
+                );
                 log_detail.push([&b"context (redacted by pg_kms): "[..], &r[..]].concat());
             }
         }
     }
 
     if !log_detail.is_empty() {
-        let base = if detail_changed { None } else { bytes(e.detail_log).or_else(|| bytes(e.detail)) };
+        let base = if detail_changed {
+            None
+        } else {
+            bytes(e.detail_log).or_else(|| bytes(e.detail))
+        };
         let mut all_lines: Vec<u8> = base.map(|b| b.to_vec()).unwrap_or_default();
         for part in log_detail {
             if !all_lines.is_empty() {
@@ -749,7 +818,8 @@ unsafe extern "C-unwind" fn emit_log_hook(edata: *mut pg_sys::ErrorData) {
         // strings by palloc'd copies and set its hide flags. A panic here
         // must not turn into an ERROR inside error reporting.
         let e = &mut *edata;
-        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| redact_edata(e, all))).is_err() {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| redact_edata(e, all))).is_err()
+        {
             e.message = pstr(WITHHELD.as_bytes());
             e.hide_stmt = true;
             e.hide_ctx = true;
@@ -774,18 +844,64 @@ mod unit {
     #[test]
     fn redacts_every_kind_of_literal() {
         let p = PLACEHOLDER;
-        assert_eq!(r("SELECT kms_encrypt('alice@example.com', 'pii')"), format!("SELECT kms_encrypt({p}, {p})"));
-        assert_eq!(r("SELECT 'it''s', E'a\\'b', x"), format!("SELECT {p}, {p}, x"));
-        assert_eq!(r("SELECT $$secret$$, $t$also $$ secret$t$, $1"), format!("SELECT {p}, {p}, $1"));
-        assert_eq!(r("SELECT \"col'x\" -- it's a comment\n, 'v'"), format!("SELECT \"col'x\" -- it's a comment\n, {p}"));
-        assert_eq!(r("SELECT /* 'c' /* nested */ */ 'v', 42, 1.5"), format!("SELECT /* 'c' /* nested */ */ {p}, {p}, {p}"));
-        assert_eq!(r("SELECT $é$a'b$é$, name'\\' || 'v'"), format!("SELECT {p}, name{p} || {p}"));
-        assert_eq!(r("SELECT 1 AS q$$, f($$v$$)"), format!("SELECT {p} AS q$$, f({p})"));
-        assert_eq!(r("SELECT 'a'\n  'b', 'c' 'd'"), format!("SELECT {p}, {p} {p}"));
+        assert_eq!(
+            r("SELECT kms_encrypt('alice@example.com', 'pii')"),
+            format!("SELECT kms_encrypt({p}, {p})")
+        );
+        assert_eq!(
+            r("SELECT 'it''s', E'a\\'b', x"),
+            format!("SELECT {p}, {p}, x")
+        );
+        assert_eq!(
+            r("SELECT $$secret$$, $t$also $$ secret$t$, $1"),
+            format!("SELECT {p}, {p}, $1")
+        );
+        assert_eq!(
+            r("SELECT \"col'x\" -- it's a comment\n, 'v'"),
+            format!("SELECT \"col'x\" -- it's a comment\n, {p}")
+        );
+        assert_eq!(
+            r("SELECT /* 'c' /* nested */ */ 'v', 42, 1.5"),
+            format!("SELECT /* 'c' /* nested */ */ {p}, {p}, {p}")
+        );
+        assert_eq!(
+            r("SELECT $é$a'b$é$, name'\\' || 'v'"),
+            format!("SELECT {p}, name{p} || {p}")
+        );
+        assert_eq!(
+            r("SELECT 1 AS q$$, f($$v$$)"),
+            format!("SELECT {p} AS q$$, f({p})")
+        );
+        assert_eq!(
+            r("SELECT 'a'\n  'b', 'c' 'd'"),
+            format!("SELECT {p}, {p} {p}")
+        );
         assert_eq!(r("SELECT 1..2"), format!("SELECT {p}..{p}"));
-        assert!(redact_sql(b"SELECT 'a\\'v', 'k'", false, None).unwrap() == format!("SELECT {p}, {p}").into_bytes());
-        assert_eq!(r("SELECT 1e5, 2.5E-3, .5e+1"), format!("SELECT {p}, {p}, {p}"));
-        for bad in ["SELECT 'unterminated", "SELECT 1abc", "SELECT 1e5x", "SELECT 1e5$", "SELECT 1.5e5$$", "SELECT 1e", "SELECT 1.5e-", "SELECT $1x", "SELECT \"\"", "SELECT /* open", "SELECT $a$ x", "SELECT E'\\u0041'", "SELECT E'\\xff'", "SELECT 1e+", "SELECT \"open"] {
+        assert!(
+            redact_sql(b"SELECT 'a\\'v', 'k'", false, None).unwrap()
+                == format!("SELECT {p}, {p}").into_bytes()
+        );
+        assert_eq!(
+            r("SELECT 1e5, 2.5E-3, .5e+1"),
+            format!("SELECT {p}, {p}, {p}")
+        );
+        for bad in [
+            "SELECT 'unterminated",
+            "SELECT 1abc",
+            "SELECT 1e5x",
+            "SELECT 1e5$",
+            "SELECT 1.5e5$$",
+            "SELECT 1e",
+            "SELECT 1.5e-",
+            "SELECT $1x",
+            "SELECT \"\"",
+            "SELECT /* open",
+            "SELECT $a$ x",
+            "SELECT E'\\u0041'",
+            "SELECT E'\\xff'",
+            "SELECT 1e+",
+            "SELECT \"open",
+        ] {
             assert!(redact_sql(bad.as_bytes(), true, None).is_none(), "{bad}");
         }
         assert!(redact_sql(b"SELECT U&'x'", false, None).is_none());
@@ -805,7 +921,10 @@ mod unit {
             format!("SQL statement \"SELECT kms_encrypt({PLACEHOLDER}, \"k\")\"\nPL/pgSQL function inline_code_block line 1 at PERFORM")
         );
         let out = redact_context(b"COPY t, line 1, column email: \"v\"", &f, true, None);
-        assert_eq!(String::from_utf8(out).unwrap(), format!("COPY t, line 1, column email: {WITHHELD}"));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!("COPY t, line 1, column email: {WITHHELD}")
+        );
     }
 
     proptest! {
@@ -831,12 +950,70 @@ mod tests {
     #[pg_test]
     fn scanner_model_never_accepts_what_the_scanner_rejects() {
         const FRAGMENTS: [&str; 63] = [
-            "'", "''", "\"", "\"\"", "$", "$$", "$a$", "$é$", "é", "e'", "E'", "n'", "b'", "x'", "U&'", "u&\"", "u&", "\\",
-            "\\'", "\\\\", "\\x41", "\\xff", "\\101", "\\0", "\\u0041", "\\n", "--", "/*", "*/", "\n", "\r", " ", "\t", "1",
-            "1.5", ".", "..", "e", "E+", "a", "name", "_", "::", "+", "-", "=", "*", "/", "(", ")", ",", "0x", "1e", "x$",
-            "$1", ";", "'a'\n'b'", "-- c\n", "5", "e5", "E-",
+            "'",
+            "''",
+            "\"",
+            "\"\"",
+            "$",
+            "$$",
+            "$a$",
+            "$é$",
+            "é",
+            "e'",
+            "E'",
+            "n'",
+            "b'",
+            "x'",
+            "U&'",
+            "u&\"",
+            "u&",
+            "\\",
+            "\\'",
+            "\\\\",
+            "\\x41",
+            "\\xff",
+            "\\101",
+            "\\0",
+            "\\u0041",
+            "\\n",
+            "--",
+            "/*",
+            "*/",
+            "\n",
+            "\r",
+            " ",
+            "\t",
+            "1",
+            "1.5",
+            ".",
+            "..",
+            "e",
+            "E+",
+            "a",
+            "name",
+            "_",
+            "::",
+            "+",
+            "-",
+            "=",
+            "*",
+            "/",
+            "(",
+            ")",
+            ",",
+            "0x",
+            "1e",
+            "x$",
+            "$1",
+            ";",
+            "'a'\n'b'",
+            "-- c\n",
+            "5",
+            "e5",
+            "E-",
             // Identifier truncation (a NOTICE) and operator length (an error).
-            "abcdefghijabcdefghijabcdefghijabcdefghijabcdefghijabcdefghijabcdefghij", "<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<",
+            "abcdefghijabcdefghijabcdefghijabcdefghijabcdefghijabcdefghijabcdefghij",
+            "<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<",
         ];
         let mut seed = [0u8; 8];
         getrandom::getrandom(&mut seed).expect("random");
@@ -849,17 +1026,30 @@ mod tests {
         };
         let (mut accepted, mut total) = (0, 0);
         for scs in [true, false] {
-            Spi::run(if scs { "SET standard_conforming_strings = on" } else { "SET standard_conforming_strings = off" }).unwrap();
+            Spi::run(if scs {
+                "SET standard_conforming_strings = on"
+            } else {
+                "SET standard_conforming_strings = off"
+            })
+            .unwrap();
             for _ in 0..50_000 {
                 let len = 1 + next() % 12;
-                let text: String = (0..len).map(|_| FRAGMENTS[(next() % FRAGMENTS.len() as u64) as usize]).collect();
+                let text: String = (0..len)
+                    .map(|_| FRAGMENTS[(next() % FRAGMENTS.len() as u64) as usize])
+                    .collect();
                 total += 1;
-                let Some(spans) = scan(text.as_bytes(), scs) else { continue };
+                let Some(spans) = scan(text.as_bytes(), scs) else {
+                    continue;
+                };
                 accepted += 1;
                 let c = CString::new(text.clone()).unwrap();
                 // SAFETY: a normal function context; an error here fails the test.
                 let toks = unsafe { server_tokens(&c) };
-                let server: Vec<usize> = toks.iter().filter(|t| is_constant(t.0)).map(|t| t.1).collect();
+                let server: Vec<usize> = toks
+                    .iter()
+                    .filter(|t| is_constant(t.0))
+                    .map(|t| t.1)
+                    .collect();
                 let model: Vec<usize> = spans.iter().map(|s| s.0).collect();
                 assert_eq!(server, model, "constants of {text:?} (scs {scs})");
             }
@@ -872,9 +1062,17 @@ mod tests {
     /// run over the texts of the unit tests.
     #[pg_test]
     fn redacts_with_the_server_scanner() {
-        let out = redact_sql(b"SELECT kms_encrypt($\xc3\xa9$v$\xc3\xa9$, name'\\' || 'w'), 1 AS q$$, $$x$$", true, Some(server_tokens)).unwrap();
+        let out = redact_sql(
+            b"SELECT kms_encrypt($\xc3\xa9$v$\xc3\xa9$, name'\\' || 'w'), 1 AS q$$, $$x$$",
+            true,
+            Some(server_tokens),
+        )
+        .unwrap();
         let p = PLACEHOLDER;
-        assert_eq!(String::from_utf8(out).unwrap(), format!("SELECT kms_encrypt({p}, name{p} || {p}), {p} AS q$$, {p}"));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!("SELECT kms_encrypt({p}, name{p} || {p}), {p} AS q$$, {p}")
+        );
         assert!(redact_sql(b"SELECT 'open", true, Some(server_tokens)).is_none());
     }
 }

@@ -25,7 +25,9 @@ use std::collections::BTreeMap;
 /// Runs a statement on `kms.*` as the catalog owner (search_path pinned),
 /// whoever calls: the worker, or `kms_reencrypt_now`'s caller.
 fn spi_exec(q: &str, args: &[DatumWithOid<'_>]) -> KmsResult<()> {
-    keyring::as_catalog_owner(|_| Spi::connect_mut(|c| c.update(q, None, args).map(|_| ())).map_err(KmsError::spi))
+    keyring::as_catalog_owner(|_| {
+        Spi::connect_mut(|c| c.update(q, None, args).map(|_| ())).map_err(KmsError::spi)
+    })
 }
 
 #[derive(Clone, Debug)]
@@ -53,7 +55,12 @@ pub enum Runner {
     Caller,
 }
 
-fn on_table<R>(col: &Column, who: Runner, lockmode: u32, f: impl FnOnce(&Column) -> KmsResult<R>) -> KmsResult<Option<R>> {
+fn on_table<R>(
+    col: &Column,
+    who: Runner,
+    lockmode: u32,
+    f: impl FnOnce(&Column) -> KmsResult<R>,
+) -> KmsResult<Option<R>> {
     // Lock the table by oid first, then read its owner and name again in
     // this transaction: the statement below names the table, and a rename
     // (or a new owner) since the column list was read must not make it run
@@ -61,7 +68,9 @@ fn on_table<R>(col: &Column, who: Runner, lockmode: u32, f: impl FnOnce(&Column)
     // lock_timeout (the worker sets it).
     // SAFETY: a relation lock held until the end of the transaction.
     unsafe { pg_sys::LockRelationOid(col.relid, lockmode as pg_sys::LOCKMODE) };
-    let Some(fresh) = refresh(col)? else { return Ok(None) };
+    let Some(fresh) = refresh(col)? else {
+        return Ok(None);
+    };
     match who {
         Runner::Owner => keyring::as_table_owner(fresh.owner, || f(&fresh)).map(Some),
         Runner::Caller => f(&fresh).map(Some),
@@ -241,8 +250,16 @@ pub fn targets() -> KmsResult<Targets> {
         for bytes in [0, FLAG_BYTES] {
             for det in [0, FLAG_DETERMINISTIC] {
                 for ctx in [0, FLAG_CONTEXT] {
-                    let h = Header { flags: bytes | det | ctx, key_id: key_id as u32, key_version: version as u32 };
-                    let list = if ctx == 0 { &mut t.rewrap } else { &mut t.context };
+                    let h = Header {
+                        flags: bytes | det | ctx,
+                        key_id: key_id as u32,
+                        key_version: version as u32,
+                    };
+                    let list = if ctx == 0 {
+                        &mut t.rewrap
+                    } else {
+                        &mut t.context
+                    };
                     list.push(h.encode().to_vec());
                 }
             }
@@ -254,7 +271,10 @@ pub fn targets() -> KmsResult<Targets> {
 /// `col`'s first 10 bytes (the envelope header), with built-in functions
 /// only (`encrypted_text` is binary-coercible to bytea).
 fn header_expr(alias: &str, col: &Column) -> String {
-    format!("pg_catalog.substring({alias}.{c}::pg_catalog.bytea, 1, 10)", c = col.column)
+    format!(
+        "pg_catalog.substring({alias}.{c}::pg_catalog.bytea, 1, 10)",
+        c = col.column
+    )
 }
 
 /// (rows needing a rewrap the worker can do, rows needing one that only
@@ -273,9 +293,16 @@ pub fn pending_counts(col: &Column, who: Runner, targets: &Targets) -> KmsResult
             t = col.table
         );
         Spi::connect(|c| {
-            c.select(&q, Some(1), &[targets.rewrap.clone().into(), targets.context.clone().into()])?
-                .first()
-                .get_two::<i64, i64>()
+            c.select(
+                &q,
+                Some(1),
+                &[
+                    targets.rewrap.clone().into(),
+                    targets.context.clone().into(),
+                ],
+            )?
+            .first()
+            .get_two::<i64, i64>()
         })
         .map(|(a, b)| (a.unwrap_or(0), b.unwrap_or(0)))
         .map_err(KmsError::spi)
@@ -288,7 +315,11 @@ pub fn pending_counts(col: &Column, who: Runner, targets: &Targets) -> KmsResult
 pub type Tid = (u32, u16);
 
 fn parse_tid(s: &str) -> Option<Tid> {
-    let (b, o) = s.trim().strip_prefix('(')?.strip_suffix(')')?.split_once(',')?;
+    let (b, o) = s
+        .trim()
+        .strip_prefix('(')?
+        .strip_suffix(')')?
+        .split_once(',')?;
     Some((b.trim().parse().ok()?, o.trim().parse().ok()?))
 }
 
@@ -323,16 +354,27 @@ impl IntoDatum for ArrayDatum {
 
 fn encrypted_text_array(values: Vec<EncryptedText>) -> KmsResult<DatumWithOid<'static>> {
     let elem = keyring::encrypted_text_oid()?;
-    let mut datums: Vec<pg_sys::Datum> = values.into_iter().filter_map(|v| v.into_datum()).collect();
+    let mut datums: Vec<pg_sys::Datum> =
+        values.into_iter().filter_map(|v| v.into_datum()).collect();
     // SAFETY: `elem` is the oid of encrypted_text (a varlena, int4-aligned,
     // not by value); `datums` are palloc'd varlenas of that type that live
     // in the current memory context; construct_array copies them.
     unsafe {
         let (mut len, mut byval, mut align) = (0i16, false, 0 as std::ffi::c_char);
         pg_sys::get_typlenbyvalalign(elem, &mut len, &mut byval, &mut align);
-        let arr = pg_sys::construct_array(datums.as_mut_ptr(), datums.len() as i32, elem, len as i32, byval, align);
+        let arr = pg_sys::construct_array(
+            datums.as_mut_ptr(),
+            datums.len() as i32,
+            elem,
+            len as i32,
+            byval,
+            align,
+        );
         let array_oid = pg_sys::get_array_type(elem);
-        Ok(DatumWithOid::new(ArrayDatum(pg_sys::Datum::from(arr)), array_oid))
+        Ok(DatumWithOid::new(
+            ArrayDatum(pg_sys::Datum::from(arr)),
+            array_oid,
+        ))
     }
 }
 
@@ -341,8 +383,19 @@ fn encrypted_text_array(values: Vec<EncryptedText>) -> KmsResult<DatumWithOid<'s
 /// row is locked first and its latest version rewrapped. A value that
 /// cannot be opened (forged, altered, or its version disabled meanwhile)
 /// is left as it is and reported in `failed`.
-pub fn rewrap_batch(col: &Column, who: Runner, targets: &Targets, from: Tid, limit: Option<i64>) -> KmsResult<Batch> {
-    let none = Batch { picked: 0, updated: 0, last: None, failed: None };
+pub fn rewrap_batch(
+    col: &Column,
+    who: Runner,
+    targets: &Targets,
+    from: Tid,
+    limit: Option<i64>,
+) -> KmsResult<Batch> {
+    let none = Batch {
+        picked: 0,
+        updated: 0,
+        last: None,
+        failed: None,
+    };
     if targets.rewrap.is_empty() {
         return Ok(none);
     }
@@ -357,20 +410,36 @@ pub fn rewrap_batch(col: &Column, who: Runner, targets: &Targets, from: Tid, lim
             c = col.column,
             t = col.table
         );
-        Spi::connect_mut(|c| -> Result<Vec<(pg_sys::ItemPointerData, Vec<u8>)>, pgrx::spi::Error> {
-            let t = c.update(&pick, None, &[start.as_str().into(), targets.rewrap.clone().into(), limit.into()])?;
-            let mut out = Vec::new();
-            for r in t {
-                if let (Some(tid), Some(v)) = (r.get::<pg_sys::ItemPointerData>(1)?, r.get::<Vec<u8>>(2)?) {
-                    out.push((tid, v));
+        Spi::connect_mut(
+            |c| -> Result<Vec<(pg_sys::ItemPointerData, Vec<u8>)>, pgrx::spi::Error> {
+                let t = c.update(
+                    &pick,
+                    None,
+                    &[
+                        start.as_str().into(),
+                        targets.rewrap.clone().into(),
+                        limit.into(),
+                    ],
+                )?;
+                let mut out = Vec::new();
+                for r in t {
+                    if let (Some(tid), Some(v)) =
+                        (r.get::<pg_sys::ItemPointerData>(1)?, r.get::<Vec<u8>>(2)?)
+                    {
+                        out.push((tid, v));
+                    }
                 }
-            }
-            Ok(out)
-        })
+                Ok(out)
+            },
+        )
         .map_err(KmsError::spi)
     })?
     .unwrap_or_default();
-    let mut batch = Batch { picked: rows.len() as i64, last: rows.iter().map(|(t, _)| tid_of(*t)).max(), ..none };
+    let mut batch = Batch {
+        picked: rows.len() as i64,
+        last: rows.iter().map(|(t, _)| tid_of(*t)).max(),
+        ..none
+    };
     let (mut tids, mut values) = (Vec::new(), Vec::new());
     for (tid, bytes) in rows {
         match crate::values::rewrap(EncryptedText::from_bytes(&bytes), &[]) {
@@ -392,8 +461,16 @@ pub fn rewrap_batch(col: &Column, who: Runner, targets: &Targets, from: Tid, lim
     // The rows picked lie between the lowest and highest TID: that range
     // (a TID Range Scan of the pages just read) joined with the new values.
     // A `ctid = ANY (array)` qual made the planner scan the whole table.
-    let lo = tids.iter().copied().min_by_key(|t| tid_of(*t)).expect("not empty");
-    let hi = tids.iter().copied().max_by_key(|t| tid_of(*t)).expect("not empty");
+    let lo = tids
+        .iter()
+        .copied()
+        .min_by_key(|t| tid_of(*t))
+        .expect("not empty");
+    let hi = tids
+        .iter()
+        .copied()
+        .max_by_key(|t| tid_of(*t))
+        .expect("not empty");
     batch.updated = on_table(col, who, pg_sys::RowExclusiveLock, |col| {
         let update = format!(
             "UPDATE ONLY {t} kms_t SET {c} = kms_u.n
@@ -415,7 +492,12 @@ pub fn rewrap_batch(col: &Column, who: Runner, targets: &Targets, from: Tid, lim
 /// The first row from `from` on that still needs a rewrap (no lock): used
 /// to step over a row whose rewrap fails, so that one bad row (e.g. a
 /// deterministic duplicate under UNIQUE) cannot stall the whole table.
-pub fn next_candidate(col: &Column, who: Runner, targets: &Targets, from: Tid) -> KmsResult<Option<Tid>> {
+pub fn next_candidate(
+    col: &Column,
+    who: Runner,
+    targets: &Targets,
+    from: Tid,
+) -> KmsResult<Option<Tid>> {
     if targets.rewrap.is_empty() {
         return Ok(None);
     }
@@ -469,7 +551,11 @@ pub fn progress_batch(col: &Column, rewrapped: i64) -> KmsResult<()> {
                 rows_pending = greatest(rows_pending - $3, 0),
                 last_batch_at = pg_catalog.now()
           WHERE relid = $1 AND attname = $2",
-        &[col.relid.into(), col.attname.as_str().into(), rewrapped.into()],
+        &[
+            col.relid.into(),
+            col.attname.as_str().into(),
+            rewrapped.into(),
+        ],
     )
 }
 
@@ -500,7 +586,10 @@ pub fn progress_gc() -> KmsResult<()> {
 /// may SELECT (each counted by a full scan run as its table's owner under
 /// `SECURITY_RESTRICTED_OPERATION`), and the columns skipped because
 /// `caller` may not read them (`table.column`).
-pub fn usage_by_version(key_id: i32, caller: pg_sys::Oid) -> KmsResult<(BTreeMap<i32, i64>, Vec<String>)> {
+pub fn usage_by_version(
+    key_id: i32,
+    caller: pg_sys::Oid,
+) -> KmsResult<(BTreeMap<i32, i64>, Vec<String>)> {
     let mut counts = BTreeMap::new();
     let id = (key_id as u32).to_be_bytes().to_vec();
     // Values inside arrays, composites, materialized views or foreign
@@ -521,7 +610,9 @@ pub fn usage_by_version(key_id: i32, caller: pg_sys::Oid) -> KmsResult<(BTreeMap
             Spi::connect(|c| -> Result<(), pgrx::spi::Error> {
                 for r in c.select(&q, None, &[id.clone().into()])? {
                     let v = r.get::<Vec<u8>>(1)?.unwrap_or_default();
-                    let v = <[u8; 4]>::try_from(v.as_slice()).map(i32::from_be_bytes).unwrap_or(0);
+                    let v = <[u8; 4]>::try_from(v.as_slice())
+                        .map(i32::from_be_bytes)
+                        .unwrap_or(0);
                     *counts.entry(v).or_insert(0) += r.get::<i64>(2)?.unwrap_or(0);
                 }
                 Ok(())
@@ -570,11 +661,19 @@ fn kms_key_usage(
 
 /// "N encrypted columns were not counted ...", naming at most ten.
 pub fn skipped_notice(skipped: &[String]) -> String {
-    let mut names = skipped.iter().take(10).cloned().collect::<Vec<_>>().join(", ");
+    let mut names = skipped
+        .iter()
+        .take(10)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
     if skipped.len() > 10 {
         names.push_str(", ...");
     }
-    format!("{} encrypted_text columns were not counted because you may not SELECT them: {names}", skipped.len())
+    format!(
+        "{} encrypted_text columns were not counted because you may not SELECT them: {names}",
+        skipped.len()
+    )
 }
 
 /// Rewraps synchronously, in the caller's transaction and as the caller
@@ -586,7 +685,11 @@ fn kms_reencrypt_now(tbl: RegClass, col: SqlName, max_rows: default!(Option<i32>
     let (tbl, col) = (tbl.0, col.0.as_str());
     if let Some(m) = max_rows {
         if m < 0 {
-            KmsError::BadArgument { message: "max_rows must not be negative".into(), hint: "Pass NULL for all rows." }.raise();
+            KmsError::BadArgument {
+                message: "max_rows must not be negative".into(),
+                hint: "Pass NULL for all rows.",
+            }
+            .raise();
         }
     }
     let r = (|| {
@@ -604,12 +707,15 @@ fn kms_reencrypt_now(tbl: RegClass, col: SqlName, max_rows: default!(Option<i32>
                 crate::errors::relation_display(tbl),
             )));
         }
-        let column = encrypted_columns()?.into_iter().find(|c| c.relid == tbl && c.attname == col).ok_or_else(|| {
-            KmsError::BadArgument {
-                message: format!("column \"{col}\" is not an encrypted_text column of an ordinary table"),
+        let column = encrypted_columns()?
+            .into_iter()
+            .find(|c| c.relid == tbl && c.attname == col)
+            .ok_or_else(|| KmsError::BadArgument {
+                message: format!(
+                    "column \"{col}\" is not an encrypted_text column of an ordinary table"
+                ),
                 hint: "Pass a table and one of its encrypted_text columns.",
-            }
-        })?;
+            })?;
         let targets = targets()?;
         // The user table is read and written as the caller; only the
         // progress row is written as the catalog owner, and only when the
@@ -620,7 +726,13 @@ fn kms_reencrypt_now(tbl: RegClass, col: SqlName, max_rows: default!(Option<i32>
         if shared {
             progress_start(&column, pending, ctx)?;
         }
-        let b = rewrap_batch(&column, Runner::Caller, &targets, (0, 0), max_rows.map(i64::from))?;
+        let b = rewrap_batch(
+            &column,
+            Runner::Caller,
+            &targets,
+            (0, 0),
+            max_rows.map(i64::from),
+        )?;
         if shared {
             progress_batch(&column, b.updated)?;
             if let Some((tid, why)) = &b.failed {
@@ -647,7 +759,12 @@ fn kms_reencrypt_now(tbl: RegClass, col: SqlName, max_rows: default!(Option<i32>
 #[pg_extern(volatile, parallel_restricted)]
 fn kms_stats_counters() -> TableIterator<
     'static,
-    (name!(key_id, i32), name!(version, i32), name!(encryptions, i64), name!(decryptions, i64)),
+    (
+        name!(key_id, i32),
+        name!(version, i32),
+        name!(encryptions, i64),
+        name!(decryptions, i64),
+    ),
 > {
     TableIterator::new(
         crate::shmem::stats_of_this_db()

@@ -19,7 +19,8 @@ fn secret_name(name: &Option<RawText>) -> KmsResult<String> {
     let b = name.as_ref().map(|n| n.bytes()).unwrap_or(&[]);
     let ok = !b.is_empty()
         && b.len() <= 255
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b':' | b'-' | b'/'));
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b':' | b'-' | b'/'));
     if !ok {
         return Err(KmsError::BadArgument {
             message: format!("invalid secret name (length {})", b.len()),
@@ -40,12 +41,18 @@ fn kms_secret_set(
     lifecycle(|| {
         let name = secret_name(&name)?;
         let Some(value) = value else {
-            return Err(KmsError::BadArgument { message: "secret value must not be NULL".into(), hint: "Use kms_secret_delete() to remove a secret." });
+            return Err(KmsError::BadArgument {
+                message: "secret value must not be NULL".into(),
+                hint: "Use kms_secret_delete() to remove a secret.",
+            });
         };
         let key = match &key_name {
             Some(k) => keyring::validate_key_name(k.bytes())?.to_string(),
             None => {
-                let exists = spi_one::<bool>("SELECT true FROM kms.keys WHERE key_name = $1", &[DEFAULT_KEY.into()])?;
+                let exists = spi_one::<bool>(
+                    "SELECT true FROM kms.keys WHERE key_name = $1",
+                    &[DEFAULT_KEY.into()],
+                )?;
                 if exists.is_none() {
                     crate::lifecycle::create_key(DEFAULT_KEY, None)?;
                 }
@@ -54,13 +61,19 @@ fn kms_secret_set(
         };
         if let Some(t) = ttl {
             if spi_one::<bool>("SELECT $1 > interval '0'", &[t.into()])? != Some(true) {
-                return Err(KmsError::BadArgument { message: "ttl must be a positive interval".into(), hint: "Pass NULL for a secret that does not expire." });
+                return Err(KmsError::BadArgument {
+                    message: "ttl must be a positive interval".into(),
+                    hint: "Pass NULL for a secret that does not expire.",
+                });
             }
         }
         let sealed = crate::values::seal_text(value.bytes(), key.as_bytes(), &[])?;
         spi_exec("LOCK TABLE kms.secrets IN SHARE ROW EXCLUSIVE MODE", &[])?;
-        let version = spi_one::<i32>("SELECT coalesce(max(version), 0) + 1 FROM kms.secrets WHERE name = $1", &[name.as_str().into()])?
-            .unwrap_or(1);
+        let version = spi_one::<i32>(
+            "SELECT coalesce(max(version), 0) + 1 FROM kms.secrets WHERE name = $1",
+            &[name.as_str().into()],
+        )?
+        .unwrap_or(1);
         let type_oid = keyring::encrypted_text_oid()?;
         spi_exec(
             "INSERT INTO kms.secrets (name, version, value, created_at, expires_at, tags)
@@ -73,7 +86,14 @@ fn kms_secret_set(
                 tags.into(),
             ],
         )?;
-        audit("secret_set", Some(&key), None, Some(RawText::from_ascii(&format!("secret {name} version {version}"))))?;
+        audit(
+            "secret_set",
+            Some(&key),
+            None,
+            Some(RawText::from_ascii(&format!(
+                "secret {name} version {version}"
+            ))),
+        )?;
         Ok(version)
     })
 }
@@ -83,14 +103,23 @@ fn kms_secret_set(
 /// secret (or version), an expired one and a forbidden one give the same
 /// error, so nothing about a secret is revealed to who may not read it.
 #[pg_extern(stable, parallel_unsafe)]
-fn kms_secret_get(name: Option<RawText>, version: default!(Option<i32>, "NULL")) -> Option<OutText> {
+fn kms_secret_get(
+    name: Option<RawText>,
+    version: default!(Option<i32>, "NULL"),
+) -> Option<OutText> {
     let caller = keyring::current_user();
     let r = keyring::as_catalog_owner(|_| {
         let name = secret_name(&name)?;
-        let admin = spi_read::<pg_sys::Oid>("SELECT oid FROM pg_catalog.pg_roles WHERE rolname = 'kms_admin'", &[])?;
+        let admin = spi_read::<pg_sys::Oid>(
+            "SELECT oid FROM pg_catalog.pg_roles WHERE rolname = 'kms_admin'",
+            &[],
+        )?;
         // SAFETY: plain catalog lookup on two role oids.
         let is_admin = admin.is_some_and(|a| unsafe { pg_sys::has_privs_of_role(caller, a) });
-        let denied = || KmsError::SecretNotAllowed { role: crate::errors::role_display(caller), name: name.clone() };
+        let denied = || KmsError::SecretNotAllowed {
+            role: crate::errors::role_display(caller),
+            name: name.clone(),
+        };
         let row = Spi::connect(|c| -> Result<Option<(Vec<u8>, i32, bool, String)>, pgrx::spi::Error> {
             let t = c.select(
                 "SELECT s.value::bytea, s.version, coalesce(s.expires_at <= pg_catalog.now(), false),
@@ -132,7 +161,9 @@ fn kms_secret_get(name: Option<RawText>, version: default!(Option<i32>, "NULL"))
             return Err(denied());
         }
         if expired {
-            return Err(KmsError::SecretExpired(format!("version {v} of secret \"{name}\" expired at {at}")));
+            return Err(KmsError::SecretExpired(format!(
+                "version {v} of secret \"{name}\" expired at {at}"
+            )));
         }
         crate::values::decrypt_text(&value, &[])
     });
@@ -162,9 +193,16 @@ fn kms_secret_delete(name: Option<RawText>) -> i64 {
         )?
         .unwrap_or(0);
         if n == 0 {
-            return Err(KmsError::UnknownSecret(format!("secret \"{name}\" does not exist")));
+            return Err(KmsError::UnknownSecret(format!(
+                "secret \"{name}\" does not exist"
+            )));
         }
-        audit("secret_delete", None, None, Some(RawText::from_ascii(&format!("secret {name}, {n} versions"))))?;
+        audit(
+            "secret_delete",
+            None,
+            None,
+            Some(RawText::from_ascii(&format!("secret {name}, {n} versions"))),
+        )?;
         Ok(n)
     })
 }

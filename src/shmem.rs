@@ -87,7 +87,9 @@ fn my_db() -> u32 {
 pub fn stat_slot(key_id: u32, version: u32) -> Option<&'static StatSlot> {
     let sh = shared()?;
     let db = my_db();
-    let h = (db as usize).wrapping_mul(0x9E37_79B9) ^ (key_id as usize).wrapping_mul(31) ^ version as usize;
+    let h = (db as usize).wrapping_mul(0x9E37_79B9)
+        ^ (key_id as usize).wrapping_mul(31)
+        ^ version as usize;
     for i in 0..STAT_SLOTS {
         let s = &sh.stats[(h + i) % STAT_SLOTS];
         loop {
@@ -103,7 +105,10 @@ pub fn stat_slot(key_id: u32, version: u32) -> Option<&'static StatSlot> {
                 }
                 CLAIMING => std::hint::spin_loop(),
                 _ => {
-                    if s.state.compare_exchange(EMPTY, CLAIMING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                    if s.state
+                        .compare_exchange(EMPTY, CLAIMING, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                    {
                         s.db.store(db, Ordering::Relaxed);
                         s.key_id.store(key_id, Ordering::Relaxed);
                         s.version.store(version, Ordering::Relaxed);
@@ -119,7 +124,9 @@ pub fn stat_slot(key_id: u32, version: u32) -> Option<&'static StatSlot> {
 
 /// (key id, version, encryptions, decryptions) of this database.
 pub fn stats_of_this_db() -> Vec<(u32, u32, u64, u64)> {
-    let Some(sh) = shared() else { return Vec::new() };
+    let Some(sh) = shared() else {
+        return Vec::new();
+    };
     let db = my_db();
     sh.stats
         .iter()
@@ -149,8 +156,12 @@ pub fn register_worker(db: u32) -> Result<Option<usize>, i32> {
         }
     }
     for (i, w) in sh.workers.iter().enumerate() {
-        if w.pid.compare_exchange(0, pid, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-            w.latch.store(unsafe { pg_sys::MyLatch } as usize, Ordering::Release);
+        if w.pid
+            .compare_exchange(0, pid, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            w.latch
+                .store(unsafe { pg_sys::MyLatch } as usize, Ordering::Release);
             w.db.store(db, Ordering::Release);
             return Ok(Some(i));
         }
@@ -175,7 +186,9 @@ pub fn forget_dead_workers() {
             if pid != 0 && unsafe { libc::kill(pid, 0) } != 0 {
                 w.db.store(0, Ordering::Release);
                 w.latch.store(0, Ordering::Release);
-                let _ = w.pid.compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Acquire);
+                let _ = w
+                    .pid
+                    .compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Acquire);
             }
         }
     }

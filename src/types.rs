@@ -46,7 +46,8 @@ macro_rules! simple_arg {
         unsafe impl<'fcx> ArgAbi<'fcx> for $ty {
             unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
                 let index = arg.index();
-                arg.unbox_arg_using_from_datum().unwrap_or_else(|| panic!("argument {index} must not be null"))
+                arg.unbox_arg_using_from_datum()
+                    .unwrap_or_else(|| panic!("argument {index} must not be null"))
             }
             unsafe fn unbox_nullable_arg(arg: Arg<'_, 'fcx>) -> Nullable<Self> {
                 arg.unbox_arg_using_from_datum().into()
@@ -57,7 +58,11 @@ macro_rules! simple_arg {
 macro_rules! varlena_arg {
     ($ty:ident) => {
         impl FromDatum for $ty {
-            unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, _: pg_sys::Oid) -> Option<Self> {
+            unsafe fn from_polymorphic_datum(
+                datum: pg_sys::Datum,
+                is_null: bool,
+                _: pg_sys::Oid,
+            ) -> Option<Self> {
                 if is_null || datum.is_null() {
                     None
                 } else {
@@ -119,14 +124,17 @@ impl EncryptedText {
     }
 
     pub fn envelope(&self) -> Envelope<'_> {
-        Envelope::parse(self.bytes()).map_err(KmsError::from).or_raise()
+        Envelope::parse(self.bytes())
+            .map_err(KmsError::from)
+            .or_raise()
     }
 }
 
 unsafe impl SqlTranslatable for EncryptedText {
     const TYPE_IDENT: &'static str = "pg_kms::types::EncryptedText";
     const TYPE_ORIGIN: TypeOrigin = TypeOrigin::ThisExtension;
-    const ARGUMENT_SQL: Result<SqlMappingRef, ArgumentError> = Ok(SqlMappingRef::literal("encrypted_text"));
+    const ARGUMENT_SQL: Result<SqlMappingRef, ArgumentError> =
+        Ok(SqlMappingRef::literal("encrypted_text"));
     const RETURN_SQL: Result<ReturnsRef, ReturnsError> =
         Ok(ReturnsRef::One(SqlMappingRef::literal("encrypted_text")));
 }
@@ -160,7 +168,11 @@ impl IntoDatum for RawText {
 /// A `regclass` argument.
 pub struct RegClass(pub pg_sys::Oid);
 impl FromDatum for RegClass {
-    unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, _: pg_sys::Oid) -> Option<Self> {
+    unsafe fn from_polymorphic_datum(
+        datum: pg_sys::Datum,
+        is_null: bool,
+        _: pg_sys::Oid,
+    ) -> Option<Self> {
         (!is_null).then(|| RegClass(pg_sys::Oid::from(datum.value() as u32)))
     }
 }
@@ -169,7 +181,11 @@ pgrx::impl_sql_translatable!(RegClass, arg_only = "regclass");
 /// A `regrole` argument.
 pub struct RegRole(pub pg_sys::Oid);
 impl FromDatum for RegRole {
-    unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, _: pg_sys::Oid) -> Option<Self> {
+    unsafe fn from_polymorphic_datum(
+        datum: pg_sys::Datum,
+        is_null: bool,
+        _: pg_sys::Oid,
+    ) -> Option<Self> {
         (!is_null).then(|| RegRole(pg_sys::Oid::from(datum.value() as u32)))
     }
 }
@@ -178,9 +194,18 @@ pgrx::impl_sql_translatable!(RegRole, arg_only = "regrole");
 /// A `name` argument.
 pub struct SqlName(pub String);
 impl FromDatum for SqlName {
-    unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, _: pg_sys::Oid) -> Option<Self> {
-        (!is_null && !datum.is_null())
-            .then(|| SqlName(CStr::from_ptr(datum.cast_mut_ptr::<std::ffi::c_char>()).to_string_lossy().into_owned()))
+    unsafe fn from_polymorphic_datum(
+        datum: pg_sys::Datum,
+        is_null: bool,
+        _: pg_sys::Oid,
+    ) -> Option<Self> {
+        (!is_null && !datum.is_null()).then(|| {
+            SqlName(
+                CStr::from_ptr(datum.cast_mut_ptr::<std::ffi::c_char>())
+                    .to_string_lossy()
+                    .into_owned(),
+            )
+        })
     }
 }
 pgrx::impl_sql_translatable!(SqlName, arg_only = "name");
@@ -195,8 +220,10 @@ varlena_ret!(OutText);
 unsafe impl SqlTranslatable for OutText {
     const TYPE_IDENT: &'static str = "pg_kms::types::OutText";
     const TYPE_ORIGIN: TypeOrigin = TypeOrigin::External;
-    const ARGUMENT_SQL: Result<SqlMappingRef, ArgumentError> = Err(ArgumentError::NotValidAsArgument("OutText"));
-    const RETURN_SQL: Result<ReturnsRef, ReturnsError> = Ok(ReturnsRef::One(SqlMappingRef::literal("text")));
+    const ARGUMENT_SQL: Result<SqlMappingRef, ArgumentError> =
+        Err(ArgumentError::NotValidAsArgument("OutText"));
+    const RETURN_SQL: Result<ReturnsRef, ReturnsError> =
+        Ok(ReturnsRef::One(SqlMappingRef::literal("text")));
 }
 
 /// A `bytea` result built in place.
@@ -205,8 +232,10 @@ varlena_ret!(OutBytea);
 unsafe impl SqlTranslatable for OutBytea {
     const TYPE_IDENT: &'static str = "pg_kms::types::OutBytea";
     const TYPE_ORIGIN: TypeOrigin = TypeOrigin::External;
-    const ARGUMENT_SQL: Result<SqlMappingRef, ArgumentError> = Err(ArgumentError::NotValidAsArgument("OutBytea"));
-    const RETURN_SQL: Result<ReturnsRef, ReturnsError> = Ok(ReturnsRef::One(SqlMappingRef::literal("bytea")));
+    const ARGUMENT_SQL: Result<SqlMappingRef, ArgumentError> =
+        Err(ArgumentError::NotValidAsArgument("OutBytea"));
+    const RETURN_SQL: Result<ReturnsRef, ReturnsError> =
+        Ok(ReturnsRef::One(SqlMappingRef::literal("bytea")));
 }
 
 // ---------------------------------------------------------------------------
@@ -222,7 +251,9 @@ extension_sql!(
 /// Parses the text form `kms:<base64 envelope>`.
 pub fn parse_text_form(input: &[u8]) -> Result<Vec<u8>, KmsError> {
     let Some(b64) = input.strip_prefix(TEXT_PREFIX.as_bytes()) else {
-        return Err(KmsError::Malformed(format!("value does not start with \"{TEXT_PREFIX}\"")));
+        return Err(KmsError::Malformed(format!(
+            "value does not start with \"{TEXT_PREFIX}\""
+        )));
     };
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(b64)
@@ -254,7 +285,8 @@ fn encrypted_text_recv(mut buf: pgrx::datum::Internal) -> EncryptedText {
     let si = unsafe { buf.get_mut::<pg_sys::StringInfoData>() }.expect("receive buffer");
     let start = si.cursor as usize;
     let end = si.len as usize;
-    let bytes = unsafe { std::slice::from_raw_parts((si.data as *const u8).add(start), end - start) };
+    let bytes =
+        unsafe { std::slice::from_raw_parts((si.data as *const u8).add(start), end - start) };
     Envelope::parse(bytes).map_err(KmsError::from).or_raise();
     let v = EncryptedText::from_bytes(bytes);
     si.cursor = si.len;
@@ -285,7 +317,13 @@ COMMENT ON TYPE encrypted_text IS 'AES-256-GCM envelope (format, key id, key ver
 CREATE CAST (encrypted_text AS bytea) WITHOUT FUNCTION;
 "#,
     name = "encrypted_text_type",
-    requires = ["encrypted_text_shell", encrypted_text_in, encrypted_text_out, encrypted_text_recv, encrypted_text_send],
+    requires = [
+        "encrypted_text_shell",
+        encrypted_text_in,
+        encrypted_text_out,
+        encrypted_text_recv,
+        encrypted_text_send
+    ],
 );
 
 #[cfg(test)]
@@ -319,12 +357,27 @@ mod unit {
 
     #[test]
     fn text_form_round_trip_and_rejects() {
-        let mut env = Header { flags: 0, key_id: 1, key_version: 1 }.encode().to_vec();
+        let mut env = Header {
+            flags: 0,
+            key_id: 1,
+            key_version: 1,
+        }
+        .encode()
+        .to_vec();
         env.resize(OVERHEAD + 3, 7);
         let t = to_text_form(&env);
         assert!(t.starts_with("kms:"));
         assert_eq!(parse_text_form(t.as_bytes()).unwrap(), env);
-        for bad in ["", "kms:", "hello", "kms:!!!!", "KMS:AAAA", "kms:AQ==", &t[..t.len() - 8], &t.replace("kms:", "kms: ")] {
+        for bad in [
+            "",
+            "kms:",
+            "hello",
+            "kms:!!!!",
+            "KMS:AAAA",
+            "kms:AQ==",
+            &t[..t.len() - 8],
+            &t.replace("kms:", "kms: "),
+        ] {
             assert!(parse_text_form(bad.as_bytes()).is_err(), "{bad:?} accepted");
         }
     }

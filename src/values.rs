@@ -64,14 +64,28 @@ fn text_to_utf8(bytes: &[u8]) -> Cow<'_, [u8]> {
 
 /// Seals `plaintext` under the primary version of `key_name`.
 #[inline]
-fn seal_value(plaintext: &[u8], key_name: &[u8], context: &[u8], flags: u8) -> KmsResult<EncryptedText> {
+fn seal_value(
+    plaintext: &[u8],
+    key_name: &[u8],
+    context: &[u8],
+    flags: u8,
+) -> KmsResult<EncryptedText> {
     keyring::with_primary(key_name, |v| seal_with(v, plaintext, context, flags))
 }
 
 #[inline]
-fn seal_with(v: &keyring::CachedVersion, plaintext: &[u8], context: &[u8], flags: u8) -> KmsResult<EncryptedText> {
+fn seal_with(
+    v: &keyring::CachedVersion,
+    plaintext: &[u8],
+    context: &[u8],
+    flags: u8,
+) -> KmsResult<EncryptedText> {
     v.check(Privilege::Encrypt)?;
-    let header = Header { flags, key_id: v.key_id, key_version: v.number };
+    let header = Header {
+        flags,
+        key_id: v.key_id,
+        key_version: v.number,
+    };
     if flags & FLAG_DETERMINISTIC != 0 {
         // AES-SIV under the version's SIV key: no nonce, same input, same value.
         let (out, buf) = EncryptedText::alloc(plaintext.len() + DET_OVERHEAD);
@@ -121,13 +135,23 @@ pub fn seal_text(plaintext: &[u8], key_name: &[u8], context: &[u8]) -> KmsResult
 }
 
 #[inline]
-fn seal_text_with_flags(plaintext: &[u8], key_name: &[u8], context: &[u8], flags: u8) -> KmsResult<EncryptedText> {
+fn seal_text_with_flags(
+    plaintext: &[u8],
+    key_name: &[u8],
+    context: &[u8],
+    flags: u8,
+) -> KmsResult<EncryptedText> {
     seal_value(&text_to_utf8(plaintext), key_name, context, flags)
 }
 
 /// The SQL-facing text sealers: NULL plaintext gives NULL.
 #[inline]
-fn encrypt_text_arg(plaintext: Option<RawText>, key_name: Option<RawText>, context: Option<RawText>, flags: u8) -> Option<EncryptedText> {
+fn encrypt_text_arg(
+    plaintext: Option<RawText>,
+    key_name: Option<RawText>,
+    context: Option<RawText>,
+    flags: u8,
+) -> Option<EncryptedText> {
     let pt = plaintext?;
     let name = require_key_name(&key_name);
     Some(seal_text_with_flags(pt.bytes(), name, &ctx_bytes(&context), flags).or_raise())
@@ -177,9 +201,14 @@ fn kms_blind_index(
         key.check(Privilege::Encrypt)?;
         // The index root is erased only by kms_destroy_key(): the key is destroyed.
         let Some(index) = key.index.as_ref() else {
-            return Err(KmsError::KeyDestroyed { key: key.name.clone(), action: "compute a blind index" });
+            return Err(KmsError::KeyDestroyed {
+                key: key.name.clone(),
+                action: "compute a blind index",
+            });
         };
-        let mac = index.blind_index(&ctx_bytes(&context), &text_to_utf8(pt.bytes()), bits as u32).expect("bits checked");
+        let mac = index
+            .blind_index(&ctx_bytes(&context), &text_to_utf8(pt.bytes()), bits as u32)
+            .expect("bits checked");
         let (out, buf) = OutBytea::alloc(mac.len());
         buf.copy_from_slice(&mac);
         Ok(out)
@@ -199,7 +228,10 @@ fn kms_encrypt_bytea(
 }
 
 #[pg_extern(stable, parallel_safe)]
-fn kms_decrypt(value: Option<EncryptedText>, context: default!(Option<RawText>, "NULL")) -> Option<OutText> {
+fn kms_decrypt(
+    value: Option<EncryptedText>,
+    context: default!(Option<RawText>, "NULL"),
+) -> Option<OutText> {
     Some(decrypt_text(&value?, &ctx_bytes(&context)).or_raise())
 }
 
@@ -210,7 +242,9 @@ pub fn decrypt_text(value: &EncryptedText, ctx: &[u8]) -> KmsResult<OutText> {
     if is_text && enc != PG_UTF8 && enc != PG_SQL_ASCII {
         // Sealed as UTF-8: decrypt aside, then convert to the database encoding.
         let tmp = open_to_vec(value, ctx)?;
-        let conv = unsafe { pg_sys::pg_any_to_server(tmp.as_ptr() as *const _, tmp.len() as i32, PG_UTF8) };
+        let conv = unsafe {
+            pg_sys::pg_any_to_server(tmp.as_ptr() as *const _, tmp.len() as i32, PG_UTF8)
+        };
         let conv = unsafe { std::ffi::CStr::from_ptr(conv) }.to_bytes();
         let (out, buf) = OutText::alloc(conv.len());
         buf.copy_from_slice(conv);
@@ -221,7 +255,9 @@ pub fn decrypt_text(value: &EncryptedText, ctx: &[u8]) -> KmsResult<OutText> {
     // Never hand back bytes that are not valid text in this database.
     let verify_enc = if is_text { PG_UTF8 } else { enc };
     if enc != PG_SQL_ASCII
-        && !unsafe { pg_sys::pg_verify_mbstr(verify_enc, buf.as_ptr() as *const _, buf.len() as i32, true) }
+        && !unsafe {
+            pg_sys::pg_verify_mbstr(verify_enc, buf.as_ptr() as *const _, buf.len() as i32, true)
+        }
     {
         buf.iter_mut().for_each(|b| *b = 0);
         return Err(KmsError::NotText);
@@ -230,7 +266,10 @@ pub fn decrypt_text(value: &EncryptedText, ctx: &[u8]) -> KmsResult<OutText> {
 }
 
 #[pg_extern(stable, parallel_safe)]
-fn kms_decrypt_bytea(value: Option<EncryptedText>, context: default!(Option<RawText>, "NULL")) -> Option<OutBytea> {
+fn kms_decrypt_bytea(
+    value: Option<EncryptedText>,
+    context: default!(Option<RawText>, "NULL"),
+) -> Option<OutBytea> {
     let value = value?;
     let (out, buf) = OutBytea::alloc(plaintext_len(&value));
     open_value(&value, &ctx_bytes(&context), buf).or_raise();
@@ -253,7 +292,10 @@ pub fn rewrap(value: EncryptedText, context: &[u8]) -> KmsResult<EncryptedText> 
 /// Re-seals under the key's current primary version without returning the
 /// plaintext. A value already under the primary is returned unchanged.
 #[pg_extern(volatile, parallel_safe)]
-fn kms_rewrap(value: Option<EncryptedText>, context: default!(Option<RawText>, "NULL")) -> Option<EncryptedText> {
+fn kms_rewrap(
+    value: Option<EncryptedText>,
+    context: default!(Option<RawText>, "NULL"),
+) -> Option<EncryptedText> {
     Some(rewrap(value?, &ctx_bytes(&context)).or_raise())
 }
 

@@ -15,7 +15,10 @@
 
 use crate::reencrypt::Runner;
 use crate::{guc, lifecycle, reencrypt, shmem};
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime,
+    SignalWakeFlags,
+};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::collections::HashMap;
@@ -80,7 +83,9 @@ fn xact<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<R, String> 
             Err(match e {
                 pg_sys::panic::CaughtError::PostgresError(r)
                 | pg_sys::panic::CaughtError::ErrorReport(r)
-                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
+                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
+                    r.message().to_string()
+                }
             })
         })
         .execute();
@@ -103,7 +108,9 @@ fn xact<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<R, String> 
 }
 
 /// [`xact`] for bodies returning a `KmsResult`: any failure as its message.
-fn xact_kms<R>(f: impl FnOnce() -> crate::errors::KmsResult<R> + std::panic::UnwindSafe) -> Result<R, String> {
+fn xact_kms<R>(
+    f: impl FnOnce() -> crate::errors::KmsResult<R> + std::panic::UnwindSafe,
+) -> Result<R, String> {
     xact(f).and_then(|r| r.map_err(|e| e.message()))
 }
 
@@ -130,22 +137,27 @@ pub extern "C-unwind" fn pg_kms_launcher_main(_arg: pg_sys::Datum) {
         if let Ok(Ok(dbs)) = dbs {
             workers.retain(|db, w| {
                 dbs.contains(db)
-                    && !matches!(w.pid(), Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied))
+                    && !matches!(
+                        w.pid(),
+                        Err(BackgroundWorkerStatus::Stopped
+                            | BackgroundWorkerStatus::PostmasterDied)
+                    )
             });
             for db in dbs {
                 if workers.contains_key(&db) {
                     continue;
                 }
-                let started = BackgroundWorkerBuilder::new(&format!("pg_kms worker for database {db}"))
-                    .set_type(WORKER_TYPE)
-                    .set_library("pg_kms")
-                    .set_function("pg_kms_db_worker_main")
-                    .enable_spi_access()
-                    .set_start_time(BgWorkerStartTime::RecoveryFinished)
-                    .set_restart_time(None)
-                    .set_argument(Some(pg_sys::Datum::from(db as usize)))
-                    .set_notify_pid(unsafe { pg_sys::MyProcPid })
-                    .load_dynamic();
+                let started =
+                    BackgroundWorkerBuilder::new(&format!("pg_kms worker for database {db}"))
+                        .set_type(WORKER_TYPE)
+                        .set_library("pg_kms")
+                        .set_function("pg_kms_db_worker_main")
+                        .enable_spi_access()
+                        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+                        .set_restart_time(None)
+                        .set_argument(Some(pg_sys::Datum::from(db as usize)))
+                        .set_notify_pid(unsafe { pg_sys::MyProcPid })
+                        .load_dynamic();
                 match started {
                     Ok(w) => {
                         workers.insert(db, w);
@@ -181,7 +193,11 @@ struct Throttle {
 
 impl Throttle {
     fn new() -> Throttle {
-        Throttle { rate: guc::REENCRYPT_MAX_ROWS_PER_SECOND.get(), window_start: Instant::now(), rows: 0 }
+        Throttle {
+            rate: guc::REENCRYPT_MAX_ROWS_PER_SECOND.get(),
+            window_start: Instant::now(),
+            rows: 0,
+        }
     }
 
     /// Restarts the window when the rate setting changed, and when the
@@ -202,7 +218,8 @@ impl Throttle {
             return None;
         }
         let due = Duration::from_secs_f64(self.rows as f64 / self.rate as f64);
-        due.checked_sub(self.window_start.elapsed()).filter(|d| !d.is_zero())
+        due.checked_sub(self.window_start.elapsed())
+            .filter(|d| !d.is_zero())
     }
 
     fn batch_size(&self) -> i64 {
@@ -243,13 +260,20 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
     let db = arg.value() as u32;
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(db)), None);
     let installed = xact(|| {
-        Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_kms')")
+        Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_kms')",
+        )
     });
     if !matches!(installed, Ok(Ok(Some(true)))) {
         return; // not installed here: the launcher will look again later
     }
     let set = |name: &std::ffi::CStr, value: &std::ffi::CStr| unsafe {
-        pg_sys::SetConfigOption(name.as_ptr(), value.as_ptr(), pg_sys::GucContext::PGC_SUSET, pg_sys::GucSource::PGC_S_OVERRIDE)
+        pg_sys::SetConfigOption(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        )
     };
     // Rewrapping is not a logical change: do not fire application triggers.
     set(c"session_replication_role", c"replica");
@@ -283,7 +307,9 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
             break;
         }
         let still_installed = xact(|| {
-            Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_kms')")
+            Spi::get_one::<bool>(
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_kms')",
+            )
         });
         if matches!(still_installed, Ok(Ok(Some(false)))) {
             break; // DROP EXTENSION
@@ -320,7 +346,9 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
         };
         let mut did_work = false;
         for col in cols {
-            let st = columns.entry((col.relid.to_u32(), col.attname.clone())).or_default();
+            let st = columns
+                .entry((col.relid.to_u32(), col.attname.clone()))
+                .or_default();
             // Clean under this keyring: re-verify only now and then.
             let fresh = st.clean_at.is_some_and(|t| t.elapsed() < naptime() * 30);
             if st.clean_under.as_deref() == Some(signature.as_str()) && fresh {
@@ -364,7 +392,13 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
                 }
                 let limit = throttle.batch_size();
                 let r = xact_kms(|| {
-                    let b = reencrypt::rewrap_batch(&col, Runner::Owner, &targets, cursor, Some(limit))?;
+                    let b = reencrypt::rewrap_batch(
+                        &col,
+                        Runner::Owner,
+                        &targets,
+                        cursor,
+                        Some(limit),
+                    )?;
                     reencrypt::progress_batch(&col, b.updated)?;
                     if let Some((tid, why)) = &b.failed {
                         reencrypt::progress_error(&col, &reencrypt::row_error(*tid, why))?;
@@ -378,7 +412,9 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
                         match b.last {
                             // Past the last row picked: it was rewrapped, or it
                             // cannot be (named in last_error) and is stepped over.
-                            Some(last) if b.picked >= limit => cursor = (last.0, last.1.saturating_add(1)),
+                            Some(last) if b.picked >= limit => {
+                                cursor = (last.0, last.1.saturating_add(1))
+                            }
                             _ => break, // reached the end of the table
                         }
                     }
@@ -388,10 +424,18 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
                         // it; the rest of the table goes on. (The batch's own
                         // error is recorded only when no row is to blame, so
                         // last_error never goes back to the vaguer message.)
-                        match xact_kms(|| reencrypt::next_candidate(&col, Runner::Owner, &targets, cursor)) {
+                        match xact_kms(|| {
+                            reencrypt::next_candidate(&col, Runner::Owner, &targets, cursor)
+                        }) {
                             Ok(Some(bad)) => {
                                 let alone = xact_kms(|| {
-                                    let b = reencrypt::rewrap_batch(&col, Runner::Owner, &targets, bad, Some(1))?;
+                                    let b = reencrypt::rewrap_batch(
+                                        &col,
+                                        Runner::Owner,
+                                        &targets,
+                                        bad,
+                                        Some(1),
+                                    )?;
                                     reencrypt::progress_batch(&col, b.updated)?;
                                     Ok(b)
                                 });

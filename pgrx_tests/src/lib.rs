@@ -16,13 +16,23 @@ pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
 }
 
 /// Runs a command as the postgres OS user.
 pub fn as_postgres(program: &str, args: &[&str]) -> Output {
     let out = if is_root() {
-        Command::new("runuser").arg("-u").arg("postgres").arg("--").arg(program).args(args).output()
+        Command::new("runuser")
+            .arg("-u")
+            .arg("postgres")
+            .arg("--")
+            .arg(program)
+            .args(args)
+            .output()
     } else {
         Command::new(program).args(args).output()
     };
@@ -42,7 +52,12 @@ fn check(out: Output, what: &str) -> Output {
 fn chown_postgres(path: &Path) {
     if is_root() {
         check(
-            Command::new("chown").arg("-R").arg("postgres:postgres").arg(path).output().unwrap(),
+            Command::new("chown")
+                .arg("-R")
+                .arg("postgres:postgres")
+                .arg(path)
+                .output()
+                .unwrap(),
             "chown",
         );
     }
@@ -71,7 +86,9 @@ impl Cluster {
 
     /// initdb + start, with a fresh master key file and `extra` settings.
     pub fn start(name: &str, extra: &[&str]) -> Cluster {
-        let port = 41000 + (std::process::id() % 1000) as u16 * 16 + NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+        let port = 41000
+            + (std::process::id() % 1000) as u16 * 16
+            + NEXT_PORT.fetch_add(1, Ordering::Relaxed);
         let dir = PathBuf::from(format!("/tmp/pgkms_it_{name}_{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("keys")).unwrap();
@@ -81,7 +98,16 @@ impl Cluster {
         check(
             as_postgres(
                 &format!("{PG_BIN}/initdb"),
-                &["-D", c.data().to_str().unwrap(), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"],
+                &[
+                    "-D",
+                    c.data().to_str().unwrap(),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--locale=C.UTF-8",
+                ],
             ),
             "initdb",
         );
@@ -117,7 +143,10 @@ impl Cluster {
     }
 
     pub fn read_key(&self) -> String {
-        std::fs::read_to_string(self.key_file()).unwrap().trim().to_string()
+        std::fs::read_to_string(self.key_file())
+            .unwrap()
+            .trim()
+            .to_string()
     }
 
     fn pg_ctl_start(&self) {
@@ -125,14 +154,33 @@ impl Cluster {
         check(
             as_postgres(
                 &format!("{PG_BIN}/pg_ctl"),
-                &["-D", self.data().to_str().unwrap(), "-l", log.to_str().unwrap(), "-w", "-t", "60", "start"],
+                &[
+                    "-D",
+                    self.data().to_str().unwrap(),
+                    "-l",
+                    log.to_str().unwrap(),
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ],
             ),
             "pg_ctl start",
         );
     }
 
     pub fn stop(&self) {
-        let _ = as_postgres(&format!("{PG_BIN}/pg_ctl"), &["-D", self.data().to_str().unwrap(), "-m", "fast", "-w", "stop"]);
+        let _ = as_postgres(
+            &format!("{PG_BIN}/pg_ctl"),
+            &[
+                "-D",
+                self.data().to_str().unwrap(),
+                "-m",
+                "fast",
+                "-w",
+                "stop",
+            ],
+        );
     }
 
     pub fn restart(&self) {
@@ -142,13 +190,25 @@ impl Cluster {
 
     /// Crash-like stop (no checkpoint), then start: crash recovery runs.
     pub fn restart_immediate(&self) {
-        let _ = as_postgres(&format!("{PG_BIN}/pg_ctl"), &["-D", self.data().to_str().unwrap(), "-m", "immediate", "-w", "stop"]);
+        let _ = as_postgres(
+            &format!("{PG_BIN}/pg_ctl"),
+            &[
+                "-D",
+                self.data().to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        );
         self.pg_ctl_start();
     }
 
     /// A physical standby of this cluster made with pg_basebackup.
     pub fn standby(&self, name: &str) -> Cluster {
-        let port = 41000 + (std::process::id() % 1000) as u16 * 16 + NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+        let port = 41000
+            + (std::process::id() % 1000) as u16 * 16
+            + NEXT_PORT.fetch_add(1, Ordering::Relaxed);
         let dir = PathBuf::from(format!("/tmp/pgkms_it_{name}_{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -157,22 +217,49 @@ impl Cluster {
         check(
             as_postgres(
                 &format!("{PG_BIN}/pg_basebackup"),
-                &["-h", self.dir.to_str().unwrap(), "-p", &self.port.to_string(), "-U", "postgres",
-                  "-D", s.data().to_str().unwrap(), "-R", "-X", "stream", "-c", "fast"],
+                &[
+                    "-h",
+                    self.dir.to_str().unwrap(),
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-D",
+                    s.data().to_str().unwrap(),
+                    "-R",
+                    "-X",
+                    "stream",
+                    "-c",
+                    "fast",
+                ],
             ),
             "pg_basebackup",
         );
-        s.append_conf(&format!("port = {}\nunix_socket_directories = '{}'\n", s.port, s.dir.display()));
+        s.append_conf(&format!(
+            "port = {}\nunix_socket_directories = '{}'\n",
+            s.port,
+            s.dir.display()
+        ));
         s.pg_ctl_start();
         s
     }
 
     pub fn promote(&self) {
-        check(as_postgres(&format!("{PG_BIN}/pg_ctl"), &["-D", self.data().to_str().unwrap(), "-w", "promote"]), "promote");
+        check(
+            as_postgres(
+                &format!("{PG_BIN}/pg_ctl"),
+                &["-D", self.data().to_str().unwrap(), "-w", "promote"],
+            ),
+            "promote",
+        );
     }
 
     pub fn conninfo(&self, user: &str, db: &str) -> String {
-        format!("host={} port={} user={user} dbname={db}", self.dir.display(), self.port)
+        format!(
+            "host={} port={} user={user} dbname={db}",
+            self.dir.display(),
+            self.port
+        )
     }
 
     pub fn connect_as(&self, user: &str, db: &str) -> Client {
@@ -202,7 +289,14 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = as_postgres(
             &format!("{PG_BIN}/pg_ctl"),
-            &["-D", self.data().to_str().unwrap(), "-m", "immediate", "-w", "stop"],
+            &[
+                "-D",
+                self.data().to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
         );
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
@@ -214,7 +308,10 @@ impl Drop for Cluster {
 pub fn sqlstate(r: Result<impl Sized, postgres::Error>) -> String {
     match r {
         Ok(_) => "ok".into(),
-        Err(e) => e.code().map(|c| c.code().to_string()).unwrap_or_else(|| format!("no sqlstate: {e}")),
+        Err(e) => e
+            .code()
+            .map(|c| c.code().to_string())
+            .unwrap_or_else(|| format!("no sqlstate: {e}")),
     }
 }
 
@@ -224,7 +321,14 @@ pub fn message(r: Result<impl Sized, postgres::Error>) -> String {
         Ok(_) => String::new(),
         Err(e) => e
             .as_db_error()
-            .map(|d| format!("{} | {} | {}", d.message(), d.detail().unwrap_or(""), d.hint().unwrap_or("")))
+            .map(|d| {
+                format!(
+                    "{} | {} | {}",
+                    d.message(),
+                    d.detail().unwrap_or(""),
+                    d.hint().unwrap_or("")
+                )
+            })
             .unwrap_or_else(|| e.to_string()),
     }
 }
@@ -235,7 +339,11 @@ where
     A: for<'a> postgres::types::FromSql<'a>,
     B: for<'a> postgres::types::FromSql<'a>,
 {
-    db.query(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}")).iter().map(|r| (r.get(0), r.get(1))).collect()
+    db.query(sql, &[])
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
 }
 
 /// Polls `f` until it returns Some or the deadline passes.
@@ -251,5 +359,8 @@ pub fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
 }
 
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }

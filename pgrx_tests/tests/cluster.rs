@@ -18,33 +18,70 @@ fn two_sessions_see_rotation_disable_and_destroy() {
     let mut b = c.connect();
     a.execute("SELECT kms_create_key('pii')", &[]).unwrap();
     // B warms its cache on version 1.
-    let v1: String = b.query_one("SELECT kms_encrypt('old', 'pii')::text", &[]).unwrap().get(0);
-    let ver: i32 = b.query_one("SELECT kms_key_version(kms_encrypt('x', 'pii'))", &[]).unwrap().get(0);
+    let v1: String = b
+        .query_one("SELECT kms_encrypt('old', 'pii')::text", &[])
+        .unwrap()
+        .get(0);
+    let ver: i32 = b
+        .query_one("SELECT kms_key_version(kms_encrypt('x', 'pii'))", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(ver, 1);
     // A rotates: B's very next call uses version 2.
-    a.execute("SELECT kms_rotate_key('pii', 'test')", &[]).unwrap();
-    let ver: i32 = b.query_one("SELECT kms_key_version(kms_encrypt('x', 'pii'))", &[]).unwrap().get(0);
+    a.execute("SELECT kms_rotate_key('pii', 'test')", &[])
+        .unwrap();
+    let ver: i32 = b
+        .query_one("SELECT kms_key_version(kms_encrypt('x', 'pii'))", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(ver, 2);
-    let got: String = b.query_one("SELECT kms_decrypt($1::text::encrypted_text)", &[&v1]).unwrap().get(0);
+    let got: String = b
+        .query_one("SELECT kms_decrypt($1::text::encrypted_text)", &[&v1])
+        .unwrap()
+        .get(0);
     assert_eq!(got, "old");
     // A disables version 1: B can no longer decrypt it.
-    a.execute("SELECT kms_disable_key_version('pii', 1)", &[]).unwrap();
-    assert_eq!(sqlstate(b.query_one("SELECT kms_decrypt($1::text::encrypted_text)", &[&v1])), "55000");
-    a.execute("SELECT kms_enable_key_version('pii', 1)", &[]).unwrap();
-    let got: String = b.query_one("SELECT kms_decrypt($1::text::encrypted_text)", &[&v1]).unwrap().get(0);
+    a.execute("SELECT kms_disable_key_version('pii', 1)", &[])
+        .unwrap();
+    assert_eq!(
+        sqlstate(b.query_one("SELECT kms_decrypt($1::text::encrypted_text)", &[&v1])),
+        "55000"
+    );
+    a.execute("SELECT kms_enable_key_version('pii', 1)", &[])
+        .unwrap();
+    let got: String = b
+        .query_one("SELECT kms_decrypt($1::text::encrypted_text)", &[&v1])
+        .unwrap()
+        .get(0);
     assert_eq!(got, "old");
     // Rollback to version 1 is seen too.
     a.execute("SELECT kms_set_primary('pii', 1)", &[]).unwrap();
-    let ver: i32 = b.query_one("SELECT kms_key_version(kms_encrypt('x', 'pii'))", &[]).unwrap().get(0);
+    let ver: i32 = b
+        .query_one("SELECT kms_key_version(kms_encrypt('x', 'pii'))", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(ver, 1);
     // Destroy version 2 in A; B cannot use values sealed under it.
-    let v2: String = a.query_one("SELECT kms_rewrap(kms_encrypt('y', 'pii'))::text", &[]).unwrap().get(0);
+    let v2: String = a
+        .query_one("SELECT kms_rewrap(kms_encrypt('y', 'pii'))::text", &[])
+        .unwrap()
+        .get(0);
     a.execute("SELECT kms_rotate_key('pii')", &[]).unwrap();
-    let v3: String = b.query_one("SELECT kms_encrypt('z', 'pii')::text", &[]).unwrap().get(0);
-    a.execute("SELECT kms_destroy_key_version('pii', 1, 'retired')", &[]).unwrap();
-    assert_eq!(sqlstate(b.query_one("SELECT kms_decrypt($1::text::encrypted_text)", &[&v1])), "55000");
+    let v3: String = b
+        .query_one("SELECT kms_encrypt('z', 'pii')::text", &[])
+        .unwrap()
+        .get(0);
+    a.execute("SELECT kms_destroy_key_version('pii', 1, 'retired')", &[])
+        .unwrap();
+    assert_eq!(
+        sqlstate(b.query_one("SELECT kms_decrypt($1::text::encrypted_text)", &[&v1])),
+        "55000"
+    );
     let _ = v2;
-    let got: String = b.query_one("SELECT kms_decrypt($1::text::encrypted_text)", &[&v3]).unwrap().get(0);
+    let got: String = b
+        .query_one("SELECT kms_decrypt($1::text::encrypted_text)", &[&v3])
+        .unwrap()
+        .get(0);
     assert_eq!(got, "z");
 }
 
@@ -67,9 +104,20 @@ fn wrong_master_key_after_restart_then_recovery() {
     let msg = message(db.query("SELECT kms_decrypt(email) FROM people", &[]));
     assert_eq!(sqlstate(r), "55000");
     assert!(msg.contains("does not match this keyring"), "{msg}");
-    assert_eq!(sqlstate(db.query("SELECT kms_create_key('other')", &[])), "55000");
-    let health: serde_like::Json = serde_like::Json(db.query_one("SELECT kms_health()::text", &[]).unwrap().get(0));
-    assert!(health.0.contains("\"matches_keyring\": false"), "{}", health.0);
+    assert_eq!(
+        sqlstate(db.query("SELECT kms_create_key('other')", &[])),
+        "55000"
+    );
+    let health: serde_like::Json = serde_like::Json(
+        db.query_one("SELECT kms_health()::text", &[])
+            .unwrap()
+            .get(0),
+    );
+    assert!(
+        health.0.contains("\"matches_keyring\": false"),
+        "{}",
+        health.0
+    );
 
     // A group-readable key file is refused with a chmod hint.
     c.write_key(&good, 0o640);
@@ -82,11 +130,17 @@ fn wrong_master_key_after_restart_then_recovery() {
     c.restart();
     let mut db = c.connect();
     let n: i64 = db
-        .query_one("SELECT count(*) FROM people WHERE kms_decrypt(email) = 'user' || id || '@example.com'", &[])
+        .query_one(
+            "SELECT count(*) FROM people WHERE kms_decrypt(email) = 'user' || id || '@example.com'",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert_eq!(n, 100);
-    assert!(!c.server_log().contains(&good), "the master key must never reach the server log");
+    assert!(
+        !c.server_log().contains(&good),
+        "the master key must never reach the server log"
+    );
 }
 
 #[test]
@@ -99,7 +153,10 @@ fn no_master_key_configured() {
     let r = db.query("SELECT kms_create_key('pii')", &[]);
     let msg = message(db.query("SELECT kms_create_key('pii')", &[]));
     assert_eq!(sqlstate(r), "55000");
-    assert!(msg.contains("not configured") && msg.contains("pg_kms.master_key_file"), "{msg}");
+    assert!(
+        msg.contains("not configured") && msg.contains("pg_kms.master_key_file"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -120,7 +177,11 @@ fn privileges_of_the_three_roles_and_a_plain_role() {
         // (role, statement, expected SQLSTATE)
         ("app", "SELECT kms_decrypt(v) FROM t", "ok"),
         ("app", "INSERT INTO t SELECT kms_encrypt('x', 'pii')", "ok"),
-        ("app", "SELECT kms_rewrap(v), kms_key_name(v), kms_key_version(v) FROM t", "ok"),
+        (
+            "app",
+            "SELECT kms_rewrap(v), kms_key_name(v), kms_key_version(v) FROM t",
+            "ok",
+        ),
         ("app", "SELECT kms_create_key('k1')", "42501"),
         ("app", "SELECT * FROM kms_keys", "42501"),
         ("app", "SELECT * FROM kms.key_versions", "42501"),
@@ -149,7 +210,10 @@ fn privileges_of_the_three_roles_and_a_plain_role() {
     }
     // The audit log names the login role that acted.
     let actors: String = db
-        .query_one("SELECT string_agg(DISTINCT actor, ',' ORDER BY actor) FROM kms_audit_log", &[])
+        .query_one(
+            "SELECT string_agg(DISTINCT actor, ',' ORDER BY actor) FROM kms_audit_log",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert_eq!(actors, "dba,postgres");
@@ -158,12 +222,21 @@ fn privileges_of_the_three_roles_and_a_plain_role() {
 #[test]
 fn round_trips_empty_multibyte_and_megabytes() {
     let (_c, mut db) = setup("values");
-    db.batch_execute("SELECT kms_create_key('pii'); CREATE TABLE t (id int, v encrypted_text, b encrypted_text)").unwrap();
+    db.batch_execute(
+        "SELECT kms_create_key('pii'); CREATE TABLE t (id int, v encrypted_text, b encrypted_text)",
+    )
+    .unwrap();
     let big: String = "0123456789abcdef".repeat(5 * 65536 / 16 * 16); // 5 MiB
     let mut blob = vec![0u8; 3 << 20];
     getrandom::getrandom(&mut blob).unwrap();
-    let values: Vec<String> =
-        vec!["".into(), "é".into(), "日本語テキスト".into(), "emoji 🙂🚀 and 𝄞".into(), "a\u{0001}b".into(), big.clone()];
+    let values: Vec<String> = vec![
+        "".into(),
+        "é".into(),
+        "日本語テキスト".into(),
+        "emoji 🙂🚀 and 𝄞".into(),
+        "a\u{0001}b".into(),
+        big.clone(),
+    ];
     for (i, v) in values.iter().enumerate() {
         db.execute(
             "INSERT INTO t VALUES ($1, kms_encrypt($2, 'pii', 'row:' || $1::int::text), kms_encrypt_bytea($3, 'pii'))",
@@ -173,7 +246,10 @@ fn round_trips_empty_multibyte_and_megabytes() {
     }
     for (i, v) in values.iter().enumerate() {
         let row = db
-            .query_one("SELECT kms_decrypt(v, 'row:' || id), kms_decrypt_bytea(b) FROM t WHERE id = $1", &[&(i as i32)])
+            .query_one(
+                "SELECT kms_decrypt(v, 'row:' || id), kms_decrypt_bytea(b) FROM t WHERE id = $1",
+                &[&(i as i32)],
+            )
             .unwrap();
         let got: String = row.get(0);
         let got_b: Vec<u8> = row.get(1);
@@ -182,7 +258,10 @@ fn round_trips_empty_multibyte_and_megabytes() {
     }
     // Stored out of line without compression (ciphertext does not compress):
     // exactly the plaintext plus the 38-byte envelope.
-    let size: i32 = db.query_one("SELECT pg_column_size(v) FROM t WHERE id = 5", &[]).unwrap().get(0);
+    let size: i32 = db
+        .query_one("SELECT pg_column_size(v) FROM t WHERE id = 5", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(size as usize, big.len() + 38);
 }
 
@@ -191,7 +270,8 @@ fn lifecycle_notifies_kms_events() {
     let (c, mut db) = setup("notify");
     let mut listener = c.connect();
     listener.batch_execute("LISTEN kms_events").unwrap();
-    db.batch_execute("SELECT kms_create_key('pii'); SELECT kms_rotate_key('pii', 'r')").unwrap();
+    db.batch_execute("SELECT kms_create_key('pii'); SELECT kms_rotate_key('pii', 'r')")
+        .unwrap();
     let mut seen = Vec::new();
     poll("two notifications", Duration::from_secs(10), || {
         listener.batch_execute("SELECT 1").ok()?; // let the connection read pending messages
@@ -202,8 +282,17 @@ fn lifecycle_notifies_kms_events() {
         }
         (seen.len() >= 2).then_some(())
     });
-    assert!(seen[0].contains("\"operation\": \"create_key\"") && seen[0].contains("\"version\": 1"), "{}", seen[0]);
-    assert!(seen[1].contains("\"operation\": \"rotate_key\"") && seen[1].contains("\"key_name\": \"pii\""), "{}", seen[1]);
+    assert!(
+        seen[0].contains("\"operation\": \"create_key\"") && seen[0].contains("\"version\": 1"),
+        "{}",
+        seen[0]
+    );
+    assert!(
+        seen[1].contains("\"operation\": \"rotate_key\"")
+            && seen[1].contains("\"key_name\": \"pii\""),
+        "{}",
+        seen[1]
+    );
 }
 
 mod serde_like {
@@ -223,8 +312,13 @@ fn copy_text_and_binary_round_trip_ciphertext_unchanged() {
     .unwrap();
     for (format, dst) in [("text", "dst_text"), ("binary", "dst_bin")] {
         let mut data = Vec::new();
-        db.copy_out(&format!("COPY src TO STDOUT (FORMAT {format})")).unwrap().read_to_end(&mut data).unwrap();
-        let mut w = db.copy_in(&format!("COPY {dst} FROM STDIN (FORMAT {format})")).unwrap();
+        db.copy_out(&format!("COPY src TO STDOUT (FORMAT {format})"))
+            .unwrap()
+            .read_to_end(&mut data)
+            .unwrap();
+        let mut w = db
+            .copy_in(&format!("COPY {dst} FROM STDIN (FORMAT {format})"))
+            .unwrap();
         w.write_all(&data).unwrap();
         w.finish().unwrap();
         let same: i64 = db
@@ -233,14 +327,21 @@ fn copy_text_and_binary_round_trip_ciphertext_unchanged() {
             .get(0);
         assert_eq!(same, 50, "{format} COPY changed ciphertext");
         let ok: i64 = db
-            .query_one(&format!("SELECT count(*) FROM {dst} WHERE kms_decrypt(v, id::text) = 'value ' || id"), &[])
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {dst} WHERE kms_decrypt(v, id::text) = 'value ' || id"
+                ),
+                &[],
+            )
             .unwrap()
             .get(0);
         assert_eq!(ok, 50);
     }
     // Binary receive validates structure like text input does: a truncated
     // envelope sent in binary format is rejected with 22P02.
-    let mut w = db.copy_in("COPY dst_bin (v) FROM STDIN (FORMAT binary)").unwrap();
+    let mut w = db
+        .copy_in("COPY dst_bin (v) FROM STDIN (FORMAT binary)")
+        .unwrap();
     let mut buf = Vec::new();
     buf.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
     buf.extend_from_slice(&0i32.to_be_bytes());

@@ -13,21 +13,58 @@ use std::time::Duration;
 fn dump(c: &Cluster, db: &str, out: &std::path::Path) {
     let o = as_postgres(
         &format!("{PG_BIN}/pg_dump"),
-        &["-h", c.dir.to_str().unwrap(), "-p", &c.port.to_string(), "-U", "postgres", "-d", db, "-Fp", "-f", out.to_str().unwrap()],
+        &[
+            "-h",
+            c.dir.to_str().unwrap(),
+            "-p",
+            &c.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            db,
+            "-Fp",
+            "-f",
+            out.to_str().unwrap(),
+        ],
     );
-    assert!(o.status.success(), "pg_dump: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "pg_dump: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 fn restore(c: &Cluster, db: &str, file: &std::path::Path) {
     let o = as_postgres(
         &format!("{PG_BIN}/psql"),
-        &["-h", c.dir.to_str().unwrap(), "-p", &c.port.to_string(), "-U", "postgres", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", db, "-f", file.to_str().unwrap()],
+        &[
+            "-h",
+            c.dir.to_str().unwrap(),
+            "-p",
+            &c.port.to_string(),
+            "-U",
+            "postgres",
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            db,
+            "-f",
+            file.to_str().unwrap(),
+        ],
     );
-    assert!(o.status.success(), "psql restore: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "psql restore: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 fn one_bool(db: &mut Client, sql: &str) -> bool {
-    db.query_one(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+    db.query_one(sql, &[])
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
 }
 
 /// A value sealed (randomized and deterministic) and a blind index computed
@@ -38,10 +75,17 @@ fn one_bool(db: &mut Client, sql: &str) -> bool {
 fn latin1_context_survives_dump_into_utf8() {
     let src = Cluster::start("cy_l1_src", &[]);
     src.connect()
-        .batch_execute("CREATE DATABASE shop ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+        .batch_execute(
+            "CREATE DATABASE shop ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+        )
         .unwrap();
     let mut shop = src.connect_as("postgres", "shop");
-    assert_eq!(shop.query_one("SHOW server_encoding", &[]).unwrap().get::<_, String>(0), "LATIN1");
+    assert_eq!(
+        shop.query_one("SHOW server_encoding", &[])
+            .unwrap()
+            .get::<_, String>(0),
+        "LATIN1"
+    );
     shop.batch_execute(
         "CREATE EXTENSION pg_kms; SELECT kms_create_key('pii');
          CREATE TABLE t (id int PRIMARY KEY, v encrypted_text, d encrypted_text UNIQUE, b bytea);
@@ -76,7 +120,12 @@ fn latin1_context_survives_dump_into_utf8() {
     dst.connect().batch_execute("CREATE DATABASE shop").unwrap();
     restore(&dst, "shop", &file);
     let mut r = dst.connect_as("postgres", "shop");
-    assert_eq!(r.query_one("SHOW server_encoding", &[]).unwrap().get::<_, String>(0), "UTF8");
+    assert_eq!(
+        r.query_one("SHOW server_encoding", &[])
+            .unwrap()
+            .get::<_, String>(0),
+        "UTF8"
+    );
     let mut ok = 0;
     for q in checks {
         assert!(one_bool(&mut r, q), "after restore into UTF-8: {q}");
@@ -85,7 +134,10 @@ fn latin1_context_survives_dump_into_utf8() {
     // The UTF-8 bytes of the context are what was sealed: the context
     // given as bytes c3 a9 opens it, whatever encoding the session uses.
     assert!(one_bool(&mut r, "SELECT kms_decrypt(v, convert_from('\\x636166c3a9', 'UTF8')) = 'crème brûlée' FROM t WHERE id = 1"));
-    println!("LATIN1 -> UTF-8 dump/restore: {ok}/{} checks with context 'café' pass on both sides", checks.len());
+    println!(
+        "LATIN1 -> UTF-8 dump/restore: {ok}/{} checks with context 'café' pass on both sides",
+        checks.len()
+    );
 }
 
 /// Readable mappings of a process: (start, end, permissions, name).
@@ -99,7 +151,12 @@ fn mappings(pid: i32) -> Vec<(u64, u64, String, String)> {
             let perms = f.next()?.to_string();
             let name = f.nth(3).unwrap_or("[anon]").to_string();
             let (a, b) = range.split_once('-')?;
-            Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?, perms, name))
+            Some((
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+                perms,
+                name,
+            ))
         })
         .collect()
 }
@@ -119,7 +176,8 @@ fn vm_flags(pid: i32, start: u64) -> Vec<String> {
 /// Where `needles` occur in the readable memory of `pid`: for each needle,
 /// the start addresses of the mappings holding a hit (one per hit).
 fn scan(pid: i32, needles: &[&[u8]]) -> (Vec<Vec<u64>>, u64) {
-    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("open /proc/<pid>/mem (needs root)");
+    let mut mem =
+        std::fs::File::open(format!("/proc/{pid}/mem")).expect("open /proc/<pid>/mem (needs root)");
     let mut hits = vec![Vec::new(); needles.len()];
     let mut scanned = 0u64;
     let mut first = [false; 256];
@@ -149,13 +207,19 @@ fn scan(pid: i32, needles: &[&[u8]]) -> (Vec<Vec<u64>>, u64) {
 
 fn hkdf32(ikm: &[u8], info: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];
-    Hkdf::<Sha256>::new(Some(b"pg_kms"), ikm).expand(info, &mut out).unwrap();
+    Hkdf::<Sha256>::new(Some(b"pg_kms"), ikm)
+        .expand(info, &mut out)
+        .unwrap();
     out
 }
 
 /// The needles for one master key: raw bytes, lower- and upper-case hex.
 fn key_needles(hex_key: &str) -> [Vec<u8>; 3] {
-    [hex::decode(hex_key).unwrap(), hex_key.to_lowercase().into_bytes(), hex_key.to_uppercase().into_bytes()]
+    [
+        hex::decode(hex_key).unwrap(),
+        hex_key.to_lowercase().into_bytes(),
+        hex_key.to_uppercase().into_bytes(),
+    ]
 }
 
 /// After a backend has used the master key (creating and rotating keys,
@@ -190,7 +254,8 @@ fn master_key_is_not_left_in_backend_memory() {
     };
     // One statement per call: ALTER SYSTEM cannot run in a transaction block.
     let set = |db: &mut Client, name: &str, value: &str| {
-        db.batch_execute(&format!("ALTER SYSTEM SET {name} = '{value}'")).unwrap();
+        db.batch_execute(&format!("ALTER SYSTEM SET {name} = '{value}'"))
+            .unwrap();
         db.batch_execute("SELECT pg_reload_conf()").unwrap();
     };
     let mut keys = vec![first_key.clone()];
@@ -209,31 +274,51 @@ fn master_key_is_not_left_in_backend_memory() {
                 let prev = c.dir.join("keys").join("previous.key");
                 std::fs::copy(c.key_file(), &prev).unwrap();
                 // (As root the server's user must own it; otherwise it already does.)
-                let _ = std::process::Command::new("chown").arg("postgres:postgres").arg(&prev).status();
+                let _ = std::process::Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(&prev)
+                    .status();
                 let new_key = pg_kms_integration::random_key_hex();
                 c.write_key(&new_key, 0o600);
                 keys.push(new_key);
                 set(&mut admin, "pg_kms.master_key_command", "");
-                set(&mut admin, "pg_kms.master_key_file", &c.key_file().display().to_string());
+                set(
+                    &mut admin,
+                    "pg_kms.master_key_file",
+                    &c.key_file().display().to_string(),
+                );
                 let prev = prev.display().to_string();
                 set(&mut admin, "pg_kms.previous_master_key_file", &prev);
                 ("pg_kms.previous_master_key_file", prev)
             }
         };
         // A new backend that sees the settings of this phase.
-        let mut db = poll("a backend with the new settings", Duration::from_secs(30), || {
-            let mut db = c.connect();
-            let now: String = db.query_one(&format!("SHOW {setting}"), &[]).unwrap().get(0);
-            (now == expect).then_some(db)
-        });
+        let mut db = poll(
+            "a backend with the new settings",
+            Duration::from_secs(30),
+            || {
+                let mut db = c.connect();
+                let now: String = db
+                    .query_one(&format!("SHOW {setting}"), &[])
+                    .unwrap()
+                    .get(0);
+                (now == expect).then_some(db)
+            },
+        );
         if phase == "rotation" {
-            let n: i64 = db.query_one("SELECT kms_rotate_master_key()", &[]).unwrap().get(0);
+            let n: i64 = db
+                .query_one("SELECT kms_rotate_master_key()", &[])
+                .unwrap()
+                .get(0);
             assert!(n > 0, "versions re-wrapped");
         }
         db.batch_execute(&work(phase)).unwrap();
         let pid: i32 = db.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
         let current = keys.last().unwrap();
-        let kek = hkdf32(&hex::decode(current).unwrap(), b"pg_kms v1 key-encryption key");
+        let kek = hkdf32(
+            &hex::decode(current).unwrap(),
+            b"pg_kms v1 key-encryption key",
+        );
         let mut needles: Vec<Vec<u8>> = keys.iter().flat_map(|k| key_needles(k)).collect();
         needles.push(kek.to_vec());
         let refs: Vec<&[u8]> = needles.iter().map(|n| n.as_slice()).collect();
@@ -242,7 +327,10 @@ fn master_key_is_not_left_in_backend_memory() {
         let key_hits: Vec<usize> = hits[..hits.len() - 1].iter().map(|h| h.len()).collect();
         let kek_regions: Vec<Vec<String>> = kek_hits.iter().map(|&s| vm_flags(pid, s)).collect();
         let all_dd = kek_regions.iter().all(|f| f.iter().any(|x| x == "dd"));
-        let locked = kek_regions.iter().filter(|f| f.iter().any(|x| x == "lo")).count();
+        let locked = kek_regions
+            .iter()
+            .filter(|f| f.iter().any(|x| x == "lo"))
+            .count();
         println!(
             "master key from {phase}: scanned {} MiB of backend memory; hits of {} master key(s) as (raw, hex, HEX): {key_hits:?}; \
              KEK {} hits, all in dd (no-dump) mappings: {all_dd}, {locked} of them mlocked",
@@ -250,7 +338,10 @@ fn master_key_is_not_left_in_backend_memory() {
             keys.len(),
             kek_hits.len()
         );
-        assert!(key_hits.iter().all(|n| *n == 0), "master key found in backend memory");
+        assert!(
+            key_hits.iter().all(|n| *n == 0),
+            "master key found in backend memory"
+        );
         assert!(!kek_hits.is_empty(), "the scan should find the cached KEK");
         assert!(all_dd, "KEK outside a MADV_DONTDUMP mapping");
         phases += 1;

@@ -5,7 +5,9 @@
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use base64::Engine;
-use pg_kms_integration::{as_postgres, message, pairs, poll, random_key_hex, sqlstate, Cluster, PG_BIN};
+use pg_kms_integration::{
+    as_postgres, message, pairs, poll, random_key_hex, sqlstate, Cluster, PG_BIN,
+};
 use postgres::Client;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -13,12 +15,17 @@ use std::time::{Duration, Instant};
 fn setup(name: &str, extra: &[&str]) -> (Cluster, Client) {
     let c = Cluster::start(name, extra);
     let mut db = c.connect();
-    db.batch_execute("CREATE EXTENSION pg_kms; SELECT kms_create_key('pii');").unwrap();
+    db.batch_execute("CREATE EXTENSION pg_kms; SELECT kms_create_key('pii');")
+        .unwrap();
     (c, db)
 }
 
 /// SQLSTATE counts of `kms_decrypt` over every single-bit flip of `value`.
-fn flip_every_bit(db: &mut Client, value_sql: &str, context: &str) -> (usize, BTreeMap<String, usize>) {
+fn flip_every_bit(
+    db: &mut Client,
+    value_sql: &str,
+    context: &str,
+) -> (usize, BTreeMap<String, usize>) {
     db.batch_execute(&format!(
         "CREATE TEMP TABLE IF NOT EXISTS flips (bit int, state text);
          TRUNCATE flips;
@@ -39,7 +46,10 @@ fn flip_every_bit(db: &mut Client, value_sql: &str, context: &str) -> (usize, BT
     .unwrap();
     let mut by_state = BTreeMap::new();
     let mut total = 0;
-    for r in db.query("SELECT state, count(*) FROM flips GROUP BY 1", &[]).unwrap() {
+    for r in db
+        .query("SELECT state, count(*) FROM flips GROUP BY 1", &[])
+        .unwrap()
+    {
         let n: i64 = r.get(1);
         by_state.insert(r.get::<_, String>(0), n as usize);
         total += n as usize;
@@ -51,7 +61,11 @@ fn flip_every_bit(db: &mut Client, value_sql: &str, context: &str) -> (usize, BT
 fn every_bit_flip_is_rejected() {
     let (_c, mut db) = setup("h_flips", &[]);
     db.batch_execute("SELECT kms_rotate_key('pii')").unwrap();
-    let (total, states) = flip_every_bit(&mut db, "kms_encrypt('alice@example.com', 'pii', 'user:1')", "user:1");
+    let (total, states) = flip_every_bit(
+        &mut db,
+        "kms_encrypt('alice@example.com', 'pii', 'user:1')",
+        "user:1",
+    );
     let rejected = total - states.get("decrypted").copied().unwrap_or(0);
     // Per field of the envelope: how each flip was rejected.
     let per_field: Vec<(String, i64, String)> = db
@@ -73,7 +87,13 @@ fn every_bit_flip_is_rejected() {
         .collect();
     let mut field_counts = Vec::new();
     for (field, n, how) in &per_field {
-        let how = how.split(", ").filter(|p| !p.is_empty()).collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>().join(", ");
+        let how = how
+            .split(", ")
+            .filter(|p| !p.is_empty())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+            .join(", ");
         field_counts.push(format!("{} {n}/{n} ({how})", &field[2..]));
     }
     println!("bit flips rejected: {rejected}/{total} {states:?}");
@@ -85,13 +105,18 @@ fn every_bit_flip_is_rejected() {
         .query_one("SELECT count(*) FROM flips WHERE (bit >= 80 OR (bit / 8 = 1 AND bit % 8 IN (0, 1, 2))) AND state <> '39000'", &[])
         .unwrap()
         .get(0);
-    assert_eq!(auth, 0, "nonce, ciphertext, tag and flag flips must all give 39000");
+    assert_eq!(
+        auth, 0,
+        "nonce, ciphertext, tag and flag flips must all give 39000"
+    );
     // The rest of the header is rejected before any decryption: an unknown
     // format, flag or impossible version is malformed (22P02); an altered
     // key id names a key this keyring does not have (42704); an altered
     // version of a known key is an authentication failure (39000).
-    let other: Vec<(i32, String)> =
-        pairs(&mut db, "SELECT bit, state FROM flips WHERE state NOT IN ('39000', '22P02', '42704') ORDER BY bit");
+    let other: Vec<(i32, String)> = pairs(
+        &mut db,
+        "SELECT bit, state FROM flips WHERE state NOT IN ('39000', '22P02', '42704') ORDER BY bit",
+    );
     assert!(other.is_empty(), "unexpected outcomes: {other:?}");
 }
 
@@ -107,22 +132,36 @@ fn swapped_ciphertexts_and_foreign_values_fail() {
     .unwrap();
     let mut failed = 0;
     for id in 1..=100i32 {
-        let r = db.query_one("SELECT kms_decrypt(ssn, 'account:' || id) FROM accounts WHERE id = $1", &[&id]);
+        let r = db.query_one(
+            "SELECT kms_decrypt(ssn, 'account:' || id) FROM accounts WHERE id = $1",
+            &[&id],
+        );
         assert_eq!(sqlstate(r), "39000");
         failed += 1;
     }
     println!("swapped ciphertexts rejected: {failed}/100");
 
     // A value naming a key id this keyring does not have.
-    let v: String = db.query_one("SELECT kms_encrypt('x', 'pii')::text", &[]).unwrap().get(0);
-    let mut b = base64::engine::general_purpose::STANDARD.decode(&v[4..]).unwrap();
+    let v: String = db
+        .query_one("SELECT kms_encrypt('x', 'pii')::text", &[])
+        .unwrap()
+        .get(0);
+    let mut b = base64::engine::general_purpose::STANDARD
+        .decode(&v[4..])
+        .unwrap();
     b[2..6].copy_from_slice(&0x7ABC_DEF0u32.to_be_bytes());
-    let foreign = format!("kms:{}", base64::engine::general_purpose::STANDARD.encode(&b));
+    let foreign = format!(
+        "kms:{}",
+        base64::engine::general_purpose::STANDARD.encode(&b)
+    );
     let r = db.query_one("SELECT kms_decrypt($1::text::encrypted_text)", &[&foreign]);
     let msg = message(db.query_one("SELECT kms_decrypt($1::text::encrypted_text)", &[&foreign]));
     assert_eq!(sqlstate(r), "42704");
     assert!(msg.contains("not in this database's keyring"), "{msg}");
-    println!("foreign key id: 42704 \"{}\"", msg.split(" | ").next().unwrap());
+    println!(
+        "foreign key id: 42704 \"{}\"",
+        msg.split(" | ").next().unwrap()
+    );
 }
 
 #[test]
@@ -132,33 +171,63 @@ fn awkward_values_and_a_latin1_database() {
     let cases: Vec<(&str, Option<String>)> = vec![
         ("NULL", None),
         ("empty", Some(String::new())),
-        ("control chars next to NUL", Some("a\u{1}\u{2}b\u{7f}".into())),
+        (
+            "control chars next to NUL",
+            Some("a\u{1}\u{2}b\u{7f}".into()),
+        ),
         ("4-byte UTF-8", Some("𝄞 🙂 🚀 𠜎".into())),
         ("10 MB", Some(ten_mb)),
     ];
     for (what, v) in &cases {
-        let got: Option<String> = db.query_one("SELECT kms_decrypt(kms_encrypt($1, 'pii'))", &[v]).unwrap().get(0);
+        let got: Option<String> = db
+            .query_one("SELECT kms_decrypt(kms_encrypt($1, 'pii'))", &[v])
+            .unwrap()
+            .get(0);
         assert!(&got == v, "{what} did not round-trip");
     }
-    println!("awkward values round-tripped: {}/{}", cases.len(), cases.len());
+    println!(
+        "awkward values round-tripped: {}/{}",
+        cases.len(),
+        cases.len()
+    );
 
-    db.batch_execute("CREATE DATABASE l1 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0").unwrap();
+    db.batch_execute(
+        "CREATE DATABASE l1 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+    )
+    .unwrap();
     let mut l1 = c.connect_as("postgres", "l1");
-    l1.batch_execute("CREATE EXTENSION pg_kms; SELECT kms_create_key('pii')").unwrap();
-    let got: String = l1.query_one("SELECT kms_decrypt(kms_encrypt('café crème', 'pii'))", &[]).unwrap().get(0);
+    l1.batch_execute("CREATE EXTENSION pg_kms; SELECT kms_create_key('pii')")
+        .unwrap();
+    let got: String = l1
+        .query_one("SELECT kms_decrypt(kms_encrypt('café crème', 'pii'))", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(got, "café crème");
     // Text is sealed as UTF-8 whatever the database encoding.
     let utf8: bool = l1
-        .query_one("SELECT kms_decrypt_bytea(kms_encrypt('é', 'pii')) = '\\xc3a9'::bytea", &[])
+        .query_one(
+            "SELECT kms_decrypt_bytea(kms_encrypt('é', 'pii')) = '\\xc3a9'::bytea",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert!(utf8);
     // Non-ASCII reasons and bad key names are handled in any encoding.
-    l1.batch_execute("SELECT kms_rotate_key('pii', 'rotation planifiée')").unwrap();
-    assert_eq!(sqlstate(l1.batch_execute("SELECT kms_create_key('clé')")), "22023");
+    l1.batch_execute("SELECT kms_rotate_key('pii', 'rotation planifiée')")
+        .unwrap();
+    assert_eq!(
+        sqlstate(l1.batch_execute("SELECT kms_create_key('clé')")),
+        "22023"
+    );
     // A UTF-8 value with no LATIN1 equivalent gives a clear conversion error.
-    let r = l1.query_one("SELECT kms_decrypt(kms_encrypt_bytea('\\xf09f9982'::bytea, 'pii'))", &[]);
-    println!("LATIN1 database: round trip ok; emoji sealed as bytea -> {}", sqlstate(r));
+    let r = l1.query_one(
+        "SELECT kms_decrypt(kms_encrypt_bytea('\\xf09f9982'::bytea, 'pii'))",
+        &[],
+    );
+    println!(
+        "LATIN1 database: round trip ok; emoji sealed as bytea -> {}",
+        sqlstate(r)
+    );
 }
 
 #[test]
@@ -215,10 +284,14 @@ fn search_path_hijack_runs_no_attacker_code() {
         "SELECT * FROM kms_keys",
         "SELECT * FROM kms_audit_log",
     ] {
-        m.batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        m.batch_execute(sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
     let hits: Vec<(String, String)> = pairs(&mut db, "SELECT who, what FROM public.hits");
-    println!("search_path hijack: {} attacker functions run by pg_kms (16 entry points tried)", hits.len());
+    println!(
+        "search_path hijack: {} attacker functions run by pg_kms (16 entry points tried)",
+        hits.len()
+    );
     assert!(hits.is_empty(), "pg_kms ran attacker code: {hits:?}");
 }
 
@@ -226,7 +299,9 @@ fn search_path_hijack_runs_no_attacker_code() {
 fn data_keys(master_hex: &str, db: &mut Client) -> Vec<[u8; 32]> {
     let mk = hex::decode(master_hex.trim()).unwrap();
     let mut kek = [0u8; 32];
-    hkdf::Hkdf::<sha2::Sha256>::new(Some(b"pg_kms"), &mk).expand(b"pg_kms v1 key-encryption key", &mut kek).unwrap();
+    hkdf::Hkdf::<sha2::Sha256>::new(Some(b"pg_kms"), &mk)
+        .expand(b"pg_kms v1 key-encryption key", &mut kek)
+        .unwrap();
     let cipher = Aes256Gcm::new((&kek).into());
     let mut out = Vec::new();
     for r in db.query("SELECT key_id, version, wrapped_key FROM kms.key_versions WHERE wrapped_key IS NOT NULL", &[]).unwrap() {
@@ -268,43 +343,103 @@ fn no_secret_reaches_the_log_or_a_non_superuser() {
     let mut app = c.connect_as("app", "postgres");
     // The whole API, plaintext only as bind parameters.
     for i in 0..20 {
-        app.execute("INSERT INTO t VALUES ($1, kms_encrypt($2, 'pii', $3))", &[&i, &format!("{marker}-{i}"), &ctx]).unwrap();
+        app.execute(
+            "INSERT INTO t VALUES ($1, kms_encrypt($2, 'pii', $3))",
+            &[&i, &format!("{marker}-{i}"), &ctx],
+        )
+        .unwrap();
     }
-    let _ = app.query("SELECT kms_decrypt(v, $1) FROM t", &[&ctx]).unwrap();
+    let _ = app
+        .query("SELECT kms_decrypt(v, $1) FROM t", &[&ctx])
+        .unwrap();
     let _ = app.query("SELECT kms_decrypt(v, 'wrong') FROM t", &[]); // 39000 with log_min_error_statement
-    let _ = app.query("SELECT kms_decrypt_bytea(kms_encrypt_bytea($1, 'pii'))", &[&marker.as_bytes()]).unwrap();
-    db.batch_execute("SELECT kms_rotate_key('pii'); SELECT kms_create_key('other');").unwrap();
-    let _ = app.query("SELECT kms_rewrap(v, $1) FROM t", &[&ctx]).unwrap();
-    db.batch_execute("SELECT kms_health(), kms_verify_audit_log(); SELECT * FROM kms_key_usage('pii');").unwrap();
+    let _ = app
+        .query(
+            "SELECT kms_decrypt_bytea(kms_encrypt_bytea($1, 'pii'))",
+            &[&marker.as_bytes()],
+        )
+        .unwrap();
+    db.batch_execute("SELECT kms_rotate_key('pii'); SELECT kms_create_key('other');")
+        .unwrap();
+    let _ = app
+        .query("SELECT kms_rewrap(v, $1) FROM t", &[&ctx])
+        .unwrap();
+    db.batch_execute(
+        "SELECT kms_health(), kms_verify_audit_log(); SELECT * FROM kms_key_usage('pii');",
+    )
+    .unwrap();
     // Master-key rotation.
     let old_key = c.read_key();
     let new_key = random_key_hex();
     let prev = c.dir.join("keys/previous.key");
     std::fs::write(&prev, format!("{old_key}\n")).unwrap();
-    let _ = std::process::Command::new("chmod").arg("600").arg(&prev).status();
-    let _ = std::process::Command::new("chown").arg("postgres:postgres").arg(&prev).status();
+    let _ = std::process::Command::new("chmod")
+        .arg("600")
+        .arg(&prev)
+        .status();
+    let _ = std::process::Command::new("chown")
+        .arg("postgres:postgres")
+        .arg(&prev)
+        .status();
     c.write_key(&new_key, 0o600);
-    c.append_conf(&format!("pg_kms.previous_master_key_file = '{}'\n", prev.display()));
+    c.append_conf(&format!(
+        "pg_kms.previous_master_key_file = '{}'\n",
+        prev.display()
+    ));
     db.batch_execute("SELECT pg_reload_conf()").unwrap();
     let mut db = c.connect();
-    let n: i64 = db.query_one("SELECT kms_rotate_master_key()", &[]).unwrap().get(0);
+    let n: i64 = db
+        .query_one("SELECT kms_rotate_master_key()", &[])
+        .unwrap()
+        .get(0);
     assert!(n >= 3);
     let dks = data_keys(&new_key, &mut db);
     let wrapped: Vec<Vec<u8>> = db
-        .query("SELECT wrapped_key FROM kms.key_versions WHERE wrapped_key IS NOT NULL", &[])
+        .query(
+            "SELECT wrapped_key FROM kms.key_versions WHERE wrapped_key IS NOT NULL",
+            &[],
+        )
         .unwrap()
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let _ = app.query("SELECT kms_decrypt(v, $1) FROM t", &[&ctx]).unwrap();
+    let _ = app
+        .query("SELECT kms_decrypt(v, $1) FROM t", &[&ctx])
+        .unwrap();
 
     // What every role can see: views and functions it may call.
     let mut seen = String::new();
     for (role, queries) in [
-        ("app", vec!["SELECT v::text, kms_key_name(v), kms_decrypt(v, '') FROM t"]),
-        ("aud", vec!["SELECT * FROM kms_keys", "SELECT * FROM kms_audit_log", "SELECT kms_health()::text", "SELECT * FROM kms_stats"]),
-        ("adm", vec!["SELECT * FROM kms_keys", "SELECT * FROM kms_audit_log", "SELECT kms_health()::text", "SELECT * FROM kms_key_usage('pii')", "SELECT * FROM kms_reencryption_progress"]),
-        ("nobody", vec!["SELECT * FROM kms.key_versions", "SELECT kms_decrypt(v) FROM t"]),
+        (
+            "app",
+            vec!["SELECT v::text, kms_key_name(v), kms_decrypt(v, '') FROM t"],
+        ),
+        (
+            "aud",
+            vec![
+                "SELECT * FROM kms_keys",
+                "SELECT * FROM kms_audit_log",
+                "SELECT kms_health()::text",
+                "SELECT * FROM kms_stats",
+            ],
+        ),
+        (
+            "adm",
+            vec![
+                "SELECT * FROM kms_keys",
+                "SELECT * FROM kms_audit_log",
+                "SELECT kms_health()::text",
+                "SELECT * FROM kms_key_usage('pii')",
+                "SELECT * FROM kms_reencryption_progress",
+            ],
+        ),
+        (
+            "nobody",
+            vec![
+                "SELECT * FROM kms.key_versions",
+                "SELECT kms_decrypt(v) FROM t",
+            ],
+        ),
     ] {
         let mut conn = c.connect_as(role, "postgres");
         for q in queries {
@@ -350,7 +485,10 @@ fn no_secret_reaches_the_log_or_a_non_superuser() {
         if log.to_lowercase().contains(&s.to_lowercase()) {
             leaks.push(format!("server log: {what}"));
         }
-        if what != "plaintext bind parameter" && what != "context bind parameter" && seen.to_lowercase().contains(&s.to_lowercase()) {
+        if what != "plaintext bind parameter"
+            && what != "context bind parameter"
+            && seen.to_lowercase().contains(&s.to_lowercase())
+        {
             leaks.push(format!("non-superuser output: {what}"));
         }
     }
@@ -368,24 +506,69 @@ fn no_secret_reaches_the_log_or_a_non_superuser() {
 fn dump(c: &Cluster, args: &[&str], out: &std::path::Path) {
     let o = as_postgres(
         &format!("{PG_BIN}/pg_dump"),
-        &[&["-h", c.dir.to_str().unwrap(), "-p", &c.port.to_string(), "-U", "postgres", "-d", "shop", "-f", out.to_str().unwrap()], args].concat(),
+        &[
+            &[
+                "-h",
+                c.dir.to_str().unwrap(),
+                "-p",
+                &c.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "shop",
+                "-f",
+                out.to_str().unwrap(),
+            ],
+            args,
+        ]
+        .concat(),
     );
-    assert!(o.status.success(), "pg_dump: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "pg_dump: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 fn restore(c: &Cluster, file: &std::path::Path, custom: bool) {
     let mut db = c.connect();
     db.batch_execute("CREATE DATABASE shop").unwrap();
     let (prog, args): (&str, Vec<String>) = if custom {
-        ("pg_restore", vec!["-d".into(), "shop".into(), file.display().to_string()])
+        (
+            "pg_restore",
+            vec!["-d".into(), "shop".into(), file.display().to_string()],
+        )
     } else {
-        ("psql", vec!["-X".into(), "-q".into(), "-v".into(), "ON_ERROR_STOP=1".into(), "-d".into(), "shop".into(), "-f".into(), file.display().to_string()])
+        (
+            "psql",
+            vec![
+                "-X".into(),
+                "-q".into(),
+                "-v".into(),
+                "ON_ERROR_STOP=1".into(),
+                "-d".into(),
+                "shop".into(),
+                "-f".into(),
+                file.display().to_string(),
+            ],
+        )
     };
-    let mut full = vec!["-h".to_string(), c.dir.display().to_string(), "-p".into(), c.port.to_string(), "-U".into(), "postgres".into()];
+    let mut full = vec![
+        "-h".to_string(),
+        c.dir.display().to_string(),
+        "-p".into(),
+        c.port.to_string(),
+        "-U".into(),
+        "postgres".into(),
+    ];
     full.extend(args);
     let refs: Vec<&str> = full.iter().map(|s| s.as_str()).collect();
     let o = as_postgres(&format!("{PG_BIN}/{prog}"), &refs);
-    assert!(o.status.success(), "{prog}: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{prog}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 fn fingerprint(db: &mut Client) -> (String, i64) {
@@ -436,9 +619,16 @@ fn dump_and_restore_with_the_same_and_a_different_master_key() {
         dst.write_key(&key, 0o600);
         restore(&dst, file, is_custom);
         let mut r = dst.connect_as("postgres", "shop");
-        assert_eq!(fingerprint(&mut r), (fp.clone(), rows), "{kind}: ciphertext changed in dump/restore");
+        assert_eq!(
+            fingerprint(&mut r),
+            (fp.clone(), rows),
+            "{kind}: ciphertext changed in dump/restore"
+        );
         let ok = all_decrypt(&mut r);
-        assert!(r.query_one("SELECT kms_verify_audit_log()", &[]).unwrap().get::<_, bool>(0));
+        assert!(r
+            .query_one("SELECT kms_verify_audit_log()", &[])
+            .unwrap()
+            .get::<_, bool>(0));
         println!("{kind} dump restored with the same master key: {ok}/{rows} values decrypt, ciphertext identical");
         assert_eq!(ok, rows);
 
@@ -462,7 +652,8 @@ fn dump_and_restore_with_the_same_and_a_different_master_key() {
 fn broken_master_key_sources_keep_the_server_up() {
     let c = Cluster::start("h_sources", &["pg_kms.master_key_command_timeout = 300"]);
     let mut db = c.connect();
-    db.batch_execute("CREATE EXTENSION pg_kms; SELECT kms_create_key('pii');").unwrap();
+    db.batch_execute("CREATE EXTENSION pg_kms; SELECT kms_create_key('pii');")
+        .unwrap();
     db.batch_execute("CREATE DATABASE other").unwrap();
     let mut results = Vec::new();
     let mut check = |what: &str, conf: &str, expect_in_msg: &str| {
@@ -474,30 +665,71 @@ fn broken_master_key_sources_keep_the_server_up() {
         let msg = message(db.query_one("SELECT kms_encrypt('x', 'pii')", &[]));
         assert_eq!(sqlstate(r), "55000", "{what}");
         assert!(msg.contains(expect_in_msg), "{what}: {msg}");
-        assert!(t.elapsed() < Duration::from_secs(10), "{what}: took {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{what}: took {:?}",
+            t.elapsed()
+        );
         // The server and other databases are unaffected.
         let mut other = c.connect_as("postgres", "other");
-        assert_eq!(other.query_one("SELECT 1", &[]).unwrap().get::<_, i32>(0), 1);
+        assert_eq!(
+            other.query_one("SELECT 1", &[]).unwrap().get::<_, i32>(0),
+            1
+        );
         results.push(format!("{what}: 55000"));
     };
     let missing = c.dir.join("keys/missing.key");
-    check("missing file", &format!("pg_kms.master_key_file = '{}'", missing.display()), "cannot read file");
+    check(
+        "missing file",
+        &format!("pg_kms.master_key_file = '{}'", missing.display()),
+        "cannot read file",
+    );
     let key = c.read_key();
     c.write_key(&key, 0o644);
-    check("group/world-readable file", &format!("pg_kms.master_key_file = '{}'", c.key_file().display()), "chmod 600");
-    check("command that fails", "pg_kms.master_key_file = ''\npg_kms.master_key_command = 'exit 7'", "status 7");
-    check("command that hangs", "pg_kms.master_key_command = 'sleep 60'", "timed out after 300 ms");
-    check("command printing garbage", "pg_kms.master_key_command = 'echo not-a-key'", "64 hexadecimal");
-    println!("broken master-key sources: {}/5 gave 55000 and the server stayed up ({})", results.len(), results.join("; "));
-    poll("server still accepting connections", Duration::from_secs(10), || c.connect().query_one("SELECT 1", &[]).ok());
+    check(
+        "group/world-readable file",
+        &format!("pg_kms.master_key_file = '{}'", c.key_file().display()),
+        "chmod 600",
+    );
+    check(
+        "command that fails",
+        "pg_kms.master_key_file = ''\npg_kms.master_key_command = 'exit 7'",
+        "status 7",
+    );
+    check(
+        "command that hangs",
+        "pg_kms.master_key_command = 'sleep 60'",
+        "timed out after 300 ms",
+    );
+    check(
+        "command printing garbage",
+        "pg_kms.master_key_command = 'echo not-a-key'",
+        "64 hexadecimal",
+    );
+    println!(
+        "broken master-key sources: {}/5 gave 55000 and the server stayed up ({})",
+        results.len(),
+        results.join("; ")
+    );
+    poll(
+        "server still accepting connections",
+        Duration::from_secs(10),
+        || c.connect().query_one("SELECT 1", &[]).ok(),
+    );
 }
 
 #[test]
 fn drop_extension_is_refused_while_encrypted_columns_exist() {
     let (_c, mut db) = setup("h_drop", &[]);
-    db.batch_execute("CREATE TABLE t (v encrypted_text); INSERT INTO t SELECT kms_encrypt('x', 'pii');").unwrap();
+    db.batch_execute(
+        "CREATE TABLE t (v encrypted_text); INSERT INTO t SELECT kms_encrypt('x', 'pii');",
+    )
+    .unwrap();
     assert_eq!(sqlstate(db.batch_execute("DROP EXTENSION pg_kms")), "2BP01");
-    let n: i64 = db.query_one("SELECT count(*) FROM kms_keys", &[]).unwrap().get(0);
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM kms_keys", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(n, 1, "keyring intact after the refused DROP");
     // The update path exists (0.1.0 is the only released version so far).
     db.batch_execute("ALTER EXTENSION pg_kms UPDATE").unwrap();

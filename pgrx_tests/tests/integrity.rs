@@ -12,21 +12,31 @@ use std::time::{Duration, Instant};
 
 fn hkdf32(ikm: &[u8], info: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];
-    hkdf::Hkdf::<Sha256>::new(Some(b"pg_kms"), ikm).expand(info, &mut out).unwrap();
+    hkdf::Hkdf::<Sha256>::new(Some(b"pg_kms"), ikm)
+        .expand(info, &mut out)
+        .unwrap();
     out
 }
 
 /// Unwraps a stored wrapped data key under the master key `master_hex`,
 /// independently of pg_kms (documented hierarchy).
 fn unwrap_with(master_hex: &str, key_id: i32, version: i32, wrapped: &[u8]) -> Option<[u8; 32]> {
-    let kek = hkdf32(&hex::decode(master_hex).unwrap(), b"pg_kms v1 key-encryption key");
+    let kek = hkdf32(
+        &hex::decode(master_hex).unwrap(),
+        b"pg_kms v1 key-encryption key",
+    );
     let mut aad = b"pg_kms v1 data key".to_vec();
     aad.extend_from_slice(&(key_id as u32).to_be_bytes());
     aad.extend_from_slice(&(version as u32).to_be_bytes());
     let mut dk = [0u8; 32];
     dk.copy_from_slice(&wrapped[12..44]);
     Aes256Gcm::new((&kek).into())
-        .decrypt_in_place_detached(Nonce::from_slice(&wrapped[..12]), &aad, &mut dk, Tag::from_slice(&wrapped[44..]))
+        .decrypt_in_place_detached(
+            Nonce::from_slice(&wrapped[..12]),
+            &aad,
+            &mut dk,
+            Tag::from_slice(&wrapped[44..]),
+        )
         .ok()
         .map(|_| dk)
 }
@@ -34,20 +44,43 @@ fn unwrap_with(master_hex: &str, key_id: i32, version: i32, wrapped: &[u8]) -> O
 /// The last "pg_kms: audit chain head" line of `db` in the server log: (id, mac).
 fn logged_head(c: &Cluster, db: &str) -> Option<(i64, String)> {
     let prefix = format!("pg_kms: audit chain head of database {db}: id=");
-    c.server_log().lines().filter_map(|l| l.split_once(&prefix).map(|(_, rest)| rest.to_string())).last().map(|rest| {
-        let (id, mac) = rest.split_once(" mac=").unwrap();
-        (id.parse().unwrap(), mac.trim().to_string())
-    })
+    c.server_log()
+        .lines()
+        .filter_map(|l| l.split_once(&prefix).map(|(_, rest)| rest.to_string()))
+        .last()
+        .map(|rest| {
+            let (id, mac) = rest.split_once(" mac=").unwrap();
+            (id.parse().unwrap(), mac.trim().to_string())
+        })
 }
 
-fn check(db: &mut Client) -> (bool, Option<i64>, Option<String>, Option<i64>, Option<String>) {
-    let r = db.query_one("SELECT ok, first_bad_id, problem, head_id, head_mac FROM kms_audit_log_check()", &[]).unwrap();
+fn check(
+    db: &mut Client,
+) -> (
+    bool,
+    Option<i64>,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+) {
+    let r = db
+        .query_one(
+            "SELECT ok, first_bad_id, problem, head_id, head_mac FROM kms_audit_log_check()",
+            &[],
+        )
+        .unwrap();
     (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))
 }
 
 #[test]
 fn destroyed_key_is_never_rotated_again() {
-    let c = Cluster::start("i_destroyed", &["shared_preload_libraries = 'pg_kms'", "pg_kms.reencrypt_naptime = '200ms'"]);
+    let c = Cluster::start(
+        "i_destroyed",
+        &[
+            "shared_preload_libraries = 'pg_kms'",
+            "pg_kms.reencrypt_naptime = '200ms'",
+        ],
+    );
     let mut db = c.connect();
     db.batch_execute(
         "CREATE EXTENSION pg_kms;
@@ -57,10 +90,17 @@ fn destroyed_key_is_never_rotated_again() {
     )
     .unwrap();
     // The worker is rotating: the live key gets a scheduled rotation ...
-    poll("a scheduled rotation of the live key", Duration::from_secs(30), || {
-        let n: i64 = db.query_one("SELECT count(*) FROM kms_keys WHERE key_name = 'live'", &[]).ok()?.get(0);
-        (n >= 2).then_some(())
-    });
+    poll(
+        "a scheduled rotation of the live key",
+        Duration::from_secs(30),
+        || {
+            let n: i64 = db
+                .query_one("SELECT count(*) FROM kms_keys WHERE key_name = 'live'", &[])
+                .ok()?
+                .get(0);
+            (n >= 2).then_some(())
+        },
+    );
     // ... while the destroyed one, overdue the whole time, never is (absence
     // over ~3 s: at least ten worker passes at a 200 ms naptime).
     let until = Instant::now() + Duration::from_secs(3);
@@ -75,7 +115,11 @@ fn destroyed_key_is_never_rotated_again() {
                 .unwrap();
             (r.get(0), r.get(1))
         };
-        assert_eq!((versions, live), (1, 0), "the destroyed key got a new version");
+        assert_eq!(
+            (versions, live),
+            (1, 0),
+            "the destroyed key got a new version"
+        );
         polls += 1;
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -84,8 +128,14 @@ fn destroyed_key_is_never_rotated_again() {
         .unwrap()
         .get(0);
     assert_eq!(rotations, 0);
-    let live: i64 = db.query_one("SELECT count(*) FROM kms_keys WHERE key_name = 'live'", &[]).unwrap().get(0);
-    assert!(live >= 3, "the worker kept rotating the live key meanwhile ({live} versions)");
+    let live: i64 = db
+        .query_one("SELECT count(*) FROM kms_keys WHERE key_name = 'live'", &[])
+        .unwrap()
+        .get(0);
+    assert!(
+        live >= 3,
+        "the worker kept rotating the live key meanwhile ({live} versions)"
+    );
     // Manual acts: 55000 with a hint, naming the key as destroyed.
     for sql in [
         "SELECT kms_rotate_key('dead')",
@@ -96,16 +146,29 @@ fn destroyed_key_is_never_rotated_again() {
         let r = db.query_one(sql, &[]);
         let m = message(db.query_one(sql, &[]));
         assert_eq!(sqlstate(r), "55000", "{sql}");
-        assert!(m.contains("key \"dead\" is destroyed") && m.contains("A destroyed key stays destroyed"), "{sql}: {m}");
+        assert!(
+            m.contains("key \"dead\" is destroyed")
+                && m.contains("A destroyed key stays destroyed"),
+            "{sql}: {m}"
+        );
     }
     let r = db.query_one("SELECT kms_encrypt('x', 'dead')", &[]);
     let m = message(db.query_one("SELECT kms_encrypt('x', 'dead')", &[]));
     assert_eq!(sqlstate(r), "55000");
     assert!(m.contains("destroyed"), "{m}");
-    assert_eq!(sqlstate(db.query_one("SELECT kms_create_key('dead')", &[])), "42710");
-    let ok: bool = db.query_one("SELECT kms_verify_audit_log()", &[]).unwrap().get(0);
+    assert_eq!(
+        sqlstate(db.query_one("SELECT kms_create_key('dead')", &[])),
+        "42710"
+    );
+    let ok: bool = db
+        .query_one("SELECT kms_verify_audit_log()", &[])
+        .unwrap()
+        .get(0);
     assert!(ok);
-    println!("destroyed key: 0 rotations over {polls} polls in 3 s while the live key got {} versions", live);
+    println!(
+        "destroyed key: 0 rotations over {polls} polls in 3 s while the live key got {} versions",
+        live
+    );
 }
 
 /// The canonical audit-row encoding of src/crypto/integrity.rs, written
@@ -136,10 +199,23 @@ fn canon_audit(row: &postgres::Row, reason: Option<&[u8]>) -> Vec<u8> {
     i(&mut out, Some(row.get::<_, i64>("at_us")));
     b(&mut out, Some(row.get::<_, String>("actor").as_bytes()));
     b(&mut out, Some(row.get::<_, String>("operation").as_bytes()));
-    b(&mut out, row.get::<_, Option<String>>("key_name").as_deref().map(str::as_bytes));
-    i(&mut out, row.get::<_, Option<i32>>("version").map(i64::from));
+    b(
+        &mut out,
+        row.get::<_, Option<String>>("key_name")
+            .as_deref()
+            .map(str::as_bytes),
+    );
+    i(
+        &mut out,
+        row.get::<_, Option<i32>>("version").map(i64::from),
+    );
     b(&mut out, reason);
-    b(&mut out, row.get::<_, Option<String>>("detail").as_deref().map(str::as_bytes));
+    b(
+        &mut out,
+        row.get::<_, Option<String>>("detail")
+            .as_deref()
+            .map(str::as_bytes),
+    );
     b(&mut out, Some(&row.get::<_, Vec<u8>>("key_fp")));
     out
 }
@@ -163,7 +239,10 @@ fn audit_chain_head_is_logged_and_forgeries_are_caught() {
     // At every append the head leaves the database: the last logged line is the head.
     let (ok, _, _, head_id, head_mac) = check(&mut db);
     assert!(ok);
-    assert_eq!(logged_head(&c, "postgres"), Some((head_id.unwrap(), head_mac.clone().unwrap())));
+    assert_eq!(
+        logged_head(&c, "postgres"),
+        Some((head_id.unwrap(), head_mac.clone().unwrap()))
+    );
     assert_eq!(head_id, Some(6));
     // The log line holds no key material: not the master key, no wrapped or data key.
     let log = c.server_log();
@@ -176,11 +255,20 @@ fn audit_chain_head_is_logged_and_forgeries_are_caught() {
         secrets.push(hex::encode(dk));
     }
     for line in log.lines().filter(|l| l.contains("audit chain head")) {
-        assert!(!secrets.iter().any(|s| line.contains(s.as_str())), "key material in {line}");
+        assert!(
+            !secrets.iter().any(|s| line.contains(s.as_str())),
+            "key material in {line}"
+        );
         let mac = line.rsplit_once(" mac=").unwrap().1.trim();
-        assert!(mac.len() == 64 && mac.bytes().all(|b| b.is_ascii_hexdigit()), "{line}");
+        assert!(
+            mac.len() == 64 && mac.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{line}"
+        );
     }
-    assert!(!secrets.iter().any(|s| log.contains(s.as_str())), "key material in the server log");
+    assert!(
+        !secrets.iter().any(|s| log.contains(s.as_str())),
+        "key material in the server log"
+    );
 
     // Truncating the tail and resetting the head leaves a chain that checks
     // out by itself; the logged head shows it (the README's procedure).
@@ -205,12 +293,19 @@ fn audit_chain_head_is_logged_and_forgeries_are_caught() {
     cut(&mut db, 2);
     let (ok, bad, why, _, _) = check(&mut db);
     assert!(!ok && bad.is_none(), "{why:?}");
-    assert!(why.as_deref().unwrap_or("").contains("kms.keys row of key \"pii\": It is newer than the audit chain"), "{why:?}");
+    assert!(
+        why.as_deref()
+            .unwrap_or("")
+            .contains("kms.keys row of key \"pii\": It is newer than the audit chain"),
+        "{why:?}"
+    );
     db.batch_execute("ROLLBACK").unwrap();
 
     // Forge row 2 of the other database and recompute every hash with
     // SHA-256 exactly as pg_kms chains them: only the MACs are missing.
-    other.batch_execute("ALTER TABLE kms.audit_log DISABLE TRIGGER USER").unwrap();
+    other
+        .batch_execute("ALTER TABLE kms.audit_log DISABLE TRIGGER USER")
+        .unwrap();
     let rows = other
         .query(
             "SELECT id, (EXTRACT(epoch FROM at) * 1000000)::int8 AS at_us, actor, operation, key_name, version, reason, detail, key_fp, prev_hash
@@ -221,40 +316,63 @@ fn audit_chain_head_is_logged_and_forgeries_are_caught() {
     let mut prev: Vec<u8> = rows[0].get("prev_hash");
     for r in &rows {
         let id: i64 = r.get("id");
-        let reason: Option<String> = if id == 2 { Some("forged".into()) } else { r.get("reason") };
+        let reason: Option<String> = if id == 2 {
+            Some("forged".into())
+        } else {
+            r.get("reason")
+        };
         let mut h = Sha256::new();
         h.update(&prev);
         h.update(canon_audit(r, reason.as_deref().map(str::as_bytes)));
         let hash = h.finalize().to_vec();
         if id >= 2 {
             other
-                .execute("UPDATE kms.audit_log SET reason = $2, prev_hash = $3, hash = $4 WHERE id = $1", &[&id, &reason, &prev, &hash])
+                .execute(
+                    "UPDATE kms.audit_log SET reason = $2, prev_hash = $3, hash = $4 WHERE id = $1",
+                    &[&id, &reason, &prev, &hash],
+                )
                 .unwrap();
         }
         prev = hash;
     }
-    other.execute("UPDATE kms.audit_head SET last_hash = $1", &[&prev]).unwrap();
+    other
+        .execute("UPDATE kms.audit_head SET last_hash = $1", &[&prev])
+        .unwrap();
     let (ok, bad, why, _, _) = check(&mut other);
     assert!(!ok);
     assert_eq!(bad, Some(2), "{why:?}");
-    assert!(why.as_deref().unwrap_or("").contains("MAC does not verify"), "{why:?}");
-    let ok: bool = other.query_one("SELECT kms_verify_audit_log()", &[]).unwrap().get(0);
+    assert!(
+        why.as_deref().unwrap_or("").contains("MAC does not verify"),
+        "{why:?}"
+    );
+    let ok: bool = other
+        .query_one("SELECT kms_verify_audit_log()", &[])
+        .unwrap()
+        .get(0);
     assert!(!ok);
     println!("audit chain: head logged at each append without key material; cut tail shown by the log; re-hashed forgery caught at row 2");
 }
 
 fn copy_key_file(c: &Cluster, to: &str) -> String {
     let dst = c.dir.join("keys").join(to);
-    let o = as_postgres("cp", &[c.key_file().to_str().unwrap(), dst.to_str().unwrap()]);
+    let o = as_postgres(
+        "cp",
+        &[c.key_file().to_str().unwrap(), dst.to_str().unwrap()],
+    );
     assert!(o.status.success());
-    assert!(as_postgres("chmod", &["600", dst.to_str().unwrap()]).status.success());
+    assert!(as_postgres("chmod", &["600", dst.to_str().unwrap()])
+        .status
+        .success());
     dst.display().to_string()
 }
 
 fn reload_until(db: &mut Client, setting: &str, value: &str) {
     db.batch_execute("SELECT pg_reload_conf()").unwrap();
     poll("the configuration reload", Duration::from_secs(10), || {
-        let v: String = db.query_one(&format!("SELECT current_setting('{setting}')"), &[]).ok()?.get(0);
+        let v: String = db
+            .query_one(&format!("SELECT current_setting('{setting}')"), &[])
+            .ok()?
+            .get(0);
         (v == value).then_some(())
     });
 }
@@ -277,9 +395,25 @@ fn crypto_shredding_with_master_key_rotation() {
     let dump = c.dir.join("before.dump");
     let o = as_postgres(
         &format!("{PG_BIN}/pg_dump"),
-        &["-h", c.dir.to_str().unwrap(), "-p", &c.port.to_string(), "-U", "postgres", "-d", "shop", "-Fc", "-f", dump.to_str().unwrap()],
+        &[
+            "-h",
+            c.dir.to_str().unwrap(),
+            "-p",
+            &c.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "shop",
+            "-Fc",
+            "-f",
+            dump.to_str().unwrap(),
+        ],
     );
-    assert!(o.status.success(), "pg_dump: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "pg_dump: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let saved = shop
         .query_one(
             "SELECT v.key_id, v.state, v.wrapped_key, v.row_mac FROM kms.key_versions v JOIN kms.keys k USING (key_id)
@@ -289,17 +423,27 @@ fn crypto_shredding_with_master_key_rotation() {
         .unwrap();
     let (key_id, wrapped): (i32, Vec<u8>) = (saved.get(0), saved.get(2));
     // Shred version 1.
-    shop.batch_execute("SELECT kms_destroy_key_version('pii', 1, 'shred', force => true)").unwrap();
+    shop.batch_execute("SELECT kms_destroy_key_version('pii', 1, 'shred', force => true)")
+        .unwrap();
     let receipt: String = shop
-        .query_one("SELECT receipt->>'material_mac' FROM kms_destruction_receipts WHERE version = 1", &[])
+        .query_one(
+            "SELECT receipt->>'material_mac' FROM kms_destruction_receipts WHERE version = 1",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert_eq!(receipt.len(), 64);
-    assert_eq!(sqlstate(shop.query_one("SELECT kms_decrypt(v) FROM t WHERE id = 1", &[])), "55000");
+    assert_eq!(
+        sqlstate(shop.query_one("SELECT kms_decrypt(v) FROM t WHERE id = 1", &[])),
+        "55000"
+    );
     // Putting the saved row back (MAC and all) is refused, and the audit
     // check names the destruction it undoes.
     let after = shop
-        .query_one("SELECT state, row_mac FROM kms.key_versions WHERE key_id = $1 AND version = 1", &[&key_id])
+        .query_one(
+            "SELECT state, row_mac FROM kms.key_versions WHERE key_id = $1 AND version = 1",
+            &[&key_id],
+        )
         .unwrap();
     let (after_state, after_mac): (String, Vec<u8>) = (after.get(0), after.get(1));
     shop.execute(
@@ -313,7 +457,13 @@ fn crypto_shredding_with_master_key_rotation() {
     assert_eq!(sqlstate(r), "XX001", "{m}");
     assert!(m.contains("catalog row altered"), "{m}");
     let (ok, bad, why, _, _) = check(&mut shop);
-    let destroy_id: i64 = shop.query_one("SELECT audit_id FROM kms_destruction_receipts WHERE version = 1", &[]).unwrap().get(0);
+    let destroy_id: i64 = shop
+        .query_one(
+            "SELECT audit_id FROM kms_destruction_receipts WHERE version = 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
     assert!(!ok && bad == Some(destroy_id), "{why:?}");
     shop.execute(
         "UPDATE kms.key_versions SET state = $2, wrapped_key = NULL, row_mac = $3 WHERE key_id = $1 AND version = 1",
@@ -329,27 +479,53 @@ fn crypto_shredding_with_master_key_rotation() {
     c.write_key(&new_hex, 0o600);
     c.append_conf(&format!("pg_kms.previous_master_key_file = '{old_path}'\n"));
     reload_until(&mut shop, "pg_kms.previous_master_key_file", &old_path);
-    let n: i64 = shop.query_one("SELECT kms_rotate_master_key()", &[]).unwrap().get(0);
+    let n: i64 = shop
+        .query_one("SELECT kms_rotate_master_key()", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(n, 1, "only the live version 2 is re-wrapped");
     c.append_conf("pg_kms.previous_master_key_file = ''\n");
     reload_until(&mut shop, "pg_kms.previous_master_key_file", "");
     assert!(as_postgres("rm", &["-f", &old_path]).status.success());
     // The chain goes on under the new key, and verifies with it alone.
-    let ok: bool = shop.query_one("SELECT kms_verify_audit_log()", &[]).unwrap().get(0);
+    let ok: bool = shop
+        .query_one("SELECT kms_verify_audit_log()", &[])
+        .unwrap()
+        .get(0);
     assert!(ok);
-    let again: String = shop.query_one("SELECT kms_decrypt(kms_encrypt('new', 'pii'))", &[]).unwrap().get(0);
+    let again: String = shop
+        .query_one("SELECT kms_decrypt(kms_encrypt('new', 'pii'))", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(again, "new");
 
     // The old backup's wrapped version 1 opens only under the retired key.
-    assert!(unwrap_with(&old_hex, key_id, 1, &wrapped).is_some(), "the retired key is what a backup needs");
+    assert!(
+        unwrap_with(&old_hex, key_id, 1, &wrapped).is_some(),
+        "the retired key is what a backup needs"
+    );
     assert!(unwrap_with(&new_hex, key_id, 1, &wrapped).is_none());
     // Restoring that backup with the master key configured now gets nothing.
     db.batch_execute("CREATE DATABASE restored").unwrap();
     let o = as_postgres(
         &format!("{PG_BIN}/pg_restore"),
-        &["-h", c.dir.to_str().unwrap(), "-p", &c.port.to_string(), "-U", "postgres", "-d", "restored", dump.to_str().unwrap()],
+        &[
+            "-h",
+            c.dir.to_str().unwrap(),
+            "-p",
+            &c.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "restored",
+            dump.to_str().unwrap(),
+        ],
     );
-    assert!(o.status.success(), "pg_restore: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "pg_restore: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let mut restored = c.connect_as("postgres", "restored");
     let r = restored.query_one("SELECT kms_decrypt(v) FROM t WHERE id = 1", &[]);
     let m = message(restored.query_one("SELECT kms_decrypt(v) FROM t WHERE id = 1", &[]));
@@ -362,6 +538,9 @@ fn crypto_shredding_with_master_key_rotation() {
     )
     .unwrap();
     let mut fresh = c.connect_as("postgres", "shop");
-    assert_eq!(sqlstate(fresh.query_one("SELECT kms_decrypt(v) FROM t WHERE id = 1", &[])), "XX001");
+    assert_eq!(
+        sqlstate(fresh.query_one("SELECT kms_decrypt(v) FROM t WHERE id = 1", &[])),
+        "XX001"
+    );
     println!("crypto-shredding: saved row refused (XX001), old backup needs the retired master key (55000 without it)");
 }

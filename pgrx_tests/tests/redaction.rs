@@ -25,26 +25,41 @@ fn start(name: &str) -> (Cluster, Client) {
         ],
     );
     let mut db = c.connect();
-    db.batch_execute("CREATE EXTENSION pg_kms; SELECT kms_create_key('pii');").unwrap();
+    db.batch_execute("CREATE EXTENSION pg_kms; SELECT kms_create_key('pii');")
+        .unwrap();
     (c, db)
 }
 
 /// Runs `f` with redaction `mode` and with it off; returns whether the
 /// first run's marker reached the log (after the second run's marker did).
-fn exercise(c: &Cluster, db: &mut Client, mode: &str, label: &str, f: &dyn Fn(&mut Client, &str)) -> bool {
-    db.batch_execute(&format!("SET pg_kms.redact_statement_logs = '{mode}'")).unwrap();
+fn exercise(
+    c: &Cluster,
+    db: &mut Client,
+    mode: &str,
+    label: &str,
+    f: &dyn Fn(&mut Client, &str),
+) -> bool {
+    db.batch_execute(&format!("SET pg_kms.redact_statement_logs = '{mode}'"))
+        .unwrap();
     let hidden = marker();
     f(db, &hidden);
-    db.batch_execute("SET pg_kms.redact_statement_logs = off").unwrap();
+    db.batch_execute("SET pg_kms.redact_statement_logs = off")
+        .unwrap();
     let shown = marker();
     f(db, &shown);
-    let log = poll(&format!("{label}: the plaintext logged with redaction off"), Duration::from_secs(10), || {
-        let l = c.server_log();
-        l.contains(&shown).then_some(l)
-    });
+    let log = poll(
+        &format!("{label}: the plaintext logged with redaction off"),
+        Duration::from_secs(10),
+        || {
+            let l = c.server_log();
+            l.contains(&shown).then_some(l)
+        },
+    );
     let leaked = log.matches(&hidden).count();
     dump(&log, label);
-    println!("redaction {label} ({mode}): {leaked} occurrences with redaction on, >= 1 with it off");
+    println!(
+        "redaction {label} ({mode}): {leaked} occurrences with redaction on, >= 1 with it off"
+    );
     leaked > 0
 }
 
@@ -59,17 +74,28 @@ fn dump(log: &str, label: &str) {
             masked.push_str(&rest[..p]);
             masked.push_str("<MARKER>");
             let tail = &rest[p + 6..];
-            let hex = tail.bytes().take(16).take_while(|b| b.is_ascii_hexdigit()).count();
+            let hex = tail
+                .bytes()
+                .take(16)
+                .take_while(|b| b.is_ascii_hexdigit())
+                .count();
             rest = &tail[hex..];
         }
         masked.push_str(rest);
-        let _ = std::fs::write(std::path::Path::new(&dir).join(format!("{}.log", label.replace(' ', "_"))), masked);
+        let _ = std::fs::write(
+            std::path::Path::new(&dir).join(format!("{}.log", label.replace(' ', "_"))),
+            masked,
+        );
     }
 }
 
 fn check(results: &[(&str, bool)]) {
     let leaks: Vec<&str> = results.iter().filter(|r| r.1).map(|r| r.0).collect();
-    println!("redaction: {} of {} cases leaked", leaks.len(), results.len());
+    println!(
+        "redaction: {} of {} cases leaked",
+        leaks.len(),
+        results.len()
+    );
     assert!(leaks.is_empty(), "plaintext reached the log in: {leaks:?}");
 }
 
@@ -77,31 +103,67 @@ fn check(results: &[(&str, bool)]) {
 fn prepared_statements_and_lexer_disagreements() {
     let (c, mut db) = start("r_lex");
     let mut r = Vec::new();
-    r.push(("EXECUTE of a prepared kms_encrypt", exercise(&c, &mut db, "on", "execute", &|db, m| {
-        db.batch_execute("DEALLOCATE ALL; PREPARE p AS SELECT kms_encrypt($1, 'pii')").unwrap();
-        db.batch_execute(&format!("EXECUTE p('{m}')")).unwrap();
-    })));
-    r.push(("duration lines, extended protocol and its parameters", exercise(&c, &mut db, "on", "duration and bind", &|db, m| {
-        db.batch_execute("SET log_statement = 'none'").unwrap();
-        db.batch_execute(&format!("SELECT kms_encrypt('{m}', 'pii')")).unwrap();
-        db.query(&format!("SELECT kms_encrypt($1, 'pii'), '{m}'::text"), &[&m]).unwrap();
-        db.batch_execute("RESET log_statement").unwrap();
-        db.query(&format!("SELECT kms_encrypt($1, 'pii'), '{m}'::text"), &[&m]).unwrap();
-    })));
-    r.push(("non-ASCII dollar tag", exercise(&c, &mut db, "on", "dollar tag", &|db, m| {
-        db.batch_execute(&format!("SELECT kms_encrypt($é$ {m} $é$, 'pii')")).unwrap();
-    })));
-    r.push(("typed literal after an identifier ending in e", exercise(&c, &mut db, "on", "name literal", &|db, m| {
-        db.batch_execute(&format!("SELECT kms_encrypt(name'\\' || '{m}', 'pii')")).unwrap();
-    })));
-    r.push(("standard_conforming_strings = off", exercise(&c, &mut db, "on", "backslash escapes", &|db, m| {
-        db.batch_execute("SET standard_conforming_strings = off; SET escape_string_warning = off").unwrap();
-        db.batch_execute(&format!("SELECT kms_encrypt('a\\'{m}', 'pii')")).unwrap();
-        db.batch_execute("RESET standard_conforming_strings; RESET escape_string_warning").unwrap();
-    })));
-    r.push(("$ inside identifiers", exercise(&c, &mut db, "on", "dollar in identifier", &|db, m| {
-        db.batch_execute(&format!("SELECT 1 AS q$$, kms_encrypt($${m}$$, 'pii')")).unwrap();
-    })));
+    r.push((
+        "EXECUTE of a prepared kms_encrypt",
+        exercise(&c, &mut db, "on", "execute", &|db, m| {
+            db.batch_execute("DEALLOCATE ALL; PREPARE p AS SELECT kms_encrypt($1, 'pii')")
+                .unwrap();
+            db.batch_execute(&format!("EXECUTE p('{m}')")).unwrap();
+        }),
+    ));
+    r.push((
+        "duration lines, extended protocol and its parameters",
+        exercise(&c, &mut db, "on", "duration and bind", &|db, m| {
+            db.batch_execute("SET log_statement = 'none'").unwrap();
+            db.batch_execute(&format!("SELECT kms_encrypt('{m}', 'pii')"))
+                .unwrap();
+            db.query(
+                &format!("SELECT kms_encrypt($1, 'pii'), '{m}'::text"),
+                &[&m],
+            )
+            .unwrap();
+            db.batch_execute("RESET log_statement").unwrap();
+            db.query(
+                &format!("SELECT kms_encrypt($1, 'pii'), '{m}'::text"),
+                &[&m],
+            )
+            .unwrap();
+        }),
+    ));
+    r.push((
+        "non-ASCII dollar tag",
+        exercise(&c, &mut db, "on", "dollar tag", &|db, m| {
+            db.batch_execute(&format!("SELECT kms_encrypt($é$ {m} $é$, 'pii')"))
+                .unwrap();
+        }),
+    ));
+    r.push((
+        "typed literal after an identifier ending in e",
+        exercise(&c, &mut db, "on", "name literal", &|db, m| {
+            db.batch_execute(&format!("SELECT kms_encrypt(name'\\' || '{m}', 'pii')"))
+                .unwrap();
+        }),
+    ));
+    r.push((
+        "standard_conforming_strings = off",
+        exercise(&c, &mut db, "on", "backslash escapes", &|db, m| {
+            db.batch_execute(
+                "SET standard_conforming_strings = off; SET escape_string_warning = off",
+            )
+            .unwrap();
+            db.batch_execute(&format!("SELECT kms_encrypt('a\\'{m}', 'pii')"))
+                .unwrap();
+            db.batch_execute("RESET standard_conforming_strings; RESET escape_string_warning")
+                .unwrap();
+        }),
+    ));
+    r.push((
+        "$ inside identifiers",
+        exercise(&c, &mut db, "on", "dollar in identifier", &|db, m| {
+            db.batch_execute(&format!("SELECT 1 AS q$$, kms_encrypt($${m}$$, 'pii')"))
+                .unwrap();
+        }),
+    ));
     check(&r);
 }
 
@@ -109,20 +171,36 @@ fn prepared_statements_and_lexer_disagreements() {
 fn localized_messages() {
     // A German locale for lc_messages: generated from Debian's `locales`
     // package (scripts/setup.sh installs it) when the system lacks one.
-    let have = |out: &[u8]| String::from_utf8_lossy(out).lines().any(|l| l.eq_ignore_ascii_case("de_DE.utf8"));
-    let listed = std::process::Command::new("locale").arg("-a").output().expect("locale -a");
+    let have = |out: &[u8]| {
+        String::from_utf8_lossy(out)
+            .lines()
+            .any(|l| l.eq_ignore_ascii_case("de_DE.utf8"))
+    };
+    let listed = std::process::Command::new("locale")
+        .arg("-a")
+        .output()
+        .expect("locale -a");
     if !have(&listed.stdout) {
-        let st = std::process::Command::new("localedef").args(["-i", "de_DE", "-f", "UTF-8", "de_DE.UTF-8"]).status().expect("localedef");
-        assert!(st.success(), "localedef de_DE.UTF-8 failed (needs root and the locales package)");
+        let st = std::process::Command::new("localedef")
+            .args(["-i", "de_DE", "-f", "UTF-8", "de_DE.UTF-8"])
+            .status()
+            .expect("localedef");
+        assert!(
+            st.success(),
+            "localedef de_DE.UTF-8 failed (needs root and the locales package)"
+        );
     }
     let (c, mut db) = start("r_de");
     let r = vec![(
         "lc_messages = de_DE.UTF-8",
         exercise(&c, &mut db, "on", "german", &|db, m| {
             db.batch_execute("SET lc_messages = 'de_DE.UTF-8'").unwrap();
-            db.batch_execute(&format!("SELECT kms_encrypt('{m}', 'pii')")).unwrap();
+            db.batch_execute(&format!("SELECT kms_encrypt('{m}', 'pii')"))
+                .unwrap();
             let _ = db.batch_execute(&format!("SELECT kms_encrypt('{m}', 'no-such-key')"));
-            let _ = db.batch_execute(&format!("DO $$ BEGIN PERFORM kms_encrypt('{m}', 'no-such-key'); END $$"));
+            let _ = db.batch_execute(&format!(
+                "DO $$ BEGIN PERFORM kms_encrypt('{m}', 'no-such-key'); END $$"
+            ));
             db.batch_execute("RESET lc_messages").unwrap();
         }),
     )];
@@ -137,9 +215,14 @@ fn localized_messages() {
 fn context_lines_and_auto_explain() {
     let (c, mut db) = start("r_ctx");
     let mut r = Vec::new();
-    r.push(("CONTEXT of a failing DO block", exercise(&c, &mut db, "on", "do block", &|db, m| {
-        let _ = db.batch_execute(&format!("DO $$ BEGIN PERFORM kms_encrypt('{m}', 'no-such-key'); END $$"));
-    })));
+    r.push((
+        "CONTEXT of a failing DO block",
+        exercise(&c, &mut db, "on", "do block", &|db, m| {
+            let _ = db.batch_execute(&format!(
+                "DO $$ BEGIN PERFORM kms_encrypt('{m}', 'no-such-key'); END $$"
+            ));
+        }),
+    ));
     r.push(("CONTEXT of a failing plpgsql function", exercise(&c, &mut db, "on", "plpgsql function", &|db, m| {
         db.batch_execute(&format!(
             "CREATE OR REPLACE FUNCTION f_ctx() RETURNS void LANGUAGE plpgsql AS $f$ BEGIN PERFORM kms_encrypt('{m}', 'no-such-key'); END $f$"
@@ -160,7 +243,10 @@ fn context_lines_and_auto_explain() {
         db.batch_execute("SET auto_explain.log_min_duration = -1").unwrap();
     })));
     let log = c.server_log();
-    println!("redaction auto_explain: plan lines logged: {}", log.matches("plan:").count());
+    println!(
+        "redaction auto_explain: plan lines logged: {}",
+        log.matches("plan:").count()
+    );
     assert!(log.contains("plan:"), "auto_explain logged plans");
     check(&r);
 }
@@ -183,32 +269,51 @@ fn input_errors_wrappers_and_unicode_identifiers() {
         let _ = db.batch_execute(&format!("INSERT INTO {t} VALUES ('{m}')"));
         db.batch_execute("RESET log_statement; RESET log_min_duration_statement").unwrap();
     })));
-    r.push(("COPY of plaintext into encrypted_text", exercise(&c, &mut db, "on", "copy", &|db, m| {
-        use std::io::Write;
-        let t = table();
-        db.batch_execute(&format!("CREATE TABLE {t} (id int, email encrypted_text)")).unwrap();
-        let res = (|| -> Result<u64, postgres::Error> {
-            let mut w = db.copy_in(&format!("COPY {t} FROM STDIN"))?;
-            let _ = w.write_all(format!("1\t{m}\n").as_bytes());
-            w.finish()
-        })();
-        assert!(res.is_err(), "COPY of plaintext into encrypted_text fails");
-    })));
-    r.push(("cast error of a decrypted value", exercise(&c, &mut db, "on", "cast", &|db, m| {
-        let t = table();
-        db.batch_execute(&format!("CREATE TABLE {t} (email encrypted_text)")).unwrap();
-        db.execute(&format!("INSERT INTO {t} VALUES (kms_encrypt($1, 'pii'))"), &[&m]).unwrap();
-        let _ = db.batch_execute(&format!("SELECT kms_decrypt(email)::int FROM {t}"));
-    })));
+    r.push((
+        "COPY of plaintext into encrypted_text",
+        exercise(&c, &mut db, "on", "copy", &|db, m| {
+            use std::io::Write;
+            let t = table();
+            db.batch_execute(&format!("CREATE TABLE {t} (id int, email encrypted_text)"))
+                .unwrap();
+            let res = (|| -> Result<u64, postgres::Error> {
+                let mut w = db.copy_in(&format!("COPY {t} FROM STDIN"))?;
+                let _ = w.write_all(format!("1\t{m}\n").as_bytes());
+                w.finish()
+            })();
+            assert!(res.is_err(), "COPY of plaintext into encrypted_text fails");
+        }),
+    ));
+    r.push((
+        "cast error of a decrypted value",
+        exercise(&c, &mut db, "on", "cast", &|db, m| {
+            let t = table();
+            db.batch_execute(&format!("CREATE TABLE {t} (email encrypted_text)"))
+                .unwrap();
+            db.execute(
+                &format!("INSERT INTO {t} VALUES (kms_encrypt($1, 'pii'))"),
+                &[&m],
+            )
+            .unwrap();
+            let _ = db.batch_execute(&format!("SELECT kms_decrypt(email)::int FROM {t}"));
+        }),
+    ));
     let wrapper = |db: &mut Client, m: &str| {
         db.batch_execute("CREATE OR REPLACE FUNCTION app_enc(v text) RETURNS encrypted_text LANGUAGE sql AS $$ SELECT kms_encrypt(v, 'pii') $$")
             .unwrap();
         db.batch_execute(&format!("SELECT app_enc('{m}')")).unwrap();
     };
-    r.push(("wrapper function ('all')", exercise(&c, &mut db, "all", "wrapper", &wrapper)));
-    r.push(("Unicode-escaped identifier ('all')", exercise(&c, &mut db, "all", "unicode identifier", &|db, m| {
-        db.batch_execute(&format!("SELECT U&\"\\006Bms_encrypt\"('{m}', 'pii')")).unwrap();
-    })));
+    r.push((
+        "wrapper function ('all')",
+        exercise(&c, &mut db, "all", "wrapper", &wrapper),
+    ));
+    r.push((
+        "Unicode-escaped identifier ('all')",
+        exercise(&c, &mut db, "all", "unicode identifier", &|db, m| {
+            db.batch_execute(&format!("SELECT U&\"\\006Bms_encrypt\"('{m}', 'pii')"))
+                .unwrap();
+        }),
+    ));
     // Documented limit: 'on' cannot know that app_enc() encrypts.
     let on_misses_wrapper = exercise(&c, &mut db, "on", "wrapper", &wrapper);
     println!("redaction wrapper with 'on' (documented limit, 'all' is the safe choice): reaches the log: {on_misses_wrapper}");

@@ -10,7 +10,8 @@ const PG_REGRESS: &str = "/usr/lib/postgresql/15/lib/pgxs/src/test/regress/pg_re
 fn pg_regress_suite() {
     let c = Cluster::start("regress", &[]);
     let mut db = c.connect();
-    db.batch_execute("DROP DATABASE IF EXISTS pg_kms_regress").unwrap();
+    db.batch_execute("DROP DATABASE IF EXISTS pg_kms_regress")
+        .unwrap();
     db.batch_execute("CREATE DATABASE pg_kms_regress").unwrap();
     let dir = repo_root().join("pgrx_tests/regress");
     let out = c.dir.join("regress_out");

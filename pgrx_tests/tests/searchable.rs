@@ -10,7 +10,8 @@ use std::time::Duration;
 fn setup(name: &str, extra: &[&str]) -> (Cluster, Client) {
     let c = Cluster::start(name, extra);
     let mut db = c.connect();
-    db.batch_execute("CREATE EXTENSION pg_kms; SELECT kms_create_key('pii');").unwrap();
+    db.batch_execute("CREATE EXTENSION pg_kms; SELECT kms_create_key('pii');")
+        .unwrap();
     (c, db)
 }
 
@@ -35,8 +36,14 @@ fn blind_index_lookup_is_an_index_scan_on_1m_rows() {
         .collect();
     let plan = plan.join("\n");
     println!("blind-index lookup on 1M rows:\n{plan}");
-    assert!(plan.contains("Index Scan using people_email_bidx"), "{plan}");
-    let id: i32 = db.query_one(q, &[&"user777777@example.com"]).unwrap().get(0);
+    assert!(
+        plan.contains("Index Scan using people_email_bidx"),
+        "{plan}"
+    );
+    let id: i32 = db
+        .query_one(q, &[&"user777777@example.com"])
+        .unwrap()
+        .get(0);
     assert_eq!(id, 777777);
     // A miss finds nothing; rotation does not change the index.
     assert!(db.query_opt(q, &[&"nobody@example.com"]).unwrap().is_none());
@@ -56,25 +63,44 @@ fn deterministic_unique_column_and_hash_join() {
          ANALYZE citizens; ANALYZE claims;",
     )
     .unwrap();
-    let r = db.execute("INSERT INTO citizens VALUES (20000, kms_encrypt_deterministic('000000042', 'pii'))", &[]);
-    assert_eq!(sqlstate(r), "23505", "duplicate deterministic value must violate UNIQUE");
+    let r = db.execute(
+        "INSERT INTO citizens VALUES (20000, kms_encrypt_deterministic('000000042', 'pii'))",
+        &[],
+    );
+    assert_eq!(
+        sqlstate(r),
+        "23505",
+        "duplicate deterministic value must violate UNIQUE"
+    );
     let joined: i64 = db
         .query_one("SELECT count(*) FROM claims JOIN citizens USING (ssn)", &[])
         .unwrap()
         .get(0);
     assert_eq!(joined, 1000);
-    let groups: i64 = db.query_one("SELECT count(*) FROM (SELECT ssn FROM claims GROUP BY ssn) g", &[]).unwrap().get(0);
+    let groups: i64 = db
+        .query_one(
+            "SELECT count(*) FROM (SELECT ssn FROM claims GROUP BY ssn) g",
+            &[],
+        )
+        .unwrap()
+        .get(0);
     assert_eq!(groups, 100);
-    db.batch_execute("SET enable_mergejoin = off; SET enable_nestloop = off;").unwrap();
+    db.batch_execute("SET enable_mergejoin = off; SET enable_nestloop = off;")
+        .unwrap();
     let plan: String = db
-        .query("EXPLAIN SELECT count(*) FROM claims JOIN citizens USING (ssn)", &[])
+        .query(
+            "EXPLAIN SELECT count(*) FROM claims JOIN citizens USING (ssn)",
+            &[],
+        )
         .unwrap()
         .iter()
         .map(|r| r.get::<_, String>(0))
         .collect::<Vec<_>>()
         .join("\n");
     assert!(plan.contains("Hash Join"), "{plan}");
-    println!("deterministic column: UNIQUE violation 23505, hash join of 1000 claims ok, 100 groups");
+    println!(
+        "deterministic column: UNIQUE violation 23505, hash join of 1000 claims ok, 100 groups"
+    );
 }
 
 #[test]
@@ -93,21 +119,49 @@ fn per_key_grants_across_logins_and_membership_changes() {
     .unwrap();
     let mut alice = c.connect_as("alice", "postgres");
     let mut bob = c.connect_as("bob", "postgres");
-    assert_eq!(sqlstate(alice.query_one("SELECT kms_decrypt(v) FROM t", &[])), "ok");
-    assert_eq!(sqlstate(bob.query_one("SELECT kms_decrypt(v) FROM t", &[])), "42501");
-    assert_eq!(sqlstate(bob.query_one("SELECT kms_encrypt('x', 'tenant-a')", &[])), "42501");
+    assert_eq!(
+        sqlstate(alice.query_one("SELECT kms_decrypt(v) FROM t", &[])),
+        "ok"
+    );
+    assert_eq!(
+        sqlstate(bob.query_one("SELECT kms_decrypt(v) FROM t", &[])),
+        "42501"
+    );
+    assert_eq!(
+        sqlstate(bob.query_one("SELECT kms_encrypt('x', 'tenant-a')", &[])),
+        "42501"
+    );
     // 'pii' has no grants: still usable by every kms_user.
-    assert_eq!(sqlstate(bob.query_one("SELECT kms_encrypt('x', 'pii')", &[])), "ok");
+    assert_eq!(
+        sqlstate(bob.query_one("SELECT kms_encrypt('x', 'pii')", &[])),
+        "ok"
+    );
     // A membership change in another session is honoured at bob's next call.
     db.batch_execute("GRANT team_a TO bob").unwrap();
-    assert_eq!(sqlstate(bob.query_one("SELECT kms_decrypt(v) FROM t", &[])), "ok");
+    assert_eq!(
+        sqlstate(bob.query_one("SELECT kms_decrypt(v) FROM t", &[])),
+        "ok"
+    );
     db.batch_execute("REVOKE team_a FROM bob").unwrap();
-    assert_eq!(sqlstate(bob.query_one("SELECT kms_decrypt(v) FROM t", &[])), "42501");
+    assert_eq!(
+        sqlstate(bob.query_one("SELECT kms_decrypt(v) FROM t", &[])),
+        "42501"
+    );
     // Revoking the grant is honoured in alice's session too.
-    db.batch_execute("SELECT kms_revoke_key('tenant-a', 'team_a', 'decrypt')").unwrap();
-    assert_eq!(sqlstate(alice.query_one("SELECT kms_decrypt(v) FROM t", &[])), "42501");
-    assert_eq!(sqlstate(alice.query_one("SELECT kms_encrypt('y', 'tenant-a')", &[])), "ok");
-    let rows: Vec<(String, String)> = pairs(&mut db, "SELECT grantee, privilege FROM kms_key_grants WHERE key_name = 'tenant-a'");
+    db.batch_execute("SELECT kms_revoke_key('tenant-a', 'team_a', 'decrypt')")
+        .unwrap();
+    assert_eq!(
+        sqlstate(alice.query_one("SELECT kms_decrypt(v) FROM t", &[])),
+        "42501"
+    );
+    assert_eq!(
+        sqlstate(alice.query_one("SELECT kms_encrypt('y', 'tenant-a')", &[])),
+        "ok"
+    );
+    let rows: Vec<(String, String)> = pairs(
+        &mut db,
+        "SELECT grantee, privilege FROM kms_key_grants WHERE key_name = 'tenant-a'",
+    );
     assert_eq!(rows, vec![("team_a".to_string(), "encrypt".to_string())]);
     println!("per-key grants: grantee member allowed, non-member 42501, membership change and revoke honoured across sessions");
 }
@@ -124,12 +178,25 @@ fn tenant_erasure_with_a_small_key_cache() {
     )
     .unwrap();
     let mut s = c.connect();
-    let ok: i64 = s.query_one("SELECT count(*) FROM docs WHERE kms_decrypt(body) = 'doc ' || id", &[]).unwrap().get(0);
-    assert_eq!(ok, 5000);
-    db.batch_execute("SELECT kms_destroy_key('tenant-7', 'customer asked to be forgotten')").unwrap();
-    assert_eq!(sqlstate(s.query("SELECT kms_decrypt(body) FROM docs WHERE tenant = 7", &[])), "55000");
     let ok: i64 = s
-        .query_one("SELECT count(*) FROM docs WHERE tenant <> 7 AND kms_decrypt(body) = 'doc ' || id", &[])
+        .query_one(
+            "SELECT count(*) FROM docs WHERE kms_decrypt(body) = 'doc ' || id",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(ok, 5000);
+    db.batch_execute("SELECT kms_destroy_key('tenant-7', 'customer asked to be forgotten')")
+        .unwrap();
+    assert_eq!(
+        sqlstate(s.query("SELECT kms_decrypt(body) FROM docs WHERE tenant = 7", &[])),
+        "55000"
+    );
+    let ok: i64 = s
+        .query_one(
+            "SELECT count(*) FROM docs WHERE tenant <> 7 AND kms_decrypt(body) = 'doc ' || id",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert_eq!(ok, 4950);
@@ -139,14 +206,25 @@ fn tenant_erasure_with_a_small_key_cache() {
 #[test]
 fn secrets_expire() {
     let (_c, mut db) = setup("s_secrets", &[]);
-    db.batch_execute("SELECT kms_secret_set('stripe/api-key', 'sk_live_abc', ttl => interval '1 second')").unwrap();
-    let v: String = db.query_one("SELECT kms_secret_get('stripe/api-key')", &[]).unwrap().get(0);
+    db.batch_execute(
+        "SELECT kms_secret_set('stripe/api-key', 'sk_live_abc', ttl => interval '1 second')",
+    )
+    .unwrap();
+    let v: String = db
+        .query_one("SELECT kms_secret_get('stripe/api-key')", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(v, "sk_live_abc");
     poll("the secret to expire", Duration::from_secs(30), || {
-        (sqlstate(db.query_one("SELECT kms_secret_get('stripe/api-key')", &[])) == "55000").then_some(())
+        (sqlstate(db.query_one("SELECT kms_secret_get('stripe/api-key')", &[])) == "55000")
+            .then_some(())
     });
-    db.batch_execute("SELECT kms_secret_set('stripe/api-key', 'sk_live_def')").unwrap();
-    let v: String = db.query_one("SELECT kms_secret_get('stripe/api-key')", &[]).unwrap().get(0);
+    db.batch_execute("SELECT kms_secret_set('stripe/api-key', 'sk_live_def')")
+        .unwrap();
+    let v: String = db
+        .query_one("SELECT kms_secret_get('stripe/api-key')", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(v, "sk_live_def");
     println!("secret expiry: get works, then 55000 after the ttl, a new version works again");
 }
@@ -155,28 +233,56 @@ fn secrets_expire() {
 fn statement_logs_are_redacted() {
     let c = Cluster::start(
         "s_redact",
-        &["shared_preload_libraries = 'pg_kms'", "log_statement = 'all'", "log_min_error_statement = error"],
+        &[
+            "shared_preload_libraries = 'pg_kms'",
+            "log_statement = 'all'",
+            "log_min_error_statement = error",
+        ],
     );
     let mut db = c.connect();
-    db.batch_execute("CREATE EXTENSION pg_kms; SELECT kms_create_key('pii');").unwrap();
-    let secrets = ["REDACT-ME-encrypt-4711", "REDACT-ME-bidx-4712", "REDACT-ME-secret-4713", "REDACT-ME-error-4714"];
-    db.batch_execute(&format!("SELECT kms_encrypt('{}', 'pii')", secrets[0])).unwrap();
-    db.batch_execute(&format!("SELECT kms_blind_index('{}', 'pii')", secrets[1])).unwrap();
-    db.batch_execute(&format!("SELECT kms_secret_set('svc/token', '{}')", secrets[2])).unwrap();
+    db.batch_execute("CREATE EXTENSION pg_kms; SELECT kms_create_key('pii');")
+        .unwrap();
+    let secrets = [
+        "REDACT-ME-encrypt-4711",
+        "REDACT-ME-bidx-4712",
+        "REDACT-ME-secret-4713",
+        "REDACT-ME-error-4714",
+    ];
+    db.batch_execute(&format!("SELECT kms_encrypt('{}', 'pii')", secrets[0]))
+        .unwrap();
+    db.batch_execute(&format!("SELECT kms_blind_index('{}', 'pii')", secrets[1]))
+        .unwrap();
+    db.batch_execute(&format!(
+        "SELECT kms_secret_set('svc/token', '{}')",
+        secrets[2]
+    ))
+    .unwrap();
     // An error logged with its statement (log_min_error_statement).
-    let _ = db.batch_execute(&format!("SELECT kms_encrypt('{}', 'no-such-key')", secrets[3]));
+    let _ = db.batch_execute(&format!(
+        "SELECT kms_encrypt('{}', 'no-such-key')",
+        secrets[3]
+    ));
     // Off: the same literal does reach the log (so the test can fail).
-    db.batch_execute("SET pg_kms.redact_statement_logs = off").unwrap();
-    db.batch_execute("SELECT kms_encrypt('VISIBLE-WHEN-OFF-4715', 'pii')").unwrap();
+    db.batch_execute("SET pg_kms.redact_statement_logs = off")
+        .unwrap();
+    db.batch_execute("SELECT kms_encrypt('VISIBLE-WHEN-OFF-4715', 'pii')")
+        .unwrap();
     drop(db);
     let log = poll("the log lines", Duration::from_secs(10), || {
         let l = c.server_log();
         l.contains("VISIBLE-WHEN-OFF-4715").then_some(l)
     });
-    let leaked: Vec<&str> = secrets.iter().copied().filter(|s| log.contains(s)).collect();
+    let leaked: Vec<&str> = secrets
+        .iter()
+        .copied()
+        .filter(|s| log.contains(s))
+        .collect();
     let placeholders = log.matches("<redacted by pg_kms>").count();
     println!("log redaction: {} of {} literals leaked with redaction on; {placeholders} placeholders; off: literal visible", leaked.len(), secrets.len());
     assert!(leaked.is_empty(), "leaked: {leaked:?}");
     assert!(placeholders >= 4);
-    assert!(log.contains("statement (literals redacted by pg_kms)"), "the failing statement is logged redacted");
+    assert!(
+        log.contains("statement (literals redacted by pg_kms)"),
+        "the failing statement is logged redacted"
+    );
 }

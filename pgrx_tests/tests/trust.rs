@@ -75,7 +75,10 @@ fn hostile_table(schema: &str, tbl: &str) -> String {
 
 /// (tag, user) pairs seen, sorted and deduplicated.
 fn seen(db: &mut Client) -> Vec<(String, String)> {
-    pairs(db, "SELECT DISTINCT tag, usr FROM public.seen ORDER BY 1, 2")
+    pairs(
+        db,
+        "SELECT DISTINCT tag, usr FROM public.seen ORDER BY 1, 2",
+    )
 }
 
 /// Nobody ran a probe as a superuser, escalated, or read the key file;
@@ -85,9 +88,21 @@ fn assert_nothing_gained(db: &mut Client, what: &str) {
         .query_one("SELECT count(*) FROM public.seen WHERE sup OR escalated OR read_key OR usr = 'postgres'", &[])
         .unwrap()
         .get(0);
-    assert_eq!(bad, 0, "{what}: a probe ran with privileges: {:?}", seen(db));
-    let supers: Vec<(String, bool)> = pairs(db, "SELECT rolname::text, rolsuper FROM pg_roles WHERE rolsuper ORDER BY 1");
-    assert_eq!(supers, vec![("postgres".to_string(), true)], "{what}: superusers");
+    assert_eq!(
+        bad,
+        0,
+        "{what}: a probe ran with privileges: {:?}",
+        seen(db)
+    );
+    let supers: Vec<(String, bool)> = pairs(
+        db,
+        "SELECT rolname::text, rolsuper FROM pg_roles WHERE rolsuper ORDER BY 1",
+    );
+    assert_eq!(
+        supers,
+        vec![("postgres".to_string(), true)],
+        "{what}: superusers"
+    );
 }
 
 /// A 38-byte envelope whose header names `version` of key `pii`, with a
@@ -106,7 +121,11 @@ fn forged_literal(db: &mut Client, version: i32) -> String {
 fn worker_runs_table_code_as_its_owner_and_nobody_gains_superuser() {
     let c = Cluster::start(
         "t_worker",
-        &["shared_preload_libraries = 'pg_kms'", "pg_kms.reencrypt_naptime = '200ms'", "pg_kms.reencrypt_max_rows_per_second = 0"],
+        &[
+            "shared_preload_libraries = 'pg_kms'",
+            "pg_kms.reencrypt_naptime = '200ms'",
+            "pg_kms.reencrypt_max_rows_per_second = 0",
+        ],
     );
     let key_file = c.key_file().display().to_string();
     let mut db = c.connect();
@@ -123,18 +142,27 @@ fn worker_runs_table_code_as_its_owner_and_nobody_gains_superuser() {
     let mut m = c.connect_as("mallory", "postgres");
     m.batch_execute(&probes("m", "mallory", &key_file)).unwrap();
     m.batch_execute(&hostile_table("m", "t")).unwrap();
-    m.batch_execute(&format!("INSERT INTO m.t (id, v) VALUES (1, '{forged}')")).unwrap();
+    m.batch_execute(&format!("INSERT INTO m.t (id, v) VALUES (1, '{forged}')"))
+        .unwrap();
     let mut ins = c.connect_as("insider", "postgres");
-    ins.batch_execute(&probes("i", "insider", &key_file)).unwrap();
+    ins.batch_execute(&probes("i", "insider", &key_file))
+        .unwrap();
     ins.batch_execute(&hostile_table("i", "t")).unwrap();
     ins.batch_execute("INSERT INTO i.t (id, v) SELECT g, kms_encrypt('value ' || g, 'pii') FROM generate_series(1, 50) g")
         .unwrap();
-    db.batch_execute("TRUNCATE public.seen; SELECT kms_rotate_key('pii');").unwrap();
+    db.batch_execute("TRUNCATE public.seen; SELECT kms_rotate_key('pii');")
+        .unwrap();
 
     // The worker rewraps the insider's rows (as the insider) and records
     // the forged value as a row it cannot open (read as mallory).
     poll("the worker to rewrap i.t", CONVERGE, || {
-        let left: i64 = db.query_one("SELECT count(*) FROM i.t WHERE kms_key_version(v) <> 2", &[]).ok()?.get(0);
+        let left: i64 = db
+            .query_one(
+                "SELECT count(*) FROM i.t WHERE kms_key_version(v) <> 2",
+                &[],
+            )
+            .ok()?
+            .get(0);
         (left == 0).then_some(())
     });
     let err: String = poll("the forged row to be reported", CONVERGE, || {
@@ -145,21 +173,54 @@ fn worker_runs_table_code_as_its_owner_and_nobody_gains_superuser() {
         .ok()
         .map(|r| r.get(0))
     });
-    assert!(err.starts_with("row (0, 1) could not be re-encrypted: decryption failed"), "{err}");
+    assert!(
+        err.starts_with("row (0, 1) could not be re-encrypted: decryption failed"),
+        "{err}"
+    );
     poll("mallory's policy to have run", CONVERGE, || {
-        let n: i64 = db.query_one("SELECT count(*) FROM public.seen WHERE usr = 'mallory'", &[]).ok()?.get(0);
+        let n: i64 = db
+            .query_one(
+                "SELECT count(*) FROM public.seen WHERE usr = 'mallory'",
+                &[],
+            )
+            .ok()?
+            .get(0);
         (n > 0).then_some(())
     });
     let got = seen(&mut db);
     println!("worker: table code ran as {:?}", got);
     assert_nothing_gained(&mut db, "worker");
-    for tag in ["check", "generated", "index", "rls", "rls_check", "trigger_row", "trigger_stmt"] {
-        assert!(got.contains(&(tag.to_string(), "insider".to_string())), "{tag} did not run as the insider: {got:?}");
+    for tag in [
+        "check",
+        "generated",
+        "index",
+        "rls",
+        "rls_check",
+        "trigger_row",
+        "trigger_stmt",
+    ] {
+        assert!(
+            got.contains(&(tag.to_string(), "insider".to_string())),
+            "{tag} did not run as the insider: {got:?}"
+        );
     }
-    assert!(got.contains(&("rls".to_string(), "mallory".to_string())), "{got:?}");
+    assert!(
+        got.contains(&("rls".to_string(), "mallory".to_string())),
+        "{got:?}"
+    );
     // Nothing of mallory's ran as anyone else, and no UPDATE ran on her table.
-    assert!(got.iter().all(|(t, u)| u == "insider" || (u == "mallory" && t == "rls")), "{got:?}");
-    let plain: i64 = db.query_one("SELECT count(*) FROM i.t WHERE kms_decrypt(v) = 'value ' || id", &[]).unwrap().get(0);
+    assert!(
+        got.iter()
+            .all(|(t, u)| u == "insider" || (u == "mallory" && t == "rls")),
+        "{got:?}"
+    );
+    let plain: i64 = db
+        .query_one(
+            "SELECT count(*) FROM i.t WHERE kms_decrypt(v) = 'value ' || id",
+            &[],
+        )
+        .unwrap()
+        .get(0);
     assert_eq!(plain, 50);
 }
 
@@ -182,18 +243,35 @@ fn reencrypt_now_runs_as_its_caller() {
     adm.batch_execute("CREATE TRIGGER o BEFORE UPDATE ON a.t FOR EACH STATEMENT EXECUTE FUNCTION a.trig('trigger_origin')")
         .unwrap();
     // Nothing to rewrap: no statement runs on the table at all.
-    let n: i64 = adm.query_one("SELECT kms_reencrypt_now('a.t', 'v')", &[]).unwrap().get(0);
+    let n: i64 = adm
+        .query_one("SELECT kms_reencrypt_now('a.t', 'v')", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(n, 0);
     adm.batch_execute("INSERT INTO a.t (id, v) SELECT g, kms_encrypt('v' || g, 'pii') FROM generate_series(1, 10) g")
         .unwrap();
-    db.batch_execute("TRUNCATE public.seen; SELECT kms_rotate_key('pii');").unwrap();
-    let n: i64 = adm.query_one("SELECT kms_reencrypt_now('a.t', 'v')", &[]).unwrap().get(0);
+    db.batch_execute("TRUNCATE public.seen; SELECT kms_rotate_key('pii');")
+        .unwrap();
+    let n: i64 = adm
+        .query_one("SELECT kms_reencrypt_now('a.t', 'v')", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(n, 10);
     let got = seen(&mut db);
     println!("kms_reencrypt_now: table code ran as {:?}", got);
     assert_nothing_gained(&mut db, "kms_reencrypt_now");
-    for tag in ["check", "index", "rls", "trigger_origin", "trigger_row", "trigger_stmt"] {
-        assert!(got.contains(&(tag.to_string(), "adm".to_string())), "{tag} did not run as the caller: {got:?}");
+    for tag in [
+        "check",
+        "index",
+        "rls",
+        "trigger_origin",
+        "trigger_row",
+        "trigger_stmt",
+    ] {
+        assert!(
+            got.contains(&(tag.to_string(), "adm".to_string())),
+            "{tag} did not run as the caller: {got:?}"
+        );
     }
     assert!(got.iter().all(|(_, u)| u == "adm"), "{got:?}");
     // The caller needs UPDATE on the column: a kms_admin without it is refused.
@@ -203,7 +281,10 @@ fn reencrypt_now_runs_as_its_caller() {
     let r = adm2.query_one("SELECT kms_reencrypt_now('a.t', 'v')", &[]);
     let msg = message(adm2.query_one("SELECT kms_reencrypt_now('a.t', 'v')", &[]));
     assert_eq!(sqlstate(r), "42501");
-    assert!(msg.contains("permission denied for role adm2 to re-encrypt column v of table a.t"), "{msg}");
+    assert!(
+        msg.contains("permission denied for role adm2 to re-encrypt column v of table a.t"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -239,7 +320,8 @@ fn key_usage_and_destroy_guard_count_only_what_the_caller_may_read() {
          GRANT SELECT ON o.shared, o.plain, o.dom, o2.t TO adm;",
     )
     .unwrap();
-    db.batch_execute("TRUNCATE public.seen; SELECT kms_rotate_key('pii');").unwrap();
+    db.batch_execute("TRUNCATE public.seen; SELECT kms_rotate_key('pii');")
+        .unwrap();
     let mut adm = c.connect_as("adm", "postgres");
     // adm counts only what it may read in full (o.plain, o.dom: a domain
     // over encrypted_text), each scanned as its owner.
@@ -247,7 +329,10 @@ fn key_usage_and_destroy_guard_count_only_what_the_caller_may_read() {
     assert_eq!(usage, vec![(1, 9), (2, 0)]);
     assert_eq!(seen(&mut db), vec![], "adm's count ran table code");
     // The table code's set_config() did not stay in adm's session.
-    let sp: String = adm.query_one("SELECT current_setting('search_path')", &[]).unwrap().get(0);
+    let sp: String = adm
+        .query_one("SELECT current_setting('search_path')", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(sp, "\"$user\", public");
     let all: Vec<(i32, i64)> = pairs(&mut db, "SELECT version, rows FROM kms_key_usage('pii')");
     assert_eq!(all, vec![(1, 21), (2, 0)]);
@@ -260,19 +345,33 @@ fn key_usage_and_destroy_guard_count_only_what_the_caller_may_read() {
     // (42501, naming them), and so does an array of encrypted_text.
     let r = adm.batch_execute("SELECT kms_destroy_key_version('pii', 1)");
     assert_eq!(sqlstate(r), "55000");
-    own.batch_execute("UPDATE o.plain SET v = kms_rewrap(v)").unwrap();
-    let n: i64 = db.query_one("SELECT kms_reencrypt_now('o.dom', 'v')", &[]).unwrap().get(0);
+    own.batch_execute("UPDATE o.plain SET v = kms_rewrap(v)")
+        .unwrap();
+    let n: i64 = db
+        .query_one("SELECT kms_reencrypt_now('o.dom', 'v')", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(n, 4, "the domain column is rewrapped");
     own.batch_execute("CREATE TABLE o.arr (v encrypted_text[]); INSERT INTO o.arr VALUES (ARRAY[kms_encrypt('a', 'pii')]);")
         .unwrap();
     let msg = message(adm.batch_execute("SELECT kms_destroy_key_version('pii', 1)"));
-    assert_eq!(sqlstate(adm.batch_execute("SELECT kms_destroy_key_version('pii', 1)")), "42501");
+    assert_eq!(
+        sqlstate(adm.batch_execute("SELECT kms_destroy_key_version('pii', 1)")),
+        "42501"
+    );
     for name in ["o.shared.v", "o.private.v", "o2.t.v", "o.arr.v"] {
-        assert!(msg.contains(name) && msg.contains("force => true"), "{name}: {msg}");
+        assert!(
+            msg.contains(name) && msg.contains("force => true"),
+            "{name}: {msg}"
+        );
     }
     // A superuser's guard sees the private rows (55000); force shreds.
-    assert_eq!(sqlstate(db.batch_execute("SELECT kms_destroy_key_version('pii', 1)")), "55000");
-    adm.batch_execute("SELECT kms_destroy_key_version('pii', 1, 'tenant erased', force => true)").unwrap();
+    assert_eq!(
+        sqlstate(db.batch_execute("SELECT kms_destroy_key_version('pii', 1)")),
+        "55000"
+    );
+    adm.batch_execute("SELECT kms_destroy_key_version('pii', 1, 'tenant erased', force => true)")
+        .unwrap();
     assert_nothing_gained(&mut db, "destroy guard");
 }
 
@@ -309,20 +408,36 @@ fn table_code_that_sleeps_or_locks_does_not_stall_the_worker() {
         .unwrap();
     // The owner holds an exclusive lock on s.locked for the whole test.
     let mut holder = c.connect_as("sloth", "postgres");
-    holder.batch_execute("BEGIN; LOCK TABLE s.locked IN ACCESS EXCLUSIVE MODE;").unwrap();
+    holder
+        .batch_execute("BEGIN; LOCK TABLE s.locked IN ACCESS EXCLUSIVE MODE;")
+        .unwrap();
     db.batch_execute("SELECT kms_rotate_key('pii')").unwrap();
-    poll("s.fine to be rewrapped past the sleeping and the locked table", Duration::from_secs(90), || {
-        let left: i64 = db.query_one("SELECT count(*) FROM s.fine WHERE kms_key_version(v) <> 2", &[]).ok()?.get(0);
-        (left == 0).then_some(())
-    });
-    let errors: Vec<(String, String)> = poll("both stalls to be named", Duration::from_secs(60), || {
-        let e: Vec<(String, String)> = pairs(
+    poll(
+        "s.fine to be rewrapped past the sleeping and the locked table",
+        Duration::from_secs(90),
+        || {
+            let left: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM s.fine WHERE kms_key_version(v) <> 2",
+                    &[],
+                )
+                .ok()?
+                .get(0);
+            (left == 0).then_some(())
+        },
+    );
+    let errors: Vec<(String, String)> = poll(
+        "both stalls to be named",
+        Duration::from_secs(60),
+        || {
+            let e: Vec<(String, String)> = pairs(
             &mut db,
             "SELECT table_name::text, last_error FROM kms_reencryption_progress
               WHERE last_error IS NOT NULL AND table_name::text IN ('s.sleepy', 's.locked') ORDER BY 1",
         );
-        (e.len() == 2).then_some(e)
-    });
+            (e.len() == 2).then_some(e)
+        },
+    );
     println!("stalls named: {errors:?}");
     assert!(errors[0].1.contains("lock timeout"), "{errors:?}");
     assert!(errors[1].1.contains("statement timeout"), "{errors:?}");

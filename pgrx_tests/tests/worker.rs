@@ -10,11 +10,15 @@ use std::time::{Duration, Instant};
 const CONVERGE: Duration = Duration::from_secs(180);
 
 fn preloaded(name: &str, extra: &[&str]) -> (Cluster, Client) {
-    let mut conf = vec!["shared_preload_libraries = 'pg_kms'", "pg_kms.reencrypt_naptime = '200ms'"];
+    let mut conf = vec![
+        "shared_preload_libraries = 'pg_kms'",
+        "pg_kms.reencrypt_naptime = '200ms'",
+    ];
     conf.extend_from_slice(extra);
     let c = Cluster::start(name, &conf);
     let mut db = c.connect();
-    db.batch_execute("CREATE EXTENSION pg_kms; SELECT kms_create_key('pii');").unwrap();
+    db.batch_execute("CREATE EXTENSION pg_kms; SELECT kms_create_key('pii');")
+        .unwrap();
     (c, db)
 }
 
@@ -57,7 +61,10 @@ fn wait_converged(c: &Cluster, what: &str) {
     poll(what, CONVERGE, || {
         let mut db = c.connect();
         let pending: i64 = db
-            .query_one("SELECT coalesce(sum(rows_pending), -1)::bigint FROM kms_reencryption_progress", &[])
+            .query_one(
+                "SELECT coalesce(sum(rows_pending), -1)::bigint FROM kms_reencryption_progress",
+                &[],
+            )
             .ok()?
             .get(0);
         (pending == 0 && old_rows(&mut db) == 0).then_some(())
@@ -101,12 +108,18 @@ fn worker_converges_on_200k_rows_and_nothing_changes() {
         .get(0);
     assert_eq!(done, 3);
     // Now safe to destroy, without force.
-    db.execute("SELECT kms_destroy_key_version('pii', 1)", &[]).unwrap();
+    db.execute("SELECT kms_destroy_key_version('pii', 1)", &[])
+        .unwrap();
     // Done: the worker now sleeps instead of spinning (CPU over 3 s < 10%).
     let pid = worker_pid(&mut db).expect("worker");
     let cpu = |pid: i32| -> f64 {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let f: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+        let f: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
         (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
     };
     let (c0, t0) = (cpu(pid), Instant::now());
@@ -115,14 +128,22 @@ fn worker_converges_on_200k_rows_and_nothing_changes() {
     println!("idle worker CPU: {:.1}%", busy * 100.0);
     assert!(busy < 0.10, "an idle worker uses {:.0}% CPU", busy * 100.0);
     // Rewrapping is not a logical change: no application trigger fired.
-    let notes: i64 = db.query_one("SELECT count(*) FROM t1 WHERE note <> 'n'", &[]).unwrap().get(0);
+    let notes: i64 = db
+        .query_one("SELECT count(*) FROM t1 WHERE note <> 'n'", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(notes, 0);
 }
 
 #[test]
 fn concurrent_application_updates_always_win() {
-    let (c, mut db) =
-        preloaded("w_concurrent", &["pg_kms.reencrypt_max_rows_per_second = 20000", "pg_kms.reencrypt_batch_size = 500"]);
+    let (c, mut db) = preloaded(
+        "w_concurrent",
+        &[
+            "pg_kms.reencrypt_max_rows_per_second = 20000",
+            "pg_kms.reencrypt_batch_size = 500",
+        ],
+    );
     make_tables(&mut db, 60_000);
     db.execute("SELECT kms_rotate_key('pii')", &[]).unwrap();
     let mut app = c.connect();
@@ -138,11 +159,18 @@ fn concurrent_application_updates_always_win() {
         let id = (seed % 30_000) as i32 + 1;
         n += 1;
         let v = format!("updated-{n}");
-        app.execute("UPDATE t1 SET a = kms_encrypt($2, 'pii') WHERE id = $1", &[&id, &v]).unwrap();
+        app.execute(
+            "UPDATE t1 SET a = kms_encrypt($2, 'pii') WHERE id = $1",
+            &[&id, &v],
+        )
+        .unwrap();
         expected.insert(id, v);
         if n % 200 == 0 {
             let pending: i64 = app
-                .query_one("SELECT coalesce(sum(rows_pending), -1)::bigint FROM kms_reencryption_progress", &[])
+                .query_one(
+                    "SELECT coalesce(sum(rows_pending), -1)::bigint FROM kms_reencryption_progress",
+                    &[],
+                )
                 .unwrap()
                 .get(0);
             if pending == 0 && old_rows(&mut app) == 0 {
@@ -154,7 +182,10 @@ fn concurrent_application_updates_always_win() {
     println!("{n} application updates ran during re-encryption");
     assert!(n >= 200);
     for (id, v) in &expected {
-        let got: String = db.query_one("SELECT kms_decrypt(a) FROM t1 WHERE id = $1", &[id]).unwrap().get(0);
+        let got: String = db
+            .query_one("SELECT kms_decrypt(a) FROM t1 WHERE id = $1", &[id])
+            .unwrap()
+            .get(0);
         assert_eq!(&got, v, "row {id}: an application update was lost");
     }
     let untouched: i64 = db
@@ -169,27 +200,50 @@ fn concurrent_application_updates_always_win() {
 
 #[test]
 fn worker_survives_kill_9_and_immediate_shutdown() {
-    let (c, mut db) =
-        preloaded("w_crash", &["pg_kms.reencrypt_max_rows_per_second = 30000", "pg_kms.reencrypt_batch_size = 1000"]);
+    let (c, mut db) = preloaded(
+        "w_crash",
+        &[
+            "pg_kms.reencrypt_max_rows_per_second = 30000",
+            "pg_kms.reencrypt_batch_size = 1000",
+        ],
+    );
     make_tables(&mut db, 200_000);
     let before = plaintext_hash(&mut db);
     db.execute("SELECT kms_rotate_key('pii')", &[]).unwrap();
     // Mid-run: some rows done, many left.
     let pid = poll("the worker to make progress", CONVERGE, || {
-        let done: i64 = db.query_one("SELECT coalesce(sum(rows_rewrapped), 0)::bigint FROM kms_reencryption_progress", &[]).ok()?.get(0);
+        let done: i64 = db
+            .query_one(
+                "SELECT coalesce(sum(rows_rewrapped), 0)::bigint FROM kms_reencryption_progress",
+                &[],
+            )
+            .ok()?
+            .get(0);
         (done >= 20_000).then(|| worker_pid(&mut db)).flatten()
     });
-    assert!(Command::new("kill").arg("-9").arg(pid.to_string()).status().unwrap().success());
+    assert!(Command::new("kill")
+        .arg("-9")
+        .arg(pid.to_string())
+        .status()
+        .unwrap()
+        .success());
     drop(db);
     // The postmaster treats it as a crash and restarts; the worker comes back.
     wait_converged(&c, "convergence after kill -9 of the worker");
     let mut db = c.connect();
-    assert_eq!(plaintext_hash(&mut db), before, "kill -9: plaintext changed");
+    assert_eq!(
+        plaintext_hash(&mut db),
+        before,
+        "kill -9: plaintext changed"
+    );
 
     // Again, with an immediate shutdown of the whole server mid-run.
     db.execute("SELECT kms_rotate_key('pii')", &[]).unwrap();
     poll("progress on version 3", CONVERGE, || {
-        let n: i64 = db.query_one("SELECT count(*) FROM t2 WHERE kms_key_version(c) = 3", &[]).ok()?.get(0);
+        let n: i64 = db
+            .query_one("SELECT count(*) FROM t2 WHERE kms_key_version(c) = 3", &[])
+            .ok()?
+            .get(0);
         (n >= 10_000).then_some(())
     });
     drop(db);
@@ -207,16 +261,26 @@ fn worker_survives_kill_9_and_immediate_shutdown() {
         (old == 0).then_some(())
     });
     let mut db = c.connect();
-    assert_eq!(plaintext_hash(&mut db), before, "immediate shutdown: plaintext changed");
+    assert_eq!(
+        plaintext_hash(&mut db),
+        before,
+        "immediate shutdown: plaintext changed"
+    );
 }
 
 fn set_conf(db: &mut Client, name: &str, value: &str) {
-    db.batch_execute(&format!("ALTER SYSTEM SET {name} = {value}")).unwrap();
+    db.batch_execute(&format!("ALTER SYSTEM SET {name} = {value}"))
+        .unwrap();
     db.batch_execute("SELECT pg_reload_conf()").unwrap();
 }
 
 fn rewrapped(db: &mut Client) -> i64 {
-    db.query_one("SELECT coalesce(sum(rows_rewrapped), 0)::bigint FROM kms_reencryption_progress", &[]).unwrap().get(0)
+    db.query_one(
+        "SELECT coalesce(sum(rows_rewrapped), 0)::bigint FROM kms_reencryption_progress",
+        &[],
+    )
+    .unwrap()
+    .get(0)
 }
 
 /// Rows per second over a window of `secs` (a measurement, not a wait).
@@ -229,34 +293,59 @@ fn measure_rate(db: &mut Client, secs: f64) -> f64 {
 
 #[test]
 fn throttle_sighup_and_pause() {
-    let (c, mut db) =
-        preloaded("w_throttle", &["pg_kms.reencrypt_max_rows_per_second = 2000", "pg_kms.reencrypt_batch_size = 1000"]);
+    let (c, mut db) = preloaded(
+        "w_throttle",
+        &[
+            "pg_kms.reencrypt_max_rows_per_second = 2000",
+            "pg_kms.reencrypt_batch_size = 1000",
+        ],
+    );
     db.batch_execute(
         "CREATE TABLE t (id int PRIMARY KEY, v encrypted_text);
          INSERT INTO t SELECT g, kms_encrypt('v' || g, 'pii') FROM generate_series(1, 200000) g;
          SELECT kms_rotate_key('pii');",
     )
     .unwrap();
-    poll("the worker to start", CONVERGE, || (rewrapped(&mut db) > 0).then_some(()));
+    poll("the worker to start", CONVERGE, || {
+        (rewrapped(&mut db) > 0).then_some(())
+    });
     let r = measure_rate(&mut db, 5.0);
     println!("throttle 2000 rows/s: measured {r:.0} rows/s");
-    assert!((1600.0..=2400.0).contains(&r), "2000 rows/s throttle not honoured within 20%: {r:.0}");
+    assert!(
+        (1600.0..=2400.0).contains(&r),
+        "2000 rows/s throttle not honoured within 20%: {r:.0}"
+    );
 
     set_conf(&mut db, "pg_kms.reencrypt_max_rows_per_second", "6000");
-    poll("the new rate to apply", Duration::from_secs(30), || (measure_rate(&mut db, 1.0) > 4000.0).then_some(()));
+    poll("the new rate to apply", Duration::from_secs(30), || {
+        (measure_rate(&mut db, 1.0) > 4000.0).then_some(())
+    });
     let r = measure_rate(&mut db, 5.0);
     println!("after SIGHUP, throttle 6000 rows/s: measured {r:.0} rows/s");
-    assert!((4800.0..=7200.0).contains(&r), "6000 rows/s throttle not honoured within 20%: {r:.0}");
+    assert!(
+        (4800.0..=7200.0).contains(&r),
+        "6000 rows/s throttle not honoured within 20%: {r:.0}"
+    );
 
     set_conf(&mut db, "pg_kms.reencrypt_enabled", "off");
-    poll("the worker to pause", Duration::from_secs(30), || (measure_rate(&mut db, 1.0) == 0.0).then_some(()));
-    assert_eq!(measure_rate(&mut db, 2.0), 0.0, "paused worker still working");
-    let reason: String =
-        db.query_one("SELECT kms_health()->'worker'->>'running'", &[]).unwrap().get(0);
+    poll("the worker to pause", Duration::from_secs(30), || {
+        (measure_rate(&mut db, 1.0) == 0.0).then_some(())
+    });
+    assert_eq!(
+        measure_rate(&mut db, 2.0),
+        0.0,
+        "paused worker still working"
+    );
+    let reason: String = db
+        .query_one("SELECT kms_health()->'worker'->>'running'", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(reason, "true", "a paused worker is still running");
 
     set_conf(&mut db, "pg_kms.reencrypt_enabled", "on");
-    poll("the worker to resume", Duration::from_secs(30), || (measure_rate(&mut db, 1.0) > 0.0).then_some(()));
+    poll("the worker to resume", Duration::from_secs(30), || {
+        (measure_rate(&mut db, 1.0) > 0.0).then_some(())
+    });
     drop(c);
 }
 
@@ -271,25 +360,42 @@ fn standby_decrypts_and_worker_only_runs_after_promotion() {
         let n: i64 = sdb.query_one("SELECT count(*) FROM t2", &[]).ok()?.get(0);
         (n == 10_000).then_some(())
     });
-    assert_eq!(plaintext_hash(&mut sdb), before, "standby decrypts the same rows");
+    assert_eq!(
+        plaintext_hash(&mut sdb),
+        before,
+        "standby decrypts the same rows"
+    );
     assert_eq!(worker_pid(&mut sdb), None, "no worker on a standby");
-    let reason: String = sdb.query_one("SELECT kms_health()->'worker'->>'reason'", &[]).unwrap().get(0);
+    let reason: String = sdb
+        .query_one("SELECT kms_health()->'worker'->>'reason'", &[])
+        .unwrap()
+        .get(0);
     assert!(reason.contains("standby"), "{reason}");
-    assert_eq!(sqlstate(sdb.batch_execute("SELECT kms_rotate_key('pii')")), "25006");
+    assert_eq!(
+        sqlstate(sdb.batch_execute("SELECT kms_rotate_key('pii')")),
+        "25006"
+    );
 
     // The primary rotates and rewraps; the standby follows and still decrypts.
     db.execute("SELECT kms_rotate_key('pii')", &[]).unwrap();
     wait_converged(&primary, "primary convergence");
-    poll("the standby to replay the rewrap", CONVERGE, || (old_rows(&mut sdb) == 0).then_some(()));
+    poll("the standby to replay the rewrap", CONVERGE, || {
+        (old_rows(&mut sdb) == 0).then_some(())
+    });
     assert_eq!(plaintext_hash(&mut sdb), before);
 
     // After promotion, the worker starts there.
     standby.promote();
     let mut sdb = standby.connect();
-    poll("a worker on the promoted standby", CONVERGE, || worker_pid(&mut sdb));
+    poll("a worker on the promoted standby", CONVERGE, || {
+        worker_pid(&mut sdb)
+    });
     sdb.execute("SELECT kms_rotate_key('pii')", &[]).unwrap();
     poll("the promoted server to rewrap", CONVERGE, || {
-        let n: i64 = sdb.query_one("SELECT count(*) FROM t2 WHERE kms_key_version(c) <> 3", &[]).ok()?.get(0);
+        let n: i64 = sdb
+            .query_one("SELECT count(*) FROM t2 WHERE kms_key_version(c) <> 3", &[])
+            .ok()?
+            .get(0);
         (n == 0).then_some(())
     });
     assert_eq!(plaintext_hash(&mut sdb), before);
@@ -306,21 +412,35 @@ fn scheduled_rotation_destroy_guard_sigterm_and_new_databases() {
     set_conf(&mut db, "pg_kms.reencrypt_enabled", "off");
     // Wait until the worker has seen the pause (no progress rows move).
     poll("the pause to apply", Duration::from_secs(30), || {
-        let off: String = db.query_one("SELECT current_setting('pg_kms.reencrypt_enabled')", &[]).ok()?.get(0);
+        let off: String = db
+            .query_one("SELECT current_setting('pg_kms.reencrypt_enabled')", &[])
+            .ok()?
+            .get(0);
         (off == "off").then_some(())
     });
     db.execute("SELECT kms_rotate_key('pii')", &[]).unwrap();
-    let msg = db.execute("SELECT kms_destroy_key_version('pii', 1)", &[]).unwrap_err();
+    let msg = db
+        .execute("SELECT kms_destroy_key_version('pii', 1)", &[])
+        .unwrap_err();
     let dbe = msg.as_db_error().unwrap();
     assert_eq!(dbe.code().code(), "55000");
-    assert!(dbe.message().contains("1000 rows in this database still reference it"), "{}", dbe.message());
+    assert!(
+        dbe.message()
+            .contains("1000 rows in this database still reference it"),
+        "{}",
+        dbe.message()
+    );
 
     set_conf(&mut db, "pg_kms.reencrypt_enabled", "on");
     poll("the worker to rewrap", CONVERGE, || {
-        let n: i64 = db.query_one("SELECT count(*) FROM t WHERE kms_key_version(v) = 1", &[]).ok()?.get(0);
+        let n: i64 = db
+            .query_one("SELECT count(*) FROM t WHERE kms_key_version(v) = 1", &[])
+            .ok()?
+            .get(0);
         (n == 0).then_some(())
     });
-    db.execute("SELECT kms_destroy_key_version('pii', 1, 'retired')", &[]).unwrap();
+    db.execute("SELECT kms_destroy_key_version('pii', 1, 'retired')", &[])
+        .unwrap();
 
     // force => true destroys even with rows left (crypto-shredding on purpose).
     set_conf(&mut db, "pg_kms.reencrypt_enabled", "off");
@@ -329,13 +449,17 @@ fn scheduled_rotation_destroy_guard_sigterm_and_new_databases() {
          SELECT kms_rotate_key('tenant');",
     )
     .unwrap();
-    let forced = db.execute("SELECT kms_destroy_key_version('tenant', 1, 'erase', force => true)", &[]);
+    let forced = db.execute(
+        "SELECT kms_destroy_key_version('tenant', 1, 'erase', force => true)",
+        &[],
+    );
     // The worker may have rewrapped the row already; either way destroy succeeds with force.
     assert!(forced.is_ok(), "{forced:?}");
     set_conf(&mut db, "pg_kms.reencrypt_enabled", "on");
 
     // Scheduled rotation: a 1 second period is rotated by the worker.
-    db.execute("SELECT kms_create_key('sched', interval '1 second')", &[]).unwrap();
+    db.execute("SELECT kms_create_key('sched', interval '1 second')", &[])
+        .unwrap();
     poll("a scheduled rotation", CONVERGE, || {
         let n: i64 = db
             .query_one(
@@ -346,19 +470,30 @@ fn scheduled_rotation_destroy_guard_sigterm_and_new_databases() {
             .get(0);
         (n >= 1).then_some(())
     });
-    let v: i32 = db.query_one("SELECT max(version) FROM kms_keys WHERE key_name = 'sched'", &[]).unwrap().get(0);
+    let v: i32 = db
+        .query_one(
+            "SELECT max(version) FROM kms_keys WHERE key_name = 'sched'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
     assert!(v >= 2);
 
     // SIGTERM ends the worker promptly; the launcher starts a new one.
     let pid = poll("a worker", CONVERGE, || worker_pid(&mut db));
-    db.execute("SELECT pg_terminate_backend($1)", &[&pid]).unwrap();
-    poll("a new worker", CONVERGE, || worker_pid(&mut db).filter(|p| *p != pid));
+    db.execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap();
+    poll("a new worker", CONVERGE, || {
+        worker_pid(&mut db).filter(|p| *p != pid)
+    });
 
     // A database created later, with the extension installed later, gets a worker.
     db.batch_execute("CREATE DATABASE later").unwrap();
     let mut later = c.connect_as("postgres", "later");
     later.batch_execute("CREATE EXTENSION pg_kms").unwrap();
-    poll("a worker in the new database", CONVERGE, || worker_pid(&mut later));
+    poll("a worker in the new database", CONVERGE, || {
+        worker_pid(&mut later)
+    });
 }
 
 #[test]
@@ -396,32 +531,61 @@ fn committed_rotation_wakes_the_worker_and_nonce_budget_is_watched() {
     db.batch_execute("INSERT INTO events SELECT g, CASE WHEN g % 2 = 0 THEN 'eu' ELSE 'us' END, kms_encrypt_bytea('\\x01', 'pii') FROM generate_series(1, 20) g").unwrap();
     let t = Instant::now();
     db.execute("SELECT kms_rotate_key('pii')", &[]).unwrap();
-    poll("the worker to wake and rewrap", Duration::from_secs(60), || {
-        let n: i64 = db
+    poll(
+        "the worker to wake and rewrap",
+        Duration::from_secs(60),
+        || {
+            let n: i64 = db
             .query_one("SELECT (SELECT count(*) FROM t WHERE kms_key_version(v) = 1) + (SELECT count(*) FROM events WHERE kms_key_version(payload) = 1)", &[])
             .ok()?
             .get(0);
-        (n == 0).then_some(())
-    });
-    println!("woken and done {:.2} s after the rotation committed (naptime 1h)", t.elapsed().as_secs_f64());
+            (n == 0).then_some(())
+        },
+    );
+    println!(
+        "woken and done {:.2} s after the rotation committed (naptime 1h)",
+        t.elapsed().as_secs_f64()
+    );
 
     // 150 encryptions under version 1 passed the warning level of 100.
     let stats: (i64, i64) = {
-        let r = db.query_one("SELECT encryptions, decryptions FROM kms_stats WHERE version = 1", &[]).unwrap();
+        let r = db
+            .query_one(
+                "SELECT encryptions, decryptions FROM kms_stats WHERE version = 1",
+                &[],
+            )
+            .unwrap();
         (r.get(0), r.get(1))
     };
-    assert_eq!(stats, (170, 170), "170 sealed (150 + 20 partitioned), 170 opened by the rewrap");
+    assert_eq!(
+        stats,
+        (170, 170),
+        "170 sealed (150 + 20 partitioned), 170 opened by the rewrap"
+    );
     let warned: bool = db
         .query_one("SELECT bool_or(w->>'version' = '1') FROM jsonb_array_elements(kms_health()->'nonce_warnings') w", &[])
         .unwrap()
         .get(0);
-    assert!(warned, "version 1 is listed in kms_health()->'nonce_warnings'");
-    assert!(c.server_log().contains("has sealed 100 values since server start"), "no nonce WARNING in the log");
+    assert!(
+        warned,
+        "version 1 is listed in kms_health()->'nonce_warnings'"
+    );
+    assert!(
+        c.server_log()
+            .contains("has sealed 100 values since server start"),
+        "no nonce WARNING in the log"
+    );
 }
 
 #[test]
 fn a_row_that_cannot_be_rewrapped_does_not_stall_the_table() {
-    let (c, mut db) = preloaded("w_poison", &["pg_kms.reencrypt_max_rows_per_second = 0", "pg_kms.reencrypt_batch_size = 50"]);
+    let (c, mut db) = preloaded(
+        "w_poison",
+        &[
+            "pg_kms.reencrypt_max_rows_per_second = 0",
+            "pg_kms.reencrypt_batch_size = 50",
+        ],
+    );
     db.batch_execute(
         "CREATE TABLE citizens (id int PRIMARY KEY, ssn encrypted_text UNIQUE);
          INSERT INTO citizens SELECT g, kms_encrypt_deterministic(lpad(g::text, 9, '0'), 'pii') FROM generate_series(1, 500) g;",
@@ -429,7 +593,10 @@ fn a_row_that_cannot_be_rewrapped_does_not_stall_the_table() {
     .unwrap();
     set_conf(&mut db, "pg_kms.reencrypt_enabled", "off");
     poll("the pause to apply", Duration::from_secs(30), || {
-        let v: String = db.query_one("SELECT current_setting('pg_kms.reencrypt_enabled')", &[]).ok()?.get(0);
+        let v: String = db
+            .query_one("SELECT current_setting('pg_kms.reencrypt_enabled')", &[])
+            .ok()?
+            .get(0);
         (v == "off").then_some(())
     });
     // After the rotation, a duplicate of row 7 arrives under the new version:
@@ -441,7 +608,13 @@ fn a_row_that_cannot_be_rewrapped_does_not_stall_the_table() {
     .unwrap();
     set_conf(&mut db, "pg_kms.reencrypt_enabled", "on");
     poll("every other row rewrapped", CONVERGE, || {
-        let n: i64 = db.query_one("SELECT count(*) FROM citizens WHERE kms_key_version(ssn) = 1", &[]).ok()?.get(0);
+        let n: i64 = db
+            .query_one(
+                "SELECT count(*) FROM citizens WHERE kms_key_version(ssn) = 1",
+                &[],
+            )
+            .ok()?
+            .get(0);
         (n == 1).then_some(())
     });
     let err: Option<String> = db
@@ -450,6 +623,9 @@ fn a_row_that_cannot_be_rewrapped_does_not_stall_the_table() {
         .get(0);
     let err = err.unwrap_or_default();
     println!("poison row: 499/500 rewrapped; last_error: {err}");
-    assert!(err.contains("could not be re-encrypted") && err.contains("duplicate key"), "{err}");
+    assert!(
+        err.contains("could not be re-encrypted") && err.contains("duplicate key"),
+        "{err}"
+    );
     drop(c);
 }

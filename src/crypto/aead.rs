@@ -5,8 +5,8 @@
 //! is copied exactly once and encrypted in place.
 
 use super::envelope::{Envelope, Header, HEADER_LEN, NONCE_LEN, OVERHEAD, TAG_LEN};
-use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::aead::consts::U12;
+use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{AesGcm, Nonce, Tag};
 use std::fmt;
 use zeroize::Zeroizing;
@@ -34,7 +34,9 @@ impl DataKey {
     pub const HOT_RANGES: [(usize, usize); 2] = HOT_RANGES;
 
     pub fn new(key: &Zeroizing<[u8; 32]>) -> DataKey {
-        DataKey { cipher: Cipher::new(key.as_ref().into()) }
+        DataKey {
+            cipher: Cipher::new(key.as_ref().into()),
+        }
     }
 
     #[cfg(test)]
@@ -48,7 +50,9 @@ impl DataKey {
     #[inline]
     pub fn prefetch_schedule(at: *const u8) {
         for (from, to) in HOT_RANGES {
-            (from..to).step_by(64).for_each(|off| prefetch_line(at.wrapping_add(off)));
+            (from..to)
+                .step_by(64)
+                .for_each(|off| prefetch_line(at.wrapping_add(off)));
             prefetch_line(at.wrapping_add(to - 1));
         }
     }
@@ -116,7 +120,11 @@ pub fn seal_into(
     plaintext: &[u8],
     out: &mut [u8],
 ) {
-    assert_eq!(out.len(), plaintext.len() + OVERHEAD, "seal_into: output length");
+    assert_eq!(
+        out.len(),
+        plaintext.len() + OVERHEAD,
+        "seal_into: output length"
+    );
     let header = header.with_context_flag(context);
     let hdr = header.encode();
     out[..HEADER_LEN].copy_from_slice(&hdr);
@@ -136,7 +144,12 @@ pub fn seal_into(
 /// bytes. On failure `out` is wiped, so no unauthenticated plaintext leaks.
 /// A deterministic envelope (no nonce) is refused: it opens with
 /// [`super::SivKey::open_into`].
-pub fn open_into(key: &DataKey, env: &Envelope<'_>, context: &[u8], out: &mut [u8]) -> Result<(), AuthError> {
+pub fn open_into(
+    key: &DataKey,
+    env: &Envelope<'_>,
+    context: &[u8],
+    out: &mut [u8],
+) -> Result<(), AuthError> {
     assert_eq!(out.len(), env.ciphertext.len(), "open_into: output length");
     if env.nonce.len() != NONCE_LEN {
         return Err(AuthError);
@@ -159,7 +172,13 @@ pub fn open_into(key: &DataKey, env: &Envelope<'_>, context: &[u8], out: &mut [u
 
 /// Convenience wrappers returning vectors, for tests.
 #[cfg(test)]
-pub fn seal(key: &DataKey, header: Header, nonce: &[u8; NONCE_LEN], context: &[u8], plaintext: &[u8]) -> Vec<u8> {
+pub fn seal(
+    key: &DataKey,
+    header: Header,
+    nonce: &[u8; NONCE_LEN],
+    context: &[u8],
+    plaintext: &[u8],
+) -> Vec<u8> {
     let mut out = vec![0u8; plaintext.len() + OVERHEAD];
     seal_into(key, header, nonce, context, plaintext, &mut out);
     out
@@ -182,7 +201,11 @@ mod tests {
         DataKey::new(&Zeroizing::new([b; 32]))
     }
 
-    const H: Header = Header { flags: 0, key_id: 9, key_version: 1 };
+    const H: Header = Header {
+        flags: 0,
+        key_id: 9,
+        key_version: 1,
+    };
 
     /// The prefetch hint assumes where the key schedule sits inside the
     /// cipher value (see `HOT_RANGES`). This pins that assumption on an
@@ -197,19 +220,31 @@ mod tests {
         }
         let raw: [u8; 32] = std::array::from_fn(|i| i as u8 + 1);
         let (a, b) = (DataKey::new(&Zeroizing::new(raw)), key(0x5a));
-        let bytes = |k: &DataKey| unsafe { std::slice::from_raw_parts(k.cipher() as *const Cipher as *const u8, SIZE).to_vec() };
+        let bytes = |k: &DataKey| unsafe {
+            std::slice::from_raw_parts(k.cipher() as *const Cipher as *const u8, SIZE).to_vec()
+        };
         let (a, b) = (bytes(&a), bytes(&b));
         assert_eq!(&a[..32], &raw[..], "round keys first");
         let (h0, h1) = HOT_RANGES[1];
         assert_ne!(&a[h0..h1], &b[h0..h1], "GHASH key in the second range");
-        assert!(a[h1..].iter().chain(&b[h1..]).all(|x| *x == 0), "zero accumulator after it");
+        assert!(
+            a[h1..].iter().chain(&b[h1..]).all(|x| *x == 0),
+            "zero accumulator after it"
+        );
     }
 
     /// NIST / McGrew-Viega GCM test cases 13-16 (AES-256), run through the
     /// same in-place primitive the envelope uses.
     #[test]
     fn nist_aes256_gcm_vectors() {
-        struct V { key: &'static str, iv: &'static str, pt: &'static str, aad: &'static str, ct: &'static str, tag: &'static str }
+        struct V {
+            key: &'static str,
+            iv: &'static str,
+            pt: &'static str,
+            aad: &'static str,
+            ct: &'static str,
+            tag: &'static str,
+        }
         let vs = [
             V { key: "0000000000000000000000000000000000000000000000000000000000000000", iv: "000000000000000000000000", pt: "", aad: "", ct: "", tag: "530f8afbc74536b9a963b4f1c4cb738b" },
             V { key: "0000000000000000000000000000000000000000000000000000000000000000", iv: "000000000000000000000000", pt: "00000000000000000000000000000000", aad: "", ct: "cea7403d4d606b6e074ec5d3baf39d18", tag: "d0d1c8a799996bf0265b98b5d48ab919" },
@@ -231,10 +266,15 @@ mod tests {
             let iv = hex::decode(v.iv).unwrap();
             let aad = hex::decode(v.aad).unwrap();
             let mut buf = hex::decode(v.pt).unwrap();
-            let tag = dk.cipher().encrypt_in_place_detached(Nonce::from_slice(&iv), &aad, &mut buf).unwrap();
+            let tag = dk
+                .cipher()
+                .encrypt_in_place_detached(Nonce::from_slice(&iv), &aad, &mut buf)
+                .unwrap();
             assert_eq!(hex::encode(&buf), v.ct);
             assert_eq!(hex::encode(tag), v.tag);
-            dk.cipher().decrypt_in_place_detached(Nonce::from_slice(&iv), &aad, &mut buf, &tag).unwrap();
+            dk.cipher()
+                .decrypt_in_place_detached(Nonce::from_slice(&iv), &aad, &mut buf, &tag)
+                .unwrap();
             assert_eq!(hex::encode(&buf), v.pt);
         }
     }
@@ -252,9 +292,15 @@ mod tests {
         let k = key(1);
         let sealed = seal(&k, H, &[7; 12], b"tenant-1", b"alice@example.com");
         assert_eq!(sealed.len(), 17 + OVERHEAD);
-        assert_eq!(&open(&k, &sealed, b"tenant-1").unwrap()[..], b"alice@example.com");
+        assert_eq!(
+            &open(&k, &sealed, b"tenant-1").unwrap()[..],
+            b"alice@example.com"
+        );
         assert!(Envelope::parse(&sealed).unwrap().header.has_context());
-        assert!(!Envelope::parse(&seal(&k, H, &[7; 12], b"", b"x")).unwrap().header.has_context());
+        assert!(!Envelope::parse(&seal(&k, H, &[7; 12], b"", b"x"))
+            .unwrap()
+            .header
+            .has_context());
         assert_eq!(open(&k, &sealed, b"tenant-2").unwrap_err(), AuthError);
         assert_eq!(open(&k, &sealed, b"").unwrap_err(), AuthError);
         assert_eq!(open(&key(2), &sealed, b"tenant-1").unwrap_err(), AuthError);

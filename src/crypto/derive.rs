@@ -68,10 +68,19 @@ mod tests {
     fn known_answers() {
         let k = MacKey(Zeroizing::new([0x0b; 32]));
         // hmac.new(b'\x0b'*32, (0).to_bytes(8,'big') + b'abc', sha256).hexdigest()
-        assert_eq!(hex::encode(k.blind_index(b"", b"abc", 256).unwrap()), KA_EMPTY_CTX);
+        assert_eq!(
+            hex::encode(k.blind_index(b"", b"abc", 256).unwrap()),
+            KA_EMPTY_CTX
+        );
         // hmac.new(b'\x0b'*32, (3).to_bytes(8,'big') + b'ctx' + b'abc', sha256).hexdigest()
-        assert_eq!(hex::encode(k.blind_index(b"ctx", b"abc", 256).unwrap()), KA_CTX);
-        assert_eq!(hex::encode(k.blind_index(b"ctx", b"abc", 16).unwrap()), &KA_CTX[..4]);
+        assert_eq!(
+            hex::encode(k.blind_index(b"ctx", b"abc", 256).unwrap()),
+            KA_CTX
+        );
+        assert_eq!(
+            hex::encode(k.blind_index(b"ctx", b"abc", 16).unwrap()),
+            &KA_CTX[..4]
+        );
         // HKDF-SHA256(salt=b'pg_kms', ikm=b'\x01'*32, info=b'pg_kms v1 blind index', L=32)
         let d = MacKey::derive(&[1u8; 32], INFO_BLIND_INDEX);
         assert_eq!(hex::encode(d.0.as_ref()), KA_HKDF_INDEX);
@@ -84,7 +93,10 @@ mod tests {
             assert!(k.blind_index(b"", b"x", bad).is_none(), "{bad}");
         }
         // length-prefixed context: ("a", "bc") and ("ab", "c") differ
-        assert_ne!(k.blind_index(b"a", b"bc", 256), k.blind_index(b"ab", b"c", 256));
+        assert_ne!(
+            k.blind_index(b"a", b"bc", 256),
+            k.blind_index(b"ab", b"c", 256)
+        );
         assert_ne!(k.blind_index(b"", b"x", 256), k.blind_index(b"", b"y", 256));
         assert_eq!(k.blind_index(b"", b"x", 256), k.blind_index(b"", b"x", 256));
     }

@@ -101,7 +101,10 @@ impl Header {
             _ => OVERHEAD,
         };
         if bytes.len() < min {
-            return Err(EnvelopeError::TooShort { len: bytes.len(), min });
+            return Err(EnvelopeError::TooShort {
+                len: bytes.len(),
+                min,
+            });
         }
         if bytes.len() > MAX_ENVELOPE_LEN {
             return Err(EnvelopeError::TooLong { len: bytes.len() });
@@ -121,7 +124,11 @@ impl Header {
         if key_version == 0 || key_version > i32::MAX as u32 {
             return Err(EnvelopeError::BadKeyVersion(key_version));
         }
-        Ok(Header { flags, key_id, key_version })
+        Ok(Header {
+            flags,
+            key_id,
+            key_version,
+        })
     }
 }
 
@@ -168,8 +175,13 @@ impl<'a> Envelope<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EnvelopeError {
     /// Shorter than the `min` bytes of its layout.
-    TooShort { len: usize, min: usize },
-    TooLong { len: usize },
+    TooShort {
+        len: usize,
+        min: usize,
+    },
+    TooLong {
+        len: usize,
+    },
     UnknownVersion(u8),
     UnknownFlags(u8),
     ZeroKeyId,
@@ -183,7 +195,9 @@ impl fmt::Display for EnvelopeError {
                 f,
                 "envelope is {len} bytes, shorter than the minimum of {min}"
             ),
-            EnvelopeError::TooLong { len } => write!(f, "envelope is {len} bytes, longer than 1 GB"),
+            EnvelopeError::TooLong { len } => {
+                write!(f, "envelope is {len} bytes, longer than 1 GB")
+            }
             EnvelopeError::UnknownVersion(v) => write!(f, "unknown envelope format version {v}"),
             EnvelopeError::UnknownFlags(fl) => write!(f, "unknown envelope flags 0x{fl:02x}"),
             EnvelopeError::ZeroKeyId => write!(f, "envelope names key id 0"),
@@ -200,14 +214,24 @@ mod tests {
     use proptest::prelude::*;
 
     fn sample(len: usize) -> Vec<u8> {
-        let mut v = Header { flags: 0, key_id: 7, key_version: 3 }.encode().to_vec();
+        let mut v = Header {
+            flags: 0,
+            key_id: 7,
+            key_version: 3,
+        }
+        .encode()
+        .to_vec();
         v.extend(std::iter::repeat(0xAB).take(NONCE_LEN + len + TAG_LEN));
         v
     }
 
     #[test]
     fn header_round_trip() {
-        let h = Header { flags: FLAG_BYTES, key_id: 0xDEAD_BEEF, key_version: 42 };
+        let h = Header {
+            flags: FLAG_BYTES,
+            key_id: 0xDEAD_BEEF,
+            key_version: 42,
+        };
         let mut bytes = h.encode().to_vec();
         bytes.resize(OVERHEAD + 5, 0);
         assert_eq!(Header::parse(&bytes).unwrap(), h);
@@ -219,7 +243,11 @@ mod tests {
 
     #[test]
     fn deterministic_layout() {
-        let h = Header { flags: FLAG_DETERMINISTIC | FLAG_CONTEXT, key_id: 1, key_version: 2 };
+        let h = Header {
+            flags: FLAG_DETERMINISTIC | FLAG_CONTEXT,
+            key_id: 1,
+            key_version: 2,
+        };
         let mut v = h.encode().to_vec();
         v.extend_from_slice(&[0x11; SIV_LEN]);
         v.extend_from_slice(b"abc");
@@ -228,7 +256,13 @@ mod tests {
         assert!(env.nonce.is_empty());
         assert_eq!(env.tag, &[0x11; SIV_LEN]);
         assert_eq!(env.ciphertext, b"abc");
-        assert_eq!(Envelope::parse(&v[..DET_OVERHEAD]).unwrap().ciphertext.len(), 0);
+        assert_eq!(
+            Envelope::parse(&v[..DET_OVERHEAD])
+                .unwrap()
+                .ciphertext
+                .len(),
+            0
+        );
     }
 
     #[test]
@@ -239,25 +273,57 @@ mod tests {
 
     #[test]
     fn rejects_malformed() {
-        assert_eq!(Envelope::parse(&[]).unwrap_err(), EnvelopeError::TooShort { len: 0, min: OVERHEAD });
-        let det = Header { flags: FLAG_DETERMINISTIC, key_id: 7, key_version: 3 }.encode();
-        assert_eq!(Envelope::parse(&det).unwrap_err(), EnvelopeError::TooShort { len: 10, min: DET_OVERHEAD });
-        assert!(matches!(Envelope::parse(&sample(0)[..OVERHEAD - 1]), Err(EnvelopeError::TooShort { .. })));
+        assert_eq!(
+            Envelope::parse(&[]).unwrap_err(),
+            EnvelopeError::TooShort {
+                len: 0,
+                min: OVERHEAD
+            }
+        );
+        let det = Header {
+            flags: FLAG_DETERMINISTIC,
+            key_id: 7,
+            key_version: 3,
+        }
+        .encode();
+        assert_eq!(
+            Envelope::parse(&det).unwrap_err(),
+            EnvelopeError::TooShort {
+                len: 10,
+                min: DET_OVERHEAD
+            }
+        );
+        assert!(matches!(
+            Envelope::parse(&sample(0)[..OVERHEAD - 1]),
+            Err(EnvelopeError::TooShort { .. })
+        ));
         let mut v = sample(3);
         v[0] = 2;
-        assert_eq!(Envelope::parse(&v).unwrap_err(), EnvelopeError::UnknownVersion(2));
+        assert_eq!(
+            Envelope::parse(&v).unwrap_err(),
+            EnvelopeError::UnknownVersion(2)
+        );
         let mut v = sample(3);
         v[1] = 0x80;
-        assert_eq!(Envelope::parse(&v).unwrap_err(), EnvelopeError::UnknownFlags(0x80));
+        assert_eq!(
+            Envelope::parse(&v).unwrap_err(),
+            EnvelopeError::UnknownFlags(0x80)
+        );
         let mut v = sample(3);
         v[2..6].copy_from_slice(&[0; 4]);
         assert_eq!(Envelope::parse(&v).unwrap_err(), EnvelopeError::ZeroKeyId);
         let mut v = sample(3);
         v[6..10].copy_from_slice(&[0; 4]);
-        assert_eq!(Envelope::parse(&v).unwrap_err(), EnvelopeError::BadKeyVersion(0));
+        assert_eq!(
+            Envelope::parse(&v).unwrap_err(),
+            EnvelopeError::BadKeyVersion(0)
+        );
         let mut v = sample(3);
         v[6..10].copy_from_slice(&[0xFF; 4]);
-        assert!(matches!(Envelope::parse(&v), Err(EnvelopeError::BadKeyVersion(_))));
+        assert!(matches!(
+            Envelope::parse(&v),
+            Err(EnvelopeError::BadKeyVersion(_))
+        ));
     }
 
     proptest! {

@@ -117,12 +117,22 @@ impl AuditRow<'_> {
 /// The keyring row: the master key's fingerprint and since when the
 /// catalog is MAC'd (microseconds since the epoch).
 pub fn keyring_row(fingerprint: &[u8], integrity_since_us: i64) -> Vec<u8> {
-    Canon::new(LABEL_KEYRING_ROW).bytes(Some(fingerprint)).int(integrity_since_us).finish()
+    Canon::new(LABEL_KEYRING_ROW)
+        .bytes(Some(fingerprint))
+        .int(integrity_since_us)
+        .finish()
 }
 
 /// A `kms.keys` row: what decides which version seals, whether the key is
 /// destroyed, its blind-index root, and its generation.
-pub fn key_row(key_id: i32, name: &[u8], primary: i32, destroyed_at_us: Option<i64>, index_key: Option<&[u8]>, generation: i64) -> Vec<u8> {
+pub fn key_row(
+    key_id: i32,
+    name: &[u8],
+    primary: i32,
+    destroyed_at_us: Option<i64>,
+    index_key: Option<&[u8]>,
+    generation: i64,
+) -> Vec<u8> {
     Canon::new(LABEL_KEY_ROW)
         .int(key_id.into())
         .bytes(Some(name))
@@ -134,7 +144,13 @@ pub fn key_row(key_id: i32, name: &[u8], primary: i32, destroyed_at_us: Option<i
 }
 
 /// A `kms.key_versions` row, bound to its key's generation.
-pub fn version_row(key_id: i32, version: i32, state: &[u8], wrapped: Option<&[u8]>, generation: i64) -> Vec<u8> {
+pub fn version_row(
+    key_id: i32,
+    version: i32,
+    state: &[u8],
+    wrapped: Option<&[u8]>,
+    generation: i64,
+) -> Vec<u8> {
     Canon::new(LABEL_VERSION_ROW)
         .int(key_id.into())
         .int(version.into())
@@ -147,7 +163,11 @@ pub fn version_row(key_id: i32, version: i32, state: &[u8], wrapped: Option<&[u8
 /// What a destruction receipt MACs: the erased wrapped material of a
 /// version (version 0: the key's blind-index root).
 pub fn destroyed_material(key_id: i32, version: i32, wrapped: &[u8]) -> Vec<u8> {
-    Canon::new(LABEL_DESTROYED).int(key_id.into()).int(version.into()).bytes(Some(wrapped)).finish()
+    Canon::new(LABEL_DESTROYED)
+        .int(key_id.into())
+        .int(version.into())
+        .bytes(Some(wrapped))
+        .finish()
 }
 
 /// The two integrity keys of one master key.
@@ -159,7 +179,10 @@ pub struct IntegrityKeys {
 
 impl IntegrityKeys {
     pub fn from_master(master: &[u8]) -> IntegrityKeys {
-        IntegrityKeys { audit: MacKey::derive(master, INFO_AUDIT), row: MacKey::derive(master, INFO_ROW) }
+        IntegrityKeys {
+            audit: MacKey::derive(master, INFO_AUDIT),
+            row: MacKey::derive(master, INFO_ROW),
+        }
     }
 }
 
@@ -196,27 +219,56 @@ mod tests {
         let keys = IntegrityKeys::from_master(&[0x42; 32]);
         assert_eq!(hex::encode(keys.audit.hmac(&hash)), KA_MAC);
         assert!(keys.audit.verify(&hash, &hex::decode(KA_MAC).unwrap()));
-        assert!(!keys.row.verify(&hash, &hex::decode(KA_MAC).unwrap()), "row and audit keys differ");
+        assert!(
+            !keys.row.verify(&hash, &hex::decode(KA_MAC).unwrap()),
+            "row and audit keys differ"
+        );
         assert_eq!(
             hex::encode(version_row(7, 3, b"destroyed", None, 9)),
             KA_VERSION_ROW
         );
-        assert_eq!(hex::encode(keys.row.hmac(&key_row(7, b"k", 2, None, Some(&[1, 2]), 9))), KA_KEY_ROW_MAC);
+        assert_eq!(
+            hex::encode(keys.row.hmac(&key_row(7, b"k", 2, None, Some(&[1, 2]), 9))),
+            KA_KEY_ROW_MAC
+        );
     }
 
     #[test]
     fn fields_are_separated() {
         // NULL, empty and absent fields all differ; adjacent strings cannot shift.
-        let a = AuditRow { reason: None, ..sample() };
-        let b = AuditRow { reason: Some(b""), ..sample() };
+        let a = AuditRow {
+            reason: None,
+            ..sample()
+        };
+        let b = AuditRow {
+            reason: Some(b""),
+            ..sample()
+        };
         assert_ne!(a.canonical(), b.canonical());
-        let c = AuditRow { actor: b"ab", operation: b"c", ..sample() };
-        let d = AuditRow { actor: b"a", operation: b"bc", ..sample() };
+        let c = AuditRow {
+            actor: b"ab",
+            operation: b"c",
+            ..sample()
+        };
+        let d = AuditRow {
+            actor: b"a",
+            operation: b"bc",
+            ..sample()
+        };
         assert_ne!(c.canonical(), d.canonical());
-        assert_ne!(version_row(1, 2, b"active", Some(b"w"), 3), version_row(1, 2, b"active", Some(b"w"), 4));
-        assert_ne!(key_row(1, b"k", 1, None, None, 0), key_row(1, b"k", 1, Some(0), None, 0));
+        assert_ne!(
+            version_row(1, 2, b"active", Some(b"w"), 3),
+            version_row(1, 2, b"active", Some(b"w"), 4)
+        );
+        assert_ne!(
+            key_row(1, b"k", 1, None, None, 0),
+            key_row(1, b"k", 1, Some(0), None, 0)
+        );
         // Different labels: a key row never verifies as a version row.
-        assert_ne!(Canon::new(LABEL_KEY_ROW).finish(), Canon::new(LABEL_VERSION_ROW).finish());
+        assert_ne!(
+            Canon::new(LABEL_KEY_ROW).finish(),
+            Canon::new(LABEL_VERSION_ROW).finish()
+        );
     }
 
     const KA_CANON: &str = "620000001370675f6b6d7320763120617564697420726f776900000000000000026900060a24182022406200000005616c696365620000000a726f746174655f6b657962000000037069696900000000000000026e62000000027b7d6200000020abababababababababababababababababababababababababababababababab";

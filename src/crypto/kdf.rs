@@ -7,11 +7,11 @@
 //!        └─ AES-256-GCM(KEK, random nonce, aad = label || key id || version) wraps each data key
 //! ```
 
+use super::secure::Locked;
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use hkdf::Hkdf;
 use sha2::Sha256;
-use super::secure::Locked;
 use std::fmt;
 use zeroize::Zeroizing;
 
@@ -57,7 +57,9 @@ impl fmt::Display for WrapError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             WrapError::Malformed => f.write_str("wrapped data key has the wrong length"),
-            WrapError::Auth => f.write_str("wrapped data key does not authenticate under this master key"),
+            WrapError::Auth => {
+                f.write_str("wrapped data key does not authenticate under this master key")
+            }
         }
     }
 }
@@ -79,20 +81,37 @@ impl Kek {
     pub fn from_bytes(k: &Zeroizing<[u8; 32]>) -> Kek {
         // The schedule is built on the stack and moved in once; callers
         // that must leave no copy behind wipe the stack afterwards.
-        Kek { cipher: Locked::new(Aes256Gcm::new(k.as_ref().into())) }
+        Kek {
+            cipher: Locked::new(Aes256Gcm::new(k.as_ref().into())),
+        }
     }
 
     /// Wraps a data key, binding it to its key id and version.
-    pub fn wrap(&self, key_id: u32, version: u32, data_key: &Zeroizing<[u8; 32]>, nonce: &[u8; 12]) -> Vec<u8> {
+    pub fn wrap(
+        &self,
+        key_id: u32,
+        version: u32,
+        data_key: &Zeroizing<[u8; 32]>,
+        nonce: &[u8; 12],
+    ) -> Vec<u8> {
         self.wrap_with(&wrap_aad(key_id, version), data_key, nonce)
     }
 
     /// Wraps a key's blind-index root (one per key name, no version).
-    pub fn wrap_index_root(&self, key_id: u32, root: &Zeroizing<[u8; 32]>, nonce: &[u8; 12]) -> Vec<u8> {
+    pub fn wrap_index_root(
+        &self,
+        key_id: u32,
+        root: &Zeroizing<[u8; 32]>,
+        nonce: &[u8; 12],
+    ) -> Vec<u8> {
         self.wrap_with(&labeled_aad(INDEX_AAD_LABEL, key_id, 0), root, nonce)
     }
 
-    pub fn unwrap_index_root(&self, key_id: u32, wrapped: &[u8]) -> Result<Zeroizing<[u8; 32]>, WrapError> {
+    pub fn unwrap_index_root(
+        &self,
+        key_id: u32,
+        wrapped: &[u8],
+    ) -> Result<Zeroizing<[u8; 32]>, WrapError> {
         self.unwrap_with(&labeled_aad(INDEX_AAD_LABEL, key_id, 0), wrapped)
     }
 
@@ -108,7 +127,12 @@ impl Kek {
         out
     }
 
-    pub fn unwrap_raw(&self, key_id: u32, version: u32, wrapped: &[u8]) -> Result<Zeroizing<[u8; 32]>, WrapError> {
+    pub fn unwrap_raw(
+        &self,
+        key_id: u32,
+        version: u32,
+        wrapped: &[u8],
+    ) -> Result<Zeroizing<[u8; 32]>, WrapError> {
         self.unwrap_with(&wrap_aad(key_id, version), wrapped)
     }
 
@@ -145,7 +169,10 @@ mod tests {
         let salt = h("000102030405060708090a0b0c");
         let info = h("f0f1f2f3f4f5f6f7f8f9");
         let (prk, hk) = Hkdf::<Sha256>::extract(Some(&salt), &ikm);
-        assert_eq!(hex::encode(prk), "077709362c2e32df0ddc3f0dc47bba6390b6c73bb50f9c3122ec844ad7c2b3e5");
+        assert_eq!(
+            hex::encode(prk),
+            "077709362c2e32df0ddc3f0dc47bba6390b6c73bb50f9c3122ec844ad7c2b3e5"
+        );
         let mut okm = [0u8; 42];
         hk.expand(&info, &mut okm).unwrap();
         assert_eq!(
@@ -154,7 +181,10 @@ mod tests {
         );
 
         let (prk, hk) = Hkdf::<Sha256>::extract(None, &ikm);
-        assert_eq!(hex::encode(prk), "19ef24a32c717b167f33a91d6f648bdf96596776afdb6377ac434c1c293ccb04");
+        assert_eq!(
+            hex::encode(prk),
+            "19ef24a32c717b167f33a91d6f648bdf96596776afdb6377ac434c1c293ccb04"
+        );
         let mut okm = [0u8; 42];
         hk.expand(&[], &mut okm).unwrap();
         assert_eq!(
@@ -170,7 +200,10 @@ mod tests {
         let kek = hkdf32(HKDF_SALT, &mk, INFO_KEK);
         assert_ne!(fp.as_ref(), kek.as_ref());
         assert_ne!(fp.as_ref(), &mk);
-        assert_eq!(hkdf32(HKDF_SALT, &mk, INFO_FINGERPRINT).as_ref(), fp.as_ref());
+        assert_eq!(
+            hkdf32(HKDF_SALT, &mk, INFO_FINGERPRINT).as_ref(),
+            fp.as_ref()
+        );
     }
 
     #[test]
@@ -179,11 +212,17 @@ mod tests {
         let dk = Zeroizing::new([9u8; 32]);
         let w = kek.wrap(5, 2, &dk, &[3; 12]);
         assert_eq!(w.len(), WRAPPED_LEN);
-        assert!(!w.windows(32).any(|win| win == dk.as_ref()), "data key must not appear in clear");
+        assert!(
+            !w.windows(32).any(|win| win == dk.as_ref()),
+            "data key must not appear in clear"
+        );
         assert_eq!(kek.unwrap_raw(5, 2, &w).unwrap().as_ref(), dk.as_ref());
         assert_eq!(kek.unwrap_raw(5, 3, &w).unwrap_err(), WrapError::Auth);
         assert_eq!(kek.unwrap_raw(6, 2, &w).unwrap_err(), WrapError::Auth);
-        assert_eq!(kek.unwrap_raw(5, 2, &w[1..]).unwrap_err(), WrapError::Malformed);
+        assert_eq!(
+            kek.unwrap_raw(5, 2, &w[1..]).unwrap_err(),
+            WrapError::Malformed
+        );
         let other = Kek::from_bytes(&Zeroizing::new([2u8; 32]));
         assert_eq!(other.unwrap_raw(5, 2, &w).unwrap_err(), WrapError::Auth);
         // An index root cannot pass for a data key, nor the reverse.

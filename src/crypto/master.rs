@@ -51,9 +51,14 @@ impl fmt::Display for MasterKeyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             MasterKeyError::WrongLength { found } => {
-                write!(f, "expected exactly 64 hexadecimal characters, found {found} characters")
+                write!(
+                    f,
+                    "expected exactly 64 hexadecimal characters, found {found} characters"
+                )
             }
-            MasterKeyError::NotHex => f.write_str("expected 64 hexadecimal characters, found other characters"),
+            MasterKeyError::NotHex => {
+                f.write_str("expected 64 hexadecimal characters, found other characters")
+            }
             MasterKeyError::InsecureFile { mode } => {
                 write!(f, "file mode {mode:04o} allows access by group or others")
             }
@@ -94,12 +99,16 @@ impl MasterKey {
     /// Reads a key file, refusing one that group or others may access.
     pub fn from_file(path: &Path) -> Result<MasterKey, MasterKeyError> {
         use std::os::unix::fs::PermissionsExt;
-        let unreadable = |e: std::io::Error| MasterKeyError::Unreadable { reason: e.kind().to_string() };
+        let unreadable = |e: std::io::Error| MasterKeyError::Unreadable {
+            reason: e.kind().to_string(),
+        };
         let mut f = std::fs::File::open(path).map_err(unreadable)?;
         let meta = f.metadata().map_err(unreadable)?;
         check_file_mode(meta.permissions().mode())?;
         if !meta.is_file() {
-            return Err(MasterKeyError::Unreadable { reason: "not a regular file".into() });
+            return Err(MasterKeyError::Unreadable {
+                reason: "not a regular file".into(),
+            });
         }
         // A key file is tiny; anything past TEXT_MAX bytes is not read.
         let mut text = Locked::<[u8; TEXT_MAX]>::zeroed();
@@ -126,7 +135,10 @@ impl MasterKey {
                 Ok(None) if Instant::now() >= deadline => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    return Err(failed(format!("timed out after {} ms", timeout.as_millis())));
+                    return Err(failed(format!(
+                        "timed out after {} ms",
+                        timeout.as_millis()
+                    )));
                 }
                 Ok(None) => std::thread::sleep(Duration::from_millis(5)),
                 Err(e) => return Err(failed(format!("wait failed: {}", e.kind()))),
@@ -187,7 +199,9 @@ fn read_secret(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 /// A key file must not be accessible by group or others (like ssh keys).
 pub fn check_file_mode(mode: u32) -> Result<(), MasterKeyError> {
     if mode & 0o077 != 0 {
-        return Err(MasterKeyError::InsecureFile { mode: mode & 0o7777 });
+        return Err(MasterKeyError::InsecureFile {
+            mode: mode & 0o7777,
+        });
     }
     Ok(())
 }
@@ -223,14 +237,20 @@ mod tests {
         let e = MasterKey::from_hex_text(bad.as_bytes()).unwrap_err();
         assert_eq!(e, MasterKeyError::NotHex);
         assert!(!e.to_string().contains("0102"));
-        assert_eq!(MasterKey::from_hex_text(b"").unwrap_err(), MasterKeyError::WrongLength { found: 0 });
+        assert_eq!(
+            MasterKey::from_hex_text(b"").unwrap_err(),
+            MasterKeyError::WrongLength { found: 0 }
+        );
     }
 
     #[test]
     fn file_mode_is_checked() {
         assert!(check_file_mode(0o100600).is_ok());
         assert!(check_file_mode(0o100400).is_ok());
-        assert_eq!(check_file_mode(0o100640).unwrap_err(), MasterKeyError::InsecureFile { mode: 0o640 });
+        assert_eq!(
+            check_file_mode(0o100640).unwrap_err(),
+            MasterKeyError::InsecureFile { mode: 0o640 }
+        );
         assert!(check_file_mode(0o100604).is_err());
         assert!(check_file_mode(0o100602).is_err());
     }
@@ -249,14 +269,27 @@ mod tests {
         assert_eq!(from_file.fingerprint(), from_cmd.fingerprint());
 
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(matches!(MasterKey::from_file(&path), Err(MasterKeyError::InsecureFile { .. })));
-        assert!(matches!(MasterKey::from_file(&dir.join("missing")), Err(MasterKeyError::Unreadable { .. })));
+        assert!(matches!(
+            MasterKey::from_file(&path),
+            Err(MasterKeyError::InsecureFile { .. })
+        ));
+        assert!(matches!(
+            MasterKey::from_file(&dir.join("missing")),
+            Err(MasterKeyError::Unreadable { .. })
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
 
         let e = MasterKey::from_command("exit 3", Duration::from_secs(5)).unwrap_err();
-        assert_eq!(e, MasterKeyError::CommandFailed { reason: "exited with status 3".into() });
+        assert_eq!(
+            e,
+            MasterKeyError::CommandFailed {
+                reason: "exited with status 3".into()
+            }
+        );
         let e = MasterKey::from_command("sleep 5", Duration::from_millis(100)).unwrap_err();
-        assert!(matches!(e, MasterKeyError::CommandFailed { ref reason } if reason.starts_with("timed out")));
+        assert!(
+            matches!(e, MasterKeyError::CommandFailed { ref reason } if reason.starts_with("timed out"))
+        );
         let e = MasterKey::from_command("echo nothex", Duration::from_secs(5)).unwrap_err();
         assert_eq!(e, MasterKeyError::WrongLength { found: 6 });
     }
@@ -280,12 +313,22 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("pg_kms_mk_scan_{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("master.key");
-        let gen = format!("umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \\n' > {}", path.display());
-        assert!(Command::new("/bin/sh").arg("-c").arg(&gen).status().unwrap().success());
+        let gen = format!(
+            "umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \\n' > {}",
+            path.display()
+        );
+        assert!(Command::new("/bin/sh")
+            .arg("-c")
+            .arg(&gen)
+            .status()
+            .unwrap()
+            .success());
         let mut fps = Vec::new();
         for _ in 0..3 {
             let a = MasterKey::from_file(&path).unwrap();
-            let b = MasterKey::from_command(&format!("cat {}", path.display()), Duration::from_secs(5)).unwrap();
+            let b =
+                MasterKey::from_command(&format!("cat {}", path.display()), Duration::from_secs(5))
+                    .unwrap();
             fps.push((a.fingerprint(), b.fingerprint()));
             let _kek = (a.kek(), b.kek());
         }
@@ -300,14 +343,22 @@ mod tests {
             let mut f = line.split_whitespace();
             let (range, perms) = (f.next().unwrap(), f.next().unwrap());
             let name = f.nth(3).unwrap_or("");
-            if !perms.starts_with('r') || name.starts_with("[vvar") || name == "[vsyscall]" || name.ends_with("mem.bin") {
+            if !perms.starts_with('r')
+                || name.starts_with("[vvar")
+                || name == "[vsyscall]"
+                || name.ends_with("mem.bin")
+            {
                 continue;
             }
             let (a, b) = range.split_once('-').unwrap();
-            let (mut at, end) = (u64::from_str_radix(a, 16).unwrap(), u64::from_str_radix(b, 16).unwrap());
+            let (mut at, end) = (
+                u64::from_str_radix(a, 16).unwrap(),
+                u64::from_str_radix(b, 16).unwrap(),
+            );
             while at < end {
                 let n = ((end - at) as usize).min(buf.len());
-                if mem.seek(SeekFrom::Start(at)).is_err() || mem.read_exact(&mut buf[..n]).is_err() {
+                if mem.seek(SeekFrom::Start(at)).is_err() || mem.read_exact(&mut buf[..n]).is_err()
+                {
                     break;
                 }
                 dump.write_all(&buf[..n]).unwrap();
@@ -320,8 +371,15 @@ mod tests {
         let raw = hex::decode(hex_text.trim()).unwrap();
         let data = std::fs::read(&dump_path).unwrap();
         let raw_hits = data.windows(32).filter(|w| *w == &raw[..]).count();
-        let hex_hits = data.windows(64).filter(|w| *w == hex_text.trim().as_bytes()).count();
+        let hex_hits = data
+            .windows(64)
+            .filter(|w| *w == hex_text.trim().as_bytes())
+            .count();
         std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!((raw_hits, hex_hits), (0, 0), "copies of the master key left in memory (raw, hex)");
+        assert_eq!(
+            (raw_hits, hex_hits),
+            (0, 0),
+            "copies of the master key left in memory (raw, hex)"
+        );
     }
 }

@@ -22,8 +22,8 @@ pub mod siv;
 
 pub use aead::{open_into, prefetch_line, seal_into, AuthError, DataKey};
 pub use derive::MacKey;
-pub use integrity::IntegrityKeys;
 pub use envelope::{Envelope, EnvelopeError, Header};
+pub use integrity::IntegrityKeys;
 pub use kdf::{Kek, WrapError};
 pub use master::{MasterKey, MasterKeyError};
 pub use nonce::NonceSource;

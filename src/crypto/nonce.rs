@@ -24,7 +24,11 @@ impl Default for NonceSource {
 
 impl NonceSource {
     pub fn new() -> NonceSource {
-        NonceSource { buf: Box::new([0u8; BUF_LEN]), pos: BUF_LEN, owner: None }
+        NonceSource {
+            buf: Box::new([0u8; BUF_LEN]),
+            pos: BUF_LEN,
+            owner: None,
+        }
     }
 
     /// Fills `out` with fresh random bytes. `pid` is the caller's process id.

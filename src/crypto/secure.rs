@@ -82,7 +82,10 @@ impl<const N: usize> Locked<[u8; N]> {
         let page = page_size();
         let len = N.max(1).div_ceil(page) * page;
         // A fresh anonymous mapping is zero-filled: [0u8; N] is initialized.
-        Locked { ptr: map(len).cast::<[u8; N]>(), len }
+        Locked {
+            ptr: map(len).cast::<[u8; N]>(),
+            len,
+        }
     }
 }
 

@@ -52,17 +52,27 @@ impl SivKey {
         Hkdf::<Sha256>::new(Some(super::kdf::HKDF_SALT), data_key)
             .expand(INFO_SIV, key.as_mut())
             .expect("64 bytes is a valid HKDF-SHA256 length");
-        SivKey { key, siv: OnceCell::new() }
+        SivKey {
+            key,
+            siv: OnceCell::new(),
+        }
     }
 
     #[cfg(test)]
     fn from_bytes(k: &Zeroizing<[u8; 64]>) -> SivKey {
-        SivKey { key: k.clone(), siv: OnceCell::new() }
+        SivKey {
+            key: k.clone(),
+            siv: OnceCell::new(),
+        }
     }
 
     fn cipher(&self) -> std::cell::RefMut<'_, Aes256Siv> {
         self.siv
-            .get_or_init(|| Box::new(RefCell::new(Aes256Siv::new(GenericArray::from_slice(self.key.as_ref())))))
+            .get_or_init(|| {
+                Box::new(RefCell::new(Aes256Siv::new(GenericArray::from_slice(
+                    self.key.as_ref(),
+                ))))
+            })
             .borrow_mut()
     }
 
@@ -70,28 +80,44 @@ impl SivKey {
     /// bytes. The deterministic flag is set and the context flag set or
     /// cleared here, so the header is always what the tag covers.
     pub fn seal_into(&self, header: Header, context: &[u8], plaintext: &[u8], out: &mut [u8]) {
-        assert_eq!(out.len(), plaintext.len() + DET_OVERHEAD, "siv seal_into: output length");
+        assert_eq!(
+            out.len(),
+            plaintext.len() + DET_OVERHEAD,
+            "siv seal_into: output length"
+        );
         let mut header = header.with_context_flag(context);
         header.flags |= FLAG_DETERMINISTIC;
         let hdr = header.encode();
         out[..HEADER_LEN].copy_from_slice(&hdr);
         let (siv_out, body) = out[HEADER_LEN..].split_at_mut(SIV_LEN);
         body.copy_from_slice(plaintext);
-        let tag = with_aad(&hdr, context, |aad| self.cipher().encrypt_in_place_detached([aad], body))
-            .expect("one associated-data component is within the limit");
+        let tag = with_aad(&hdr, context, |aad| {
+            self.cipher().encrypt_in_place_detached([aad], body)
+        })
+        .expect("one associated-data component is within the limit");
         siv_out.copy_from_slice(&tag);
     }
 
     /// Opens a deterministic `env` into `out` (`env.ciphertext.len()`
     /// bytes). On failure `out` is wiped.
-    pub fn open_into(&self, env: &Envelope<'_>, context: &[u8], out: &mut [u8]) -> Result<(), AuthError> {
-        assert_eq!(out.len(), env.ciphertext.len(), "siv open_into: output length");
+    pub fn open_into(
+        &self,
+        env: &Envelope<'_>,
+        context: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), AuthError> {
+        assert_eq!(
+            out.len(),
+            env.ciphertext.len(),
+            "siv open_into: output length"
+        );
         if !env.header.is_deterministic() || env.tag.len() != SIV_LEN {
             return Err(AuthError);
         }
         out.copy_from_slice(env.ciphertext);
         let r = with_aad(env.header_bytes, context, |aad| {
-            self.cipher().decrypt_in_place_detached([aad], out, Tag::from_slice(env.tag))
+            self.cipher()
+                .decrypt_in_place_detached([aad], out, Tag::from_slice(env.tag))
         });
         if r.is_err() {
             out.iter_mut().for_each(|b| *b = 0);
@@ -107,7 +133,11 @@ mod tests {
     use crate::crypto::envelope::FLAG_BYTES;
     use proptest::prelude::*;
 
-    const H: Header = Header { flags: FLAG_DETERMINISTIC, key_id: 9, key_version: 1 };
+    const H: Header = Header {
+        flags: FLAG_DETERMINISTIC,
+        key_id: 9,
+        key_version: 1,
+    };
 
     fn seal(k: &SivKey, h: Header, ctx: &[u8], pt: &[u8]) -> Vec<u8> {
         let mut out = vec![0u8; pt.len() + DET_OVERHEAD];
@@ -131,7 +161,12 @@ mod tests {
     /// to 512-bit keys), run through the same primitive this module uses.
     #[test]
     fn aes256_siv_vectors() {
-        struct V { key: &'static str, ad: &'static [&'static str], pt: &'static str, ct: &'static str }
+        struct V {
+            key: &'static str,
+            ad: &'static [&'static str],
+            pt: &'static str,
+            ct: &'static str,
+        }
         let vs = [
             V {
                 key: "fffefdfcfbfaf9f8f7f6f5f4f3f2f1f06f6e6d6c6b6a69686766656463626160f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff000102030405060708090a0b0c0d0e0f",
@@ -154,7 +189,9 @@ mod tests {
             let mut buf = h(v.pt);
             let tag = k.cipher().encrypt_in_place_detached(&ad, &mut buf).unwrap();
             assert_eq!(format!("{}{}", hex::encode(tag), hex::encode(&buf)), v.ct);
-            k.cipher().decrypt_in_place_detached(&ad, &mut buf, &tag).unwrap();
+            k.cipher()
+                .decrypt_in_place_detached(&ad, &mut buf, &tag)
+                .unwrap();
             assert_eq!(hex::encode(&buf), v.pt);
         }
     }
@@ -175,12 +212,18 @@ mod tests {
             k.copy_from_slice(key);
             let sk = SivKey::from_bytes(&k);
             let mut buf = pt.to_vec();
-            let tag = sk.cipher().encrypt_in_place_detached([aad], &mut buf).unwrap();
+            let tag = sk
+                .cipher()
+                .encrypt_in_place_detached([aad], &mut buf)
+                .unwrap();
             let sealed = [tag.as_slice(), &buf].concat();
             assert_eq!(sealed == ct, pass);
             let opened = ct.len() >= SIV_LEN && {
                 let mut b = ct[SIV_LEN..].to_vec();
-                let ok = sk.cipher().decrypt_in_place_detached([aad], &mut b, Tag::from_slice(&ct[..SIV_LEN])).is_ok();
+                let ok = sk
+                    .cipher()
+                    .decrypt_in_place_detached([aad], &mut b, Tag::from_slice(&ct[..SIV_LEN]))
+                    .is_ok();
                 assert!(!ok || b == pt);
                 ok
             };
@@ -191,7 +234,11 @@ mod tests {
                 invalid += 1;
             }
         }
-        assert_eq!((valid, invalid), (39, 108), "every vector of the file was run");
+        assert_eq!(
+            (valid, invalid),
+            (39, 108),
+            "every vector of the file was run"
+        );
     }
 
     /// Known answers pinning the whole envelope. Computed independently
@@ -211,7 +258,10 @@ mod tests {
         assert_eq!(hex::encode(&env), KA_NO_CTX);
         let env = seal(&k, H, b"", b"");
         assert_eq!(hex::encode(&env), KA_EMPTY);
-        assert_eq!(open(&k, &h(KA_CTX), b"tenant-1").unwrap(), b"alice@example.com");
+        assert_eq!(
+            open(&k, &h(KA_CTX), b"tenant-1").unwrap(),
+            b"alice@example.com"
+        );
         assert_eq!(open(&k, &h(KA_EMPTY), b"").unwrap(), b"");
     }
 
@@ -219,15 +269,35 @@ mod tests {
     fn deterministic_and_bound_to_everything() {
         let k = SivKey::derive(&[3u8; 32]);
         let a = seal(&k, H, b"c", b"123-45-6789");
-        assert_eq!(a, seal(&k, H, b"c", b"123-45-6789"), "same inputs, same envelope");
+        assert_eq!(
+            a,
+            seal(&k, H, b"c", b"123-45-6789"),
+            "same inputs, same envelope"
+        );
         assert_eq!(a.len(), 11 + DET_OVERHEAD);
         assert_ne!(a, seal(&k, H, b"d", b"123-45-6789"));
         assert_ne!(a, seal(&k, H, b"c", b"123-45-6780"));
-        assert_ne!(a, seal(&SivKey::derive(&[4u8; 32]), H, b"c", b"123-45-6789"));
-        let h2 = Header { key_version: 2, ..H };
-        assert_ne!(a[HEADER_LEN..], seal(&k, h2, b"c", b"123-45-6789")[HEADER_LEN..], "header is authenticated");
-        let hb = Header { flags: FLAG_DETERMINISTIC | FLAG_BYTES, ..H };
-        assert_ne!(a[HEADER_LEN..], seal(&k, hb, b"c", b"123-45-6789")[HEADER_LEN..]);
+        assert_ne!(
+            a,
+            seal(&SivKey::derive(&[4u8; 32]), H, b"c", b"123-45-6789")
+        );
+        let h2 = Header {
+            key_version: 2,
+            ..H
+        };
+        assert_ne!(
+            a[HEADER_LEN..],
+            seal(&k, h2, b"c", b"123-45-6789")[HEADER_LEN..],
+            "header is authenticated"
+        );
+        let hb = Header {
+            flags: FLAG_DETERMINISTIC | FLAG_BYTES,
+            ..H
+        };
+        assert_ne!(
+            a[HEADER_LEN..],
+            seal(&k, hb, b"c", b"123-45-6789")[HEADER_LEN..]
+        );
         assert_eq!(open(&k, &a, b"c").unwrap(), b"123-45-6789");
         assert!(open(&k, &a, b"d").is_err());
         assert!(open(&k, &a, b"").is_err());
@@ -274,7 +344,9 @@ mod tests {
         }
     }
 
-    const KA_CTX: &str = "010600000009000000019ac431fea4aa730778990bd3b14b08d67d064cd185f9b714f5450ae866e2d1a1e3";
-    const KA_NO_CTX: &str = "0102000000090000000117d1abf908e15e554baa20d6bb3131cfe9041ac2089998bf92b7cb90ff2af3de07";
+    const KA_CTX: &str =
+        "010600000009000000019ac431fea4aa730778990bd3b14b08d67d064cd185f9b714f5450ae866e2d1a1e3";
+    const KA_NO_CTX: &str =
+        "0102000000090000000117d1abf908e15e554baa20d6bb3131cfe9041ac2089998bf92b7cb90ff2af3de07";
     const KA_EMPTY: &str = "01020000000900000001f7aa1c6fcd04269a62a11236883e7fb9";
 }
