@@ -47,7 +47,7 @@ fn logged_head(c: &Cluster, db: &str) -> Option<(i64, String)> {
     c.server_log()
         .lines()
         .filter_map(|l| l.split_once(&prefix).map(|(_, rest)| rest.to_string()))
-        .last()
+        .next_back()
         .map(|rest| {
             let (id, mac) = rest.split_once(" mac=").unwrap();
             (id.parse().unwrap(), mac.trim().to_string())

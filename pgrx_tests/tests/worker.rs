@@ -165,7 +165,7 @@ fn concurrent_application_updates_always_win() {
         )
         .unwrap();
         expected.insert(id, v);
-        if n % 200 == 0 {
+        if n.is_multiple_of(200) {
             let pending: i64 = app
                 .query_one(
                     "SELECT coalesce(sum(rows_pending), -1)::bigint FROM kms_reencryption_progress",

@@ -51,7 +51,7 @@ impl MacKey {
 
     /// Blind index of `bits` bits (a multiple of 8, 16..=256).
     pub fn blind_index(&self, context: &[u8], plaintext: &[u8], bits: u32) -> Option<Vec<u8>> {
-        if !(16..=256).contains(&bits) || bits % 8 != 0 {
+        if !(16..=256).contains(&bits) || !bits.is_multiple_of(8) {
             return None;
         }
         Some(self.mac(context, plaintext)[..(bits / 8) as usize].to_vec())

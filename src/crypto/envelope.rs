@@ -221,7 +221,7 @@ mod tests {
         }
         .encode()
         .to_vec();
-        v.extend(std::iter::repeat(0xAB).take(NONCE_LEN + len + TAG_LEN));
+        v.extend(std::iter::repeat_n(0xAB, NONCE_LEN + len + TAG_LEN));
         v
     }
 
@@ -267,7 +267,7 @@ mod tests {
 
     #[test]
     fn overhead_is_at_most_40_bytes() {
-        assert!(OVERHEAD <= 40);
+        const { assert!(OVERHEAD <= 40) };
         assert_eq!(sample(100).len(), 100 + OVERHEAD);
     }
 
