@@ -1,6 +1,8 @@
 //! The one error type of pg_kms: every failure maps to a SQLSTATE, a message
 //! and a hint. No variant carries plaintext or key bytes.
 
+use crate::crypto::names::NameError;
+use crate::crypto::text::TextFormError;
 use crate::crypto::{EnvelopeError, MasterKeyError};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
@@ -352,6 +354,21 @@ pub fn quote_ident(ident: &str) -> String {
 impl From<EnvelopeError> for KmsError {
     fn from(e: EnvelopeError) -> Self {
         KmsError::Malformed(e.to_string())
+    }
+}
+
+impl From<TextFormError> for KmsError {
+    fn from(e: TextFormError) -> Self {
+        KmsError::Malformed(e.to_string())
+    }
+}
+
+impl From<NameError> for KmsError {
+    fn from(e: NameError) -> Self {
+        KmsError::BadArgument {
+            message: format!("invalid {} name (length {})", e.kind.noun(), e.len),
+            hint: e.kind.rule(),
+        }
     }
 }
 

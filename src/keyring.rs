@@ -8,16 +8,16 @@
 //! The hot path compares that counter and, once warm, does no SPI, no
 //! catalog read and no system call.
 
+use crate::core::hash::{hash_u64, name_hash, FastHash};
+use crate::core::hotindex::HotIndex;
 use crate::crypto::derive::INFO_BLIND_INDEX;
 use crate::crypto::{prefetch_line, DataKey, Kek, MacKey, MasterKey, NonceSource, SivKey};
 use crate::errors::{KmsError, KmsResult};
 use crate::guc;
-use crate::hotindex::HotIndex;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::ptr::NonNull;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -398,8 +398,7 @@ struct VersionInfo {
     usable: Option<Box<CachedVersion>>,
 }
 
-/// Key names are at most 63 bytes (see [`validate_key_name`]).
-const NAME_MAX: usize = 63;
+use crate::crypto::names::KEY_NAME_MAX as NAME_MAX;
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum Privilege {
@@ -733,51 +732,6 @@ impl CachedKey {
     }
 }
 
-/// A small multiplicative hasher for the per-backend key cache. Its keys
-/// (key ids and names) come only from the catalog, never from a stream an
-/// attacker controls, so hash flooding is not a concern; SipHash's cost
-/// and the extra cache misses are.
-#[derive(Default)]
-pub struct FxHasher(u64);
-
-impl Hasher for FxHasher {
-    #[inline]
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut w = [0u8; 8];
-            w[..chunk.len()].copy_from_slice(chunk);
-            self.add(u64::from_le_bytes(w));
-        }
-    }
-    #[inline]
-    fn write_u32(&mut self, i: u32) {
-        self.add(i as u64);
-    }
-    #[inline]
-    fn write_u64(&mut self, i: u64) {
-        self.add(i);
-    }
-    #[inline]
-    fn write_usize(&mut self, i: usize) {
-        self.add(i as u64);
-    }
-    #[inline]
-    fn finish(&self) -> u64 {
-        // The product's high bits depend on every input bit, its low bits
-        // only on the low input bits; hashbrown indexes by the low bits.
-        self.0.rotate_left(26)
-    }
-}
-
-impl FxHasher {
-    #[inline]
-    fn add(&mut self, w: u64) {
-        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
-type FastHash = BuildHasherDefault<FxHasher>;
-
 struct Cache {
     gen: u64,
     catalog: Option<Catalog>,
@@ -799,21 +753,6 @@ struct Cache {
 #[inline]
 fn version_slot(key_id: u32, version: u32) -> u64 {
     (version as u64) << 32 | key_id as u64
-}
-
-#[inline]
-fn hash_u64(x: u64) -> u64 {
-    let mut h = FxHasher::default();
-    h.write_u64(x);
-    h.finish()
-}
-
-#[inline]
-fn name_hash(name: &[u8]) -> u64 {
-    let mut h = FxHasher::default();
-    h.write(name);
-    h.write_usize(name.len());
-    h.finish()
 }
 
 impl Cache {
@@ -888,21 +827,6 @@ pub fn random_bytes(out: &mut [u8]) -> KmsResult<()> {
     getrandom::getrandom(out).map_err(|_| KmsError::Random)
 }
 
-pub fn validate_key_name(name: &[u8]) -> KmsResult<&str> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'));
-    if !ok {
-        return Err(KmsError::BadArgument {
-            message: format!("invalid key name (length {})", name.len()),
-            hint: "Key names are 1 to 63 characters: letters, digits, and _ . : -",
-        });
-    }
-    Ok(std::str::from_utf8(name).expect("ASCII"))
-}
-
 #[inline]
 pub fn key_by_name(name: &[u8]) -> KmsResult<Rc<CachedKey>> {
     let hit = CACHE.with(|c| {
@@ -912,7 +836,7 @@ pub fn key_by_name(name: &[u8]) -> KmsResult<Rc<CachedKey>> {
     });
     match hit {
         Some(k) => Ok(k),
-        None => load(Lookup::Name(validate_key_name(name)?)),
+        None => load(Lookup::Name(crate::crypto::names::key_name(name)?)),
     }
 }
 

@@ -7,13 +7,13 @@
 
 use pgrx::prelude::*;
 
+pub mod core;
 pub mod crypto;
 mod errors;
 mod guc;
-mod hotindex;
+mod hooks;
 mod keyring;
 mod lifecycle;
-mod redact;
 mod reencrypt;
 mod secrets;
 mod shmem;
@@ -31,7 +31,7 @@ extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 pub extern "C-unwind" fn _PG_init() {
     guc::init();
     keyring::init();
-    redact::init();
+    hooks::init();
     if keyring::preloaded() {
         shmem::init();
         worker::register_launcher();

@@ -161,7 +161,7 @@ fn begin_act() -> KmsResult<Act> {
 }
 
 fn name_arg(key_name: &RawText) -> KmsResult<&str> {
-    keyring::validate_key_name(key_name.bytes())
+    crate::crypto::names::key_name(key_name.bytes()).map_err(KmsError::from)
 }
 
 fn version_arg(version: i32) -> KmsResult<i32> {

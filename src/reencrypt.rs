@@ -632,7 +632,7 @@ fn kms_key_usage(
 ) -> TableIterator<'static, (name!(version, i32), name!(state, String), name!(rows, i64))> {
     let caller = keyring::current_user();
     let rows = (|| {
-        let name = keyring::validate_key_name(key_name.bytes())?;
+        let name = crate::crypto::names::key_name(key_name.bytes())?;
         let versions = keyring::as_catalog_owner(|_| {
             Spi::connect(|c| -> Result<Vec<(i32, i32, String)>, pgrx::spi::Error> {
                 let mut out = Vec::new();

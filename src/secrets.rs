@@ -17,17 +17,7 @@ pub const DEFAULT_KEY: &str = "kms.secrets";
 
 fn secret_name(name: &Option<RawText>) -> KmsResult<String> {
     let b = name.as_ref().map(|n| n.bytes()).unwrap_or(&[]);
-    let ok = !b.is_empty()
-        && b.len() <= 255
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b':' | b'-' | b'/'));
-    if !ok {
-        return Err(KmsError::BadArgument {
-            message: format!("invalid secret name (length {})", b.len()),
-            hint: "Secret names are 1 to 255 characters: letters, digits, and _ . : - /",
-        });
-    }
-    Ok(String::from_utf8(b.to_vec()).expect("ASCII"))
+    Ok(crate::crypto::names::secret_name(b)?.to_string())
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
@@ -47,7 +37,7 @@ fn kms_secret_set(
             });
         };
         let key = match &key_name {
-            Some(k) => keyring::validate_key_name(k.bytes())?.to_string(),
+            Some(k) => crate::crypto::names::key_name(k.bytes())?.to_string(),
             None => {
                 let exists = spi_one::<bool>(
                     "SELECT true FROM kms.keys WHERE key_name = $1",

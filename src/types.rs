@@ -8,8 +8,8 @@
 //! * [`OutText`] / [`OutBytea`]: results built in place in palloc'd memory.
 
 use crate::crypto::envelope::Envelope;
+use crate::crypto::text::{parse_text_form, to_text_form};
 use crate::errors::{KmsError, OrRaise};
-use base64::Engine;
 use pgrx::callconv::{Arg, ArgAbi, BoxRet, FcInfo};
 use pgrx::datum::Datum;
 use pgrx::nullable::Nullable;
@@ -20,8 +20,6 @@ use pgrx::pgrx_sql_entity_graph::metadata::{
 use pgrx::prelude::*;
 use pgrx::{FromDatum, IntoDatum};
 use std::ffi::{CStr, CString};
-
-pub const TEXT_PREFIX: &str = "kms:";
 
 /// Bytes of a (detoasted, possibly short-header) varlena.
 #[inline]
@@ -248,30 +246,11 @@ extension_sql!(
     creates = [Type(EncryptedText)],
 );
 
-/// Parses the text form `kms:<base64 envelope>`.
-pub fn parse_text_form(input: &[u8]) -> Result<Vec<u8>, KmsError> {
-    let Some(b64) = input.strip_prefix(TEXT_PREFIX.as_bytes()) else {
-        return Err(KmsError::Malformed(format!(
-            "value does not start with \"{TEXT_PREFIX}\""
-        )));
-    };
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .map_err(|_| KmsError::Malformed("the part after \"kms:\" is not valid base64".into()))?;
-    Envelope::parse(&bytes)?;
-    Ok(bytes)
-}
-
-pub fn to_text_form(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(TEXT_PREFIX.len() + bytes.len().div_ceil(3) * 4);
-    s.push_str(TEXT_PREFIX);
-    base64::engine::general_purpose::STANDARD.encode_string(bytes, &mut s);
-    s
-}
-
 #[pg_extern(immutable, strict, parallel_safe)]
 fn encrypted_text_in(input: &CStr) -> EncryptedText {
-    let bytes = parse_text_form(input.to_bytes()).or_raise();
+    let bytes = parse_text_form(input.to_bytes())
+        .map_err(KmsError::from)
+        .or_raise();
     EncryptedText::from_bytes(&bytes)
 }
 
@@ -325,60 +304,3 @@ CREATE CAST (encrypted_text AS bytea) WITHOUT FUNCTION;
         encrypted_text_send
     ],
 );
-
-#[cfg(test)]
-mod unit {
-    use super::*;
-    use crate::crypto::envelope::{Header, OVERHEAD};
-    use proptest::prelude::*;
-
-    proptest! {
-        /// The text input function's parser never panics, whatever it is given.
-        #[test]
-        fn text_input_never_panics(s in "\\PC*") {
-            let _ = parse_text_form(s.as_bytes());
-        }
-
-        #[test]
-        fn text_input_never_panics_on_kms_prefixed_base64(bytes in proptest::collection::vec(any::<u8>(), 0..120)) {
-            let t = to_text_form(&bytes);
-            let r = parse_text_form(t.as_bytes());
-            // Structure decides: a well-formed envelope round-trips, anything else is an error.
-            if let Ok(b) = r { prop_assert_eq!(b, bytes); }
-        }
-
-        #[test]
-        fn text_input_never_panics_on_raw_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let mut v = b"kms:".to_vec();
-            v.extend_from_slice(&bytes);
-            let _ = parse_text_form(&v);
-        }
-    }
-
-    #[test]
-    fn text_form_round_trip_and_rejects() {
-        let mut env = Header {
-            flags: 0,
-            key_id: 1,
-            key_version: 1,
-        }
-        .encode()
-        .to_vec();
-        env.resize(OVERHEAD + 3, 7);
-        let t = to_text_form(&env);
-        assert!(t.starts_with("kms:"));
-        assert_eq!(parse_text_form(t.as_bytes()).unwrap(), env);
-        for bad in [
-            "",
-            "kms:",
-            "hello",
-            "kms:!!!!",
-            "KMS:AAAA",
-            "kms:AQ==",
-            &t[..t.len() - 8],
-            &t.replace("kms:", "kms: "),
-        ] {
-            assert!(parse_text_form(bad.as_bytes()).is_err(), "{bad:?} accepted");
-        }
-    }
-}

@@ -13,6 +13,7 @@
 //! * It keeps no state that matters across a crash: after `kill -9` or an
 //!   immediate shutdown it recounts what is pending and carries on.
 
+use crate::core::throttle::Throttle;
 use crate::reencrypt::Runner;
 use crate::{guc, lifecycle, reencrypt, shmem};
 use pgrx::bgworkers::{
@@ -185,54 +186,6 @@ struct ColumnState {
     clean_at: Option<Instant>,
 }
 
-struct Throttle {
-    rate: i32,
-    window_start: Instant,
-    rows: u64,
-}
-
-impl Throttle {
-    fn new() -> Throttle {
-        Throttle {
-            rate: guc::REENCRYPT_MAX_ROWS_PER_SECOND.get(),
-            window_start: Instant::now(),
-            rows: 0,
-        }
-    }
-
-    /// Restarts the window when the rate setting changed, and when the
-    /// worker fell behind its schedule (idle time is not saved up as a
-    /// burst: at most a quarter second of rows may be caught up).
-    fn refresh(&mut self) {
-        let rate = guc::REENCRYPT_MAX_ROWS_PER_SECOND.get();
-        let behind = rate > 0
-            && self.window_start.elapsed().as_secs_f64() > self.rows as f64 / rate as f64 + 0.25;
-        if rate != self.rate || behind || self.window_start.elapsed() > Duration::from_secs(600) {
-            *self = Throttle::new();
-        }
-    }
-
-    /// How long to wait before the next row may be done.
-    fn delay(&self) -> Option<Duration> {
-        if self.rate <= 0 {
-            return None;
-        }
-        let due = Duration::from_secs_f64(self.rows as f64 / self.rate as f64);
-        due.checked_sub(self.window_start.elapsed())
-            .filter(|d| !d.is_zero())
-    }
-
-    fn batch_size(&self) -> i64 {
-        let b = guc::REENCRYPT_BATCH_SIZE.get().max(1) as i64;
-        if self.rate > 0 {
-            // Keep batches at most ~1/4 s of work so the rate stays smooth.
-            b.min((self.rate as i64 / 4).max(1))
-        } else {
-            b
-        }
-    }
-}
-
 /// The keyring as the worker sees it, read in one transaction (one
 /// snapshot): a signature of every key's primary and version states (a
 /// column found clean under it stays clean until it changes), and the
@@ -300,7 +253,7 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
     };
     log!("pg_kms worker started for database {db}");
     let mut columns: HashMap<(u32, String), ColumnState> = HashMap::new();
-    let mut throttle = Throttle::new();
+    let mut throttle = Throttle::new(guc::REENCRYPT_MAX_ROWS_PER_SECOND.get(), Instant::now());
     'main: loop {
         reload_config_if_asked();
         if BackgroundWorker::sigterm_received() {
@@ -377,8 +330,8 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
             let mut cursor: reencrypt::Tid = (0, 0);
             loop {
                 reload_config_if_asked();
-                throttle.refresh();
-                if let Some(d) = throttle.delay() {
+                throttle.refresh(guc::REENCRYPT_MAX_ROWS_PER_SECOND.get(), Instant::now());
+                if let Some(d) = throttle.delay(Instant::now()) {
                     if !BackgroundWorker::wait_latch(Some(d)) {
                         break 'main;
                     }
@@ -390,7 +343,7 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
                 if !guc::REENCRYPT_ENABLED.get() {
                     continue 'main;
                 }
-                let limit = throttle.batch_size();
+                let limit = throttle.batch_size(guc::REENCRYPT_BATCH_SIZE.get());
                 let r = xact_kms(|| {
                     let b = reencrypt::rewrap_batch(
                         &col,

@@ -16,9 +16,11 @@ pub mod envelope;
 pub mod integrity;
 pub mod kdf;
 pub mod master;
+pub mod names;
 pub mod nonce;
 pub mod secure;
 pub mod siv;
+pub mod text;
 
 pub use aead::{open_into, prefetch_line, seal_into, AuthError, DataKey};
 pub use derive::MacKey;

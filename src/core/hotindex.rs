@@ -55,6 +55,10 @@ impl<T> HotIndex<T> {
     }
 
     #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

@@ -1,0 +1,14 @@
+//! Pure logic that is not cryptography: no pgrx, no Postgres (like
+//! [`crate::crypto`], checked by a test), so it is unit- and property-tested
+//! with plain `#[test]`s.
+//!
+//! * [`hash`], [`hotindex`]: the key cache's hasher and its compact index
+//!   from hashes to cached key versions.
+//! * [`throttle`]: the re-encryption worker's rate limit.
+//! * [`sqlscan`]: the model of PostgreSQL's SQL scanner used by log
+//!   redaction, and the rewriting of statements, CONTEXT lines and messages.
+
+pub mod hash;
+pub mod hotindex;
+pub mod sqlscan;
+pub mod throttle;
