@@ -54,9 +54,8 @@ impl<T> HotIndex<T> {
         (hash >> 58) as usize
     }
 
-    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
 
     pub fn len(&self) -> usize {
