@@ -118,7 +118,8 @@ fn kms_secret_get(
             "SELECT oid FROM pg_catalog.pg_roles WHERE rolname = 'kms_admin'",
             &[],
         )?;
-        // SAFETY: plain catalog lookup on two role oids.
+        // SAFETY: plain catalog (syscache) lookup on two role oids, inside
+        // the transaction running this function.
         let is_admin = admin.is_some_and(|a| unsafe { pg_sys::has_privs_of_role(caller, a) });
         let denied = || KmsError::SecretNotAllowed {
             role: crate::errors::role_display(caller),

@@ -38,13 +38,14 @@ unsafe fn varlena_bytes<'a>(v: *const pg_sys::varlena) -> &'a [u8] {
 /// A palloc'd varlena with `len` payload bytes in CurrentMemoryContext.
 #[inline]
 fn alloc_varlena(len: usize) -> (*mut pg_sys::varlena, &'static mut [u8]) {
-    // SAFETY: called only from SQL-callable functions, where a valid
+    // SAFETY: called only in a backend during a function call or a
+    // transaction (SQL functions, the worker's `xact`), where a valid
     // CurrentMemoryContext exists; palloc either returns `total` writable,
     // MAXALIGNed bytes or raises an ERROR (never NULL; lengths over
     // MaxAllocSize are refused there, before the i32 cast could wrap). The
     // 4-byte header is written and the slice covers exactly the `len`
     // payload bytes after it. The memory lives until that context is reset
-    // (the end of the current call or tuple), not really for 'static:
+    // (end of the current call, tuple or transaction), not really 'static:
     // callers fill the slice and return the varlena without keeping the
     // slice. The payload bytes are uninitialised until the caller fills them.
     unsafe {
@@ -101,8 +102,9 @@ macro_rules! varlena_arg {
                 // itself or a copy in the call's memory context) or from
                 // alloc_varlena (palloc'd, header set); the field is private,
                 // so no other pointer gets in. Both stay valid and unchanged
-                // for the current function call, which is as long as the
-                // value is used (see the doc above).
+                // until the memory context current when the value was made
+                // is reset (end of the call, or of the worker's
+                // transaction), and no value is kept longer than that.
                 unsafe { varlena_bytes(self.0) }
             }
         }
