@@ -28,6 +28,11 @@ static KEYS_RELID: AtomicU32 = AtomicU32::new(0);
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
 pub fn init() {
+    // SAFETY: called once from _PG_init, in the single thread of the
+    // process loading the library: reading the Postgres global is a plain
+    // read, and the callbacks registered are `extern "C-unwind"` functions
+    // with the signatures the inval.c API expects, guarded by #[pg_guard],
+    // that live as long as the process (the library is never unloaded).
     unsafe {
         PRELOADED.store(
             pg_sys::process_shared_preload_libraries_in_progress,
@@ -49,6 +54,10 @@ pub fn init() {
     }
 }
 
+/// # Safety
+///
+/// Called only by Postgres' invalidation processing (registered in
+/// [`init`]); it touches no argument and no Postgres state.
 #[pg_guard]
 unsafe extern "C-unwind" fn syscache_callback(_arg: pg_sys::Datum, _cacheid: i32, _hash: u32) {
     INVAL_GEN.fetch_add(1, Ordering::Relaxed);
@@ -59,6 +68,11 @@ pub fn preloaded() -> bool {
 }
 
 /// Runs inside invalidation processing: no allocation, no catalog access.
+///
+/// # Safety
+///
+/// Called only by Postgres' invalidation processing (registered in
+/// [`init`]); it reads only the relid passed by value.
 #[pg_guard]
 unsafe extern "C-unwind" fn relcache_callback(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     let keys = KEYS_RELID.load(Ordering::Relaxed);
@@ -69,6 +83,10 @@ unsafe extern "C-unwind" fn relcache_callback(_arg: pg_sys::Datum, relid: pg_sys
 
 /// Tells every backend (this one at end of command) to drop its key cache.
 pub fn invalidate_all_backends(cat: &Catalog) {
+    // SAFETY: called inside a transaction (a lifecycle act, with the
+    // catalog looked up); CacheInvalidateRelcacheByRelid only queues an
+    // invalidation message for that oid (it raises an ERROR, never UB, if
+    // the relation is gone).
     unsafe { pg_sys::CacheInvalidateRelcacheByRelid(cat.keys_relid) };
 }
 
@@ -448,7 +466,8 @@ impl Grants {
         if let Some(a) = self.decisions.borrow().get(&(user, p)) {
             return *a;
         }
-        // SAFETY: plain catalog lookups on role oids. A superuser passes
+        // SAFETY: plain catalog (syscache) lookups on role oids, inside the
+        // transaction running the caller's statement. A superuser passes
         // even when no grant of the key applies any more (all stale).
         let a = unsafe { pg_sys::superuser_arg(user) }
             || self
@@ -522,6 +541,9 @@ impl CachedVersion {
         if !self.has_grants {
             return Ok(());
         }
+        // SAFETY: GetUserId reads the backend's current user id, set once the
+        // backend is connected (always, when SQL runs); it has no other
+        // precondition.
         let user = unsafe { pg_sys::GetUserId() };
         let (known, allowed) = p.bits();
         let (seen_user, mut bits) = self.seen.get();
@@ -631,11 +653,19 @@ fn mark_dirty(v: &CachedVersion) {
 
 fn list_dirty(v: &CachedVersion) {
     if !XACT_HOOKED.swap(true, Ordering::Relaxed) {
+        // SAFETY: registered once per backend (XACT_HOOKED), from its only
+        // thread; flush_at_xact_end has the XactCallback signature, is
+        // #[pg_guard]ed, lives as long as the process and ignores its
+        // (null) argument.
         unsafe { pg_sys::RegisterXactCallback(Some(flush_at_xact_end), std::ptr::null_mut()) };
     }
     DIRTY.with(|d| d.borrow_mut().push(v.slot()));
 }
 
+/// # Safety
+///
+/// Called only by Postgres at transaction events (registered in
+/// `list_dirty`), in the backend's only thread; `_arg` is never read.
 #[pg_guard]
 unsafe extern "C-unwind" fn flush_at_xact_end(
     event: pg_sys::XactEvent::Type,
@@ -659,11 +689,18 @@ unsafe extern "C-unwind" fn flush_at_xact_end(
     CACHE.with(|c| match c.try_borrow() {
         Ok(c) => {
             for slot in &slots {
-                // SAFETY: hot pointers are to versions of cached keys.
+                // Hot pointers are to versions of cached keys.
                 if let Some(p) = c
                     .hot_versions
+                    // SAFETY: every address in hot_versions is of a boxed
+                    // CachedVersion owned by a key in `c.by_id` (Cache::insert
+                    // and Cache::remove keep them in step; sync clears both);
+                    // `c` is a shared borrow of the cache, so no entry can be
+                    // removed or dropped while it is held.
                     .find(hash_u64(*slot), |p| unsafe { p.as_ref() }.slot() == *slot)
                 {
+                    // SAFETY: as just above; `v` is used only while `c` is
+                    // borrowed.
                     let v = unsafe { p.as_ref() };
                     v.dirty.set(false);
                     v.flush_counts();
@@ -682,6 +719,8 @@ impl CachedKey {
         if !self.grants.restricted {
             return Ok(());
         }
+        // SAFETY: GetUserId reads the backend's current user id, set once the
+        // backend is connected (always, when SQL runs).
         self.check_user(unsafe { pg_sys::GetUserId() }, p)
     }
 
@@ -817,6 +856,8 @@ thread_local! {
 /// 12 fresh random bytes without a system call (buffered per backend).
 #[inline]
 pub fn nonce() -> KmsResult<[u8; 12]> {
+    // SAFETY: MyProcPid is set at process start and only read here, in
+    // the backend's only thread.
     let pid = unsafe { pg_sys::MyProcPid };
     NONCES
         .with(|n| n.borrow_mut().nonce(pid))
@@ -884,13 +925,22 @@ where
             Hot::Versions => &c.hot_versions,
             Hot::Primaries => &c.hot_primaries,
         };
-        // SAFETY: every indexed version belongs to a key in `c.by_id`, which
-        // cannot change while `c` is borrowed (f cannot reach the cache
-        // mutably: the RefCell would panic rather than free it).
+        // Why the reads below are sound: every indexed version is a
+        // Box<CachedVersion> of a key in
+        // `c.by_id` (an Rc<CachedKey>, never mutated, so the address is
+        // stable); Cache::insert/remove keep the indexes in step with
+        // `by_id` and sync clears both. `c.by_id` cannot change while `c` is
+        // borrowed (f cannot reach the cache mutably: the RefCell would
+        // panic rather than free it).
         let p = index.find(hash, |p| {
             CachedVersion::prefetch(p.as_ptr(), matches!(hot, Hot::Primaries));
+            // SAFETY: the address is in `index` (see the comment above); the
+            // reference is used only during `is`, while `c` is borrowed.
             is(unsafe { p.as_ref() })
         })?;
+        // SAFETY: as above (an address from `index`, `c` still borrowed);
+        // `f` gets the reference for a higher-ranked
+        // lifetime, so it cannot keep it past the borrow of `c`.
         Some((f.take().expect("runs once"))(unsafe { p.as_ref() }))
     })
 }

@@ -42,6 +42,9 @@ pub(crate) fn spi_read<T: FromDatum + IntoDatum>(
 
 /// Runs a lifecycle act as the catalog owner, then invalidates caches.
 pub(crate) fn lifecycle<R>(f: impl FnOnce() -> KmsResult<R>) -> R {
+    // SAFETY: RecoveryInProgress reads shared memory under its own spinlock
+    // (any backend may call it) and XactReadOnly is a plain read of a
+    // backend global, in the backend's only thread.
     if unsafe { pg_sys::RecoveryInProgress() || pg_sys::XactReadOnly } {
         KmsError::ReadOnly.raise();
     }
@@ -986,6 +989,8 @@ fn worker_status() -> KmsResult<serde_json::Value> {
         None
     } else if !keyring::preloaded() {
         Some("pg_kms is not in shared_preload_libraries: no background re-encryption or scheduled rotation (use kms_reencrypt_now())")
+    // SAFETY: RecoveryInProgress only reads shared state (any backend may
+    // call it).
     } else if unsafe { pg_sys::RecoveryInProgress() } {
         Some("this server is a standby: the worker starts after promotion")
     } else if !crate::guc::REENCRYPT_ENABLED.get() {

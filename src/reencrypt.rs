@@ -66,7 +66,10 @@ fn on_table<R>(
     // (or a new owner) since the column list was read must not make it run
     // someone else's table code as this owner. Lock waits are bounded by
     // lock_timeout (the worker sets it).
-    // SAFETY: a relation lock held until the end of the transaction.
+    // SAFETY: called inside a transaction, where LockRelationOid may be
+    // called with any oid and a valid lock mode (a dropped table only yields
+    // a lock on a stale oid, which refresh() then finds gone); the lock is
+    // held until the end of the transaction.
     unsafe { pg_sys::LockRelationOid(col.relid, lockmode as pg_sys::LOCKMODE) };
     let Some(fresh) = refresh(col)? else {
         return Ok(None);

@@ -71,6 +71,10 @@ fn kms_secret_set(
             &[
                 name.as_str().into(),
                 version.into(),
+                // SAFETY: `sealed` is an encrypted_text varlena palloc'd in
+                // the current memory context, alive until spi_exec returns,
+                // and `type_oid` is the oid of encrypted_text: the Datum
+                // and the declared type agree.
                 unsafe { pgrx::datum::DatumWithOid::new(sealed, type_oid) },
                 ttl.into(),
                 tags.into(),
@@ -104,7 +108,8 @@ fn kms_secret_get(
             "SELECT oid FROM pg_catalog.pg_roles WHERE rolname = 'kms_admin'",
             &[],
         )?;
-        // SAFETY: plain catalog lookup on two role oids.
+        // SAFETY: plain catalog (syscache) lookup on two role oids, inside
+        // the transaction running this function.
         let is_admin = admin.is_some_and(|a| unsafe { pg_sys::has_privs_of_role(caller, a) });
         let denied = || KmsError::SecretNotAllowed {
             role: crate::errors::role_display(caller),

@@ -41,6 +41,11 @@ pub struct KmsShared {
     workers: [WorkerSlot; WORKER_SLOTS],
 }
 
+// SAFETY: KmsShared is repr(C) and made only of atomics (no pointers to
+// process-local memory, nothing to drop), so every process may read and
+// write it concurrently through a shared reference. The one address kept,
+// WorkerSlot::latch, is of a PGPROC latch in the main shared memory
+// segment, which all processes map at the same address.
 unsafe impl PGRXSharedMemory for KmsShared {}
 
 impl Default for KmsShared {
@@ -63,6 +68,8 @@ impl Default for KmsShared {
     }
 }
 
+// SAFETY: the ShmemInitStruct name "pg_kms shared state" is used by no other
+// allocation (it carries the extension's name, and this is its only one).
 static SHARED: PgAtomic<KmsShared> = unsafe { PgAtomic::new(c"pg_kms shared state") };
 
 /// Called from `_PG_init` only while preloading.
@@ -79,6 +86,8 @@ fn shared() -> Option<&'static KmsShared> {
 }
 
 fn my_db() -> u32 {
+    // SAFETY: a plain read of a backend global, set once when the backend
+    // connects to its database, in the backend's only thread.
     unsafe { pg_sys::MyDatabaseId.to_u32() }
 }
 
@@ -148,6 +157,7 @@ pub fn stats_of_this_db() -> Vec<(u32, u32, u64, u64)> {
 pub fn register_worker(db: u32) -> Result<Option<usize>, i32> {
     let Some(sh) = shared() else { return Ok(None) };
     forget_dead_workers();
+    // SAFETY: a plain read of a backend global set at process start.
     let pid = unsafe { pg_sys::MyProcPid };
     for w in &sh.workers {
         let other = w.pid.load(Ordering::Acquire);
@@ -161,6 +171,10 @@ pub fn register_worker(db: u32) -> Result<Option<usize>, i32> {
             .is_ok()
         {
             w.latch
+                // SAFETY: a plain read of a backend global. Only background
+                // workers register, and InitProcess has pointed their MyLatch
+                // at their PGPROC's shared latch before their main function
+                // runs: the address others may SetLatch stays in shared memory.
                 .store(unsafe { pg_sys::MyLatch } as usize, Ordering::Release);
             w.db.store(db, Ordering::Release);
             return Ok(Some(i));
@@ -183,6 +197,9 @@ pub fn forget_dead_workers() {
     if let Some(sh) = shared() {
         for w in &sh.workers {
             let pid = w.pid.load(Ordering::Acquire);
+            // SAFETY: kill with signal 0 sends nothing (it only checks that the
+            // process exists); `pid` is nonzero and, as only MyProcPid values
+            // are stored, positive: it never names a process group.
             if pid != 0 && unsafe { libc::kill(pid, 0) } != 0 {
                 w.db.store(0, Ordering::Release);
                 w.latch.store(0, Ordering::Release);
@@ -198,6 +215,7 @@ pub fn forget_dead_workers() {
 pub fn wake_workers_of_this_db() {
     let Some(sh) = shared() else { return };
     let db = my_db();
+    // SAFETY: a plain read of a backend global set at process start.
     let me = unsafe { pg_sys::MyProcPid };
     for w in &sh.workers {
         let pid = w.pid.load(Ordering::Acquire);
@@ -205,6 +223,12 @@ pub fn wake_workers_of_this_db() {
         if pid != 0 && pid != me && w.db.load(Ordering::Acquire) == db {
             let latch = w.latch.load(Ordering::Acquire);
             if latch != 0 {
+                // SAFETY: `latch` was stored by register_worker from a worker's
+                // MyLatch, its PGPROC's latch in shared memory: it stays
+                // mapped and initialised for the life of the server even if
+                // the worker has exited (PGPROCs are never freed). SetLatch
+                // on a latch now owned by another process, or by none, only
+                // wakes that process or does nothing.
                 unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
             }
         }

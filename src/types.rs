@@ -22,6 +22,12 @@ use pgrx::{FromDatum, IntoDatum};
 use std::ffi::{CStr, CString};
 
 /// Bytes of a (detoasted, possibly short-header) varlena.
+///
+/// # Safety
+///
+/// `v` points to a valid, non-null, not-TOASTed (inline, uncompressed;
+/// 1- or 4-byte header) varlena that stays allocated, in its memory
+/// context, and unmodified for all of `'a`.
 #[inline]
 unsafe fn varlena_bytes<'a>(v: *const pg_sys::varlena) -> &'a [u8] {
     pgrx::varlena::varlena_to_byte_slice(v)
@@ -30,6 +36,16 @@ unsafe fn varlena_bytes<'a>(v: *const pg_sys::varlena) -> &'a [u8] {
 /// A palloc'd varlena with `len` payload bytes in CurrentMemoryContext.
 #[inline]
 fn alloc_varlena(len: usize) -> (*mut pg_sys::varlena, &'static mut [u8]) {
+    // SAFETY: called only in a backend during a function call or a
+    // transaction (SQL functions, the worker's `xact`), where a valid
+    // CurrentMemoryContext exists; palloc either returns `total` writable,
+    // MAXALIGNed bytes or raises an ERROR (never NULL; lengths over
+    // MaxAllocSize are refused there, before the i32 cast could wrap). The
+    // 4-byte header is written and the slice covers exactly the `len`
+    // payload bytes after it. The memory lives until that context is reset
+    // (end of the current call, tuple or transaction), not really 'static:
+    // callers fill the slice and return the varlena without keeping the
+    // slice. The payload bytes are uninitialised until the caller fills them.
     unsafe {
         let total = len + pg_sys::VARHDRSZ;
         let ptr = pg_sys::palloc(total) as *mut pg_sys::varlena;
@@ -41,6 +57,10 @@ fn alloc_varlena(len: usize) -> (*mut pg_sys::varlena, &'static mut [u8]) {
 
 macro_rules! simple_arg {
     ($ty:ident) => {
+        // SAFETY: `$ty` implements FromDatum for exactly the SQL type its
+        // SqlTranslatable mapping declares, so unbox_arg_using_from_datum
+        // reads the argument Datum as the type Postgres passes; a NULL is
+        // never turned into a value (panic, or Nullable::Null).
         unsafe impl<'fcx> ArgAbi<'fcx> for $ty {
             unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
                 let index = arg.index();
@@ -75,6 +95,14 @@ macro_rules! varlena_arg {
             /// The payload, valid for the duration of the current call.
             #[inline]
             pub fn bytes(&self) -> &[u8] {
+                // SAFETY: self.0 comes from pg_detoast_datum_packed in
+                // from_polymorphic_datum (an inline varlena: the argument
+                // itself or a copy in the call's memory context) or from
+                // alloc_varlena (palloc'd, header set); the field is private,
+                // so no other pointer gets in. Both stay valid and unchanged
+                // until the memory context current when the value was made
+                // is reset (end of the call, or of the worker's
+                // transaction), and no value is kept longer than that.
                 unsafe { varlena_bytes(self.0) }
             }
         }
@@ -83,6 +111,10 @@ macro_rules! varlena_arg {
 
 macro_rules! varlena_ret {
     ($ty:ident) => {
+        // SAFETY: self.0 is a complete varlena palloc'd by alloc_varlena in
+        // the memory context current during the call (the one Postgres
+        // expects pass-by-reference results in) and is of the SQL type the
+        // SqlTranslatable mapping of `$ty` declares as the return type.
         unsafe impl BoxRet for $ty {
             unsafe fn box_into<'fcx>(self, fcinfo: &mut FcInfo<'fcx>) -> Datum<'fcx> {
                 fcinfo.return_raw_datum(pg_sys::Datum::from(self.0))
@@ -128,6 +160,10 @@ impl EncryptedText {
     }
 }
 
+// SAFETY: encrypted_text is a variable-length (varlena, by-reference) type
+// created by this extension; EncryptedText is read and returned as a
+// pointer to such a varlena (varlena_arg!/varlena_ret!), so SQL and Rust
+// agree on the representation.
 unsafe impl SqlTranslatable for EncryptedText {
     const TYPE_IDENT: &'static str = "pg_kms::types::EncryptedText";
     const TYPE_ORIGIN: TypeOrigin = TypeOrigin::ThisExtension;
@@ -215,6 +251,8 @@ simple_arg!(RegRole);
 /// A `text` result built in place.
 pub struct OutText(*mut pg_sys::varlena);
 varlena_ret!(OutText);
+// SAFETY: text is a varlena type and OutText is only ever returned, as a
+// pointer to a palloc'd varlena (not valid as an argument).
 unsafe impl SqlTranslatable for OutText {
     const TYPE_IDENT: &'static str = "pg_kms::types::OutText";
     const TYPE_ORIGIN: TypeOrigin = TypeOrigin::External;
@@ -227,6 +265,8 @@ unsafe impl SqlTranslatable for OutText {
 /// A `bytea` result built in place.
 pub struct OutBytea(*mut pg_sys::varlena);
 varlena_ret!(OutBytea);
+// SAFETY: bytea is a varlena type and OutBytea is only ever returned, as a
+// pointer to a palloc'd varlena (not valid as an argument).
 unsafe impl SqlTranslatable for OutBytea {
     const TYPE_IDENT: &'static str = "pg_kms::types::OutBytea";
     const TYPE_ORIGIN: TypeOrigin = TypeOrigin::External;
@@ -261,9 +301,15 @@ fn encrypted_text_out(value: EncryptedText) -> CString {
 
 #[pg_extern(immutable, strict, parallel_safe)]
 fn encrypted_text_recv(mut buf: pgrx::datum::Internal) -> EncryptedText {
+    // SAFETY: a type's receive function is called (strict, so never with
+    // NULL) with `internal` pointing to the StringInfo of the message being
+    // read, which the caller owns and keeps alive for this call.
     let si = unsafe { buf.get_mut::<pg_sys::StringInfoData>() }.expect("receive buffer");
     let start = si.cursor as usize;
     let end = si.len as usize;
+    // SAFETY: a StringInfo keeps 0 <= cursor <= len and `data` holds `len`
+    // initialised bytes; the slice covers the unread part, which is not
+    // modified while `bytes` lives (cursor is moved only after the copy).
     let bytes =
         unsafe { std::slice::from_raw_parts((si.data as *const u8).add(start), end - start) };
     Envelope::parse(bytes).map_err(KmsError::from).or_raise();

@@ -39,6 +39,8 @@ fn require_key_name(key_name: &Option<RawText>) -> &[u8] {
 
 #[inline]
 fn db_encoding() -> i32 {
+    // SAFETY: GetDatabaseEncoding reads a backend global set when the
+    // backend connects; no other precondition.
     unsafe { pg_sys::GetDatabaseEncoding() }
 }
 
@@ -52,6 +54,13 @@ fn text_to_utf8(bytes: &[u8]) -> Cow<'_, [u8]> {
     if enc == PG_UTF8 || enc == PG_SQL_ASCII || bytes.is_ascii() {
         return Cow::Borrowed(bytes);
     }
+    // SAFETY: pg_server_to_any reads exactly `bytes.len()` (> 0 here, as
+    // the empty string is ASCII) bytes from `bytes` and returns either that
+    // same pointer (no conversion needed: detected and borrowed, so never
+    // read as a C string) or a new NUL-terminated palloc'd string in
+    // CurrentMemoryContext, valid for the copy made at once. Database text
+    // contains no NUL, so CStr sees the whole converted value. A bad byte
+    // sequence raises an ERROR (through pgrx's FFI guard), not UB.
     unsafe {
         let p = pg_sys::pg_server_to_any(bytes.as_ptr() as *const _, bytes.len() as i32, PG_UTF8);
         if p as *const u8 == bytes.as_ptr() {
@@ -242,9 +251,21 @@ pub fn decrypt_text(value: &EncryptedText, ctx: &[u8]) -> KmsResult<OutText> {
     if is_text && enc != PG_UTF8 && enc != PG_SQL_ASCII {
         // Sealed as UTF-8: decrypt aside, then convert to the database encoding.
         let tmp = open_to_vec(value, ctx)?;
+        // SAFETY: pg_any_to_server reads `tmp.len()` bytes from `tmp` and,
+        // for a non-empty UTF-8 input and a database encoding other than
+        // UTF8/SQL_ASCII, returns a NUL-terminated string palloc'd in
+        // CurrentMemoryContext (or raises an ERROR for invalid input).
+        // NOT SOUND for an empty `tmp` (an empty text value): it then
+        // returns `tmp.as_ptr()` itself, a dangling non-NUL-terminated
+        // pointer that CStr::from_ptr below reads (reported; the same holds
+        // for its other pass-through returns, which text_to_utf8 detects by
+        // comparing pointers and this code does not).
         let conv = unsafe {
             pg_sys::pg_any_to_server(tmp.as_ptr() as *const _, tmp.len() as i32, PG_UTF8)
         };
+        // SAFETY: `conv` is the NUL-terminated palloc'd conversion result
+        // (but see the caveat above), alive in CurrentMemoryContext while
+        // it is copied just below.
         let conv = unsafe { std::ffi::CStr::from_ptr(conv) }.to_bytes();
         let (out, buf) = OutText::alloc(conv.len());
         buf.copy_from_slice(conv);
@@ -255,6 +276,9 @@ pub fn decrypt_text(value: &EncryptedText, ctx: &[u8]) -> KmsResult<OutText> {
     // Never hand back bytes that are not valid text in this database.
     let verify_enc = if is_text { PG_UTF8 } else { enc };
     if enc != PG_SQL_ASCII
+        // SAFETY: pg_verify_mbstr reads exactly buf.len() bytes of `buf`,
+        // which open_value has just filled; with noError = true it reports
+        // invalid text by returning false instead of raising an ERROR.
         && !unsafe {
             pg_sys::pg_verify_mbstr(verify_enc, buf.as_ptr() as *const _, buf.len() as i32, true)
         }

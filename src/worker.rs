@@ -45,6 +45,10 @@ fn naptime() -> Duration {
 
 fn reload_config_if_asked() -> bool {
     if BackgroundWorker::sighup_received() {
+        // SAFETY: the documented way for a background worker to reload the
+        // configuration after SIGHUP: called from the worker's main loop
+        // (its only thread), outside any transaction and not from a signal
+        // handler (the handler only set the flag read above).
         unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         return true;
     }
@@ -157,6 +161,8 @@ pub extern "C-unwind" fn pg_kms_launcher_main(_arg: pg_sys::Datum) {
                         .set_start_time(BgWorkerStartTime::RecoveryFinished)
                         .set_restart_time(None)
                         .set_argument(Some(pg_sys::Datum::from(db as usize)))
+                        // SAFETY: a plain read of a backend global set at
+                        // process start.
                         .set_notify_pid(unsafe { pg_sys::MyProcPid })
                         .load_dynamic();
                 match started {
@@ -220,6 +226,11 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
     if !matches!(installed, Ok(Ok(Some(true)))) {
         return; // not installed here: the launcher will look again later
     }
+    // SAFETY: both names and values are NUL-terminated literals naming
+    // existing GUCs with valid values; SetConfigOption copies them. The
+    // worker runs as the bootstrap superuser, so PGC_SUSET applies, and
+    // these GUCs' check/assign hooks need no open transaction. An invalid
+    // setting would raise an ERROR, not UB.
     let set = |name: &std::ffi::CStr, value: &std::ffi::CStr| unsafe {
         pg_sys::SetConfigOption(
             name.as_ptr(),

@@ -196,6 +196,8 @@ mod tests {
                 prop_assert_eq!(index.len(), model.len());
             }
             for k in 0..200u32 {
+                // SAFETY: the index holds only addresses of boxes in `values`,
+                // which outlives it and is never mutated.
                 let found = index.find(hash_of(k, spread), |p| unsafe { p.as_ref() }.0 == k);
                 prop_assert_eq!(found.is_some(), model.contains_key(&k));
                 if let Some(p) = found {

@@ -55,7 +55,11 @@ pub fn init() {
 
 /// The tokens core_yylex finds in `sql`: (token code, start offset).
 ///
-/// SAFETY (for callers): only for texts [`scan`] accepted, in a backend.
+/// # Safety
+///
+/// Only for texts [`scan`] accepted (so the server's scanner raises no
+/// ERROR on them), in a backend (valid TopMemoryContext and
+/// CurrentMemoryContext), from its only thread.
 unsafe fn server_tokens(sql: &CStr) -> Vec<(i32, usize)> {
     if SCRATCH.is_null() {
         SCRATCH = pg_sys::AllocSetContextCreateInternal(
@@ -174,15 +178,19 @@ fn is_log_level_output(elevel: i32, min: i32) -> bool {
     }
 }
 
-/// SAFETY (for callers): `p` is null or a NUL-terminated string that
-/// outlives the returned slice.
+/// # Safety
+///
+/// `p` is null or a NUL-terminated string that outlives the returned
+/// slice and is not modified while it lives.
 unsafe fn bytes<'a>(p: *const c_char) -> Option<&'a [u8]> {
     (!p.is_null()).then(|| CStr::from_ptr(p).to_bytes())
 }
 
 /// A palloc'd copy (in the current memory context: ErrorContext).
 ///
-/// SAFETY (for callers): in a backend, with a valid CurrentMemoryContext.
+/// # Safety
+///
+/// In a backend, with a valid CurrentMemoryContext.
 unsafe fn pstr(b: &[u8]) -> *mut c_char {
     let clean: Vec<u8> = b.iter().map(|&c| if c == 0 { b' ' } else { c }).collect();
     let c = CString::new(clean).unwrap_or_default();
@@ -196,9 +204,11 @@ fn sqlstate_class(code: i32) -> [u8; 2] {
     ]
 }
 
-/// SAFETY (for callers): `e` is the entry being reported by
-/// EmitErrorReport; its strings are palloc'd in ErrorContext, the current
-/// memory context.
+/// # Safety
+///
+/// `e` is the entry being reported by EmitErrorReport; its strings are
+/// null or NUL-terminated and palloc'd in ErrorContext, the current memory
+/// context.
 unsafe fn redact_edata(e: &mut pg_sys::ErrorData, all: bool) {
     let mut old: Vec<*mut c_char> = Vec::new();
     redact_fields(e, all, &mut old);
@@ -210,6 +220,11 @@ unsafe fn redact_edata(e: &mut pg_sys::ErrorData, all: bool) {
 }
 
 /// Replaces `*field` by a palloc'd copy of `new`, remembering the old one.
+///
+/// # Safety
+///
+/// As for [`pstr`]; `*field` is null or a palloc'd string that the caller
+/// frees (via `old`) only once nothing refers to it any more.
 unsafe fn set(field: &mut *mut c_char, new: &[u8], old: &mut Vec<*mut c_char>) {
     if !field.is_null() {
         old.push(*field);
@@ -217,6 +232,10 @@ unsafe fn set(field: &mut *mut c_char, new: &[u8], old: &mut Vec<*mut c_char>) {
     *field = pstr(new);
 }
 
+/// # Safety
+///
+/// As for [`redact_edata`]; the strings replaced are pushed to `old` for
+/// the caller to free afterwards.
 unsafe fn redact_fields(e: &mut pg_sys::ErrorData, all: bool, old: &mut Vec<*mut c_char>) {
     let involved = |t: &[u8]| all || mentions_kms(t);
     let stmt = bytes(pg_sys::debug_query_string);
@@ -348,6 +367,11 @@ unsafe fn redact_fields(e: &mut pg_sys::ErrorData, all: bool, old: &mut Vec<*mut
     }
 }
 
+/// # Safety
+///
+/// Called only by Postgres as `emit_log_hook` (installed in [`init`]), from
+/// EmitErrorReport with `edata` null or the entry being reported, in the
+/// backend's only thread, with ErrorContext current.
 #[pg_guard]
 unsafe extern "C-unwind" fn emit_log_hook(edata: *mut pg_sys::ErrorData) {
     let mode = guc::REDACT_STATEMENT_LOGS.get().effective();
