@@ -251,25 +251,34 @@ pub fn decrypt_text(value: &EncryptedText, ctx: &[u8]) -> KmsResult<OutText> {
     if is_text && enc != PG_UTF8 && enc != PG_SQL_ASCII {
         // Sealed as UTF-8: decrypt aside, then convert to the database encoding.
         let tmp = open_to_vec(value, ctx)?;
-        // SAFETY: pg_any_to_server reads `tmp.len()` bytes from `tmp` and,
-        // for a non-empty UTF-8 input and a database encoding other than
-        // UTF8/SQL_ASCII, returns a NUL-terminated string palloc'd in
-        // CurrentMemoryContext (or raises an ERROR for invalid input).
-        // NOT SOUND for an empty `tmp` (an empty text value): it then
-        // returns `tmp.as_ptr()` itself, a dangling non-NUL-terminated
-        // pointer that CStr::from_ptr below reads (reported; the same holds
-        // for its other pass-through returns, which text_to_utf8 detects by
-        // comparing pointers and this code does not).
+        if tmp.is_empty() {
+            return Ok(OutText::alloc(0).0);
+        }
+        // SAFETY: pg_any_to_server reads `tmp.len()` (> 0) bytes from `tmp`
+        // and returns either `tmp.as_ptr()` itself (no conversion needed:
+        // detected below, never read as a C string) or a new NUL-terminated
+        // string palloc'd in CurrentMemoryContext; invalid input raises an
+        // ERROR (through pgrx's FFI guard).
         let conv = unsafe {
             pg_sys::pg_any_to_server(tmp.as_ptr() as *const _, tmp.len() as i32, PG_UTF8)
         };
+        if conv as *const u8 == tmp.as_ptr() {
+            let (out, buf) = OutText::alloc(tmp.len());
+            buf.copy_from_slice(&tmp);
+            return Ok(out);
+        }
         // SAFETY: `conv` is the NUL-terminated palloc'd conversion result
-        // (but see the caveat above), alive in CurrentMemoryContext while
-        // it is copied just below.
-        let conv = unsafe { std::ffi::CStr::from_ptr(conv) }.to_bytes();
-        let (out, buf) = OutText::alloc(conv.len());
-        buf.copy_from_slice(conv);
-        return Ok(out);
+        // (not `tmp`, checked above), alive in CurrentMemoryContext; text
+        // holds no NUL, so its length is the whole value. It is copied,
+        // wiped (it holds plaintext) and freed at once.
+        unsafe {
+            let len = std::ffi::CStr::from_ptr(conv).to_bytes().len();
+            let (out, buf) = OutText::alloc(len);
+            buf.copy_from_slice(std::slice::from_raw_parts(conv as *const u8, len));
+            std::ptr::write_bytes(conv, 0, len);
+            pg_sys::pfree(conv as *mut std::ffi::c_void);
+            return Ok(out);
+        }
     }
     let (out, buf) = OutText::alloc(plaintext_len(value));
     open_value(value, ctx, buf)?;

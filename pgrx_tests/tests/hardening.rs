@@ -203,6 +203,16 @@ fn awkward_values_and_a_latin1_database() {
         .unwrap()
         .get(0);
     assert_eq!(got, "café crème");
+    // The empty text and pure-ASCII text (which the server passes through
+    // unconverted) come back whole: no read of the unconverted buffer as a
+    // C string.
+    for v in ["", "plain ascii", "é"] {
+        let got: String = l1
+            .query_one("SELECT kms_decrypt(kms_encrypt($1, 'pii'))", &[&v])
+            .unwrap()
+            .get(0);
+        assert_eq!(got, v);
+    }
     // Text is sealed as UTF-8 whatever the database encoding.
     let utf8: bool = l1
         .query_one(
