@@ -13,7 +13,7 @@ use crate::core::hotindex::HotIndex;
 use crate::crypto::derive::INFO_BLIND_INDEX;
 use crate::crypto::{prefetch_line, DataKey, Kek, MacKey, MasterKey, NonceSource, SivKey};
 use crate::errors::{KmsError, KmsResult};
-use crate::guc;
+use crate::pg::guc;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::{Cell, RefCell};
@@ -25,7 +25,6 @@ use std::time::Duration;
 
 static INVAL_GEN: AtomicU64 = AtomicU64::new(1);
 static KEYS_RELID: AtomicU32 = AtomicU32::new(0);
-static PRELOADED: AtomicBool = AtomicBool::new(false);
 
 pub fn init() {
     // SAFETY: called once from _PG_init, in the single thread of the
@@ -34,10 +33,6 @@ pub fn init() {
     // with the signatures the inval.c API expects, guarded by #[pg_guard],
     // that live as long as the process (the library is never unloaded).
     unsafe {
-        PRELOADED.store(
-            pg_sys::process_shared_preload_libraries_in_progress,
-            Ordering::Relaxed,
-        );
         pg_sys::CacheRegisterRelcacheCallback(Some(relcache_callback), pg_sys::Datum::from(0usize));
         // Role membership or attribute changes can change per-key grant
         // decisions: drop the cache when they happen.
@@ -61,10 +56,6 @@ pub fn init() {
 #[pg_guard]
 unsafe extern "C-unwind" fn syscache_callback(_arg: pg_sys::Datum, _cacheid: i32, _hash: u32) {
     INVAL_GEN.fetch_add(1, Ordering::Relaxed);
-}
-
-pub fn preloaded() -> bool {
-    PRELOADED.load(Ordering::Relaxed)
 }
 
 /// Runs inside invalidation processing: no allocation, no catalog access.
@@ -141,103 +132,13 @@ pub fn catalog() -> KmsResult<Catalog> {
     Ok(cat)
 }
 
-// Identity switches: the only places where pg_kms changes the current user.
-//
-// * [`as_catalog_owner`]: statements on `kms.*` only (key cache misses,
-//   lifecycle acts, progress bookkeeping). No user-defined code may run
-//   inside it: nothing here ever touches a user table.
-// * [`as_table_owner`]: every statement the worker (or a destroy guard or a
-//   usage count) runs on a user table, as that table's owner under
-//   `SECURITY_RESTRICTED_OPERATION`, as PostgreSQL itself does for VACUUM,
-//   ANALYZE, REINDEX and REFRESH MATERIALIZED VIEW (CVE-2022-1552): the
-//   table's triggers, constraints, index expressions, defaults and policies
-//   run with no more rights than their owner's, and cannot SET ROLE, create
-//   temporary objects or PREPARE.
-// Both pin `search_path` to `pg_catalog, pg_temp` for their duration.
-
 /// Switches to the catalog owner's identity with `search_path` pinned to
 /// `pg_catalog, pg_temp`, as `SECURITY DEFINER` would, but only for the
 /// duration of `f` (a key-cache miss or a lifecycle act). On error the
 /// transaction abort restores both, as it does for SECURITY DEFINER.
 pub fn as_catalog_owner<R>(f: impl FnOnce(&Catalog) -> KmsResult<R>) -> KmsResult<R> {
     let cat = catalog()?;
-    let _scope = IdentityScope::enter(cat.owner, false);
-    f(&cat)
-}
-
-/// Runs `f` as `owner` (a user table's owner) under
-/// `SECURITY_RESTRICTED_OPERATION`, with `search_path` pinned. Nested
-/// inside [`as_catalog_owner`], it still drops to the table owner: user
-/// code never runs as the catalog owner.
-pub fn as_table_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> KmsResult<R>) -> KmsResult<R> {
-    let _scope = IdentityScope::enter(owner, true);
-    f()
-}
-
-/// The user pg_kms acts for: the current user outside any switch above.
-pub fn current_user() -> pg_sys::Oid {
-    // SAFETY: reads a backend global; valid in any transaction.
-    unsafe { pg_sys::GetUserId() }
-}
-
-struct IdentityScope {
-    saved_user: pg_sys::Oid,
-    saved_sec: i32,
-    nest_level: i32,
-}
-
-impl IdentityScope {
-    fn enter(user: pg_sys::Oid, restricted: bool) -> IdentityScope {
-        let mut flags = pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32;
-        if restricted {
-            flags |= pg_sys::SECURITY_RESTRICTED_OPERATION as i32;
-        }
-        // SAFETY: the identity and a GUC nest level are saved first and put
-        // back in Drop (or by the (sub)transaction abort on error, as for
-        // SECURITY DEFINER functions); the option name and value are
-        // NUL-terminated literals.
-        unsafe {
-            let mut saved_user = pg_sys::InvalidOid;
-            let mut saved_sec = 0i32;
-            pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_sec);
-            pg_sys::SetUserIdAndSecContext(user, saved_sec | flags);
-            let nest_level = pg_sys::NewGUCNestLevel();
-            pg_sys::set_config_option(
-                c"search_path".as_ptr(),
-                c"pg_catalog, pg_temp".as_ptr(),
-                pg_sys::GucContext::PGC_USERSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_SAVE,
-                true,
-                0,
-                false,
-            );
-            IdentityScope {
-                saved_user,
-                saved_sec,
-                nest_level,
-            }
-        }
-    }
-}
-
-impl Drop for IdentityScope {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            // An ERROR is propagating: (sub)transaction abort restores the
-            // user id and the GUC nest level, as for SECURITY DEFINER.
-            return;
-        }
-        // SAFETY: restores exactly what `enter` saved, innermost first.
-        // `false`: every setting changed inside the scope is rolled back,
-        // not only search_path, as VACUUM and REINDEX do: table code run
-        // as its owner could otherwise `set_config('search_path', ...)` and
-        // have it apply to what pg_kms runs next with more privileges.
-        unsafe {
-            pg_sys::AtEOXact_GUC(false, self.nest_level);
-            pg_sys::SetUserIdAndSecContext(self.saved_user, self.saved_sec);
-        }
-    }
+    crate::pg::identity::as_role(cat.owner, || f(&cat))
 }
 
 // ---------------------------------------------------------------------------
@@ -285,40 +186,16 @@ pub fn load_master_key(which: Which) -> KmsResult<MasterKey> {
     r.map_err(|cause| KmsError::MasterKeyInvalid { setting, cause })
 }
 
-/// The first column of the first row of `q` (None: no row). `write` runs
-/// it read-write (it may lock or modify, and takes a transaction id);
-/// otherwise read-only, which also works on a standby and in parallel
-/// workers.
-pub fn spi_first<T: FromDatum + IntoDatum>(
-    q: &str,
-    args: &[pgrx::datum::DatumWithOid<'_>],
-    write: bool,
-) -> KmsResult<Option<T>> {
-    let first = |t: pgrx::spi::SpiTupleTable<'_>| {
-        if t.is_empty() {
-            Ok(None)
-        } else {
-            t.first().get_one::<T>()
-        }
-    };
-    if write {
-        Spi::connect_mut(|c| first(c.update(q, Some(1), args)?))
-    } else {
-        Spi::connect(|c| first(c.select(q, Some(1), args)?))
-    }
-    .map_err(KmsError::spi)
-}
-
 /// The keyring's stored master-key fingerprint (caller is catalog owner).
 pub fn stored_fingerprint(lock: bool) -> KmsResult<Option<Vec<u8>>> {
     if lock {
-        spi_first(
+        crate::pg::spi::first(
             "SELECT master_key_fingerprint FROM kms.keyring FOR UPDATE",
             &[],
             true,
         )
     } else {
-        spi_first("SELECT master_key_fingerprint FROM kms.keyring", &[], false)
+        crate::pg::spi::first("SELECT master_key_fingerprint FROM kms.keyring", &[], false)
     }
 }
 
@@ -403,7 +280,7 @@ pub struct CachedVersion {
     name: [u8; NAME_MAX],
     // Slow paths only.
     /// Shared-memory counters (None without preload).
-    stat: Option<&'static crate::shmem::StatSlot>,
+    stat: Option<&'static crate::pg::shmem::StatSlot>,
     grants: Rc<Grants>,
     /// AES-SIV key for deterministic encryption under this version.
     pub det: SivKey,
@@ -607,7 +484,7 @@ impl CachedVersion {
         if d > 0 {
             s.decryptions.fetch_add(d, Ordering::Relaxed);
         }
-        let level = crate::guc::NONCE_WARNING_ENCRYPTIONS.get().max(1) as u64;
+        let level = crate::pg::guc::NONCE_WARNING_ENCRYPTIONS.get().max(1) as u64;
         let total = if e > 0 {
             s.encryptions.fetch_add(e, Ordering::Relaxed) + e
         } else {
@@ -1162,7 +1039,7 @@ fn load(lookup: Lookup<'_>) -> KmsResult<Rc<CachedKey>> {
                 let raw = kek
                     .unwrap_raw(key.id, r.version as u32, w)
                     .map_err(|_| corrupt(r.version))?;
-                let stat = crate::shmem::stat_slot(key.id, r.version as u32);
+                let stat = crate::pg::shmem::stat_slot(key.id, r.version as u32);
                 Some(Box::new(CachedVersion {
                     key: DataKey::new(&raw),
                     key_id: key.id,
@@ -1195,7 +1072,7 @@ fn load(lookup: Lookup<'_>) -> KmsResult<Rc<CachedKey>> {
             let mut c = c.borrow_mut();
             c.sync();
             // Bounded: evict (and so zeroize) some other key when full.
-            let limit = crate::guc::KEY_CACHE_SIZE.get().max(1) as usize;
+            let limit = crate::pg::guc::KEY_CACHE_SIZE.get().max(1) as usize;
             while c.by_id.len() >= limit && !c.by_id.contains_key(&key.id) {
                 let Some(old) = c.by_id.values().next().cloned() else {
                     break;
@@ -1243,27 +1120,6 @@ fn current_kek(stored_fp: Option<&[u8]>) -> KmsResult<Rc<Kek>> {
 pub fn validate_current_master_key(stored_fp: Option<&[u8]>) -> KmsResult<()> {
     CACHE.with(|c| c.borrow_mut().sync());
     current_kek(stored_fp).map(|_| ())
-}
-
-/// The oid of type encrypted_text (found through the extension, not the
-/// search_path).
-pub fn encrypted_text_oid() -> KmsResult<pg_sys::Oid> {
-    Spi::connect(|c| {
-        c.select(
-            "SELECT t.oid FROM pg_catalog.pg_type t
-               JOIN pg_catalog.pg_depend d ON d.objid OPERATOR(pg_catalog.=) t.oid
-                AND d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_type'::pg_catalog.regclass
-                AND d.deptype OPERATOR(pg_catalog.=) 'e'
-               JOIN pg_catalog.pg_extension e ON e.oid OPERATOR(pg_catalog.=) d.refobjid
-              WHERE e.extname OPERATOR(pg_catalog.=) 'pg_kms' AND t.typname OPERATOR(pg_catalog.=) 'encrypted_text'",
-            Some(1),
-            &[],
-        )?
-        .first()
-        .get_one::<pg_sys::Oid>()
-    })
-    .map_err(KmsError::spi)?
-    .ok_or(KmsError::NotInstalled)
 }
 
 /// Names of the settings that hold the master key now, for `kms_health()`.

@@ -7,17 +7,16 @@
 
 use pgrx::prelude::*;
 
+mod api;
 pub mod core;
 pub mod crypto;
 mod errors;
-mod guc;
 mod hooks;
 mod keyring;
 mod lifecycle;
+mod pg;
 mod reencrypt;
 mod secrets;
-mod shmem;
-mod types;
 mod values;
 mod worker;
 
@@ -29,11 +28,12 @@ extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    guc::init();
+    pg::init();
+    pg::guc::init();
     keyring::init();
     hooks::init();
-    if keyring::preloaded() {
-        shmem::init();
+    if crate::pg::preloaded() {
+        pg::shmem::init();
         worker::register_launcher();
     }
 }

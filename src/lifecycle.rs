@@ -11,34 +11,15 @@ use crate::crypto::integrity::{self, AuditRow};
 use crate::crypto::{IntegrityKeys, Kek, MasterKey};
 use crate::errors::{KmsError, KmsResult, OrRaise};
 use crate::keyring::{self, Privilege, State, Which};
-use crate::types::{RawText, RegRole};
-use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
+use crate::pg::datum::{RawText, RegRole};
+use crate::pg::spi;
+use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use serde_json::json;
 use std::cell::RefCell;
 use std::rc::Rc;
 use zeroize::Zeroizing;
-
-pub(crate) fn spi_exec(q: &str, args: &[DatumWithOid<'_>]) -> KmsResult<()> {
-    Spi::connect_mut(|c| c.update(q, None, args).map(|_| ())).map_err(KmsError::spi)
-}
-
-pub(crate) fn spi_one<T: FromDatum + IntoDatum>(
-    q: &str,
-    args: &[DatumWithOid<'_>],
-) -> KmsResult<Option<T>> {
-    keyring::spi_first(q, args, true)
-}
-
-/// Read-only variant (no transaction id: works on a standby and in
-/// parallel workers).
-pub(crate) fn spi_read<T: FromDatum + IntoDatum>(
-    q: &str,
-    args: &[DatumWithOid<'_>],
-) -> KmsResult<Option<T>> {
-    keyring::spi_first(q, args, false)
-}
 
 /// Runs a lifecycle act as the catalog owner, then invalidates caches.
 pub(crate) fn lifecycle<R>(f: impl FnOnce() -> KmsResult<R>) -> R {
@@ -55,7 +36,7 @@ pub(crate) fn lifecycle<R>(f: impl FnOnce() -> KmsResult<R>) -> R {
         // After commit, wake this database's re-encryption worker at once.
         pgrx::register_xact_callback(
             pgrx::PgXactCallbackEvent::Commit,
-            crate::shmem::wake_workers_of_this_db,
+            crate::pg::shmem::wake_workers_of_this_db,
         );
         Ok(r)
     })
@@ -69,8 +50,8 @@ pub(crate) fn lifecycle<R>(f: impl FnOnce() -> KmsResult<R>) -> R {
 /// run inside the act (it could change rows between the check and the
 /// re-MAC). Loads (AccessShare) are not blocked; acts run one at a time.
 fn guard_catalog() -> KmsResult<()> {
-    spi_exec("LOCK TABLE kms.keyring, kms.keys, kms.key_versions, kms.key_grants IN SHARE ROW EXCLUSIVE MODE", &[])?;
-    let foreign = spi_one::<String>(
+    spi::exec("LOCK TABLE kms.keyring, kms.keys, kms.key_versions, kms.key_grants IN SHARE ROW EXCLUSIVE MODE", &[])?;
+    let foreign = spi::one::<String>(
         "SELECT x FROM (
              SELECT t.tgrelid::pg_catalog.regclass::pg_catalog.text || ' trigger ' || t.tgname AS x
                FROM pg_catalog.pg_trigger t
@@ -234,7 +215,7 @@ fn refuse_destroyed(key: &KeyRow, action: &'static str) -> KmsResult<()> {
 }
 
 fn version_state(key: &KeyRow, name: &str, version: i32) -> KmsResult<State> {
-    let s = spi_one::<String>(
+    let s = spi::one::<String>(
         "SELECT state FROM kms.key_versions WHERE key_id = $1 AND version = $2 FOR UPDATE",
         &[key.id.into(), version.into()],
     )?;
@@ -253,7 +234,7 @@ fn set_state(key: &KeyRow, version: i32, state: State) -> KmsResult<()> {
         "UPDATE kms.key_versions SET state = $3, state_changed_at = pg_catalog.now()
           WHERE key_id = $1 AND version = $2"
     };
-    spi_exec(q, &[key.id.into(), version.into(), state.as_str().into()])
+    spi::exec(q, &[key.id.into(), version.into(), state.as_str().into()])
 }
 
 /// Inserts a version with a fresh random data key, wrapped under `kek`.
@@ -263,7 +244,7 @@ fn add_version(kek: &Kek, key_id: i32, version: i32, state: State) -> KmsResult<
     let mut nonce = [0u8; 12];
     keyring::random_bytes(&mut nonce)?;
     let wrapped = kek.wrap(key_id as u32, version as u32, &dk, &nonce);
-    spi_exec(
+    spi::exec(
         "INSERT INTO kms.key_versions (key_id, version, state, wrapped_key) VALUES ($1, $2, $3, $4)",
         &[key_id.into(), version.into(), state.as_str().into(), wrapped.into()],
     )
@@ -279,7 +260,7 @@ pub fn create_key(name: &str, rotation_period: Option<Interval>) -> KmsResult<i3
     {
         if let Some(p) = rotation_period {
             let positive =
-                spi_one::<bool>("SELECT $1 > interval '0'", &[p.into()])?.unwrap_or(false);
+                spi::one::<bool>("SELECT $1 > interval '0'", &[p.into()])?.unwrap_or(false);
             if !positive {
                 return Err(KmsError::BadArgument {
                     message: "rotation_period must be a positive interval".into(),
@@ -296,7 +277,7 @@ pub fn create_key(name: &str, rotation_period: Option<Interval>) -> KmsResult<i3
             if id == 0 {
                 continue;
             }
-            let inserted = spi_one::<i32>(
+            let inserted = spi::one::<i32>(
                 "INSERT INTO kms.keys (key_id, key_name, primary_version, rotation_period)
                  VALUES ($1, $2, 1, $3) ON CONFLICT DO NOTHING RETURNING key_id",
                 &[id.into(), name.into(), rotation_period.into()],
@@ -304,7 +285,7 @@ pub fn create_key(name: &str, rotation_period: Option<Interval>) -> KmsResult<i3
             if inserted.is_some() {
                 break id;
             }
-            let exists = spi_one::<bool>(
+            let exists = spi::one::<bool>(
                 "SELECT true FROM kms.keys WHERE key_name = $1",
                 &[name.into()],
             )?;
@@ -318,7 +299,7 @@ pub fn create_key(name: &str, rotation_period: Option<Interval>) -> KmsResult<i3
         keyring::random_bytes(root.as_mut())?;
         let mut nonce = [0u8; 12];
         keyring::random_bytes(&mut nonce)?;
-        spi_exec(
+        spi::exec(
             "UPDATE kms.keys SET index_key = $2 WHERE key_id = $1",
             &[
                 key_id.into(),
@@ -342,18 +323,18 @@ pub fn rotate_key(name: &str, reason: Option<RawText>) -> KmsResult<i32> {
     let act = begin_act()?;
     let key = lock_key(name)?;
     refuse_destroyed(&key, "rotate it")?;
-    let new_version = spi_one::<i32>(
+    let new_version = spi::one::<i32>(
         "SELECT max(version) + 1 FROM kms.key_versions WHERE key_id = $1",
         &[key.id.into()],
     )?
     .unwrap_or(1);
     add_version(&act.kek, key.id, new_version, State::Active)?;
-    spi_exec(
+    spi::exec(
         "UPDATE kms.key_versions SET state = 'decrypt_only', state_changed_at = pg_catalog.now()
           WHERE key_id = $1 AND version = $2 AND state = 'active'",
         &[key.id.into(), key.primary.into()],
     )?;
-    spi_exec(
+    spi::exec(
         "UPDATE kms.keys SET primary_version = $2 WHERE key_id = $1",
         &[key.id.into(), new_version.into()],
     )?;
@@ -383,7 +364,7 @@ pub fn rotate_due_keys() -> Vec<String> {
             Ok(out)
         })
         .map_err(KmsError::spi)?;
-        let legacy = spi_read::<bool>("SELECT integrity_since IS NULL FROM kms.keyring", &[])?
+        let legacy = spi::read::<bool>("SELECT integrity_since IS NULL FROM kms.keyring", &[])?
             .unwrap_or(false);
         Ok((due, legacy))
     })
@@ -430,7 +411,7 @@ fn kms_set_primary(key_name: RawText, version: i32) {
         }
         set_state(&key, key.primary, State::DecryptOnly)?;
         set_state(&key, version, State::Active)?;
-        spi_exec(
+        spi::exec(
             "UPDATE kms.keys SET primary_version = $2 WHERE key_id = $1",
             &[key.id.into(), version.into()],
         )?;
@@ -525,7 +506,7 @@ fn kms_enable_key_version(key_name: RawText, version: i32) {
 
 /// Now, in UTC, as the receipts write it.
 fn now_utc_text() -> KmsResult<String> {
-    Ok(spi_one::<String>(
+    Ok(spi::one::<String>(
         "SELECT pg_catalog.to_char(pg_catalog.now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
         &[],
     )?
@@ -555,7 +536,7 @@ fn kms_destroy_key_version(
 ) {
     // The guard counts only what the caller may read, each table scanned as
     // its owner (never as the catalog owner).
-    let caller = keyring::current_user();
+    let caller = crate::pg::identity::current_user();
     lifecycle(|| {
         let act = begin_act()?;
         let (name, key, version) = lock_retirable(
@@ -583,7 +564,7 @@ fn kms_destroy_key_version(
                 });
             }
         }
-        let wrapped = spi_one::<Vec<u8>>(
+        let wrapped = spi::one::<Vec<u8>>(
             "SELECT wrapped_key FROM kms.key_versions WHERE key_id = $1 AND version = $2",
             &[key.id.into(), version.into()],
         )?
@@ -631,7 +612,7 @@ fn kms_destroy_key(key_name: RawText, reason: default!(Option<RawText>, "NULL"))
             Ok(out)
         })
         .map_err(KmsError::spi)?;
-        let root = spi_one::<Vec<u8>>(
+        let root = spi::one::<Vec<u8>>(
             "SELECT index_key FROM kms.keys WHERE key_id = $1",
             &[key.id.into()],
         )?;
@@ -649,12 +630,12 @@ fn kms_destroy_key(key_name: RawText, reason: default!(Option<RawText>, "NULL"))
             "versions": versions,
             "index_root_mac": root.as_deref().map(|r| material_mac(&act, key.id, 0, r)),
         });
-        spi_exec(
+        spi::exec(
             "UPDATE kms.key_versions SET state = 'destroyed', wrapped_key = NULL, state_changed_at = pg_catalog.now()
               WHERE key_id = $1 AND state <> 'destroyed'",
             &[key.id.into()],
         )?;
-        spi_exec(
+        spi::exec(
             "UPDATE kms.keys SET index_key = NULL, destroyed_at = pg_catalog.now() WHERE key_id = $1",
             &[key.id.into()],
         )?;
@@ -681,7 +662,7 @@ fn grant_args<'a>(
         message: format!("unknown key privilege \"{}\"", privilege.escape_default()),
         hint: "Key privileges are 'encrypt' and 'decrypt'.",
     })?;
-    let role = spi_read::<String>(
+    let role = spi::read::<String>(
         "SELECT rolname::text FROM pg_catalog.pg_roles WHERE oid = $1",
         &[grantee.0.into()],
     )?
@@ -716,7 +697,7 @@ fn change_grant(key_name: &RawText, grantee: &RegRole, privilege: &RawText, gran
         if grant {
             // By name and oid: granting again to a new role of the same
             // name (or after a restore) binds the grant to that role.
-            spi_exec(
+            spi::exec(
                 &format!(
                     "INSERT INTO kms.key_grants AS g (key_id, grantee, grantee_oid, cluster_id, privilege)
                      VALUES ($1, $2, $3, {CLUSTER_ID_SQL}, $4)
@@ -729,7 +710,7 @@ fn change_grant(key_name: &RawText, grantee: &RegRole, privilege: &RawText, gran
         } else {
             // By name: also removes a stale grant left by a dropped role of
             // that name.
-            spi_exec(
+            spi::exec(
                 "DELETE FROM kms.key_grants WHERE key_id = $1 AND grantee = $2 AND privilege = $3",
                 &[key.id.into(), role.as_str().into(), p.as_str().into()],
             )?;
@@ -880,7 +861,7 @@ fn kms_rotate_master_key() -> i64 {
             let mut nonce = [0u8; 12];
             keyring::random_bytes(&mut nonce)?;
             let rewrapped = new_kek.wrap(*key_id as u32, *version as u32, &dk, &nonce);
-            spi_exec(
+            spi::exec(
                 "UPDATE kms.key_versions SET wrapped_key = $3 WHERE key_id = $1 AND version = $2",
                 &[(*key_id).into(), (*version).into(), rewrapped.into()],
             )?;
@@ -912,7 +893,7 @@ fn kms_rotate_master_key() -> i64 {
                 })?;
             let mut nonce = [0u8; 12];
             keyring::random_bytes(&mut nonce)?;
-            spi_exec(
+            spi::exec(
                 "UPDATE kms.keys SET index_key = $2 WHERE key_id = $1",
                 &[
                     (*key_id).into(),
@@ -923,7 +904,7 @@ fn kms_rotate_master_key() -> i64 {
             )?;
         }
         let new_fp = new.fingerprint();
-        spi_exec(
+        spi::exec(
             "UPDATE kms.keyring SET master_key_fingerprint = $1, rotated_at = pg_catalog.now(),
                     integrity_since = coalesce(integrity_since, pg_catalog.now())",
             &[new_fp.to_vec().into()],
@@ -979,7 +960,7 @@ fn kms_audit_log_check() -> TableIterator<
 
 /// Whether this database's re-encryption worker runs, and if not, why.
 fn worker_status() -> KmsResult<serde_json::Value> {
-    let pid = spi_read::<i32>(
+    let pid = spi::read::<i32>(
         "SELECT pid FROM pg_catalog.pg_stat_activity
           WHERE backend_type = 'pg_kms worker' AND datid = (SELECT oid FROM pg_catalog.pg_database
                                                            WHERE datname = pg_catalog.current_database())",
@@ -987,13 +968,13 @@ fn worker_status() -> KmsResult<serde_json::Value> {
     )?;
     let reason = if pid.is_some() {
         None
-    } else if !keyring::preloaded() {
+    } else if !crate::pg::preloaded() {
         Some("pg_kms is not in shared_preload_libraries: no background re-encryption or scheduled rotation (use kms_reencrypt_now())")
     // SAFETY: RecoveryInProgress only reads shared state (any backend may
     // call it).
     } else if unsafe { pg_sys::RecoveryInProgress() } {
         Some("this server is a standby: the worker starts after promotion")
-    } else if !crate::guc::REENCRYPT_ENABLED.get() {
+    } else if !crate::pg::guc::REENCRYPT_ENABLED.get() {
         Some("pg_kms.reencrypt_enabled is off")
     } else {
         Some("the worker for this database has not started yet (it is started within pg_kms.reencrypt_naptime), or max_worker_processes is exhausted")
@@ -1003,11 +984,11 @@ fn worker_status() -> KmsResult<serde_json::Value> {
 
 /// Key versions whose encryptions since start reached the warning level.
 fn nonce_warnings() -> KmsResult<serde_json::Value> {
-    let threshold = crate::guc::NONCE_WARNING_ENCRYPTIONS.get() as u64;
+    let threshold = crate::pg::guc::NONCE_WARNING_ENCRYPTIONS.get() as u64;
     let mut out = Vec::new();
-    for (key_id, version, enc, _) in crate::shmem::stats_of_this_db() {
+    for (key_id, version, enc, _) in crate::pg::shmem::stats_of_this_db() {
         if enc >= threshold {
-            let name = spi_read::<String>(
+            let name = spi::read::<String>(
                 "SELECT key_name FROM kms.keys WHERE key_id = $1",
                 &[(key_id as i32).into()],
             )?;
@@ -1032,7 +1013,7 @@ fn kms_health() -> pgrx::JsonB {
             Err(e @ KmsError::MasterKeyMismatch { .. }) => (true, Some(false), Some(e.message())),
             Err(e) => (false, None, Some(e.message())),
         };
-        let counts = spi_read::<pgrx::JsonB>(
+        let counts = spi::read::<pgrx::JsonB>(
             "SELECT jsonb_build_object(
                 'keys', (SELECT count(*) FROM kms.keys),
                 'versions', jsonb_build_object(
@@ -1060,7 +1041,7 @@ fn kms_health() -> pgrx::JsonB {
                 "keyring_initialized": stored.is_some(),
                 "error": error,
             },
-            "preloaded": keyring::preloaded(),
+            "preloaded": crate::pg::preloaded(),
             "worker": worker_status()?,
             "nonce_warnings": nonce_warnings()?,
         });
@@ -1257,19 +1238,19 @@ fn version_mac(k: &KeyCheck<'_>, v: &VersionCheck<'_>) -> Vec<u8> {
 
 /// Sets a key's generation and re-MACs its row and its versions' rows.
 fn reseal_key(keys: &IntegrityKeys, key_id: i32, generation: i64) -> KmsResult<()> {
-    spi_exec(
+    spi::exec(
         "UPDATE kms.keys SET generation = $2 WHERE key_id = $1",
         &[key_id.into(), generation.into()],
     )?;
     let (key, versions) = key_rows(key_id, true)?;
     let k = key.check();
-    spi_exec(
+    spi::exec(
         "UPDATE kms.keys SET row_mac = $2 WHERE key_id = $1",
         &[key_id.into(), keys.row.hmac(&key_mac(&k)).to_vec().into()],
     )?;
     for v in &versions {
         let mac = keys.row.hmac(&version_mac(&k, &v.check()));
-        spi_exec(
+        spi::exec(
             "UPDATE kms.key_versions SET row_mac = $3 WHERE key_id = $1 AND version = $2",
             &[key_id.into(), v.version.into(), mac.to_vec().into()],
         )?;
@@ -1342,7 +1323,7 @@ fn seal_keyring(keys: &IntegrityKeys) -> KmsResult<()> {
         .since_us
         .ok_or_else(|| KmsError::Spi("kms.keyring.integrity_since is NULL".into()))?;
     let mac = keys.row.hmac(&integrity::keyring_row(&kr.fp, since));
-    spi_exec(
+    spi::exec(
         "UPDATE kms.keyring SET row_mac = $1",
         &[mac.to_vec().into()],
     )
@@ -1351,7 +1332,7 @@ fn seal_keyring(keys: &IntegrityKeys) -> KmsResult<()> {
 /// Commits the keyring to `mk` on first use (rows MAC'd from the start),
 /// locks its row and checks the commitment.
 fn commit_keyring(mk: &MasterKey) -> KmsResult<KeyringRow> {
-    let fresh = spi_one::<bool>(
+    let fresh = spi::one::<bool>(
         "INSERT INTO kms.keyring (singleton, master_key_fingerprint, integrity_since)
          VALUES (true, $1, pg_catalog.now()) ON CONFLICT DO NOTHING RETURNING true",
         &[mk.fingerprint().to_vec().into()],
@@ -1368,7 +1349,7 @@ fn commit_keyring(mk: &MasterKey) -> KmsResult<KeyringRow> {
 /// audit chain has no keyed row: otherwise its row was edited (or removed)
 /// to get altered rows accepted or re-blessed.
 fn refuse_unkeyed_with_keyed_chain() -> KmsResult<()> {
-    if spi_read::<bool>(
+    if spi::read::<bool>(
         "SELECT EXISTS (SELECT 1 FROM kms.audit_log WHERE mac IS NOT NULL)",
         &[],
     )? == Some(true)
@@ -1419,13 +1400,13 @@ fn adopt(act: &Act) -> KmsResult<()> {
         })?;
     }
     // A key destroyed before destroyed_at existed: every version destroyed, no index root.
-    spi_exec(
+    spi::exec(
         "UPDATE kms.keys k SET destroyed_at = pg_catalog.now()
           WHERE destroyed_at IS NULL AND index_key IS NULL
             AND NOT EXISTS (SELECT 1 FROM kms.key_versions v WHERE v.key_id = k.key_id AND v.state <> 'destroyed')",
         &[],
     )?;
-    spi_exec(
+    spi::exec(
         "UPDATE kms.keyring SET integrity_since = pg_catalog.now()",
         &[],
     )?;
@@ -1522,7 +1503,7 @@ fn verify_with(
             ));
         }
     }
-    let latest = spi_read::<i64>(
+    let latest = spi::read::<i64>(
         &format!(
             "SELECT GREATEST((SELECT max(id) FROM kms.audit_log WHERE key_name = $1 AND operation IN ({KEY_OPS})),
                              (SELECT max(id) FROM kms.audit_log WHERE operation IN ('rotate_master_key', 'adopt_integrity')))"
@@ -1561,7 +1542,7 @@ fn append(
     detail: Option<&str>,
 ) -> KmsResult<i64> {
     // Self-conflicting lock: concurrent acts are chained one after another.
-    spi_exec("LOCK TABLE kms.audit_log IN SHARE ROW EXCLUSIVE MODE", &[])?;
+    spi::exec("LOCK TABLE kms.audit_log IN SHARE ROW EXCLUSIVE MODE", &[])?;
     type Head = Option<(i64, Vec<u8>)>;
     let last = Spi::connect(|c| -> Result<Head, pgrx::spi::Error> {
         let Some(r) = c
@@ -1622,7 +1603,7 @@ fn append(
     };
     let hash = row.chain_hash(&prev);
     let mac = keys.audit.hmac(&hash);
-    spi_exec(
+    spi::exec(
         "INSERT INTO kms.audit_log (id, at, actor, operation, key_name, version, reason, prev_hash, hash, detail, key_fp, mac)
          VALUES ($1, $2, session_user, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         &[
@@ -1639,12 +1620,12 @@ fn append(
             mac.to_vec().into(),
         ],
     )?;
-    spi_exec(
+    spi::exec(
         "INSERT INTO kms.audit_head (singleton, last_id, last_hash, last_mac) VALUES (true, $1, $2, $3)
          ON CONFLICT (singleton) DO UPDATE SET last_id = excluded.last_id, last_hash = excluded.last_hash, last_mac = excluded.last_mac",
         &[id.into(), hash.to_vec().into(), mac.to_vec().into()],
     )?;
-    spi_exec(
+    spi::exec(
         "SELECT pg_catalog.pg_notify('kms_events', pg_catalog.jsonb_build_object(
                 'operation', $1::text, 'key_name', $2::text, 'version', $3::integer)::text)",
         &[operation.into(), key_name.into(), version.into()],

@@ -5,7 +5,7 @@
 //!
 //! Trust boundary: every statement on a user table runs either as that
 //! table's owner under `SECURITY_RESTRICTED_OPERATION`
-//! ([`Runner::Owner`], see `keyring::as_table_owner`) or as the calling
+//! ([`Runner::Owner`], see `identity::as_table_owner`) or as the calling
 //! user ([`Runner::Caller`]), never as the catalog owner, so the table's
 //! triggers, constraints, index expressions and policies gain nothing.
 //! Those statements call no pg_kms function (the table owner needs no
@@ -15,7 +15,8 @@
 
 use crate::errors::{KmsError, KmsResult, OrRaise};
 use crate::keyring;
-use crate::types::{EncryptedText, RawText, RegClass, SqlName};
+use crate::pg::datum::{EncryptedText, RawText, RegClass, SqlName};
+use crate::pg::{identity, spi};
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -25,9 +26,7 @@ use std::collections::BTreeMap;
 /// Runs a statement on `kms.*` as the catalog owner (search_path pinned),
 /// whoever calls: the worker, or `kms_reencrypt_now`'s caller.
 fn spi_exec(q: &str, args: &[DatumWithOid<'_>]) -> KmsResult<()> {
-    keyring::as_catalog_owner(|_| {
-        Spi::connect_mut(|c| c.update(q, None, args).map(|_| ())).map_err(KmsError::spi)
-    })
+    keyring::as_catalog_owner(|_| spi::exec(q, args))
 }
 
 #[derive(Clone, Debug)]
@@ -75,7 +74,7 @@ fn on_table<R>(
         return Ok(None);
     };
     match who {
-        Runner::Owner => keyring::as_table_owner(fresh.owner, || f(&fresh)).map(Some),
+        Runner::Owner => identity::as_table_owner(fresh.owner, || f(&fresh)).map(Some),
         Runner::Caller => f(&fresh).map(Some),
     }
 }
@@ -119,7 +118,7 @@ const DIRECT_TYPES: &str = "WITH RECURSIVE direct(oid) AS (
 /// leaf tables): what the worker rewraps and the usage counts scan. Reads
 /// pg_catalog only; every operator is qualified.
 pub fn encrypted_columns() -> KmsResult<Vec<Column>> {
-    let et = keyring::encrypted_text_oid()?;
+    let et = crate::pg::datum::encrypted_text_oid()?;
     let q = format!(
         "{DIRECT_TYPES}
          SELECT c.oid, c.relowner, pg_catalog.quote_ident(n.nspname) OPERATOR(pg_catalog.||) '.'
@@ -159,7 +158,7 @@ pub fn encrypted_columns() -> KmsResult<Vec<Column>> {
 /// destroy guard cannot prove a version unused. (Slower than
 /// [`encrypted_columns`]: only usage counts call it.)
 pub fn opaque_columns() -> KmsResult<Vec<String>> {
-    let et = keyring::encrypted_text_oid()?;
+    let et = crate::pg::datum::encrypted_text_oid()?;
     let q = format!(
         "{DIRECT_TYPES},
          holds(oid) AS (
@@ -200,7 +199,7 @@ pub fn opaque_columns() -> KmsResult<Vec<String>> {
 /// security that applies to the caller (the owner's scan would count rows
 /// the caller's policies hide).
 fn caller_sees_all(caller: pg_sys::Oid, col: &Column) -> KmsResult<bool> {
-    keyring::spi_first::<bool>(
+    crate::pg::spi::first::<bool>(
         "SELECT pg_catalog.has_column_privilege($1, c.oid, $3::pg_catalog.text, 'SELECT')
             AND pg_catalog.has_schema_privilege($1, c.relnamespace, 'USAGE')
             AND (NOT c.relrowsecurity OR r.rolsuper OR r.rolbypassrls
@@ -356,7 +355,7 @@ impl IntoDatum for ArrayDatum {
 }
 
 fn encrypted_text_array(values: Vec<EncryptedText>) -> KmsResult<DatumWithOid<'static>> {
-    let elem = keyring::encrypted_text_oid()?;
+    let elem = crate::pg::datum::encrypted_text_oid()?;
     let mut datums: Vec<pg_sys::Datum> =
         values.into_iter().filter_map(|v| v.into_datum()).collect();
     // SAFETY: `elem` is the oid of encrypted_text (a varlena, int4-aligned,
@@ -633,7 +632,7 @@ pub fn usage_by_version(
 fn kms_key_usage(
     key_name: RawText,
 ) -> TableIterator<'static, (name!(version, i32), name!(state, String), name!(rows, i64))> {
-    let caller = keyring::current_user();
+    let caller = identity::current_user();
     let rows = (|| {
         let name = crate::crypto::names::key_name(key_name.bytes())?;
         let versions = keyring::as_catalog_owner(|_| {
@@ -696,7 +695,7 @@ fn kms_reencrypt_now(tbl: RegClass, col: SqlName, max_rows: default!(Option<i32>
         }
     }
     let r = (|| {
-        let allowed = keyring::spi_first::<bool>(
+        let allowed = crate::pg::spi::first::<bool>(
             // Both: with a list, has_column_privilege is true if *any* is held.
             "SELECT pg_catalog.has_column_privilege($1, $2, 'SELECT') AND pg_catalog.has_column_privilege($1, $2, 'UPDATE')",
             &[tbl.into(), col.into()],
@@ -705,7 +704,7 @@ fn kms_reencrypt_now(tbl: RegClass, col: SqlName, max_rows: default!(Option<i32>
         if allowed != Some(true) {
             return Err(KmsError::NotAllowed(format!(
                 "permission denied for role {} to re-encrypt column {} of table {}",
-                crate::errors::role_display(keyring::current_user()),
+                crate::errors::role_display(identity::current_user()),
                 crate::errors::quote_ident(col),
                 crate::errors::relation_display(tbl),
             )));
@@ -724,7 +723,7 @@ fn kms_reencrypt_now(tbl: RegClass, col: SqlName, max_rows: default!(Option<i32>
         // progress row is written as the catalog owner, and only when the
         // caller sees every row (no row-level security applies to it):
         // otherwise its partial view must not mark the column clean.
-        let shared = caller_sees_all(keyring::current_user(), &column)?;
+        let shared = caller_sees_all(identity::current_user(), &column)?;
         let (pending, ctx) = pending_counts(&column, Runner::Caller, &targets)?;
         if shared {
             progress_start(&column, pending, ctx)?;
@@ -770,7 +769,7 @@ fn kms_stats_counters() -> TableIterator<
     ),
 > {
     TableIterator::new(
-        crate::shmem::stats_of_this_db()
+        crate::pg::shmem::stats_of_this_db()
             .into_iter()
             .map(|(k, v, e, d)| (k as i32, v as i32, e as i64, d as i64))
             .collect::<Vec<_>>(),

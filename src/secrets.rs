@@ -6,8 +6,9 @@
 
 use crate::errors::{KmsError, KmsResult, OrRaise};
 use crate::keyring;
-use crate::lifecycle::{audit, lifecycle, spi_exec, spi_one, spi_read};
-use crate::types::{EncryptedText, OutText, RawText};
+use crate::lifecycle::{audit, lifecycle};
+use crate::pg::datum::{EncryptedText, OutText, RawText};
+use crate::pg::spi;
 use pgrx::datum::Interval;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -39,7 +40,7 @@ fn kms_secret_set(
         let key = match &key_name {
             Some(k) => crate::crypto::names::key_name(k.bytes())?.to_string(),
             None => {
-                let exists = spi_one::<bool>(
+                let exists = spi::one::<bool>(
                     "SELECT true FROM kms.keys WHERE key_name = $1",
                     &[DEFAULT_KEY.into()],
                 )?;
@@ -50,7 +51,7 @@ fn kms_secret_set(
             }
         };
         if let Some(t) = ttl {
-            if spi_one::<bool>("SELECT $1 > interval '0'", &[t.into()])? != Some(true) {
+            if spi::one::<bool>("SELECT $1 > interval '0'", &[t.into()])? != Some(true) {
                 return Err(KmsError::BadArgument {
                     message: "ttl must be a positive interval".into(),
                     hint: "Pass NULL for a secret that does not expire.",
@@ -58,14 +59,14 @@ fn kms_secret_set(
             }
         }
         let sealed = crate::values::seal_text(value.bytes(), key.as_bytes(), &[])?;
-        spi_exec("LOCK TABLE kms.secrets IN SHARE ROW EXCLUSIVE MODE", &[])?;
-        let version = spi_one::<i32>(
+        spi::exec("LOCK TABLE kms.secrets IN SHARE ROW EXCLUSIVE MODE", &[])?;
+        let version = spi::one::<i32>(
             "SELECT coalesce(max(version), 0) + 1 FROM kms.secrets WHERE name = $1",
             &[name.as_str().into()],
         )?
         .unwrap_or(1);
-        let type_oid = keyring::encrypted_text_oid()?;
-        spi_exec(
+        let type_oid = crate::pg::datum::encrypted_text_oid()?;
+        spi::exec(
             "INSERT INTO kms.secrets (name, version, value, created_at, expires_at, tags)
              VALUES ($1, $2, $3, pg_catalog.now(), pg_catalog.now() + $4, coalesce($5, '{}'::jsonb))",
             &[
@@ -101,10 +102,10 @@ fn kms_secret_get(
     name: Option<RawText>,
     version: default!(Option<i32>, "NULL"),
 ) -> Option<OutText> {
-    let caller = keyring::current_user();
+    let caller = crate::pg::identity::current_user();
     let r = keyring::as_catalog_owner(|_| {
         let name = secret_name(&name)?;
-        let admin = spi_read::<pg_sys::Oid>(
+        let admin = spi::read::<pg_sys::Oid>(
             "SELECT oid FROM pg_catalog.pg_roles WHERE rolname = 'kms_admin'",
             &[],
         )?;
@@ -168,7 +169,7 @@ fn kms_secret_get(
 /// Whether `role` holds (directly or through membership) a valid 'decrypt'
 /// grant on key `key_id` (caller is the catalog owner).
 fn may_decrypt(role: pg_sys::Oid, key_id: u32) -> KmsResult<bool> {
-    Ok(spi_read::<bool>(
+    Ok(spi::read::<bool>(
         "SELECT EXISTS (SELECT 1 FROM kms.key_grants g
                           JOIN pg_catalog.pg_roles r ON r.oid = g.grantee_oid AND r.rolname::pg_catalog.text = g.grantee
                          WHERE g.key_id = $1 AND g.privilege = 'decrypt'
@@ -182,7 +183,7 @@ fn may_decrypt(role: pg_sys::Oid, key_id: u32) -> KmsResult<bool> {
 fn kms_secret_delete(name: Option<RawText>) -> i64 {
     lifecycle(|| {
         let name = secret_name(&name)?;
-        let n = spi_one::<i64>(
+        let n = spi::one::<i64>(
             "WITH d AS (DELETE FROM kms.secrets WHERE name = $1 RETURNING 1) SELECT count(*) FROM d",
             &[name.as_str().into()],
         )?

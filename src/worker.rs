@@ -14,8 +14,9 @@
 //!   immediate shutdown it recounts what is pending and carries on.
 
 use crate::core::throttle::Throttle;
+use crate::pg::{guc, shmem};
 use crate::reencrypt::Runner;
-use crate::{guc, lifecycle, reencrypt, shmem};
+use crate::{lifecycle, reencrypt};
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime,
     SignalWakeFlags,
@@ -199,7 +200,7 @@ struct ColumnState {
 fn keyring_state() -> Result<(String, reencrypt::Targets), String> {
     xact_kms(|| {
         let signature = crate::keyring::as_catalog_owner(|_| {
-            crate::keyring::spi_first::<String>(
+            crate::pg::spi::first::<String>(
                 "SELECT coalesce(string_agg(key_id || ':' || primary_version || ':' || v.states, ',' ORDER BY key_id), '')
                    FROM kms.keys k,
                         LATERAL (SELECT string_agg(version || state, '' ORDER BY version) AS states

@@ -33,7 +33,7 @@
 use crate::core::sqlscan::{
     mentions_kms, redact_context, redact_sql, redact_value_message, WITHHELD,
 };
-use crate::guc::{self, RedactMode};
+use crate::pg::guc::{self, RedactMode};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::ffi::{c_char, CStr, CString};

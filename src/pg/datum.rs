@@ -1,5 +1,5 @@
-//! Datum wrappers that avoid copies on the hot path, and the
-//! `encrypted_text` type with its text and binary I/O.
+//! Datum wrappers that avoid copies on the hot path (the `encrypted_text`
+//! type's SQL functions are in `crate::api::encrypted_text`).
 //!
 //! * [`EncryptedText`]: a detoasted `encrypted_text` varlena (argument) or a
 //!   freshly palloc'd one (result).
@@ -8,8 +8,7 @@
 //! * [`OutText`] / [`OutBytea`]: results built in place in palloc'd memory.
 
 use crate::crypto::envelope::Envelope;
-use crate::crypto::text::{parse_text_form, to_text_form};
-use crate::errors::{KmsError, OrRaise};
+use crate::errors::{KmsError, KmsResult, OrRaise};
 use pgrx::callconv::{Arg, ArgAbi, BoxRet, FcInfo};
 use pgrx::datum::Datum;
 use pgrx::nullable::Nullable;
@@ -19,7 +18,7 @@ use pgrx::pgrx_sql_entity_graph::metadata::{
 };
 use pgrx::prelude::*;
 use pgrx::{FromDatum, IntoDatum};
-use std::ffi::{CStr, CString};
+use std::ffi::CStr;
 
 /// Bytes of a (detoasted, possibly short-header) varlena.
 ///
@@ -142,7 +141,7 @@ impl IntoDatum for EncryptedText {
         Some(pg_sys::Datum::from(self.0))
     }
     fn type_oid() -> pg_sys::Oid {
-        crate::keyring::encrypted_text_oid().or_raise()
+        encrypted_text_oid().or_raise()
     }
 }
 
@@ -276,77 +275,23 @@ unsafe impl SqlTranslatable for OutBytea {
         Ok(ReturnsRef::One(SqlMappingRef::literal("bytea")));
 }
 
-// ---------------------------------------------------------------------------
-// encrypted_text I/O. Input only parses and validates: it never encrypts,
-// so pg_dump/pg_restore and COPY can never double-encrypt.
-
-extension_sql!(
-    "CREATE TYPE encrypted_text;",
-    name = "encrypted_text_shell",
-    creates = [Type(EncryptedText)],
-);
-
-#[pg_extern(immutable, strict, parallel_safe)]
-fn encrypted_text_in(input: &CStr) -> EncryptedText {
-    let bytes = parse_text_form(input.to_bytes())
-        .map_err(KmsError::from)
-        .or_raise();
-    EncryptedText::from_bytes(&bytes)
+/// The oid of type encrypted_text (found through the extension, not the
+/// search_path).
+pub fn encrypted_text_oid() -> KmsResult<pg_sys::Oid> {
+    Spi::connect(|c| {
+        c.select(
+            "SELECT t.oid FROM pg_catalog.pg_type t
+               JOIN pg_catalog.pg_depend d ON d.objid OPERATOR(pg_catalog.=) t.oid
+                AND d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_type'::pg_catalog.regclass
+                AND d.deptype OPERATOR(pg_catalog.=) 'e'
+               JOIN pg_catalog.pg_extension e ON e.oid OPERATOR(pg_catalog.=) d.refobjid
+              WHERE e.extname OPERATOR(pg_catalog.=) 'pg_kms' AND t.typname OPERATOR(pg_catalog.=) 'encrypted_text'",
+            Some(1),
+            &[],
+        )?
+        .first()
+        .get_one::<pg_sys::Oid>()
+    })
+    .map_err(KmsError::spi)?
+    .ok_or(KmsError::NotInstalled)
 }
-
-#[pg_extern(immutable, strict, parallel_safe)]
-fn encrypted_text_out(value: EncryptedText) -> CString {
-    CString::new(to_text_form(value.bytes())).expect("base64 has no NUL")
-}
-
-#[pg_extern(immutable, strict, parallel_safe)]
-fn encrypted_text_recv(mut buf: pgrx::datum::Internal) -> EncryptedText {
-    // SAFETY: a type's receive function is called (strict, so never with
-    // NULL) with `internal` pointing to the StringInfo of the message being
-    // read, which the caller owns and keeps alive for this call.
-    let si = unsafe { buf.get_mut::<pg_sys::StringInfoData>() }.expect("receive buffer");
-    let start = si.cursor as usize;
-    let end = si.len as usize;
-    // SAFETY: a StringInfo keeps 0 <= cursor <= len and `data` holds `len`
-    // initialised bytes; the slice covers the unread part, which is not
-    // modified while `bytes` lives (cursor is moved only after the copy).
-    let bytes =
-        unsafe { std::slice::from_raw_parts((si.data as *const u8).add(start), end - start) };
-    Envelope::parse(bytes).map_err(KmsError::from).or_raise();
-    let v = EncryptedText::from_bytes(bytes);
-    si.cursor = si.len;
-    v
-}
-
-#[pg_extern(immutable, strict, parallel_safe)]
-fn encrypted_text_send(value: EncryptedText) -> OutBytea {
-    let b = value.bytes();
-    let (out, buf) = OutBytea::alloc(b.len());
-    buf.copy_from_slice(b);
-    out
-}
-
-extension_sql!(
-    r#"
-CREATE TYPE encrypted_text (
-    INPUT = encrypted_text_in,
-    OUTPUT = encrypted_text_out,
-    RECEIVE = encrypted_text_recv,
-    SEND = encrypted_text_send,
-    INTERNALLENGTH = VARIABLE,
-    ALIGNMENT = int4,
-    STORAGE = external,
-    CATEGORY = 'U'
-);
-COMMENT ON TYPE encrypted_text IS 'AES-256-GCM envelope (format, key id, key version, nonce, ciphertext, tag) produced by kms_encrypt(), or AES-256-SIV (header, synthetic IV, ciphertext) from kms_encrypt_deterministic(); text form kms:<base64>';
-CREATE CAST (encrypted_text AS bytea) WITHOUT FUNCTION;
-"#,
-    name = "encrypted_text_type",
-    requires = [
-        "encrypted_text_shell",
-        encrypted_text_in,
-        encrypted_text_out,
-        encrypted_text_recv,
-        encrypted_text_send
-    ],
-);

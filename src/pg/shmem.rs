@@ -78,7 +78,7 @@ pub fn init() {
 }
 
 fn shared() -> Option<&'static KmsShared> {
-    if crate::keyring::preloaded() {
+    if crate::pg::preloaded() {
         Some(SHARED.get())
     } else {
         None

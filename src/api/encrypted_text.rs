@@ -1,0 +1,83 @@
+//! The `encrypted_text` type: its text and binary I/O functions and (in
+//! `sql/`) its operators and operator classes. Input only parses and
+//! validates: it never encrypts, so pg_dump/pg_restore and COPY can never
+//! double-encrypt.
+
+use crate::crypto::envelope::Envelope;
+use crate::crypto::text::{parse_text_form, to_text_form};
+use crate::errors::{KmsError, OrRaise};
+use crate::pg::datum::{EncryptedText, OutBytea};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::ffi::{CStr, CString};
+
+extension_sql!(
+    "CREATE TYPE encrypted_text;",
+    name = "encrypted_text_shell",
+    creates = [Type(EncryptedText)],
+);
+
+#[pg_extern(immutable, strict, parallel_safe)]
+fn encrypted_text_in(input: &CStr) -> EncryptedText {
+    let bytes = parse_text_form(input.to_bytes())
+        .map_err(KmsError::from)
+        .or_raise();
+    EncryptedText::from_bytes(&bytes)
+}
+
+#[pg_extern(immutable, strict, parallel_safe)]
+fn encrypted_text_out(value: EncryptedText) -> CString {
+    CString::new(to_text_form(value.bytes())).expect("base64 has no NUL")
+}
+
+#[pg_extern(immutable, strict, parallel_safe)]
+fn encrypted_text_recv(mut buf: pgrx::datum::Internal) -> EncryptedText {
+    // SAFETY: a type's receive function is called (strict, so never with
+    // NULL) with `internal` pointing to the StringInfo of the message being
+    // read, which the caller owns and keeps alive for this call.
+    let si = unsafe { buf.get_mut::<pg_sys::StringInfoData>() }.expect("receive buffer");
+    let start = si.cursor as usize;
+    let end = si.len as usize;
+    // SAFETY: a StringInfo keeps 0 <= cursor <= len and `data` holds `len`
+    // initialised bytes; the slice covers the unread part, which is not
+    // modified while `bytes` lives (cursor is moved only after the copy).
+    let bytes =
+        unsafe { std::slice::from_raw_parts((si.data as *const u8).add(start), end - start) };
+    Envelope::parse(bytes).map_err(KmsError::from).or_raise();
+    let v = EncryptedText::from_bytes(bytes);
+    si.cursor = si.len;
+    v
+}
+
+#[pg_extern(immutable, strict, parallel_safe)]
+fn encrypted_text_send(value: EncryptedText) -> OutBytea {
+    let b = value.bytes();
+    let (out, buf) = OutBytea::alloc(b.len());
+    buf.copy_from_slice(b);
+    out
+}
+
+extension_sql!(
+    r#"
+CREATE TYPE encrypted_text (
+    INPUT = encrypted_text_in,
+    OUTPUT = encrypted_text_out,
+    RECEIVE = encrypted_text_recv,
+    SEND = encrypted_text_send,
+    INTERNALLENGTH = VARIABLE,
+    ALIGNMENT = int4,
+    STORAGE = external,
+    CATEGORY = 'U'
+);
+COMMENT ON TYPE encrypted_text IS 'AES-256-GCM envelope (format, key id, key version, nonce, ciphertext, tag) produced by kms_encrypt(), or AES-256-SIV (header, synthetic IV, ciphertext) from kms_encrypt_deterministic(); text form kms:<base64>';
+CREATE CAST (encrypted_text AS bytea) WITHOUT FUNCTION;
+"#,
+    name = "encrypted_text_type",
+    requires = [
+        "encrypted_text_shell",
+        encrypted_text_in,
+        encrypted_text_out,
+        encrypted_text_recv,
+        encrypted_text_send
+    ],
+);

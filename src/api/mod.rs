@@ -1,0 +1,5 @@
+//! The SQL API: every `#[pg_extern]` of pg_kms and nothing else, one file
+//! per SQL area, each ending with its `#[pg_test]`s. Functions here are
+//! thin: they convert arguments, call the logic layer and raise its error.
+
+pub mod encrypted_text;

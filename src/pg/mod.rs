@@ -1,0 +1,31 @@
+//! PostgreSQL glue with no knowledge of keys: SPI helpers, the identity
+//! switches, datum wrappers, encoding conversion, settings and shared
+//! memory. Everything above (catalog, keys, logic, API) reaches the server
+//! through here or through pgrx directly for typed row reads.
+
+pub mod datum;
+pub mod encoding;
+pub mod guc;
+pub mod identity;
+pub mod shmem;
+pub mod spi;
+
+use pgrx::pg_sys;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static PRELOADED: AtomicBool = AtomicBool::new(false);
+
+/// Records whether the library is being loaded by
+/// `shared_preload_libraries` (called once from `_PG_init`).
+pub fn init() {
+    // SAFETY: called once from _PG_init, in the single thread of the
+    // process loading the library: a plain read of a Postgres global.
+    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
+    PRELOADED.store(preloading, Ordering::Relaxed);
+}
+
+/// Whether the library was loaded by `shared_preload_libraries` (shared
+/// memory and the background worker exist only then).
+pub fn preloaded() -> bool {
+    PRELOADED.load(Ordering::Relaxed)
+}
