@@ -14,6 +14,7 @@ pub mod aead;
 pub mod derive;
 pub mod envelope;
 pub mod integrity;
+mod kat;
 pub mod kdf;
 pub mod master;
 pub mod names;
