@@ -3,6 +3,7 @@
 # versus 10,000 keys (one per tenant) interleaved in the same table, in one
 # run on the same rows. Target: within 1.2x of the single-key speed.
 # Needs the extension installed. Run as root: bash scripts/bench_tenants.sh
+# The SQL it runs is in scripts/bench_tenants/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/cluster.sh
@@ -14,34 +15,14 @@ KEY=$DIR.keys/master.key
 trap 'cluster_stop "$DIR"' EXIT
 new_master_key "$KEY"
 cluster_start "$DIR" "$PORT" "pg_kms.master_key_file = '$KEY'" "shared_buffers = '1GB'" "jit = off" "max_parallel_workers_per_gather = 0"
-q() { cluster_psql "$DIR" "$PORT" -d postgres -qAtX "$@"; }
+q() { cluster_psql "$DIR" "$PORT" -d postgres -qAtX -v ON_ERROR_STOP=1 "$@"; }
 echo "== $(nproc) cores; $ROWS rows; 1 key vs $KEYS keys"
-q >/dev/null <<SQL
-CREATE EXTENSION pg_kms;
-SELECT kms_create_key('tenant-solo');
-SELECT count(kms_create_key('tenant-' || g)) FROM generate_series(0, $KEYS - 1) g;
--- Each side reads its own table of the same shape (same rows, same column
--- positions, key names of the same length as most tenant names), so the
--- only difference between the two is how many keys the rows use.
-CREATE TABLE src_one AS SELECT g AS id, 'user' || g || '@example.com' AS email,
-       'tenant-solo'::text AS key_name FROM generate_series(1, $ROWS) g;
-CREATE TABLE src_many AS SELECT g AS id, 'user' || g || '@example.com' AS email,
-       'tenant-' || (g % $KEYS) AS key_name FROM generate_series(1, $ROWS) g;
-CREATE TABLE sealed_one AS SELECT id, kms_encrypt(email, key_name) AS v FROM src_one;
-CREATE TABLE sealed_many AS SELECT id, kms_encrypt(email, key_name) AS v FROM src_many;
-VACUUM ANALYZE src_one; VACUUM ANALYZE src_many; VACUUM ANALYZE sealed_one; VACUUM ANALYZE sealed_many;
-SQL
+q -v rows="$ROWS" -v keys="$KEYS" -f scripts/bench_tenants/setup.sql >/dev/null
 # One key and many keys alternate in one session, so drift on a shared host
 # hits both alike; each side reports its best of $RUNS.
 RUNS=${RUNS:-7}
-# ab EXPR TABLE: EXPR over TABLE_one, then over TABLE_many.
-ab() { cluster_psql "$DIR" "$PORT" -d postgres -qAtX -c "DO \$\$ DECLARE t timestamptz; a float8 := 1e12; b float8 := 1e12; d bigint; BEGIN
-  EXECUTE 'SELECT sum(octet_length(($1)::text)) FROM $2_one' INTO d; EXECUTE 'SELECT sum(octet_length(($1)::text)) FROM $2_many' INTO d;
-  FOR i IN 1..$RUNS LOOP
-    t := clock_timestamp(); EXECUTE 'SELECT sum(octet_length(($1)::text)) FROM $2_one' INTO d; a := least(a, extract(epoch FROM clock_timestamp() - t) * 1000);
-    t := clock_timestamp(); EXECUTE 'SELECT sum(octet_length(($1)::text)) FROM $2_many' INTO d; b := least(b, extract(epoch FROM clock_timestamp() - t) * 1000);
-  END LOOP;
-  RAISE NOTICE 'ms=% %', round(a::numeric, 1), round(b::numeric, 1); END \$\$" 2>&1 | sed -n 's/.*ms=//p'; }
+# ab EXPR TABLE: EXPR over TABLE_one, then over TABLE_many: "ms_one ms_many".
+ab() { q -v expr="$1" -v tbl="$2" -v runs="$RUNS" -f scripts/bench_tenants/ab.sql; }
 # The many-key side is bound by how much CPU cache this machine gets, which
 # on a shared host changes from minute to minute: print the memory latency
 # before and after (random dependent reads; scripts/memlat.rs).

@@ -9,6 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/cluster.sh
+SQL_DIR=scripts/bench_worker   # the SQL this script runs
 
 ROWS=${ROWS:-1000000}
 DIR=${DIR:-/tmp/pg_kms_bench_worker}
@@ -17,7 +18,7 @@ PGBENCH_SECONDS=${PGBENCH_SECONDS:-30}
 KEY=$DIR.keys/master.key
 trap 'cluster_stop "$DIR"' EXIT
 
-psql_q() { cluster_psql "$DIR" "$PORT" -d bench -qAtX "$@"; }
+psql_q() { cluster_psql "$DIR" "$PORT" -d bench -qAtX -v ON_ERROR_STOP=1 "$@"; }
 
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/{print $2}') GB RAM"
 new_master_key "$KEY"
@@ -26,26 +27,18 @@ cluster_start "$DIR" "$PORT" "pg_kms.master_key_file = '$KEY'" "shared_preload_l
 cluster_psql "$DIR" "$PORT" -d postgres -qc "CREATE DATABASE bench"
 echo "PostgreSQL: $(psql_q -c 'SHOW server_version')"
 
-psql_q >/dev/null <<SQL
-CREATE EXTENSION pg_kms;
-SELECT kms_create_key('pii');
-CREATE TABLE people (id int PRIMARY KEY, email encrypted_text);
-INSERT INTO people SELECT g, kms_encrypt('user' || g || '@example.com', 'pii') FROM generate_series(1, $ROWS) g;
-VACUUM ANALYZE people;
-SQL
+psql_q -v rows="$ROWS" -f "$SQL_DIR/setup.sql" >/dev/null
 
 wait_done() {  # waits until no old versions remain; prints seconds
     local start=$SECONDS
-    until [ "$(psql_q -c "SELECT count(*) FROM kms_reencryption_progress WHERE rows_pending = 0 AND finished_at > now() - interval '1 hour' AND last_batch_at IS NOT NULL")" = 1 ] \
-          && [ "$(psql_q -c "SELECT count(*) FROM people WHERE kms_key_version(email) <> (SELECT max(version) FROM kms_keys)")" = 0 ]; do
+    until [ "$(psql_q -f "$SQL_DIR/pass_done.sql")" = t ]; do
         [ $((SECONDS - start)) -lt 1800 ] || { echo "timeout waiting for the worker" >&2; exit 1; }
         sleep 0.2
     done
 }
 
 echo "== 1. capacity: rewrap $ROWS rows, unthrottled"
-cluster_psql "$DIR" "$PORT" -d bench -qc "ALTER SYSTEM SET pg_kms.reencrypt_max_rows_per_second = 0" \
-    -c "ALTER SYSTEM SET pg_kms.reencrypt_batch_size = 5000" -c "SELECT pg_reload_conf()" >/dev/null
+psql_q -f "$SQL_DIR/unthrottled.sql" >/dev/null
 t0=$(date +%s.%N)
 psql_q -c "SELECT kms_rotate_key('pii')" >/dev/null
 wait_done
@@ -54,17 +47,16 @@ awk -v r="$ROWS" -v a="$t0" -v b="$t1" 'BEGIN { printf "   %d rows in %.1f s: %.
 
 echo "== 2. pgbench TPS, worker idle vs. working at the default throttle (5000 rows/s)"
 "$PG_BIN/pgbench" -h "$DIR" -p "$PORT" -U postgres -i -s 10 -q bench >/dev/null 2>&1
-cluster_psql "$DIR" "$PORT" -d bench -qc "ALTER SYSTEM RESET pg_kms.reencrypt_max_rows_per_second" \
-    -c "ALTER SYSTEM RESET pg_kms.reencrypt_batch_size" -c "SELECT pg_reload_conf()" >/dev/null
+psql_q -f "$SQL_DIR/default_throttle.sql" >/dev/null
 tps() { "$PG_BIN/pgbench" -h "$DIR" -p "$PORT" -U postgres -c 2 -j 2 -T "$PGBENCH_SECONDS" -n bench 2>/dev/null \
         | awk '/^tps/ {print $3; exit}'; }
 idle=$(tps)
 psql_q -c "SELECT kms_rotate_key('pii')" >/dev/null
 # wait until the worker has started its new pass, then count from there
-until [ "$(psql_q -c "SELECT count(*) FROM kms_reencryption_progress WHERE finished_at IS NULL AND rows_rewrapped > 0")" = 1 ]; do sleep 0.1; done
-before=$(psql_q -c "SELECT coalesce(max(encryptions), 0) FROM kms_stats WHERE version = (SELECT max(version) FROM kms_keys)")
+until [ "$(psql_q -f "$SQL_DIR/pass_started.sql")" = t ]; do sleep 0.1; done
+before=$(psql_q -f "$SQL_DIR/encryptions.sql")
 working=$(tps)
-after=$(psql_q -c "SELECT coalesce(max(encryptions), 0) FROM kms_stats WHERE version = (SELECT max(version) FROM kms_keys)")
+after=$(psql_q -f "$SQL_DIR/encryptions.sql")
 awk -v i="$idle" -v w="$working" -v n="$((after - before))" -v s="$PGBENCH_SECONDS" 'BEGIN {
     printf "   idle: %.0f tps; working: %.0f tps while rewrapping %.0f rows/s\n", i, w, n / s
     printf "   TPS ratio working/idle = %.3f (loss %.1f%%, goal < 10%%)\n", w / i, (1 - w / i) * 100 }'
