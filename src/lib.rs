@@ -8,11 +8,12 @@
 use pgrx::prelude::*;
 
 mod api;
+mod catalog;
 pub mod core;
 pub mod crypto;
 mod errors;
 mod hooks;
-mod keyring;
+mod keys;
 mod lifecycle;
 mod pg;
 mod reencrypt;
@@ -30,7 +31,7 @@ extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 pub extern "C-unwind" fn _PG_init() {
     pg::init();
     pg::guc::init();
-    keyring::init();
+    catalog::init();
     hooks::init();
     if crate::pg::preloaded() {
         pg::shmem::init();

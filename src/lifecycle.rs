@@ -7,18 +7,19 @@
 //! of this file), re-MACs the rows it changed, sends `NOTIFY kms_events`,
 //! and invalidates every backend's key cache.
 
-use crate::crypto::integrity::{self, AuditRow};
-use crate::crypto::{IntegrityKeys, Kek, MasterKey};
+use crate::catalog;
+use crate::crypto::integrity;
+use crate::crypto::{Kek, MasterKey};
 use crate::errors::{KmsError, KmsResult, OrRaise};
-use crate::keyring::{self, Privilege, State, Which};
+use crate::keys::audit::{append, audit, begin_act, check_audit_log, Act};
+use crate::keys::integrity::*;
+use crate::keys::{self, Privilege, State, Which};
 use crate::pg::datum::{RawText, RegRole};
 use crate::pg::spi;
-use pgrx::datum::{Interval, TimestampWithTimeZone};
+use pgrx::datum::Interval;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use serde_json::json;
-use std::cell::RefCell;
-use std::rc::Rc;
 use zeroize::Zeroizing;
 
 /// Runs a lifecycle act as the catalog owner, then invalidates caches.
@@ -29,10 +30,10 @@ pub(crate) fn lifecycle<R>(f: impl FnOnce() -> KmsResult<R>) -> R {
     if unsafe { pg_sys::RecoveryInProgress() || pg_sys::XactReadOnly } {
         KmsError::ReadOnly.raise();
     }
-    keyring::as_catalog_owner(|cat| {
+    catalog::as_catalog_owner(|cat| {
         guard_catalog()?;
         let r = f()?;
-        keyring::invalidate_all_backends(cat);
+        catalog::invalidate_all_backends(cat);
         // After commit, wake this database's re-encryption worker at once.
         pgrx::register_xact_callback(
             pgrx::PgXactCallbackEvent::Commit,
@@ -74,21 +75,6 @@ fn guard_catalog() -> KmsResult<()> {
     }
 }
 
-/// Appends an audit row for an act that changes no key-state row (grants,
-/// secrets). Caller is the catalog owner.
-pub(crate) fn audit(
-    operation: &str,
-    key_name: Option<&str>,
-    version: Option<i32>,
-    reason: Option<RawText>,
-) -> KmsResult<()> {
-    let act = begin_act()?;
-    append(
-        &act.keys, &act.fp, operation, key_name, version, reason, None,
-    )
-    .map(|_| ())
-}
-
 /// Appends the audit row of a change to key `key_id`, then re-MACs the
 /// key's rows under the new generation (that row's id). Returns the id.
 fn record(
@@ -110,38 +96,6 @@ fn record(
     )?;
     reseal_key(&act.keys, key.id, id)?;
     Ok(id)
-}
-
-/// What an act needs from the master key configured now: the KEK and the
-/// integrity keys, with the keyring committed to that key (and, for a
-/// keyring made before rows carried MACs, the MACs adopted).
-struct Act {
-    kek: Kek,
-    keys: IntegrityKeys,
-    fp: [u8; 32],
-}
-
-fn begin_act() -> KmsResult<Act> {
-    let mk = keyring::load_master_key(Which::Current)?;
-    let kr = commit_keyring(&mk)?;
-    let act = Act {
-        kek: mk.kek(),
-        keys: mk.integrity_keys(),
-        fp: mk.fingerprint(),
-    };
-    match kr.since_us {
-        Some(since) => {
-            if !kr.mac.as_deref().is_some_and(|m| {
-                act.keys
-                    .row
-                    .verify(&integrity::keyring_row(&kr.fp, since), m)
-            }) {
-                return Err(altered("the kms.keyring row".into(), WHY_MAC));
-            }
-        }
-        None => adopt(&act)?,
-    }
-    Ok(act)
 }
 
 fn name_arg(key_name: &RawText) -> KmsResult<&str> {
@@ -240,9 +194,9 @@ fn set_state(key: &KeyRow, version: i32, state: State) -> KmsResult<()> {
 /// Inserts a version with a fresh random data key, wrapped under `kek`.
 fn add_version(kek: &Kek, key_id: i32, version: i32, state: State) -> KmsResult<()> {
     let mut dk = Zeroizing::new([0u8; 32]);
-    keyring::random_bytes(dk.as_mut())?;
+    keys::random_bytes(dk.as_mut())?;
     let mut nonce = [0u8; 12];
-    keyring::random_bytes(&mut nonce)?;
+    keys::random_bytes(&mut nonce)?;
     let wrapped = kek.wrap(key_id as u32, version as u32, &dk, &nonce);
     spi::exec(
         "INSERT INTO kms.key_versions (key_id, version, state, wrapped_key) VALUES ($1, $2, $3, $4)",
@@ -272,7 +226,7 @@ pub fn create_key(name: &str, rotation_period: Option<Interval>) -> KmsResult<i3
         let kek = &act.kek;
         let key_id = loop {
             let mut b = [0u8; 4];
-            keyring::random_bytes(&mut b)?;
+            keys::random_bytes(&mut b)?;
             let id = (u32::from_be_bytes(b) & 0x7FFF_FFFF) as i32;
             if id == 0 {
                 continue;
@@ -296,9 +250,9 @@ pub fn create_key(name: &str, rotation_period: Option<Interval>) -> KmsResult<i3
         };
         add_version(kek, key_id, 1, State::Active)?;
         let mut root = Zeroizing::new([0u8; 32]);
-        keyring::random_bytes(root.as_mut())?;
+        keys::random_bytes(root.as_mut())?;
         let mut nonce = [0u8; 12];
-        keyring::random_bytes(&mut nonce)?;
+        keys::random_bytes(&mut nonce)?;
         spi::exec(
             "UPDATE kms.keys SET index_key = $2 WHERE key_id = $1",
             &[
@@ -347,7 +301,7 @@ pub fn rotate_key(name: &str, reason: Option<RawText>) -> KmsResult<i32> {
 /// names rotated. A keyring made before rows carried MACs adopts them here
 /// (the worker calls this every naptime).
 pub fn rotate_due_keys() -> Vec<String> {
-    let (due, legacy) = keyring::as_catalog_owner(|_| {
+    let (due, legacy) = catalog::as_catalog_owner(|_| {
         let due = Spi::connect(|c| -> Result<Vec<String>, pgrx::spi::Error> {
             let mut out = Vec::new();
             for r in c.select(
@@ -793,8 +747,8 @@ fn kms_rebind_key_grants() -> i64 {
 #[pg_extern(volatile, parallel_unsafe)]
 fn kms_rotate_master_key() -> i64 {
     lifecycle(|| {
-        let new = keyring::load_master_key(Which::Current)?;
-        let stored = keyring::stored_fingerprint(true)?;
+        let new = keys::load_master_key(Which::Current)?;
+        let stored = catalog::rows::stored_fingerprint(true)?;
         let Some(stored) = stored else {
             // Nothing was ever wrapped: just commit to the new key.
             audit(
@@ -808,8 +762,8 @@ fn kms_rotate_master_key() -> i64 {
         if stored == new.fingerprint() {
             return Ok(0);
         }
-        let old: MasterKey = keyring::load_master_key(Which::Previous)?;
-        keyring::check_commitment(&old, Some(&stored), Which::Previous)?;
+        let old: MasterKey = keys::load_master_key(Which::Previous)?;
+        keys::check_commitment(&old, Some(&stored), Which::Previous)?;
         let (old_keys, new_keys) = (old.integrity_keys(), new.integrity_keys());
         // Authentic under the old key, or a keyring from before MACs that may adopt them.
         match read_keyring(true)? {
@@ -859,7 +813,7 @@ fn kms_rotate_master_key() -> i64 {
                     version: *version,
                 })?;
             let mut nonce = [0u8; 12];
-            keyring::random_bytes(&mut nonce)?;
+            keys::random_bytes(&mut nonce)?;
             let rewrapped = new_kek.wrap(*key_id as u32, *version as u32, &dk, &nonce);
             spi::exec(
                 "UPDATE kms.key_versions SET wrapped_key = $3 WHERE key_id = $1 AND version = $2",
@@ -892,7 +846,7 @@ fn kms_rotate_master_key() -> i64 {
                     version: 0,
                 })?;
             let mut nonce = [0u8; 12];
-            keyring::random_bytes(&mut nonce)?;
+            keys::random_bytes(&mut nonce)?;
             spi::exec(
                 "UPDATE kms.keys SET index_key = $2 WHERE key_id = $1",
                 &[
@@ -928,7 +882,7 @@ fn kms_rotate_master_key() -> i64 {
 
 #[pg_extern(stable, parallel_restricted)]
 fn kms_verify_audit_log() -> bool {
-    keyring::as_catalog_owner(|_| check_audit_log().map(|c| c.problem.is_none())).or_raise()
+    catalog::as_catalog_owner(|_| check_audit_log().map(|c| c.problem.is_none())).or_raise()
 }
 
 /// The whole audit chain checked under the master key configured now:
@@ -947,7 +901,7 @@ fn kms_audit_log_check() -> TableIterator<
         name!(head_mac, Option<String>),
     ),
 > {
-    let c = keyring::as_catalog_owner(|_| check_audit_log()).or_raise();
+    let c = catalog::as_catalog_owner(|_| check_audit_log()).or_raise();
     TableIterator::once((
         c.problem.is_none(),
         c.rows,
@@ -1002,13 +956,12 @@ fn nonce_warnings() -> KmsResult<serde_json::Value> {
 /// Configuration and keyring health, without any key material.
 #[pg_extern(volatile, parallel_safe)]
 fn kms_health() -> pgrx::JsonB {
-    let report = keyring::as_catalog_owner(|_| {
-        let stored = keyring::stored_fingerprint(false)?;
-        let source = keyring::describe_source(Which::Current);
+    let report = catalog::as_catalog_owner(|_| {
+        let stored = catalog::rows::stored_fingerprint(false)?;
+        let source = keys::describe_source(Which::Current);
         // Reuses this backend's validated key while the source is unchanged
         // (no key command run per call).
-        let (valid, matches, error) = match keyring::validate_current_master_key(stored.as_deref())
-        {
+        let (valid, matches, error) = match keys::validate_current_master_key(stored.as_deref()) {
             Ok(()) => (true, stored.is_some().then_some(true), None),
             Err(e @ KmsError::MasterKeyMismatch { .. }) => (true, Some(false), Some(e.message())),
             Err(e) => (false, None, Some(e.message())),
@@ -1052,864 +1005,6 @@ fn kms_health() -> pgrx::JsonB {
     })
     .or_raise();
     pgrx::JsonB(report)
-}
-
-// ---------------------------------------------------------------------------
-// Catalog and audit integrity
-//
-// Keys derived from the master key (src/crypto/integrity.rs):
-// * the audit-chain key MACs each audit row's chain hash, which commits to
-//   every earlier row;
-// * the catalog-row key MACs kms.keyring, kms.keys and kms.key_versions.
-//   A key's rows are bound to its generation: the id of the audit row of
-//   its latest change (or of the latest keyring-wide act), so a saved row
-//   put back is older than the trail and refused.
-// Checked on every cold load of a key (keyring::load) and by every act on
-// the rows it reads; never on the per-row path.
-
-const WHY_MAC: &str = "Its MAC does not verify under the master key.";
-const WHY_STALE: &str = "It is older than the key's latest change recorded in the audit chain: a saved row was put back.";
-const WHY_CUT: &str =
-    "It is newer than the audit chain: the audit rows recording its latest change were removed.";
-const WHY_TRAIL: &str =
-    "The audit row that records the key's latest change does not verify under the master key.";
-
-/// Acts that change a key's rows: the latest one is the key's generation.
-const KEY_OPS: &str =
-    "'create_key', 'rotate_key', 'set_primary', 'disable_key_version', 'enable_key_version', 'destroy_key_version', 'destroy_key'";
-
-const KEY_ROW_SQL: &str =
-    "SELECT key_id, key_name, primary_version, (EXTRACT(epoch FROM destroyed_at) * 1000000)::int8,
-        index_key, generation, row_mac FROM kms.keys";
-const VERSION_ROW_SQL: &str = "SELECT version, state, wrapped_key, row_mac FROM kms.key_versions";
-const AUDIT_SQL: &str = "SELECT id, prev_hash, hash, mac, key_fp, (EXTRACT(epoch FROM at) * 1000000)::int8,
-        pg_catalog.convert_to(actor, 'UTF8'), pg_catalog.convert_to(operation, 'UTF8'),
-        pg_catalog.convert_to(key_name, 'UTF8'), version, pg_catalog.convert_to(reason, 'UTF8'),
-        pg_catalog.convert_to(detail, 'UTF8'),
-        CASE WHEN mac IS NULL THEN kms.audit_row_hash(prev_hash, id, at, actor, operation, key_name, version, reason) END
-   FROM kms.audit_log";
-
-fn altered(what: String, why: &'static str) -> KmsError {
-    KmsError::CatalogAltered { what, why }
-}
-
-fn hex_of(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-type Row<'a> = pgrx::spi::SpiHeapTupleData<'a>;
-
-/// A `kms.keys` row as its MAC covers it.
-pub(crate) struct KeyCheck<'a> {
-    pub key_id: i32,
-    pub name: &'a str,
-    pub primary: i32,
-    pub destroyed_us: Option<i64>,
-    pub index_key: Option<&'a [u8]>,
-    pub generation: i64,
-    pub mac: Option<&'a [u8]>,
-}
-
-/// A `kms.key_versions` row as its MAC covers it.
-pub(crate) struct VersionCheck<'a> {
-    pub version: i32,
-    pub state: &'a str,
-    pub wrapped: Option<&'a [u8]>,
-    pub mac: Option<&'a [u8]>,
-}
-
-struct KeyRowData {
-    key_id: i32,
-    name: String,
-    primary: i32,
-    destroyed_us: Option<i64>,
-    index_key: Option<Vec<u8>>,
-    generation: i64,
-    mac: Option<Vec<u8>>,
-}
-
-impl KeyRowData {
-    fn read(r: &Row<'_>) -> Result<KeyRowData, pgrx::spi::Error> {
-        Ok(KeyRowData {
-            key_id: r.get::<i32>(1)?.unwrap_or(0),
-            name: r.get::<String>(2)?.unwrap_or_default(),
-            primary: r.get::<i32>(3)?.unwrap_or(0),
-            destroyed_us: r.get::<i64>(4)?,
-            index_key: r.get::<Vec<u8>>(5)?,
-            generation: r.get::<i64>(6)?.unwrap_or(0),
-            mac: r.get::<Vec<u8>>(7)?,
-        })
-    }
-
-    fn check(&self) -> KeyCheck<'_> {
-        KeyCheck {
-            key_id: self.key_id,
-            name: &self.name,
-            primary: self.primary,
-            destroyed_us: self.destroyed_us,
-            index_key: self.index_key.as_deref(),
-            generation: self.generation,
-            mac: self.mac.as_deref(),
-        }
-    }
-}
-
-struct VersionRowData {
-    version: i32,
-    state: String,
-    wrapped: Option<Vec<u8>>,
-    mac: Option<Vec<u8>>,
-}
-
-impl VersionRowData {
-    fn read(r: &Row<'_>) -> Result<VersionRowData, pgrx::spi::Error> {
-        Ok(VersionRowData {
-            version: r.get::<i32>(1)?.unwrap_or(0),
-            state: r.get::<String>(2)?.unwrap_or_default(),
-            wrapped: r.get::<Vec<u8>>(3)?,
-            mac: r.get::<Vec<u8>>(4)?,
-        })
-    }
-
-    fn check(&self) -> VersionCheck<'_> {
-        VersionCheck {
-            version: self.version,
-            state: &self.state,
-            wrapped: self.wrapped.as_deref(),
-            mac: self.mac.as_deref(),
-        }
-    }
-}
-
-/// A key's row and its versions' rows: read-write (it sees what the act
-/// just changed) or read-only (kms_audit_log_check, a stable function).
-fn key_rows(key_id: i32, write: bool) -> KmsResult<(KeyRowData, Vec<VersionRowData>)> {
-    type Rows = Option<(KeyRowData, Vec<VersionRowData>)>;
-    let (key_q, versions_q) = (
-        format!("{KEY_ROW_SQL} WHERE key_id = $1"),
-        format!("{VERSION_ROW_SQL} WHERE key_id = $1 ORDER BY version"),
-    );
-    let versions =
-        |t: pgrx::spi::SpiTupleTable<'_>| -> Result<Vec<VersionRowData>, pgrx::spi::Error> {
-            t.map(|r| VersionRowData::read(&r)).collect()
-        };
-    let args = [key_id.into()];
-    if write {
-        Spi::connect_mut(|c| -> Result<Rows, pgrx::spi::Error> {
-            let Some(r) = c.update(&key_q, Some(1), &args)?.next() else {
-                return Ok(None);
-            };
-            let key = KeyRowData::read(&r)?;
-            Ok(Some((key, versions(c.update(&versions_q, None, &args)?)?)))
-        })
-    } else {
-        Spi::connect(|c| -> Result<Rows, pgrx::spi::Error> {
-            let Some(r) = c.select(&key_q, Some(1), &args)?.next() else {
-                return Ok(None);
-            };
-            let key = KeyRowData::read(&r)?;
-            Ok(Some((key, versions(c.select(&versions_q, None, &args)?)?)))
-        })
-    }
-    .map_err(KmsError::spi)?
-    .ok_or(KmsError::UnknownKeyId(key_id as u32))
-}
-
-fn key_mac(k: &KeyCheck<'_>) -> Vec<u8> {
-    integrity::key_row(
-        k.key_id,
-        k.name.as_bytes(),
-        k.primary,
-        k.destroyed_us,
-        k.index_key,
-        k.generation,
-    )
-}
-
-fn version_mac(k: &KeyCheck<'_>, v: &VersionCheck<'_>) -> Vec<u8> {
-    integrity::version_row(
-        k.key_id,
-        v.version,
-        v.state.as_bytes(),
-        v.wrapped,
-        k.generation,
-    )
-}
-
-/// Sets a key's generation and re-MACs its row and its versions' rows.
-fn reseal_key(keys: &IntegrityKeys, key_id: i32, generation: i64) -> KmsResult<()> {
-    spi::exec(
-        "UPDATE kms.keys SET generation = $2 WHERE key_id = $1",
-        &[key_id.into(), generation.into()],
-    )?;
-    let (key, versions) = key_rows(key_id, true)?;
-    let k = key.check();
-    spi::exec(
-        "UPDATE kms.keys SET row_mac = $2 WHERE key_id = $1",
-        &[key_id.into(), keys.row.hmac(&key_mac(&k)).to_vec().into()],
-    )?;
-    for v in &versions {
-        let mac = keys.row.hmac(&version_mac(&k, &v.check()));
-        spi::exec(
-            "UPDATE kms.key_versions SET row_mac = $3 WHERE key_id = $1 AND version = $2",
-            &[key_id.into(), v.version.into(), mac.to_vec().into()],
-        )?;
-    }
-    Ok(())
-}
-
-fn all_key_ids() -> KmsResult<Vec<i32>> {
-    Spi::connect(|c| -> Result<Vec<i32>, pgrx::spi::Error> {
-        let mut out = Vec::new();
-        for r in c.select("SELECT key_id FROM kms.keys ORDER BY 1", None, &[])? {
-            out.push(r.get::<i32>(1)?.unwrap_or(0));
-        }
-        Ok(out)
-    })
-    .map_err(KmsError::spi)
-}
-
-fn reseal_all(keys: &IntegrityKeys, generation: i64) -> KmsResult<()> {
-    for id in all_key_ids()? {
-        reseal_key(keys, id, generation)?;
-    }
-    Ok(())
-}
-
-/// Checks every key's rows under `keys` (before a master-key rotation
-/// re-MACs them under the new key).
-fn verify_all_keys(keys: &IntegrityKeys, fp: &[u8]) -> KmsResult<()> {
-    for id in all_key_ids()? {
-        let (key, versions) = key_rows(id, false)?;
-        let vs: Vec<VersionCheck<'_>> = versions.iter().map(VersionRowData::check).collect();
-        verify_with(keys, fp, &key.check(), &vs)?;
-    }
-    Ok(())
-}
-
-/// The keyring row: fingerprint, MACs on since (microseconds), its MAC.
-struct KeyringRow {
-    fp: Vec<u8>,
-    since_us: Option<i64>,
-    mac: Option<Vec<u8>>,
-}
-
-fn read_keyring(lock: bool) -> KmsResult<Option<KeyringRow>> {
-    let q = format!(
-        "SELECT master_key_fingerprint, (EXTRACT(epoch FROM integrity_since) * 1000000)::int8, row_mac FROM kms.keyring{}",
-        if lock { " FOR UPDATE" } else { "" }
-    );
-    let first =
-        |mut t: pgrx::spi::SpiTupleTable<'_>| -> Result<Option<KeyringRow>, pgrx::spi::Error> {
-            let Some(r) = t.next() else { return Ok(None) };
-            Ok(Some(KeyringRow {
-                fp: r.get::<Vec<u8>>(1)?.unwrap_or_default(),
-                since_us: r.get::<i64>(2)?,
-                mac: r.get::<Vec<u8>>(3)?,
-            }))
-        };
-    if lock {
-        Spi::connect_mut(|c| first(c.update(&q, Some(1), &[])?))
-    } else {
-        Spi::connect(|c| first(c.select(&q, Some(1), &[])?))
-    }
-    .map_err(KmsError::spi)
-}
-
-/// MACs the keyring row (fingerprint, integrity_since) under `keys`.
-fn seal_keyring(keys: &IntegrityKeys) -> KmsResult<()> {
-    let kr = read_keyring(true)?.ok_or_else(|| KmsError::Spi("kms.keyring has no row".into()))?;
-    let since = kr
-        .since_us
-        .ok_or_else(|| KmsError::Spi("kms.keyring.integrity_since is NULL".into()))?;
-    let mac = keys.row.hmac(&integrity::keyring_row(&kr.fp, since));
-    spi::exec(
-        "UPDATE kms.keyring SET row_mac = $1",
-        &[mac.to_vec().into()],
-    )
-}
-
-/// Commits the keyring to `mk` on first use (rows MAC'd from the start),
-/// locks its row and checks the commitment.
-fn commit_keyring(mk: &MasterKey) -> KmsResult<KeyringRow> {
-    let fresh = spi::one::<bool>(
-        "INSERT INTO kms.keyring (singleton, master_key_fingerprint, integrity_since)
-         VALUES (true, $1, pg_catalog.now()) ON CONFLICT DO NOTHING RETURNING true",
-        &[mk.fingerprint().to_vec().into()],
-    )?;
-    if fresh.is_some() {
-        seal_keyring(&mk.integrity_keys())?;
-    }
-    let kr = read_keyring(true)?.ok_or_else(|| KmsError::Spi("kms.keyring has no row".into()))?;
-    keyring::check_commitment(mk, Some(&kr.fp), Which::Current)?;
-    Ok(kr)
-}
-
-/// A keyring whose row says it carries no MACs is accepted only while the
-/// audit chain has no keyed row: otherwise its row was edited (or removed)
-/// to get altered rows accepted or re-blessed.
-fn refuse_unkeyed_with_keyed_chain() -> KmsResult<()> {
-    if spi::read::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM kms.audit_log WHERE mac IS NOT NULL)",
-        &[],
-    )? == Some(true)
-    {
-        return Err(altered(
-            "the kms.keyring row".into(),
-            "It says key-state rows carry no MACs (or is missing), but the audit chain has keyed rows.",
-        ));
-    }
-    Ok(())
-}
-
-/// A keyring made before rows carried MACs adopts them: every wrapped key
-/// and index root must open under the KEK (their AAD binds key id and
-/// version, so a swapped or edited one is refused, not blessed), then every
-/// row is MAC'd and the adoption is audited in the keyed chain.
-fn adopt(act: &Act) -> KmsResult<()> {
-    refuse_unkeyed_with_keyed_chain()?;
-    let material = Spi::connect(|c| -> Result<Vec<(i32, String, i32, Vec<u8>)>, pgrx::spi::Error> {
-        let mut out = Vec::new();
-        for r in c.select(
-            "SELECT k.key_id, k.key_name, v.version, v.wrapped_key FROM kms.keys k JOIN kms.key_versions v ON v.key_id = k.key_id
-              WHERE v.wrapped_key IS NOT NULL
-             UNION ALL
-             SELECT key_id, key_name, 0, index_key FROM kms.keys WHERE index_key IS NOT NULL",
-            None,
-            &[],
-        )? {
-            out.push((
-                r.get::<i32>(1)?.unwrap_or(0),
-                r.get::<String>(2)?.unwrap_or_default(),
-                r.get::<i32>(3)?.unwrap_or(0),
-                r.get::<Vec<u8>>(4)?.unwrap_or_default(),
-            ));
-        }
-        Ok(out)
-    })
-    .map_err(KmsError::spi)?;
-    for (key_id, name, version, wrapped) in &material {
-        let opened = if *version == 0 {
-            act.kek.unwrap_index_root(*key_id as u32, wrapped)
-        } else {
-            act.kek.unwrap_raw(*key_id as u32, *version as u32, wrapped)
-        };
-        opened.map_err(|_| KmsError::CatalogCorrupt {
-            key: name.clone(),
-            version: *version,
-        })?;
-    }
-    // A key destroyed before destroyed_at existed: every version destroyed, no index root.
-    spi::exec(
-        "UPDATE kms.keys k SET destroyed_at = pg_catalog.now()
-          WHERE destroyed_at IS NULL AND index_key IS NULL
-            AND NOT EXISTS (SELECT 1 FROM kms.key_versions v WHERE v.key_id = k.key_id AND v.state <> 'destroyed')",
-        &[],
-    )?;
-    spi::exec(
-        "UPDATE kms.keyring SET integrity_since = pg_catalog.now()",
-        &[],
-    )?;
-    seal_keyring(&act.keys)?;
-    let keys = all_key_ids()?.len();
-    let reason = RawText::from_ascii(&format!(
-        "rows of {keys} keys MAC'd (keyring made before MACs)"
-    ));
-    let id = append(
-        &act.keys,
-        &act.fp,
-        "adopt_integrity",
-        None,
-        None,
-        Some(reason),
-        None,
-    )?;
-    reseal_all(&act.keys, id)
-}
-
-thread_local! {
-    /// (key source, fingerprint, keys) of the master key last used to check rows.
-    static INTEGRITY_KEYS: RefCell<Option<(String, Vec<u8>, Rc<IntegrityKeys>)>> = const { RefCell::new(None) };
-}
-
-/// The integrity keys of the master key configured now, which must match
-/// the keyring's fingerprint `stored_fp`; cached per backend.
-fn integrity_keys(stored_fp: &[u8]) -> KmsResult<Rc<IntegrityKeys>> {
-    let source = keyring::master_key_source(Which::Current).map(|(s, _, v)| format!("{s}={v}"));
-    let hit = INTEGRITY_KEYS.with(|c| match (&*c.borrow(), &source) {
-        (Some((src, fp, keys)), Some(now)) if src == now && fp.as_slice() == stored_fp => {
-            Some(keys.clone())
-        }
-        _ => None,
-    });
-    if let Some(keys) = hit {
-        return Ok(keys);
-    }
-    let mk = keyring::load_master_key(Which::Current)?;
-    keyring::check_commitment(&mk, Some(stored_fp), Which::Current)?;
-    let keys = Rc::new(mk.integrity_keys());
-    if let Some(src) = source {
-        INTEGRITY_KEYS.with(|c| *c.borrow_mut() = Some((src, stored_fp.to_vec(), keys.clone())));
-    }
-    Ok(keys)
-}
-
-/// Checks a key's rows as read (keyring::load, cold path; and every act
-/// through lock_key): their MACs, that they are the key's latest state in
-/// the audit chain, and that the audit row recording it is authentic.
-/// XX001 "catalog row altered" otherwise. Caller is the catalog owner;
-/// read-only (works in parallel workers and on a standby).
-pub(crate) fn verify_key_rows(key: &KeyCheck<'_>, versions: &[VersionCheck<'_>]) -> KmsResult<()> {
-    match read_keyring(false)? {
-        Some(KeyringRow {
-            fp,
-            since_us: Some(since),
-            mac,
-        }) => {
-            let keys = integrity_keys(&fp)?;
-            if !mac
-                .as_deref()
-                .is_some_and(|m| keys.row.verify(&integrity::keyring_row(&fp, since), m))
-            {
-                return Err(altered("the kms.keyring row".into(), WHY_MAC));
-            }
-            verify_with(&keys, &fp, key, versions)
-        }
-        _ => refuse_unkeyed_with_keyed_chain(),
-    }
-}
-
-fn verify_with(
-    keys: &IntegrityKeys,
-    fp: &[u8],
-    key: &KeyCheck<'_>,
-    versions: &[VersionCheck<'_>],
-) -> KmsResult<()> {
-    let whose = || format!("the kms.keys row of key \"{}\"", key.name);
-    if !key.mac.is_some_and(|m| keys.row.verify(&key_mac(key), m)) {
-        return Err(altered(whose(), WHY_MAC));
-    }
-    for v in versions {
-        if !v
-            .mac
-            .is_some_and(|m| keys.row.verify(&version_mac(key, v), m))
-        {
-            return Err(altered(
-                format!(
-                    "the kms.key_versions row of version {} of key \"{}\"",
-                    v.version, key.name
-                ),
-                WHY_MAC,
-            ));
-        }
-    }
-    let latest = spi::read::<i64>(
-        &format!(
-            "SELECT GREATEST((SELECT max(id) FROM kms.audit_log WHERE key_name = $1 AND operation IN ({KEY_OPS})),
-                             (SELECT max(id) FROM kms.audit_log WHERE operation IN ('rotate_master_key', 'adopt_integrity')))"
-        ),
-        &[key.name.into()],
-    )?;
-    match latest {
-        Some(l) if l == key.generation => {}
-        Some(l) if l > key.generation => return Err(altered(whose(), WHY_STALE)),
-        _ => return Err(altered(whose(), WHY_CUT)),
-    }
-    let authentic = read_audit(Some(key.generation))?.first().is_some_and(|r| {
-        r.key_fp.as_deref() == Some(fp)
-            && r.content_ok()
-            && r.mac
-                .as_deref()
-                .is_some_and(|m| keys.audit.verify(&r.hash, m))
-    });
-    if !authentic {
-        return Err(altered(whose(), WHY_TRAIL));
-    }
-    Ok(())
-}
-
-/// Appends one audit row to the keyed chain under `keys` (the master key
-/// whose fingerprint is `fp`), updates kms.audit_head, queues NOTIFY
-/// kms_events, and at commit writes the new head to the server log (row
-/// id and MAC: no secret). Returns the row's id.
-fn append(
-    keys: &IntegrityKeys,
-    fp: &[u8; 32],
-    operation: &str,
-    key_name: Option<&str>,
-    version: Option<i32>,
-    reason: Option<RawText>,
-    detail: Option<&str>,
-) -> KmsResult<i64> {
-    // Self-conflicting lock: concurrent acts are chained one after another.
-    spi::exec("LOCK TABLE kms.audit_log IN SHARE ROW EXCLUSIVE MODE", &[])?;
-    type Head = Option<(i64, Vec<u8>)>;
-    let last = Spi::connect(|c| -> Result<Head, pgrx::spi::Error> {
-        let Some(r) = c
-            .select(
-                "SELECT id, hash FROM kms.audit_log ORDER BY id DESC LIMIT 1",
-                None,
-                &[],
-            )?
-            .next()
-        else {
-            return Ok(None);
-        };
-        Ok(Some((
-            r.get::<i64>(1)?.unwrap_or(0),
-            r.get::<Vec<u8>>(2)?.unwrap_or_default(),
-        )))
-    })
-    .map_err(KmsError::spi)?;
-    let (id, prev) = match last {
-        Some((id, hash)) => (id + 1, hash),
-        None => (1, vec![0u8; 32]),
-    };
-    type Now = (
-        Option<TimestampWithTimeZone>,
-        i64,
-        Vec<u8>,
-        Option<Vec<u8>>,
-        String,
-    );
-    let (at, at_us, actor, reason_utf8, db) = Spi::connect(|c| -> Result<Now, pgrx::spi::Error> {
-        let t = c.select(
-            "SELECT t, (EXTRACT(epoch FROM t) * 1000000)::int8, pg_catalog.convert_to(session_user::text, 'UTF8'),
-                    pg_catalog.convert_to($1, 'UTF8'), pg_catalog.quote_ident(pg_catalog.current_database())
-               FROM (SELECT pg_catalog.clock_timestamp() AS t) s",
-            Some(1),
-            &[reason.into()],
-        )?;
-        let r = t.first();
-        Ok((
-            r.get::<TimestampWithTimeZone>(1)?,
-            r.get::<i64>(2)?.unwrap_or(0),
-            r.get::<Vec<u8>>(3)?.unwrap_or_default(),
-            r.get::<Vec<u8>>(4)?,
-            r.get::<String>(5)?.unwrap_or_default(),
-        ))
-    })
-    .map_err(KmsError::spi)?;
-    let row = AuditRow {
-        id,
-        at_us,
-        actor: &actor,
-        operation: operation.as_bytes(),
-        key_name: key_name.map(str::as_bytes),
-        version,
-        reason: reason_utf8.as_deref(),
-        detail: detail.map(str::as_bytes),
-        key_fp: fp,
-    };
-    let hash = row.chain_hash(&prev);
-    let mac = keys.audit.hmac(&hash);
-    spi::exec(
-        "INSERT INTO kms.audit_log (id, at, actor, operation, key_name, version, reason, prev_hash, hash, detail, key_fp, mac)
-         VALUES ($1, $2, session_user, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-        &[
-            id.into(),
-            at.into(),
-            operation.into(),
-            key_name.into(),
-            version.into(),
-            reason.into(),
-            prev.into(),
-            hash.to_vec().into(),
-            detail.into(),
-            fp.to_vec().into(),
-            mac.to_vec().into(),
-        ],
-    )?;
-    spi::exec(
-        "INSERT INTO kms.audit_head (singleton, last_id, last_hash, last_mac) VALUES (true, $1, $2, $3)
-         ON CONFLICT (singleton) DO UPDATE SET last_id = excluded.last_id, last_hash = excluded.last_hash, last_mac = excluded.last_mac",
-        &[id.into(), hash.to_vec().into(), mac.to_vec().into()],
-    )?;
-    spi::exec(
-        "SELECT pg_catalog.pg_notify('kms_events', pg_catalog.jsonb_build_object(
-                'operation', $1::text, 'key_name', $2::text, 'version', $3::integer)::text)",
-        &[operation.into(), key_name.into(), version.into()],
-    )?;
-    let line = format!(
-        "pg_kms: audit chain head of database {db}: id={id} mac={}",
-        hex_of(&mac)
-    );
-    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, move || {
-        pgrx::log!("{line}")
-    });
-    Ok(id)
-}
-
-/// One audit row as stored (text fields as UTF-8 bytes).
-struct AuditRecord {
-    id: i64,
-    prev: Vec<u8>,
-    hash: Vec<u8>,
-    mac: Option<Vec<u8>>,
-    key_fp: Option<Vec<u8>>,
-    at_us: i64,
-    actor: Vec<u8>,
-    operation: Vec<u8>,
-    key_name: Option<Vec<u8>>,
-    version: Option<i32>,
-    reason: Option<Vec<u8>>,
-    detail: Option<Vec<u8>>,
-    /// kms.audit_row_hash of an unkeyed row (made before the chain was keyed).
-    legacy_hash: Option<Vec<u8>>,
-}
-
-impl AuditRecord {
-    fn read(r: &Row<'_>) -> Result<AuditRecord, pgrx::spi::Error> {
-        Ok(AuditRecord {
-            id: r.get::<i64>(1)?.unwrap_or(0),
-            prev: r.get::<Vec<u8>>(2)?.unwrap_or_default(),
-            hash: r.get::<Vec<u8>>(3)?.unwrap_or_default(),
-            mac: r.get::<Vec<u8>>(4)?,
-            key_fp: r.get::<Vec<u8>>(5)?,
-            at_us: r.get::<i64>(6)?.unwrap_or(0),
-            actor: r.get::<Vec<u8>>(7)?.unwrap_or_default(),
-            operation: r.get::<Vec<u8>>(8)?.unwrap_or_default(),
-            key_name: r.get::<Vec<u8>>(9)?,
-            version: r.get::<i32>(10)?,
-            reason: r.get::<Vec<u8>>(11)?,
-            detail: r.get::<Vec<u8>>(12)?,
-            legacy_hash: r.get::<Vec<u8>>(13)?,
-        })
-    }
-
-    /// Whether the stored hash is SHA-256(prev_hash || canonical row).
-    fn content_ok(&self) -> bool {
-        let row = AuditRow {
-            id: self.id,
-            at_us: self.at_us,
-            actor: &self.actor,
-            operation: &self.operation,
-            key_name: self.key_name.as_deref(),
-            version: self.version,
-            reason: self.reason.as_deref(),
-            detail: self.detail.as_deref(),
-            key_fp: self.key_fp.as_deref().unwrap_or(&[]),
-        };
-        row.chain_hash(&self.prev).as_slice() == self.hash.as_slice()
-    }
-}
-
-/// Audit rows in id order (or the one with id `only`). Read-only.
-fn read_audit(only: Option<i64>) -> KmsResult<Vec<AuditRecord>> {
-    Spi::connect(|c| -> Result<Vec<AuditRecord>, pgrx::spi::Error> {
-        let t = match only {
-            Some(id) => c.select(&format!("{AUDIT_SQL} WHERE id = $1"), None, &[id.into()])?,
-            None => c.select(&format!("{AUDIT_SQL} ORDER BY id"), None, &[])?,
-        };
-        let mut out = Vec::new();
-        for r in t {
-            out.push(AuditRecord::read(&r)?);
-        }
-        Ok(out)
-    })
-    .map_err(KmsError::spi)
-}
-
-struct AuditCheck {
-    rows: i64,
-    first_bad: Option<i64>,
-    problem: Option<String>,
-    head_id: Option<i64>,
-    head_mac: Option<String>,
-}
-
-/// The whole chain checked under the master key configured now. Caller is
-/// the catalog owner.
-fn check_audit_log() -> KmsResult<AuditCheck> {
-    let kr = read_keyring(false)?;
-    let current = match &kr {
-        Some(k) => Some((k.fp.clone(), integrity_keys(&k.fp)?)),
-        None => None,
-    };
-    let recs = read_audit(None)?;
-    let last = recs.last();
-    let mut out = AuditCheck {
-        rows: recs.len() as i64,
-        first_bad: None,
-        problem: None,
-        head_id: last.map(|r| r.id),
-        head_mac: last.and_then(|r| r.mac.as_deref().map(hex_of)),
-    };
-    if let Some((id, why)) = find_problem(
-        kr.as_ref(),
-        current.as_ref().map(|(fp, k)| (fp.as_slice(), &**k)),
-        &recs,
-    )? {
-        out.first_bad = id;
-        out.problem = Some(why);
-    }
-    Ok(out)
-}
-
-fn find_problem(
-    kr: Option<&KeyringRow>,
-    current: Option<(&[u8], &IntegrityKeys)>,
-    recs: &[AuditRecord],
-) -> KmsResult<Option<(Option<i64>, String)>> {
-    let bad = |id: i64, why: &str| Ok(Some((Some(id), format!("row {id}: {why}"))));
-    let mut prev = vec![0u8; 32];
-    let mut last_fp: Option<&[u8]> = None;
-    let mut seen_current = false;
-    for (i, r) in recs.iter().enumerate() {
-        let expect = i as i64 + 1;
-        if r.id != expect {
-            return bad(expect, &format!("missing (the next row is {})", r.id));
-        }
-        if r.prev != prev {
-            return bad(r.id, "prev_hash is not the hash of the row before it: rows were removed, inserted or reordered");
-        }
-        let op = r.operation.as_slice();
-        match (&r.mac, &r.key_fp) {
-            (None, _) => {
-                if last_fp.is_some() {
-                    return bad(r.id, "an unkeyed row after keyed rows");
-                }
-                if r.legacy_hash.as_deref() != Some(r.hash.as_slice()) {
-                    return bad(r.id, "hash does not match the row's content");
-                }
-            }
-            (Some(mac), Some(fp)) => {
-                if !r.content_ok() {
-                    return bad(r.id, "hash does not match the row's content");
-                }
-                match last_fp {
-                    None if r.id != 1 && op != b"adopt_integrity" && op != b"rotate_master_key" => {
-                        return bad(
-                            r.id,
-                            "the first keyed row after unkeyed rows is not an adoption of MACs",
-                        );
-                    }
-                    Some(l) if l != fp.as_slice() && op != b"rotate_master_key" => {
-                        return bad(
-                            r.id,
-                            "the master key changes at a row that is not a master-key rotation",
-                        );
-                    }
-                    _ => {}
-                }
-                match current {
-                    Some((cfp, keys)) if cfp == fp.as_slice() => {
-                        if !keys.audit.verify(&r.hash, mac) {
-                            return bad(r.id, "its MAC does not verify under the master key: the row was altered or forged");
-                        }
-                        seen_current = true;
-                    }
-                    _ if seen_current => {
-                        return bad(
-                            r.id,
-                            "MAC'd under another master key after rows MAC'd under the current one",
-                        );
-                    }
-                    _ => {}
-                }
-                last_fp = Some(fp);
-            }
-            (Some(_), None) => {
-                return bad(
-                    r.id,
-                    "a keyed row without the fingerprint of its master key",
-                )
-            }
-        }
-        prev.clone_from(&r.hash);
-    }
-    let keyed_keyring = kr.is_some_and(|k| k.since_us.is_some());
-    match recs.last() {
-        Some(r) if last_fp.is_some() && !seen_current => {
-            return bad(
-                r.id,
-                "the newest row is not MAC'd under the current master key",
-            );
-        }
-        Some(r) if keyed_keyring && r.mac.is_none() => {
-            return bad(
-                r.id,
-                "the keyring's rows carry MACs but the newest audit row is unkeyed",
-            );
-        }
-        Some(r) if !keyed_keyring && last_fp.is_some() => {
-            return bad(r.id, "the chain is keyed but the kms.keyring row says rows carry no MACs: the keyring row was edited");
-        }
-        None if keyed_keyring => {
-            return bad(
-                1,
-                "the audit log is empty although the keyring's rows carry MACs: rows were removed",
-            );
-        }
-        _ => {}
-    }
-    let n = recs.len() as i64;
-    let head = Spi::connect(|c| -> Result<Option<(i64, Vec<u8>)>, pgrx::spi::Error> {
-        let Some(r) = c
-            .select(
-                "SELECT last_id, last_hash FROM kms.audit_head",
-                Some(1),
-                &[],
-            )?
-            .next()
-        else {
-            return Ok(None);
-        };
-        Ok(Some((
-            r.get::<i64>(1)?.unwrap_or(0),
-            r.get::<Vec<u8>>(2)?.unwrap_or_default(),
-        )))
-    })
-    .map_err(KmsError::spi)?;
-    if let Some((hid, hhash)) = head {
-        if hid != n || hhash != prev {
-            return bad(
-                if hid > n { n + 1 } else { hid },
-                &format!("kms.audit_head names row {hid} but the log ends at row {n}"),
-            );
-        }
-    }
-    // Destroyed material must stay destroyed.
-    let revived = Spi::connect(|c| -> Result<Option<(i64, String)>, pgrx::spi::Error> {
-        let Some(r) = c
-            .select(
-                "SELECT a.id, a.key_name || coalesce(' version ' || a.version, '')
-                   FROM kms.audit_log a JOIN kms.keys k ON k.key_name = a.key_name
-                  WHERE (a.operation = 'destroy_key_version'
-                         AND EXISTS (SELECT 1 FROM kms.key_versions v
-                                      WHERE v.key_id = k.key_id AND v.version = a.version AND v.state <> 'destroyed'))
-                     OR (a.operation = 'destroy_key'
-                         AND (k.destroyed_at IS NULL OR k.index_key IS NOT NULL
-                              OR EXISTS (SELECT 1 FROM kms.key_versions v WHERE v.key_id = k.key_id AND v.state <> 'destroyed')))
-                  ORDER BY a.id LIMIT 1",
-                None,
-                &[],
-            )?
-            .next()
-        else {
-            return Ok(None);
-        };
-        Ok(Some((r.get::<i64>(1)?.unwrap_or(0), r.get::<String>(2)?.unwrap_or_default())))
-    })
-    .map_err(KmsError::spi)?;
-    if let Some((id, what)) = revived {
-        return bad(id, &format!("records the destruction of {what}, but the catalog holds it again: a saved row was put back"));
-    }
-    // Key-state rows, as a load would check them (no audit row to name).
-    if let (true, Some((fp, keys))) = (keyed_keyring, current) {
-        for id in all_key_ids()? {
-            let (key, versions) = key_rows(id, false)?;
-            let vs: Vec<VersionCheck<'_>> = versions.iter().map(VersionRowData::check).collect();
-            match verify_with(keys, fp, &key.check(), &vs) {
-                Ok(()) => {}
-                Err(KmsError::CatalogAltered { what, why }) => {
-                    return Ok(Some((None, format!("catalog row altered: {what}: {why}"))))
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-    Ok(None)
 }
 
 // kms_audit_log_check() is for the same roles as kms_verify_audit_log()

@@ -13,8 +13,8 @@
 //! operators only, rewrapped here in Rust, and written back from arrays.
 //! Only `kms.*` is read and written as the catalog owner.
 
+use crate::catalog;
 use crate::errors::{KmsError, KmsResult, OrRaise};
-use crate::keyring;
 use crate::pg::datum::{EncryptedText, RawText, RegClass, SqlName};
 use crate::pg::{identity, spi};
 use pgrx::datum::DatumWithOid;
@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 /// Runs a statement on `kms.*` as the catalog owner (search_path pinned),
 /// whoever calls: the worker, or `kms_reencrypt_now`'s caller.
 fn spi_exec(q: &str, args: &[DatumWithOid<'_>]) -> KmsResult<()> {
-    keyring::as_catalog_owner(|_| spi::exec(q, args))
+    catalog::as_catalog_owner(|_| spi::exec(q, args))
 }
 
 #[derive(Clone, Debug)]
@@ -231,7 +231,7 @@ impl Targets {
 /// Reads the keyring (as the catalog owner) for [`Targets`].
 pub fn targets() -> KmsResult<Targets> {
     use crate::crypto::envelope::{Header, FLAG_BYTES, FLAG_CONTEXT, FLAG_DETERMINISTIC};
-    let versions = keyring::as_catalog_owner(|_| {
+    let versions = catalog::as_catalog_owner(|_| {
         Spi::connect(|c| -> Result<Vec<(i32, i32)>, pgrx::spi::Error> {
             let mut out = Vec::new();
             for r in c.select(
@@ -635,7 +635,7 @@ fn kms_key_usage(
     let caller = identity::current_user();
     let rows = (|| {
         let name = crate::crypto::names::key_name(key_name.bytes())?;
-        let versions = keyring::as_catalog_owner(|_| {
+        let versions = catalog::as_catalog_owner(|_| {
             Spi::connect(|c| -> Result<Vec<(i32, i32, String)>, pgrx::spi::Error> {
                 let mut out = Vec::new();
                 for r in c.select(

@@ -4,9 +4,10 @@
 //! roles granted 'decrypt' on the secret's key may read a value; the
 //! `kms_secrets` view never shows values.
 
+use crate::catalog;
 use crate::errors::{KmsError, KmsResult, OrRaise};
-use crate::keyring;
-use crate::lifecycle::{audit, lifecycle};
+use crate::keys::audit::audit;
+use crate::lifecycle::lifecycle;
 use crate::pg::datum::{EncryptedText, OutText, RawText};
 use crate::pg::spi;
 use pgrx::datum::Interval;
@@ -103,7 +104,7 @@ fn kms_secret_get(
     version: default!(Option<i32>, "NULL"),
 ) -> Option<OutText> {
     let caller = crate::pg::identity::current_user();
-    let r = keyring::as_catalog_owner(|_| {
+    let r = catalog::as_catalog_owner(|_| {
         let name = secret_name(&name)?;
         let admin = spi::read::<pg_sys::Oid>(
             "SELECT oid FROM pg_catalog.pg_roles WHERE rolname = 'kms_admin'",

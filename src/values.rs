@@ -2,12 +2,12 @@
 //!
 //! These are not SECURITY DEFINER: once a key is cached they do no SPI, no
 //! catalog read and no system call. A cache miss reads the catalog under a
-//! temporary switch to the catalog owner (see `keyring::as_catalog_owner`).
+//! temporary switch to the catalog owner (see `catalog::as_catalog_owner`).
 
 use crate::crypto::envelope::{Header, DET_OVERHEAD, FLAG_BYTES, FLAG_DETERMINISTIC, OVERHEAD};
 use crate::crypto::{open_into, seal_into};
 use crate::errors::{KmsError, KmsResult, OrRaise};
-use crate::keyring::{self, Privilege};
+use crate::keys::{self, Privilege};
 use crate::pg::datum::{EncryptedText, OutBytea, OutText, RawText};
 use crate::pg::encoding::{db_encoding, text_to_utf8, PG_SQL_ASCII, PG_UTF8};
 use pgrx::pg_sys;
@@ -46,12 +46,12 @@ fn seal_value(
     context: &[u8],
     flags: u8,
 ) -> KmsResult<EncryptedText> {
-    keyring::with_primary(key_name, |v| seal_with(v, plaintext, context, flags))
+    keys::with_primary(key_name, |v| seal_with(v, plaintext, context, flags))
 }
 
 #[inline]
 fn seal_with(
-    v: &keyring::CachedVersion,
+    v: &keys::CachedVersion,
     plaintext: &[u8],
     context: &[u8],
     flags: u8,
@@ -69,7 +69,7 @@ fn seal_with(
         v.count_encryption();
         return Ok(out);
     }
-    let nonce = keyring::nonce()?;
+    let nonce = keys::nonce()?;
     let (out, buf) = EncryptedText::alloc(plaintext.len() + OVERHEAD);
     seal_into(v.data_key(), header, &nonce, context, plaintext, buf);
     v.count_encryption();
@@ -80,7 +80,7 @@ fn seal_with(
 #[inline]
 fn open_value(value: &EncryptedText, context: &[u8], out: &mut [u8]) -> KmsResult<Header> {
     let env = value.envelope();
-    keyring::with_version(env.header.key_id, env.header.key_version, |v| {
+    keys::with_version(env.header.key_id, env.header.key_version, |v| {
         v.check(Privilege::Decrypt)?;
         if env.header.is_deterministic() {
             v.det.open_into(&env, context, out)
@@ -173,7 +173,7 @@ fn kms_blind_index(
                 hint: "bits must be a multiple of 8 from 16 to 256; fewer bits leak less through collisions.",
             });
         }
-        let key = keyring::key_by_name(name)?;
+        let key = keys::key_by_name(name)?;
         key.check(Privilege::Encrypt)?;
         // The index root is erased only by kms_destroy_key(): the key is destroyed.
         let Some(index) = key.index.as_ref() else {
@@ -280,7 +280,7 @@ fn kms_decrypt_bytea(
 /// under the primary is returned unchanged (not opened).
 pub fn rewrap(value: EncryptedText, context: &[u8]) -> KmsResult<EncryptedText> {
     let header = value.envelope().header;
-    let key = keyring::key_by_id(header.key_id)?;
+    let key = keys::key_by_id(header.key_id)?;
     if header.key_version == key.primary {
         return Ok(value);
     }
@@ -302,7 +302,7 @@ fn kms_rewrap(
 #[pg_extern(stable, strict, parallel_safe)]
 fn kms_key_name(value: EncryptedText) -> String {
     let header = value.envelope().header;
-    keyring::key_by_id(header.key_id).or_raise().name.clone()
+    keys::key_by_id(header.key_id).or_raise().name.clone()
 }
 
 #[pg_extern(immutable, strict, parallel_safe)]

@@ -199,7 +199,7 @@ struct ColumnState {
 /// headers to rewrap.
 fn keyring_state() -> Result<(String, reencrypt::Targets), String> {
     xact_kms(|| {
-        let signature = crate::keyring::as_catalog_owner(|_| {
+        let signature = crate::catalog::as_catalog_owner(|_| {
             crate::pg::spi::first::<String>(
                 "SELECT coalesce(string_agg(key_id || ':' || primary_version || ':' || v.states, ',' ORDER BY key_id), '')
                    FROM kms.keys k,

@@ -1,9 +1,8 @@
 //! Identity switches: the only places where pg_kms changes the current
-//! ! user (audited here, and nowhere else: a grep for SetUserIdAndSecContext
-//! ! finds this file only).
-//! !
+//! user (audited here, and nowhere else: a grep for SetUserIdAndSecContext
+//! finds this file only).
 //!
-//! * [`as_catalog_owner`]: statements on `kms.*` only (key cache misses,
+//! * [`as_role`], through `catalog::as_catalog_owner`: statements on `kms.*` only (key cache misses,
 //!   lifecycle acts, progress bookkeeping). No user-defined code may run
 //!   inside it: nothing here ever touches a user table.
 //! * [`as_table_owner`]: every statement the worker (or a destroy guard or a
@@ -13,6 +12,7 @@
 //!   table's triggers, constraints, index expressions, defaults and policies
 //!   run with no more rights than their owner's, and cannot SET ROLE, create
 //!   temporary objects or PREPARE.
+//!
 //! Both pin `search_path` to `pg_catalog, pg_temp` for their duration.
 
 use crate::errors::KmsResult;

@@ -1,0 +1,157 @@
+//! Usage counters (`kms_stats`, the nonce-budget warning): counts gather
+//! in the cached version and reach shared memory every [`FLUSH_EVERY`]
+//! values and at the end of the transaction, before it commits.
+
+use super::cache::CACHE;
+use super::version::CachedVersion;
+use crate::core::hash::hash_u64;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+impl CachedVersion {
+    /// Counts one encryption. Counts gather in the version and reach the
+    /// shared counters every `FLUSH_EVERY` values and at the end of the
+    /// transaction (before it commits), not with an atomic add on a shared
+    /// cache line per row. The flush warns once when the version reaches
+    /// the nonce-budget warning level (AES-GCM with random nonces: at most
+    /// 2^32 encryptions per key); the local budget shrinks near that level
+    /// so the warning comes at the exact count.
+    #[inline]
+    pub fn count_encryption(&self) {
+        self.count(&self.pending_enc, self.enc_budget.get());
+    }
+
+    #[inline]
+    pub fn count_decryption(&self) {
+        self.count(&self.pending_dec, FLUSH_EVERY);
+    }
+
+    /// Adds one to `pending` (a counter of this version), flushing all
+    /// counts once it reaches `flush_at`. Without preload nothing is counted.
+    #[inline]
+    fn count(&self, pending: &Cell<u32>, flush_at: u32) {
+        if !self.counted {
+            return;
+        }
+        let n = pending.get() + 1;
+        pending.set(n);
+        mark_dirty(self);
+        if n >= flush_at {
+            self.flush_counts();
+        }
+    }
+
+    pub(super) fn flush_counts(&self) {
+        let Some(s) = self.stat else { return };
+        let (e, d) = (
+            self.pending_enc.replace(0) as u64,
+            self.pending_dec.replace(0) as u64,
+        );
+        if d > 0 {
+            s.decryptions.fetch_add(d, Ordering::Relaxed);
+        }
+        let level = crate::pg::guc::NONCE_WARNING_ENCRYPTIONS.get().max(1) as u64;
+        let total = if e > 0 {
+            s.encryptions.fetch_add(e, Ordering::Relaxed) + e
+        } else {
+            s.encryptions.load(Ordering::Relaxed)
+        };
+        if e > 0 && total >= level && total - e < level {
+            pgrx::warning!(
+                "pg_kms: version {} of key \"{}\" has sealed {total} values since server start; rotate it before 2^32 encryptions (AES-GCM random-nonce limit)",
+                self.number,
+                self.key_name()
+            );
+        }
+        self.enc_budget.set(if total < level {
+            (level - total).min(FLUSH_EVERY as u64) as u32
+        } else {
+            FLUSH_EVERY
+        });
+    }
+}
+
+impl Drop for CachedVersion {
+    fn drop(&mut self) {
+        self.flush_counts();
+    }
+}
+
+/// Local counts reach shared memory at least this often.
+const FLUSH_EVERY: u32 = 1024;
+
+thread_local! {
+    /// Versions (by hot-map slot) with local counts to flush at the end of
+    /// the transaction. A version dropped before then flushes itself.
+    static DIRTY: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+}
+static XACT_HOOKED: AtomicBool = AtomicBool::new(false);
+
+#[inline]
+fn mark_dirty(v: &CachedVersion) {
+    if !v.dirty.replace(true) {
+        list_dirty(v);
+    }
+}
+
+fn list_dirty(v: &CachedVersion) {
+    if !XACT_HOOKED.swap(true, Ordering::Relaxed) {
+        // SAFETY: registered once per backend (XACT_HOOKED), from its only
+        // thread; flush_at_xact_end has the XactCallback signature, is
+        // #[pg_guard]ed, lives as long as the process and ignores its
+        // (null) argument.
+        unsafe { pg_sys::RegisterXactCallback(Some(flush_at_xact_end), std::ptr::null_mut()) };
+    }
+    DIRTY.with(|d| d.borrow_mut().push(v.slot()));
+}
+
+/// # Safety
+///
+/// Called only by Postgres at transaction events (registered in
+/// `list_dirty`), in the backend's only thread; `_arg` is never read.
+#[pg_guard]
+unsafe extern "C-unwind" fn flush_at_xact_end(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::XactEvent::*;
+    if !matches!(
+        event,
+        XACT_EVENT_PRE_COMMIT
+            | XACT_EVENT_PARALLEL_PRE_COMMIT
+            | XACT_EVENT_PRE_PREPARE
+            | XACT_EVENT_ABORT
+            | XACT_EVENT_PARALLEL_ABORT
+    ) {
+        return;
+    }
+    let slots = DIRTY.with(|d| std::mem::take(&mut *d.borrow_mut()));
+    if slots.is_empty() {
+        return;
+    }
+    CACHE.with(|c| match c.try_borrow() {
+        Ok(c) => {
+            for slot in &slots {
+                // Hot pointers are to versions of cached keys.
+                if let Some(p) = c
+                    .hot_versions
+                    // SAFETY: every address in hot_versions is of a boxed
+                    // CachedVersion owned by a key in `c.by_id` (Cache::insert
+                    // and Cache::remove keep them in step; sync clears both);
+                    // `c` is a shared borrow of the cache, so no entry can be
+                    // removed or dropped while it is held.
+                    .find(hash_u64(*slot), |p| unsafe { p.as_ref() }.slot() == *slot)
+                {
+                    // SAFETY: as just above; `v` is used only while `c` is
+                    // borrowed.
+                    let v = unsafe { p.as_ref() };
+                    v.dirty.set(false);
+                    v.flush_counts();
+                }
+            }
+        }
+        Err(_) => DIRTY.with(|d| d.borrow_mut().extend(slots)),
+    });
+}
