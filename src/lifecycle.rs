@@ -204,8 +204,8 @@ fn add_version(kek: &Kek, key_id: i32, version: i32, state: State) -> KmsResult<
     )
 }
 
-#[pg_extern(volatile, parallel_unsafe)]
-fn kms_create_key(key_name: RawText, rotation_period: default!(Option<Interval>, "NULL")) -> i32 {
+/// The body of SQL `kms_create_key()`.
+pub fn create_key_sql(key_name: RawText, rotation_period: Option<Interval>) -> i32 {
     lifecycle(|| create_key(name_arg(&key_name)?, rotation_period))
 }
 
@@ -338,13 +338,13 @@ pub fn rotate_due_keys() -> Vec<String> {
     due
 }
 
-#[pg_extern(volatile, parallel_unsafe)]
-fn kms_rotate_key(key_name: RawText, reason: default!(Option<RawText>, "NULL")) -> i32 {
+/// The body of SQL `kms_rotate_key()`.
+pub fn rotate_key_sql(key_name: RawText, reason: Option<RawText>) -> i32 {
     lifecycle(|| rotate_key(name_arg(&key_name)?, reason))
 }
 
-#[pg_extern(volatile, parallel_unsafe)]
-fn kms_set_primary(key_name: RawText, version: i32) {
+/// The body of SQL `kms_set_primary()`.
+pub fn set_primary(key_name: RawText, version: i32) {
     lifecycle(|| {
         let name = name_arg(&key_name)?;
         let version = version_arg(version)?;
@@ -405,12 +405,8 @@ fn lock_retirable<'a>(
     Ok((name, key, version))
 }
 
-#[pg_extern(volatile, parallel_unsafe)]
-fn kms_disable_key_version(
-    key_name: RawText,
-    version: i32,
-    reason: default!(Option<RawText>, "NULL"),
-) {
+/// The body of SQL `kms_disable_key_version()`.
+pub fn disable_key_version(key_name: RawText, version: i32, reason: Option<RawText>) {
     lifecycle(|| {
         let act = begin_act()?;
         let (_, key, version) = lock_retirable(
@@ -433,8 +429,8 @@ fn kms_disable_key_version(
     })
 }
 
-#[pg_extern(volatile, parallel_unsafe)]
-fn kms_enable_key_version(key_name: RawText, version: i32) {
+/// The body of SQL `kms_enable_key_version()`.
+pub fn enable_key_version(key_name: RawText, version: i32) {
     lifecycle(|| {
         let name = name_arg(&key_name)?;
         let version = version_arg(version)?;
@@ -478,14 +474,11 @@ fn material_mac(act: &Act, key_id: i32, version: i32, wrapped: &[u8]) -> String 
     )
 }
 
-/// Erases the wrapped material of a version (see the README, "Crypto-shredding
-/// and backups"). Its destruction receipt is the audit row's `detail`
-/// (view kms_destruction_receipts).
-#[pg_extern(volatile, parallel_unsafe)]
-fn kms_destroy_key_version(
+/// The body of SQL `kms_destroy_key_version()`.
+pub fn destroy_key_version(
     key_name: RawText,
     version: i32,
-    reason: default!(Option<RawText>, "NULL"),
+    reason: Option<RawText>,
     force: default!(bool, false),
 ) {
     // The guard counts only what the caller may read, each table scanned as
@@ -544,11 +537,8 @@ fn kms_destroy_key_version(
     })
 }
 
-/// Destroys every version of a key at once (erasing a tenant): all its
-/// values become undecryptable (55000), its blind index unusable, and the
-/// key refuses every further act. Audited, with its destruction receipt.
-#[pg_extern(volatile, parallel_unsafe)]
-fn kms_destroy_key(key_name: RawText, reason: default!(Option<RawText>, "NULL")) {
+/// The body of SQL `kms_destroy_key()`.
+pub fn destroy_key(key_name: RawText, reason: Option<RawText>) {
     lifecycle(|| {
         let name = name_arg(&key_name)?;
         let act = begin_act()?;
@@ -627,16 +617,13 @@ fn grant_args<'a>(
     Ok((name, role, p))
 }
 
-/// Grants `privilege` ('encrypt' or 'decrypt') on a key. A key with no
-/// grants is usable by every kms_user; once it has grants, only grantees
-/// (and members of them) may use it for that privilege.
-#[pg_extern(volatile, parallel_unsafe)]
-fn kms_grant_key(key_name: RawText, grantee: RegRole, privilege: RawText) {
+/// The body of SQL `kms_grant_key()`.
+pub fn grant_key(key_name: RawText, grantee: RegRole, privilege: RawText) {
     change_grant(&key_name, &grantee, &privilege, true)
 }
 
-#[pg_extern(volatile, parallel_unsafe)]
-fn kms_revoke_key(key_name: RawText, grantee: RegRole, privilege: RawText) {
+/// The body of SQL `kms_revoke_key()`.
+pub fn revoke_key(key_name: RawText, grantee: RegRole, privilege: RawText) {
     change_grant(&key_name, &grantee, &privilege, false)
 }
 
@@ -684,15 +671,8 @@ fn change_grant(key_name: &RawText, grantee: &RegRole, privilege: &RawText, gran
     })
 }
 
-/// After a dump of another cluster was restored here: binds each grant
-/// that came from that cluster to the role of the same name in this one
-/// (grants whose name has no role here stay unbound). One audit row per
-/// grant bound (operation `rebind_key_grant`). Grants made in this cluster
-/// are never rebound, so a role dropped and recreated under the same name
-/// does not get its predecessor's grants; grant them again instead.
-/// Returns the number of grants bound.
-#[pg_extern(volatile, parallel_unsafe)]
-fn kms_rebind_key_grants() -> i64 {
+/// The body of SQL `kms_rebind_key_grants()`.
+pub fn rebind_key_grants() -> i64 {
     lifecycle(|| {
         let rebound = Spi::connect_mut(
             |c| -> Result<Vec<(String, String, String)>, pgrx::spi::Error> {
@@ -736,16 +716,8 @@ fn kms_rebind_key_grants() -> i64 {
     })
 }
 
-/// Re-wraps every data key under the master key configured now, reading
-/// the old one from `pg_kms.previous_master_key_*`. Returns the number of
-/// versions re-wrapped (0 if the keyring already uses the current key).
-///
-/// The key-state rows are first checked under the old key (so that a row
-/// edited behind pg_kms's back is refused, not blessed), then re-MAC'd
-/// under the new one; the rotation's audit row is the first row MAC'd
-/// under the new key, and its hash commits to every earlier row.
-#[pg_extern(volatile, parallel_unsafe)]
-fn kms_rotate_master_key() -> i64 {
+/// The body of SQL `kms_rotate_master_key()`.
+pub fn rotate_master_key() -> i64 {
     lifecycle(|| {
         let new = keys::load_master_key(Which::Current)?;
         let stored = catalog::rows::stored_fingerprint(true)?;
@@ -880,17 +852,13 @@ fn kms_rotate_master_key() -> i64 {
     })
 }
 
-#[pg_extern(stable, parallel_restricted)]
-fn kms_verify_audit_log() -> bool {
+/// The body of SQL `kms_verify_audit_log()`.
+pub fn verify_audit_log() -> bool {
     catalog::as_catalog_owner(|_| check_audit_log().map(|c| c.problem.is_none())).or_raise()
 }
 
-/// The whole audit chain checked under the master key configured now:
-/// `ok`, the number of rows, the first row that fails and why, and the
-/// chain's head (compare it with the last "pg_kms: audit chain head" line
-/// of the server log).
-#[pg_extern(stable, parallel_restricted)]
-fn kms_audit_log_check() -> TableIterator<
+/// The body of SQL `kms_audit_log_check()`.
+pub fn audit_log_check() -> TableIterator<
     'static,
     (
         name!(ok, bool),
@@ -953,9 +921,8 @@ fn nonce_warnings() -> KmsResult<serde_json::Value> {
     Ok(serde_json::Value::Array(out))
 }
 
-/// Configuration and keyring health, without any key material.
-#[pg_extern(volatile, parallel_safe)]
-fn kms_health() -> pgrx::JsonB {
+/// The body of SQL `kms_health()`.
+pub fn health() -> pgrx::JsonB {
     let report = catalog::as_catalog_owner(|_| {
         let stored = catalog::rows::stored_fingerprint(false)?;
         let source = keys::describe_source(Which::Current);
@@ -1006,11 +973,3 @@ fn kms_health() -> pgrx::JsonB {
     .or_raise();
     pgrx::JsonB(report)
 }
-
-// kms_audit_log_check() is for the same roles as kms_verify_audit_log()
-// (grants.sql then revokes PUBLIC's EXECUTE on every function).
-extension_sql!(
-    "GRANT EXECUTE ON FUNCTION kms_audit_log_check() TO kms_admin, kms_auditor;",
-    name = "audit_log_check_grant",
-    requires = [kms_audit_log_check]
-);

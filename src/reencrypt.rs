@@ -625,11 +625,8 @@ pub fn usage_by_version(
     Ok((counts, skipped))
 }
 
-/// Per version: state and how many rows in this database reference it,
-/// counting only the columns the caller may SELECT (a NOTICE names the
-/// others), each scanned as its table's owner.
-#[pg_extern(volatile, parallel_unsafe)]
-fn kms_key_usage(
+/// The body of SQL `kms_key_usage()`.
+pub fn key_usage(
     key_name: RawText,
 ) -> TableIterator<'static, (name!(version, i32), name!(state, String), name!(rows, i64))> {
     let caller = identity::current_user();
@@ -678,12 +675,8 @@ pub fn skipped_notice(skipped: &[String]) -> String {
     )
 }
 
-/// Rewraps synchronously, in the caller's transaction and as the caller
-/// (who needs SELECT and UPDATE on the column, and the key's privileges if
-/// it has grants), the rows of `tbl.col` not sealed under their key's
-/// primary version. Returns the number of rows rewrapped.
-#[pg_extern(volatile, parallel_unsafe)]
-fn kms_reencrypt_now(tbl: RegClass, col: SqlName, max_rows: default!(Option<i32>, "NULL")) -> i64 {
+/// The body of SQL `kms_reencrypt_now()`.
+pub fn reencrypt_now(tbl: RegClass, col: SqlName, max_rows: Option<i32>) -> i64 {
     let (tbl, col) = (tbl.0, col.0.as_str());
     if let Some(m) = max_rows {
         if m < 0 {
@@ -755,11 +748,8 @@ fn kms_reencrypt_now(tbl: RegClass, col: SqlName, max_rows: default!(Option<i32>
     r.or_raise()
 }
 
-/// Encryptions and decryptions per key version of this database since
-/// server start (shared memory; empty without shared_preload_libraries).
-/// Counters only; read through the `kms_stats` view.
-#[pg_extern(volatile, parallel_restricted)]
-fn kms_stats_counters() -> TableIterator<
+/// The body of SQL `kms_stats_counters()`.
+pub fn stats_counters() -> TableIterator<
     'static,
     (
         name!(key_id, i32),

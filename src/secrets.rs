@@ -22,13 +22,13 @@ fn secret_name(name: &Option<RawText>) -> KmsResult<String> {
     Ok(crate::crypto::names::secret_name(b)?.to_string())
 }
 
-#[pg_extern(volatile, parallel_unsafe)]
-fn kms_secret_set(
+/// The body of SQL `kms_secret_set()`.
+pub fn secret_set(
     name: Option<RawText>,
     value: Option<RawText>,
-    key_name: default!(Option<RawText>, "NULL"),
-    ttl: default!(Option<Interval>, "NULL"),
-    tags: default!(Option<pgrx::JsonB>, "'{}'"),
+    key_name: Option<RawText>,
+    ttl: Option<Interval>,
+    tags: Option<pgrx::JsonB>,
 ) -> i32 {
     lifecycle(|| {
         let name = secret_name(&name)?;
@@ -94,15 +94,8 @@ fn kms_secret_set(
     })
 }
 
-/// Reads a secret. Permission comes first: for a caller who is neither a
-/// kms_admin member nor granted 'decrypt' on the secret's key, an unknown
-/// secret (or version), an expired one and a forbidden one give the same
-/// error, so nothing about a secret is revealed to who may not read it.
-#[pg_extern(stable, parallel_unsafe)]
-fn kms_secret_get(
-    name: Option<RawText>,
-    version: default!(Option<i32>, "NULL"),
-) -> Option<OutText> {
+/// The body of SQL `kms_secret_get()`.
+pub fn secret_get(name: Option<RawText>, version: Option<i32>) -> Option<OutText> {
     let caller = crate::pg::identity::current_user();
     let r = catalog::as_catalog_owner(|_| {
         let name = secret_name(&name)?;
@@ -180,8 +173,8 @@ fn may_decrypt(role: pg_sys::Oid, key_id: u32) -> KmsResult<bool> {
     .unwrap_or(false))
 }
 
-#[pg_extern(volatile, parallel_unsafe)]
-fn kms_secret_delete(name: Option<RawText>) -> i64 {
+/// The body of SQL `kms_secret_delete()`.
+pub fn secret_delete(name: Option<RawText>) -> i64 {
     lifecycle(|| {
         let name = secret_name(&name)?;
         let n = spi::one::<i64>(

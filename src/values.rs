@@ -133,35 +133,29 @@ fn encrypt_text_arg(
     Some(seal_text_with_flags(pt.bytes(), name, &ctx_bytes(&context), flags).or_raise())
 }
 
-#[pg_extern(volatile, parallel_safe)]
-fn kms_encrypt(
+/// The body of SQL `kms_encrypt()`.
+pub fn encrypt(
     plaintext: Option<RawText>,
     key_name: Option<RawText>,
-    context: default!(Option<RawText>, "NULL"),
+    context: Option<RawText>,
 ) -> Option<EncryptedText> {
     encrypt_text_arg(plaintext, key_name, context, 0)
 }
 
-/// Same plaintext, context and key version give the identical value
-/// (AES-256-SIV, RFC 5297, under a per-version key), so equality, UNIQUE,
-/// joins and GROUP BY work on the column. Leaks equality by design.
-#[pg_extern(volatile, parallel_safe)]
-fn kms_encrypt_deterministic(
+/// The body of SQL `kms_encrypt_deterministic()`.
+pub fn encrypt_deterministic(
     plaintext: Option<RawText>,
     key_name: Option<RawText>,
-    context: default!(Option<RawText>, "NULL"),
+    context: Option<RawText>,
 ) -> Option<EncryptedText> {
     encrypt_text_arg(plaintext, key_name, context, FLAG_DETERMINISTIC)
 }
 
-/// HMAC-SHA256 of the plaintext under the key name's index key, truncated
-/// to `bits`: equality search without decrypting. Independent of key
-/// versions, so rotation never changes it.
-#[pg_extern(stable, parallel_safe)]
-fn kms_blind_index(
+/// The body of SQL `kms_blind_index()`.
+pub fn blind_index(
     plaintext: Option<RawText>,
     key_name: Option<RawText>,
-    context: default!(Option<RawText>, "NULL"),
+    context: Option<RawText>,
     bits: default!(i32, 256),
 ) -> Option<OutBytea> {
     let pt = plaintext?;
@@ -192,22 +186,19 @@ fn kms_blind_index(
     Some(r.or_raise())
 }
 
-#[pg_extern(volatile, parallel_safe)]
-fn kms_encrypt_bytea(
+/// The body of SQL `kms_encrypt_bytea()`.
+pub fn encrypt_bytea(
     plaintext: Option<&[u8]>,
     key_name: Option<RawText>,
-    context: default!(Option<RawText>, "NULL"),
+    context: Option<RawText>,
 ) -> Option<EncryptedText> {
     let pt = plaintext?;
     let name = require_key_name(&key_name);
     Some(seal_value(pt, name, &ctx_bytes(&context), FLAG_BYTES).or_raise())
 }
 
-#[pg_extern(stable, parallel_safe)]
-fn kms_decrypt(
-    value: Option<EncryptedText>,
-    context: default!(Option<RawText>, "NULL"),
-) -> Option<OutText> {
+/// The body of SQL `kms_decrypt()`.
+pub fn decrypt(value: Option<EncryptedText>, context: Option<RawText>) -> Option<OutText> {
     Some(decrypt_text(&value?, &ctx_bytes(&context)).or_raise())
 }
 
@@ -265,11 +256,8 @@ pub fn decrypt_text(value: &EncryptedText, ctx: &[u8]) -> KmsResult<OutText> {
     Ok(out)
 }
 
-#[pg_extern(stable, parallel_safe)]
-fn kms_decrypt_bytea(
-    value: Option<EncryptedText>,
-    context: default!(Option<RawText>, "NULL"),
-) -> Option<OutBytea> {
+/// The body of SQL `kms_decrypt_bytea()`.
+pub fn decrypt_bytea(value: Option<EncryptedText>, context: Option<RawText>) -> Option<OutBytea> {
     let value = value?;
     let (out, buf) = OutBytea::alloc(plaintext_len(&value));
     open_value(&value, &ctx_bytes(&context), buf).or_raise();
@@ -289,23 +277,18 @@ pub fn rewrap(value: EncryptedText, context: &[u8]) -> KmsResult<EncryptedText> 
     seal_with(key.primary_version()?, &plaintext, context, header.flags)
 }
 
-/// Re-seals under the key's current primary version without returning the
-/// plaintext. A value already under the primary is returned unchanged.
-#[pg_extern(volatile, parallel_safe)]
-fn kms_rewrap(
-    value: Option<EncryptedText>,
-    context: default!(Option<RawText>, "NULL"),
-) -> Option<EncryptedText> {
+/// The body of SQL `kms_rewrap()`.
+pub fn rewrap_sql(value: Option<EncryptedText>, context: Option<RawText>) -> Option<EncryptedText> {
     Some(rewrap(value?, &ctx_bytes(&context)).or_raise())
 }
 
-#[pg_extern(stable, strict, parallel_safe)]
-fn kms_key_name(value: EncryptedText) -> String {
+/// The body of SQL `kms_key_name()`.
+pub fn key_name(value: EncryptedText) -> String {
     let header = value.envelope().header;
     keys::key_by_id(header.key_id).or_raise().name.clone()
 }
 
-#[pg_extern(immutable, strict, parallel_safe)]
-fn kms_key_version(value: EncryptedText) -> i32 {
+/// The body of SQL `kms_key_version()`.
+pub fn key_version(value: EncryptedText) -> i32 {
     value.envelope().header.key_version as i32
 }

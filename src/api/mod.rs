@@ -3,3 +3,8 @@
 //! thin: they convert arguments, call the logic layer and raise its error.
 
 pub mod encrypted_text;
+pub mod keys;
+pub mod observability;
+pub mod reencrypt;
+pub mod secrets;
+pub mod values;
