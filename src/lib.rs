@@ -39,14 +39,11 @@ pub extern "C-unwind" fn _PG_init() {
     }
 }
 
-#[cfg(any(test, feature = "pg_test"))]
-mod tests;
-
 #[cfg(test)]
 pub mod pg_test {
     pub fn setup(_options: Vec<&str>) {}
 
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        crate::tests::postgresql_conf_options()
+        crate::api::test_support::postgresql_conf_options()
     }
 }

@@ -12,7 +12,6 @@ use crate::pg::datum::{EncryptedText, OutText, RawText};
 use crate::pg::spi;
 use pgrx::datum::Interval;
 use pgrx::pg_sys;
-use pgrx::prelude::*;
 
 /// Key used when `kms_secret_set` is given no key (created on first use).
 pub const DEFAULT_KEY: &str = "kms.secrets";
@@ -110,29 +109,14 @@ pub fn secret_get(name: Option<RawText>, version: Option<i32>) -> Option<OutText
             role: crate::errors::role_display(caller),
             name: name.clone(),
         };
-        let row = Spi::connect(|c| -> Result<Option<(Vec<u8>, i32, bool, String)>, pgrx::spi::Error> {
-            let t = c.select(
-                "SELECT s.value::bytea, s.version, coalesce(s.expires_at <= pg_catalog.now(), false),
-                        coalesce(pg_catalog.to_char(s.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS UTC'), '')
-                   FROM kms.secrets s
-                  WHERE s.name = $1 AND ($2::int IS NULL OR s.version = $2)
-                  ORDER BY s.version DESC LIMIT 1",
-                Some(1),
-                &[name.as_str().into(), version.into()],
-            )?;
-            if t.is_empty() {
-                return Ok(None);
-            }
-            let r = t.first();
-            Ok(Some((
-                r.get::<Vec<u8>>(1)?.unwrap_or_default(),
-                r.get::<i32>(2)?.unwrap_or(0),
-                r.get::<bool>(3)?.unwrap_or(false),
-                r.get::<String>(4)?.unwrap_or_default(),
-            )))
-        })
-        .map_err(KmsError::spi)?;
-        let Some((bytes, v, expired, at)) = row else {
+        let row = crate::catalog::rows::secret_row(&name, version)?;
+        let Some(crate::catalog::rows::SecretRow {
+            value: bytes,
+            version: v,
+            expired,
+            expires_at: at,
+        }) = row
+        else {
             if !is_admin {
                 return Err(denied());
             }

@@ -81,3 +81,41 @@ CREATE CAST (encrypted_text AS bytea) WITHOUT FUNCTION;
         encrypted_text_send
     ],
 );
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use crate::api::test_support::*;
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn malformed_literals_give_22p02() {
+        let env = "AQAAAAABAAAAAQ"; // header only (10 bytes), no nonce/tag
+        for lit in [
+            "".to_string(),
+            "hello".into(),
+            "kms:".into(),
+            "kms:!!!!".into(),
+            "KMS:AAAA".into(),
+            format!("kms:{env}=="),
+            "kms:AgAAAAABAAAAAQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into(), // format version 2
+            "kms:AQAAAAAAAAAAAQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into(), // key id 0
+            "kms:AQAAAAABAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into(), // version 0
+            "kms:AYAAAAABAAAAAQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into(), // unknown flags
+        ] {
+            assert_sqlstate(&format!("SELECT '{lit}'::encrypted_text"), "22P02");
+        }
+        // A literal into a column is parsed, never encrypted.
+        run("CREATE TEMP TABLE people (email encrypted_text)");
+        assert_sqlstate("INSERT INTO people VALUES ('alice@example.com')", "22P02");
+        // No implicit cast to or from text.
+        assert_sqlstate("INSERT INTO people SELECT 'x'::text", "42804");
+        assert_sqlstate("SELECT length(email) FROM people", "42883");
+        // A valid literal round-trips through text unchanged.
+        setup_key("pii");
+        assert_eq!(
+            one::<bool>("SELECT v::text::encrypted_text::text = v::text FROM (SELECT kms_encrypt('a','pii') v) s"),
+            Some(true)
+        );
+    }
+}

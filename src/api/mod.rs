@@ -6,5 +6,9 @@ pub mod encrypted_text;
 pub mod keys;
 pub mod observability;
 pub mod reencrypt;
+#[cfg(any(test, feature = "pg_test"))]
+mod roles;
 pub mod secrets;
+#[cfg(any(test, feature = "pg_test"))]
+pub mod test_support;
 pub mod values;

@@ -12,6 +12,9 @@ fn kms_verify_audit_log() -> bool {
 /// `ok`, the number of rows, the first row that fails and why, and the
 /// chain's head (compare it with the last "pg_kms: audit chain head" line
 /// of the server log).
+// The result's shape must be spelled out in the signature (pgrx reads the
+// column names from it).
+#[allow(clippy::type_complexity)]
 #[pg_extern(stable, parallel_restricted)]
 fn kms_audit_log_check() -> TableIterator<
     'static,
@@ -24,7 +27,15 @@ fn kms_audit_log_check() -> TableIterator<
         name!(head_mac, Option<String>),
     ),
 > {
-    crate::lifecycle::audit_log_check()
+    let c = crate::lifecycle::audit_log_check();
+    TableIterator::once((
+        c.problem.is_none(),
+        c.rows,
+        c.first_bad,
+        c.problem,
+        c.head_id,
+        c.head_mac,
+    ))
 }
 
 /// Configuration and keyring health, without any key material.
@@ -55,4 +66,190 @@ fn kms_stats_counters() -> TableIterator<
     ),
 > {
     crate::reencrypt::stats_counters()
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use crate::api::test_support::*;
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn audit_log_is_chained_and_append_only() {
+        setup_key("pii");
+        run("SELECT kms_rotate_key('pii', 'why')");
+        run("SELECT kms_set_primary('pii', 1)");
+        run("SELECT kms_disable_key_version('pii', 2, 'r')");
+        run("SELECT kms_enable_key_version('pii', 2)");
+        run("SELECT kms_destroy_key_version('pii', 2, 'r2')");
+        assert_eq!(
+            one::<String>("SELECT string_agg(operation || ':' || coalesce(version::text, '-') || ':' || coalesce(reason, '-'), ',' ORDER BY id) FROM kms_audit_log").as_deref(),
+            Some("create_key:1:-,rotate_key:2:why,set_primary:1:-,disable_key_version:2:r,enable_key_version:2:-,destroy_key_version:2:r2")
+        );
+        assert_eq!(
+            one::<bool>("SELECT bool_and(actor = session_user::text) FROM kms_audit_log"),
+            Some(true)
+        );
+        assert_eq!(one::<bool>("SELECT kms_verify_audit_log()"), Some(true));
+        assert_sqlstate("UPDATE kms.audit_log SET reason = 'x'", "42501");
+        assert_sqlstate("DELETE FROM kms.audit_log", "42501");
+        assert_sqlstate("TRUNCATE kms.audit_log", "42501");
+        // A superuser who disables the trigger and edits a row is caught.
+        run("ALTER TABLE kms.audit_log DISABLE TRIGGER USER");
+        run("UPDATE kms.audit_log SET reason = 'forged' WHERE id = 2");
+        assert_eq!(one::<bool>("SELECT kms_verify_audit_log()"), Some(false));
+        run("UPDATE kms.audit_log SET reason = 'why' WHERE id = 2");
+        assert_eq!(one::<bool>("SELECT kms_verify_audit_log()"), Some(true));
+        // Dropping the newest row is caught too (the head is kept apart).
+        run("DELETE FROM kms.audit_log WHERE id = (SELECT max(id) FROM kms.audit_log)");
+        assert_eq!(one::<bool>("SELECT kms_verify_audit_log()"), Some(false));
+    }
+
+    #[pg_test]
+    fn health_report() {
+        setup_key("pii");
+        run("SELECT kms_rotate_key('pii')");
+        let h = one::<pgrx::JsonB>("SELECT kms_health()").unwrap().0;
+        assert_eq!(h["keys"], serde_json::json!(1));
+        assert_eq!(h["versions"]["active"], serde_json::json!(1));
+        assert_eq!(h["versions"]["decrypt_only"], serde_json::json!(1));
+        assert_eq!(h["master_key"]["configured"], serde_json::json!(true));
+        assert_eq!(h["master_key"]["matches_keyring"], serde_json::json!(true));
+        assert_eq!(
+            h["master_key"]["source"],
+            serde_json::json!("pg_kms.master_key_command")
+        );
+        assert!(h["preloaded"].is_boolean());
+        let text = h.to_string();
+        assert!(
+            !text.contains("echo"),
+            "health must not reveal the key source value"
+        );
+    }
+
+    #[pg_test]
+    fn stats_view_and_internal_helpers() {
+        setup_key("pii");
+        // Without shared_preload_libraries there are no shared counters.
+        assert_eq!(one::<i64>("SELECT count(*) FROM kms_stats"), Some(0));
+        assert_eq!(
+            one::<bool>("SELECT (kms_health()->'worker'->>'running')::boolean"),
+            Some(false)
+        );
+        assert!(one::<String>("SELECT kms_health()->'worker'->>'reason'")
+            .unwrap()
+            .contains("shared_preload_libraries"));
+        // What needs a rewrap is decided from the envelope header alone:
+        // an old version without context (rewrapped), with a context (left
+        // to the application), the primary (current), a disabled version
+        // (cannot be opened: left alone).
+        run("CREATE TABLE v AS SELECT kms_encrypt('a', 'pii') AS plain, kms_encrypt('a', 'pii', 'c') AS ctx");
+        run("SELECT kms_rotate_key('pii')");
+        run("INSERT INTO v VALUES (kms_encrypt('b', 'pii'), kms_encrypt('b', 'pii', 'c'))");
+        run("CREATE TABLE w AS SELECT * FROM v");
+        assert_eq!(one::<i64>("SELECT kms_reencrypt_now('v', 'ctx')"), Some(0));
+        assert_eq!(
+            one::<String>("SELECT rows_pending || '/' || rows_needing_context FROM kms_reencryption_progress WHERE table_name = 'v'::regclass AND column_name = 'ctx'").as_deref(),
+            Some("0/1")
+        );
+        assert_eq!(
+            one::<i64>("SELECT kms_reencrypt_now('v', 'plain')"),
+            Some(1)
+        );
+        assert_eq!(one::<i64>("SELECT count(*) FROM v WHERE kms_key_version(plain) = 2 AND kms_decrypt(plain) IN ('a', 'b')"), Some(2));
+        run("SELECT kms_disable_key_version('pii', 1)");
+        assert_eq!(
+            one::<i64>("SELECT kms_reencrypt_now('w', 'plain')"),
+            Some(0)
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM w WHERE kms_key_version(plain) = 1"),
+            Some(1)
+        );
+        run("CREATE ROLE kt_user2 IN ROLE kms_user");
+        run("SET LOCAL ROLE kt_user2");
+        assert_sqlstate("SELECT * FROM kms_stats", "42501");
+        run("RESET ROLE");
+    }
+
+    #[pg_test]
+    fn audit_chain_is_keyed() {
+        setup_key("pii");
+        run("SELECT kms_rotate_key('pii', 'why')");
+        run("SELECT kms_disable_key_version('pii', 1, 'r')");
+        assert_eq!(
+            one::<String>("SELECT ok || ':' || rows_checked || ':' || coalesce(first_bad_id::text, '-') || ':' || head_id || ':' || length(head_mac) FROM kms_audit_log_check()").as_deref(),
+            Some("true:3:-:3:64")
+        );
+        assert_eq!(
+            one::<bool>("SELECT bool_and(length(mac) = 64) FROM kms_audit_log"),
+            Some(true)
+        );
+        // Forge row 2 and recompute every hash with SHA-256, as the unkeyed
+        // chain allowed: the MACs no longer match.
+        run("ALTER TABLE kms.audit_log DISABLE TRIGGER USER");
+        run("UPDATE kms.audit_log SET reason = 'forged' WHERE id = 2");
+        run(r#"DO $$ DECLARE r record; p bytea; BEGIN
+                 FOR r IN SELECT * FROM kms.audit_log WHERE id >= 2 ORDER BY id LOOP
+                   SELECT hash INTO p FROM kms.audit_log WHERE id = r.id - 1;
+                   UPDATE kms.audit_log SET prev_hash = p,
+                          hash = kms.audit_row_hash(p, r.id, r.at, r.actor, r.operation, r.key_name, r.version, r.reason)
+                    WHERE id = r.id;
+                 END LOOP;
+                 UPDATE kms.audit_head SET last_hash = (SELECT hash FROM kms.audit_log ORDER BY id DESC LIMIT 1);
+               END $$"#);
+        assert_eq!(one::<bool>("SELECT kms_verify_audit_log()"), Some(false));
+        let (bad, why) =
+            Spi::get_two::<i64, String>("SELECT first_bad_id, problem FROM kms_audit_log_check()")
+                .unwrap();
+        assert_eq!(bad, Some(2), "{why:?}");
+        // Turning the forged rows into unkeyed ones is caught too.
+        run("UPDATE kms.audit_log SET mac = NULL, key_fp = NULL WHERE id >= 2");
+        assert_eq!(one::<bool>("SELECT kms_verify_audit_log()"), Some(false));
+        assert_eq!(
+            one::<i64>("SELECT first_bad_id FROM kms_audit_log_check()"),
+            Some(2)
+        );
+    }
+
+    #[pg_test]
+    fn audit_log_check_is_for_auditors() {
+        setup_key("pii");
+        run("CREATE ROLE kt_aud2 IN ROLE kms_auditor");
+        run("CREATE ROLE kt_adm2 IN ROLE kms_admin");
+        run("CREATE ROLE kt_usr2 IN ROLE kms_user");
+        run("CREATE ROLE kt_pln2");
+        assert_eq!(
+            as_role("kt_aud2", "SELECT * FROM kms_audit_log_check()"),
+            None
+        );
+        assert_eq!(
+            as_role("kt_adm2", "SELECT * FROM kms_audit_log_check()"),
+            None
+        );
+        assert_eq!(
+            as_role("kt_usr2", "SELECT * FROM kms_audit_log_check()").as_deref(),
+            Some("42501")
+        );
+        assert_eq!(
+            as_role("kt_pln2", "SELECT * FROM kms_audit_log_check()").as_deref(),
+            Some("42501")
+        );
+    }
+
+    #[pg_test]
+    fn audit_log_check_names_edited_key_rows() {
+        setup_key("c1");
+        run("SELECT kms_rotate_key('c1')");
+        assert_eq!(
+            one::<bool>("SELECT ok FROM kms_audit_log_check()"),
+            Some(true)
+        );
+        run("UPDATE kms.keys SET primary_version = 1 WHERE key_name = 'c1'");
+        assert_eq!(
+            one::<String>("SELECT ok || ':' || coalesce(first_bad_id::text, '-') || ':' || problem FROM kms_audit_log_check()").as_deref(),
+            Some("false:-:catalog row altered: the kms.keys row of key \"c1\": Its MAC does not verify under the master key.")
+        );
+        assert_eq!(one::<bool>("SELECT kms_verify_audit_log()"), Some(false));
+    }
 }

@@ -107,3 +107,100 @@ pub fn stored_fingerprint(lock: bool) -> KmsResult<Option<Vec<u8>>> {
         spi::first("SELECT master_key_fingerprint FROM kms.keyring", &[], false)
     }
 }
+
+/// Wrapped key material: a version's wrapped data key, or (version 0) a
+/// key's wrapped blind-index root.
+pub struct WrappedRow {
+    pub key_id: i32,
+    pub key_name: String,
+    pub version: i32,
+    pub wrapped: Vec<u8>,
+}
+
+fn wrapped_rows(t: pgrx::spi::SpiTupleTable<'_>) -> Result<Vec<WrappedRow>, pgrx::spi::Error> {
+    t.map(|r| {
+        Ok(WrappedRow {
+            key_id: r.get::<i32>(1)?.unwrap_or(0),
+            key_name: r.get::<String>(2)?.unwrap_or_default(),
+            version: r.get::<i32>(3)?.unwrap_or(0),
+            wrapped: r.get::<Vec<u8>>(4)?.unwrap_or_default(),
+        })
+    })
+    .collect()
+}
+
+/// Every wrapped data key, locked for update (a master-key rotation).
+pub fn wrapped_versions_for_update() -> KmsResult<Vec<WrappedRow>> {
+    Spi::connect_mut(|c| {
+        wrapped_rows(c.update(
+            "SELECT v.key_id, k.key_name, v.version, v.wrapped_key
+               FROM kms.key_versions v JOIN kms.keys k ON k.key_id = v.key_id
+              WHERE v.wrapped_key IS NOT NULL ORDER BY 1, 3 FOR UPDATE OF v",
+            None,
+            &[],
+        )?)
+    })
+    .map_err(KmsError::spi)
+}
+
+/// Every wrapped blind-index root (as version 0).
+pub fn wrapped_index_roots() -> KmsResult<Vec<WrappedRow>> {
+    Spi::connect(|c| {
+        wrapped_rows(c.select(
+            "SELECT key_id, key_name, 0, index_key FROM kms.keys WHERE index_key IS NOT NULL",
+            None,
+            &[],
+        )?)
+    })
+    .map_err(KmsError::spi)
+}
+
+/// Every wrapped data key and (as version 0) blind-index root.
+pub fn all_wrapped_material() -> KmsResult<Vec<WrappedRow>> {
+    Spi::connect(|c| {
+        wrapped_rows(c.select(
+            "SELECT k.key_id, k.key_name, v.version, v.wrapped_key FROM kms.keys k JOIN kms.key_versions v ON v.key_id = k.key_id
+              WHERE v.wrapped_key IS NOT NULL
+             UNION ALL
+             SELECT key_id, key_name, 0, index_key FROM kms.keys WHERE index_key IS NOT NULL",
+            None,
+            &[],
+        )?)
+    })
+    .map_err(KmsError::spi)
+}
+
+/// A version of a secret as stored (its value is an envelope).
+pub struct SecretRow {
+    pub value: Vec<u8>,
+    pub version: i32,
+    pub expired: bool,
+    /// When it expires(d), as UTC text, or empty.
+    pub expires_at: String,
+}
+
+/// The secret `name` at `version` (None: its latest version).
+pub fn secret_row(name: &str, version: Option<i32>) -> KmsResult<Option<SecretRow>> {
+    Spi::connect(|c| -> Result<Option<SecretRow>, pgrx::spi::Error> {
+        let t = c.select(
+            "SELECT s.value::bytea, s.version, coalesce(s.expires_at <= pg_catalog.now(), false),
+                    coalesce(pg_catalog.to_char(s.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS UTC'), '')
+               FROM kms.secrets s
+              WHERE s.name = $1 AND ($2::int IS NULL OR s.version = $2)
+              ORDER BY s.version DESC LIMIT 1",
+            Some(1),
+            &[name.into(), version.into()],
+        )?;
+        if t.is_empty() {
+            return Ok(None);
+        }
+        let r = t.first();
+        Ok(Some(SecretRow {
+            value: r.get::<Vec<u8>>(1)?.unwrap_or_default(),
+            version: r.get::<i32>(2)?.unwrap_or(0),
+            expired: r.get::<bool>(3)?.unwrap_or(false),
+            expires_at: r.get::<String>(4)?.unwrap_or_default(),
+        }))
+    })
+    .map_err(KmsError::spi)
+}

@@ -325,27 +325,14 @@ pub(crate) fn refuse_unkeyed_with_keyed_chain() -> KmsResult<()> {
 /// row is MAC'd and the adoption is audited in the keyed chain.
 pub(crate) fn adopt(act: &Act) -> KmsResult<()> {
     refuse_unkeyed_with_keyed_chain()?;
-    let material = Spi::connect(|c| -> Result<Vec<(i32, String, i32, Vec<u8>)>, pgrx::spi::Error> {
-        let mut out = Vec::new();
-        for r in c.select(
-            "SELECT k.key_id, k.key_name, v.version, v.wrapped_key FROM kms.keys k JOIN kms.key_versions v ON v.key_id = k.key_id
-              WHERE v.wrapped_key IS NOT NULL
-             UNION ALL
-             SELECT key_id, key_name, 0, index_key FROM kms.keys WHERE index_key IS NOT NULL",
-            None,
-            &[],
-        )? {
-            out.push((
-                r.get::<i32>(1)?.unwrap_or(0),
-                r.get::<String>(2)?.unwrap_or_default(),
-                r.get::<i32>(3)?.unwrap_or(0),
-                r.get::<Vec<u8>>(4)?.unwrap_or_default(),
-            ));
-        }
-        Ok(out)
-    })
-    .map_err(KmsError::spi)?;
-    for (key_id, name, version, wrapped) in &material {
+    let material = crate::catalog::rows::all_wrapped_material()?;
+    for crate::catalog::rows::WrappedRow {
+        key_id,
+        key_name: name,
+        version,
+        wrapped,
+    } in &material
+    {
         let opened = if *version == 0 {
             act.kek.unwrap_index_root(*key_id as u32, wrapped)
         } else {
@@ -384,9 +371,12 @@ pub(crate) fn adopt(act: &Act) -> KmsResult<()> {
     reseal_all(&act.keys, id)
 }
 
+/// (key source, fingerprint, keys) of a master key.
+type KeysOfSource = (String, Vec<u8>, Rc<IntegrityKeys>);
+
 thread_local! {
-    /// (key source, fingerprint, keys) of the master key last used to check rows.
-    static INTEGRITY_KEYS: RefCell<Option<(String, Vec<u8>, Rc<IntegrityKeys>)>> = const { RefCell::new(None) };
+    /// The master key last used to check rows.
+    static INTEGRITY_KEYS: RefCell<Option<KeysOfSource>> = const { RefCell::new(None) };
 }
 
 /// The integrity keys of the master key configured now, which must match

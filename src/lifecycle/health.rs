@@ -7,7 +7,6 @@ use crate::keys::audit::check_audit_log;
 use crate::keys::{self, Which};
 use crate::pg::spi;
 use pgrx::pg_sys;
-use pgrx::prelude::*;
 use serde_json::json;
 
 /// The body of SQL `kms_verify_audit_log()`.
@@ -15,27 +14,9 @@ pub fn verify_audit_log() -> bool {
     catalog::as_catalog_owner(|_| check_audit_log().map(|c| c.problem.is_none())).or_raise()
 }
 
-/// The body of SQL `kms_audit_log_check()`.
-pub fn audit_log_check() -> TableIterator<
-    'static,
-    (
-        name!(ok, bool),
-        name!(rows_checked, i64),
-        name!(first_bad_id, Option<i64>),
-        name!(problem, Option<String>),
-        name!(head_id, Option<i64>),
-        name!(head_mac, Option<String>),
-    ),
-> {
-    let c = catalog::as_catalog_owner(|_| check_audit_log()).or_raise();
-    TableIterator::once((
-        c.problem.is_none(),
-        c.rows,
-        c.first_bad,
-        c.problem,
-        c.head_id,
-        c.head_mac,
-    ))
+/// The body of SQL `kms_audit_log_check()`: the whole chain checked.
+pub fn audit_log_check() -> crate::keys::audit::AuditCheck {
+    catalog::as_catalog_owner(|_| check_audit_log()).or_raise()
 }
 
 /// Whether this database's re-encryption worker runs, and if not, why.

@@ -11,7 +11,6 @@ use crate::keys::integrity::*;
 use crate::keys::{self, Which};
 use crate::pg::datum::RawText;
 use crate::pg::spi;
-use pgrx::prelude::*;
 
 /// The body of SQL `kms_rotate_master_key()`.
 pub fn rotate_master_key() -> i64 {
@@ -52,29 +51,14 @@ pub fn rotate_master_key() -> i64 {
             _ => refuse_unkeyed_with_keyed_chain()?,
         }
         let (old_kek, new_kek) = (old.kek(), new.kek());
-        let rows = Spi::connect_mut(
-            |c| -> Result<Vec<(i32, i32, String, Vec<u8>)>, pgrx::spi::Error> {
-                let t = c.update(
-                    "SELECT v.key_id, v.version, k.key_name, v.wrapped_key
-                   FROM kms.key_versions v JOIN kms.keys k ON k.key_id = v.key_id
-                  WHERE v.wrapped_key IS NOT NULL ORDER BY 1, 2 FOR UPDATE OF v",
-                    None,
-                    &[],
-                )?;
-                let mut out = Vec::new();
-                for r in t {
-                    out.push((
-                        r.get::<i32>(1)?.unwrap_or(0),
-                        r.get::<i32>(2)?.unwrap_or(0),
-                        r.get::<String>(3)?.unwrap_or_default(),
-                        r.get::<Vec<u8>>(4)?.unwrap_or_default(),
-                    ));
-                }
-                Ok(out)
-            },
-        )
-        .map_err(KmsError::spi)?;
-        for (key_id, version, name, wrapped) in &rows {
+        let rows = catalog::rows::wrapped_versions_for_update()?;
+        for catalog::rows::WrappedRow {
+            key_id,
+            key_name: name,
+            version,
+            wrapped,
+        } in &rows
+        {
             let dk = old_kek
                 .unwrap_raw(*key_id as u32, *version as u32, wrapped)
                 .map_err(|_| KmsError::CatalogCorrupt {
@@ -89,25 +73,14 @@ pub fn rotate_master_key() -> i64 {
                 &[(*key_id).into(), (*version).into(), rewrapped.into()],
             )?;
         }
-        let roots = Spi::connect(
-            |c| -> Result<Vec<(i32, String, Vec<u8>)>, pgrx::spi::Error> {
-                let mut out = Vec::new();
-                for r in c.select(
-                    "SELECT key_id, key_name, index_key FROM kms.keys WHERE index_key IS NOT NULL",
-                    None,
-                    &[],
-                )? {
-                    out.push((
-                        r.get::<i32>(1)?.unwrap_or(0),
-                        r.get::<String>(2)?.unwrap_or_default(),
-                        r.get::<Vec<u8>>(3)?.unwrap_or_default(),
-                    ));
-                }
-                Ok(out)
-            },
-        )
-        .map_err(KmsError::spi)?;
-        for (key_id, name, wrapped) in &roots {
+        let roots = catalog::rows::wrapped_index_roots()?;
+        for catalog::rows::WrappedRow {
+            key_id,
+            key_name: name,
+            wrapped,
+            ..
+        } in &roots
+        {
             let root = old_kek
                 .unwrap_index_root(*key_id as u32, wrapped)
                 .map_err(|_| KmsError::CatalogCorrupt {
