@@ -9,6 +9,7 @@ use pgrx::prelude::*;
 
 pub mod crypto;
 mod errors;
+mod grants_tests;
 mod guc;
 mod hotindex;
 mod keyring;
