@@ -1,24 +1,11 @@
 -- pg_kms catalog: schema kms, reachable only through the extension's
--- functions and views (they switch to the catalog owner when they need it).
+-- functions and views (they switch to the catalog owner when they need it),
+-- and its key tables. The audit chain is in audit.sql, the secrets table in
+-- secrets.sql.
 
 CREATE SCHEMA IF NOT EXISTS kms;
 REVOKE ALL ON SCHEMA kms FROM PUBLIC;
 COMMENT ON SCHEMA kms IS 'pg_kms keyring: wrapped data keys, master-key fingerprint, audit log. Superuser-only.';
-
--- Roles (cluster-wide, so created only when missing).
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'kms_admin') THEN
-        CREATE ROLE kms_admin NOLOGIN;
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'kms_user') THEN
-        CREATE ROLE kms_user NOLOGIN;
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'kms_auditor') THEN
-        CREATE ROLE kms_auditor NOLOGIN;
-    END IF;
-END
-$$;
 
 -- One row: a commitment to the master key (HKDF output, never the key).
 -- integrity_since: since when key-state rows carry MACs (NULL only in a
@@ -86,39 +73,6 @@ CREATE TABLE kms.key_versions (
     CHECK ((state = 'destroyed') = (wrapped_key IS NULL))
 );
 
--- Append-only audit log, chained and keyed (written by pg_kms in Rust):
--- hash = SHA-256(prev_hash || canonical row), mac = HMAC(audit-chain key
--- derived from the master key, hash); key_fp names that master key.
--- Rows with mac NULL come from a keyring made before the chain was keyed
--- (hash = kms.audit_row_hash) and may only precede keyed rows.
-CREATE TABLE kms.audit_log (
-    id        bigint PRIMARY KEY,
-    at        timestamptz NOT NULL,
-    actor     text NOT NULL,
-    operation text NOT NULL,
-    key_name  text,
-    version   integer,
-    reason    text,
-    prev_hash bytea NOT NULL,
-    hash      bytea NOT NULL,
-    detail    text,
-    key_fp    bytea,
-    mac       bytea
-);
--- Cold-path lookups of a key's latest change (see kms.keys.generation).
-CREATE INDEX audit_log_key_name ON kms.audit_log (key_name, id);
-CREATE INDEX audit_log_keyring_wide ON kms.audit_log (id)
-    WHERE operation IN ('rotate_master_key', 'adopt_integrity');
-
--- The chain's head (a convenience: the authoritative copy of the head is
--- the LOG line "pg_kms: audit chain head" written at every append).
-CREATE TABLE kms.audit_head (
-    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-    last_id   bigint NOT NULL,
-    last_hash bytea NOT NULL,
-    last_mac  bytea
-);
-
 -- Re-encryption progress per (table, column) of this database, written by
 -- the background worker and kms_reencrypt_now(). Operational state: not
 -- dumped (a restored database recounts).
@@ -139,86 +93,3 @@ SELECT pg_catalog.pg_extension_config_dump('kms.keyring', '');
 SELECT pg_catalog.pg_extension_config_dump('kms.key_grants', '');
 SELECT pg_catalog.pg_extension_config_dump('kms.keys', '');
 SELECT pg_catalog.pg_extension_config_dump('kms.key_versions', '');
-SELECT pg_catalog.pg_extension_config_dump('kms.audit_log', '');
-SELECT pg_catalog.pg_extension_config_dump('kms.audit_head', '');
-
--- The unkeyed hash of rows written before the chain was keyed: SHA-256
--- over the previous hash and a canonical JSON encoding of the row.
-CREATE FUNCTION kms.audit_row_hash(prev bytea, id bigint, at timestamptz, actor text, operation text,
-                                   key_name text, version integer, reason text)
-RETURNS bytea LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT sha256(prev || convert_to(jsonb_build_array(
-        id, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US'),
-        actor, operation, key_name, version, reason)::text, 'UTF8'))
-$$;
-
--- Checks the unkeyed prefix (rows from before the chain was keyed) only;
--- the whole chain is checked by kms_audit_log_check().
-CREATE FUNCTION kms.audit_verify()
-RETURNS boolean LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    r        record;
-    v_prev   bytea := '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea;
-    v_expect bigint := 1;
-BEGIN
-    FOR r IN SELECT * FROM kms.audit_log a WHERE a.mac IS NULL ORDER BY a.id LOOP
-        IF r.id <> v_expect OR r.prev_hash <> v_prev
-           OR r.hash <> kms.audit_row_hash(r.prev_hash, r.id, r.at, r.actor, r.operation, r.key_name, r.version, r.reason) THEN
-            RETURN false;
-        END IF;
-        v_prev := r.hash;
-        v_expect := v_expect + 1;
-    END LOOP;
-    RETURN true;
-END
-$$;
-
-CREATE FUNCTION kms.audit_log_reject()
-RETURNS trigger LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    RAISE EXCEPTION 'the pg_kms audit log is append-only'
-        USING ERRCODE = '42501', HINT = 'Rows of kms.audit_log can be neither updated nor deleted.';
-END
-$$;
-
-CREATE TRIGGER audit_log_no_update_delete BEFORE UPDATE OR DELETE ON kms.audit_log
-    FOR EACH ROW EXECUTE FUNCTION kms.audit_log_reject();
-CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON kms.audit_log
-    FOR EACH STATEMENT EXECUTE FUNCTION kms.audit_log_reject();
-
--- Views (in the extension's schema). They run with the owner's rights and
--- expose no key material.
-CREATE VIEW kms_keys AS
-SELECT k.key_name,
-       v.version,
-       v.state,
-       (v.version = k.primary_version) AS is_primary,
-       v.created_at,
-       v.state_changed_at,
-       k.rotation_period,
-       CASE WHEN k.rotation_period IS NOT NULL AND k.destroyed_at IS NULL
-            THEN p.created_at + k.rotation_period END AS next_rotation_at,
-       k.destroyed_at AS key_destroyed_at
-  FROM kms.keys k
-  JOIN kms.key_versions v ON v.key_id = k.key_id
-  JOIN kms.key_versions p ON p.key_id = k.key_id AND p.version = k.primary_version;
-
-CREATE VIEW kms_audit_log AS
-SELECT id, at, actor, operation, key_name, version, reason, pg_catalog.encode(hash, 'hex') AS hash,
-       detail, pg_catalog.encode(mac, 'hex') AS mac
-  FROM kms.audit_log;
-
--- Destruction receipts (kms_destroy_key_version, kms_destroy_key): key,
--- version(s), time, and the MAC of the erased material under a key derived
--- from the master key. Each is the detail of its row in the keyed chain.
-CREATE VIEW kms_destruction_receipts AS
-SELECT id AS audit_id, at, actor, key_name, version, reason, detail::jsonb AS receipt
-  FROM kms.audit_log
- WHERE operation IN ('destroy_key_version', 'destroy_key');
-GRANT SELECT ON kms_destruction_receipts TO kms_admin, kms_auditor;

@@ -1,141 +1,144 @@
--- Equality and ordering on the envelope bytes (the representation is the
--- same as bytea's, so PostgreSQL's own bytea functions do the work). With
--- kms_encrypt_deterministic this gives UNIQUE, hash joins and GROUP BY.
-CREATE FUNCTION encrypted_text_eq(encrypted_text, encrypted_text) RETURNS boolean
-    LANGUAGE internal IMMUTABLE STRICT PARALLEL SAFE AS 'byteaeq';
-CREATE FUNCTION encrypted_text_ne(encrypted_text, encrypted_text) RETURNS boolean
-    LANGUAGE internal IMMUTABLE STRICT PARALLEL SAFE AS 'byteane';
-CREATE FUNCTION encrypted_text_lt(encrypted_text, encrypted_text) RETURNS boolean
-    LANGUAGE internal IMMUTABLE STRICT PARALLEL SAFE AS 'bytealt';
-CREATE FUNCTION encrypted_text_le(encrypted_text, encrypted_text) RETURNS boolean
-    LANGUAGE internal IMMUTABLE STRICT PARALLEL SAFE AS 'byteale';
-CREATE FUNCTION encrypted_text_gt(encrypted_text, encrypted_text) RETURNS boolean
-    LANGUAGE internal IMMUTABLE STRICT PARALLEL SAFE AS 'byteagt';
-CREATE FUNCTION encrypted_text_ge(encrypted_text, encrypted_text) RETURNS boolean
-    LANGUAGE internal IMMUTABLE STRICT PARALLEL SAFE AS 'byteage';
-CREATE FUNCTION encrypted_text_cmp(encrypted_text, encrypted_text) RETURNS integer
-    LANGUAGE internal IMMUTABLE STRICT PARALLEL SAFE AS 'byteacmp';
-CREATE FUNCTION encrypted_text_hash(encrypted_text) RETURNS integer
-    LANGUAGE internal IMMUTABLE STRICT PARALLEL SAFE AS 'hashvarlena';
-
-CREATE OPERATOR = (LEFTARG = encrypted_text, RIGHTARG = encrypted_text, FUNCTION = encrypted_text_eq,
-    COMMUTATOR = =, NEGATOR = <>, RESTRICT = eqsel, JOIN = eqjoinsel, HASHES, MERGES);
-CREATE OPERATOR <> (LEFTARG = encrypted_text, RIGHTARG = encrypted_text, FUNCTION = encrypted_text_ne,
-    COMMUTATOR = <>, NEGATOR = =, RESTRICT = neqsel, JOIN = neqjoinsel);
-CREATE OPERATOR < (LEFTARG = encrypted_text, RIGHTARG = encrypted_text, FUNCTION = encrypted_text_lt,
-    COMMUTATOR = >, NEGATOR = >=, RESTRICT = scalarltsel, JOIN = scalarltjoinsel);
-CREATE OPERATOR <= (LEFTARG = encrypted_text, RIGHTARG = encrypted_text, FUNCTION = encrypted_text_le,
-    COMMUTATOR = >=, NEGATOR = >, RESTRICT = scalarlesel, JOIN = scalarlejoinsel);
-CREATE OPERATOR > (LEFTARG = encrypted_text, RIGHTARG = encrypted_text, FUNCTION = encrypted_text_gt,
-    COMMUTATOR = <, NEGATOR = <=, RESTRICT = scalargtsel, JOIN = scalargtjoinsel);
-CREATE OPERATOR >= (LEFTARG = encrypted_text, RIGHTARG = encrypted_text, FUNCTION = encrypted_text_ge,
-    COMMUTATOR = <=, NEGATOR = <, RESTRICT = scalargesel, JOIN = scalargejoinsel);
-
-CREATE OPERATOR CLASS encrypted_text_ops DEFAULT FOR TYPE encrypted_text USING btree AS
-    OPERATOR 1 <, OPERATOR 2 <=, OPERATOR 3 =, OPERATOR 4 >=, OPERATOR 5 >,
-    FUNCTION 1 encrypted_text_cmp(encrypted_text, encrypted_text);
-CREATE OPERATOR CLASS encrypted_text_hash_ops DEFAULT FOR TYPE encrypted_text USING hash AS
-    OPERATOR 1 =,
-    FUNCTION 1 encrypted_text_hash(encrypted_text);
-
--- Secrets store: values sealed under a key (no context), so rotation and
--- the background worker cover them.
-CREATE TABLE kms.secrets (
-    name       text NOT NULL,
-    version    integer NOT NULL,
-    value      encrypted_text NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
-    expires_at timestamptz,
-    tags       jsonb NOT NULL DEFAULT '{}',
-    PRIMARY KEY (name, version)
-);
-SELECT pg_catalog.pg_extension_config_dump('kms.secrets', '');
-
-CREATE VIEW kms_secrets AS
-SELECT s.name, s.version, s.created_at, s.expires_at, s.tags,
-       (SELECT k.key_name FROM kms.keys k
-         WHERE k.key_id = ('x' || pg_catalog.encode(pg_catalog.substring(s.value::bytea, 3, 4), 'hex'))::bit(32)::integer) AS key_name
-  FROM kms.secrets s;
-COMMENT ON VIEW kms_secrets IS 'Secrets and their versions; never the values (read them with kms_secret_get).';
-
--- status: 'valid' while the role granted to exists under its oid and name;
--- otherwise why the grant does not apply (it still keeps the key closed to
--- roles without a grant).
-CREATE VIEW kms_key_grants AS
-SELECT k.key_name, g.grantee, g.privilege, g.granted_at,
-       CASE WHEN r.rolname::text = g.grantee THEN 'valid'
-            WHEN g.cluster_id <> (SELECT c.system_identifier FROM pg_catalog.pg_control_system() c)
-                 THEN 'unbound: restored from another cluster, see kms_rebind_key_grants()'
-            WHEN r.oid IS NULL THEN 'stale: role dropped'
-            ELSE 'stale: role renamed to ' || r.oid::pg_catalog.regrole::text
-       END AS status
-  FROM kms.key_grants g JOIN kms.keys k ON k.key_id = g.key_id
-  LEFT JOIN pg_catalog.pg_roles r ON r.oid = g.grantee_oid;
-COMMENT ON VIEW kms_key_grants IS 'Per-key grants. Only status = ''valid'' grants let a role use the key; any grant, valid or not, closes the key to roles without one.';
--- Bound after a restore by a kms_admin (the loop below revokes PUBLIC only).
-GRANT EXECUTE ON FUNCTION kms_rebind_key_grants() TO kms_admin;
-
--- Views over generated functions (so they come last).
-CREATE VIEW kms_reencryption_progress AS
-SELECT p.relid::pg_catalog.regclass AS table_name,
-       p.attname AS column_name,
-       p.rows_rewrapped,
-       p.rows_pending,
-       p.rows_needing_context,
-       p.started_at,
-       p.last_batch_at,
-       p.finished_at,
-       p.last_error
-  FROM kms.reencryption_progress p
- WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = p.relid);
-COMMENT ON VIEW kms_reencryption_progress IS 'rows_pending is exact when a pass starts (a full count) and decremented as batches commit; rows_needing_context were sealed with a context, which only the application can supply (UPDATE ... SET col = kms_rewrap(col, ctx)).';
-
-CREATE VIEW kms_stats AS
-SELECT k.key_name, s.version, s.encryptions, s.decryptions,
-       pg_catalog.round(s.encryptions::numeric / 4294967296, 6) AS nonce_budget_used
-  FROM kms_stats_counters() s
-  JOIN kms.keys k ON k.key_id = s.key_id;
-COMMENT ON VIEW kms_stats IS 'Encryptions and decryptions per key version since server start (shared memory; empty unless pg_kms is in shared_preload_libraries). nonce_budget_used is encryptions / 2^32.';
-
--- Privileges: nothing for PUBLIC; each function granted to its roles.
---   kms_user:    encrypt, decrypt, rewrap, header readers
---   kms_admin:   key lifecycle, audit read, health
---   kms_auditor: kms_keys, kms_audit_log, kms_health, kms_verify_audit_log (cannot decrypt)
-DO $$
+-- Privileges of every function and view of pg_kms, from one declared list.
+-- Runs last (finalize), when every object of the extension exists.
+--
+--   kms_user:    encrypt, decrypt, rewrap, header readers, blind index
+--   kms_admin:   key lifecycle, secrets, re-encryption, audit read, health
+--   kms_auditor: the views, kms_health and the audit checks (cannot decrypt)
+--   PUBLIC:      only the encrypted_text type's I/O and comparison functions
+--                (they parse, format and compare bytes)
+--   nobody:      internal helpers and the kms schema (superuser only)
+--
+-- Every function and view that belongs to the extension gets exactly the
+-- privileges of its entry below: PUBLIC's are revoked first, unless the
+-- entry is PUBLIC. One that has no entry, or an entry that names no object,
+-- makes CREATE EXTENSION fail: a new function cannot be forgotten (usable
+-- by no role) nor left to PUBLIC by mistake. Overloads share their name's
+-- entry. The #[pg_test] grants_tests checks the resulting privileges.
+DO $grants$
 DECLARE
-    r record;
+    r        record;
+    problems text[] := '{}';
 BEGIN
     FOR r IN
-        SELECT p.oid::pg_catalog.regprocedure AS sig, p.proname
-          FROM pg_catalog.pg_depend d
-          JOIN pg_catalog.pg_proc p ON p.oid = d.objid
-         WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
-           AND d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass
-           AND d.deptype = 'e'
-           AND d.refobjid = (SELECT oid FROM pg_catalog.pg_extension WHERE extname = 'pg_kms')
-    LOOP
-        -- Type I/O and comparison functions stay public: they only parse, format and compare bytes.
-        CONTINUE WHEN r.proname LIKE 'encrypted\_text\_%';
-        EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', r.sig);
-        IF r.proname IN ('kms_encrypt', 'kms_decrypt', 'kms_encrypt_bytea', 'kms_decrypt_bytea',
-                         'kms_rewrap', 'kms_key_name', 'kms_key_version',
-                         'kms_encrypt_deterministic', 'kms_blind_index') THEN
-            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO kms_user', r.sig);
-        ELSIF r.proname = 'kms_secret_get' THEN
+        WITH intent(kind, name, grantees) AS (VALUES
+            -- kms_user
+            ('function', 'kms_encrypt',               '{kms_user}'::text[]),
+            ('function', 'kms_decrypt',               '{kms_user}'),
+            ('function', 'kms_encrypt_bytea',         '{kms_user}'),
+            ('function', 'kms_decrypt_bytea',         '{kms_user}'),
+            ('function', 'kms_rewrap',                '{kms_user}'),
+            ('function', 'kms_key_name',              '{kms_user}'),
+            ('function', 'kms_key_version',           '{kms_user}'),
+            ('function', 'kms_encrypt_deterministic', '{kms_user}'),
+            ('function', 'kms_blind_index',           '{kms_user}'),
             -- Checked inside: kms_admin members, or roles granted 'decrypt' on the key.
-            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO kms_user, kms_admin', r.sig);
-        ELSIF r.proname IN ('kms_create_key', 'kms_rotate_key', 'kms_set_primary', 'kms_disable_key_version',
-                            'kms_enable_key_version', 'kms_destroy_key_version', 'kms_rotate_master_key',
-                            'kms_key_usage', 'kms_reencrypt_now', 'kms_destroy_key', 'kms_grant_key',
-                            'kms_revoke_key', 'kms_secret_set', 'kms_secret_delete') THEN
-            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO kms_admin', r.sig);
-        ELSIF r.proname IN ('kms_health', 'kms_verify_audit_log', 'kms_stats_counters') THEN
-            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO kms_admin, kms_auditor', r.sig);
+            ('function', 'kms_secret_get',            '{kms_user,kms_admin}'),
+            -- kms_admin
+            ('function', 'kms_create_key',            '{kms_admin}'),
+            ('function', 'kms_rotate_key',            '{kms_admin}'),
+            ('function', 'kms_set_primary',           '{kms_admin}'),
+            ('function', 'kms_disable_key_version',   '{kms_admin}'),
+            ('function', 'kms_enable_key_version',    '{kms_admin}'),
+            ('function', 'kms_destroy_key_version',   '{kms_admin}'),
+            ('function', 'kms_destroy_key',           '{kms_admin}'),
+            ('function', 'kms_rotate_master_key',     '{kms_admin}'),
+            ('function', 'kms_grant_key',             '{kms_admin}'),
+            ('function', 'kms_revoke_key',            '{kms_admin}'),
+            -- Bound after a restore into another cluster.
+            ('function', 'kms_rebind_key_grants',     '{kms_admin}'),
+            ('function', 'kms_key_usage',             '{kms_admin}'),
+            ('function', 'kms_reencrypt_now',         '{kms_admin}'),
+            ('function', 'kms_secret_set',            '{kms_admin}'),
+            ('function', 'kms_secret_delete',         '{kms_admin}'),
+            -- kms_admin and kms_auditor
+            ('function', 'kms_health',                '{kms_admin,kms_auditor}'),
+            ('function', 'kms_verify_audit_log',      '{kms_admin,kms_auditor}'),
+            ('function', 'kms_audit_log_check',       '{kms_admin,kms_auditor}'),
+            ('function', 'kms_stats_counters',        '{kms_admin,kms_auditor}'),
+            ('view',     'kms_keys',                  '{kms_admin,kms_auditor}'),
+            ('view',     'kms_audit_log',             '{kms_admin,kms_auditor}'),
+            ('view',     'kms_destruction_receipts',  '{kms_admin,kms_auditor}'),
+            ('view',     'kms_reencryption_progress', '{kms_admin,kms_auditor}'),
+            ('view',     'kms_stats',                 '{kms_admin,kms_auditor}'),
+            ('view',     'kms_secrets',               '{kms_admin,kms_auditor}'),
+            ('view',     'kms_key_grants',            '{kms_admin,kms_auditor}'),
+            -- PUBLIC by design: the type's I/O and its operators' functions.
+            ('function', 'encrypted_text_in',         '{PUBLIC}'),
+            ('function', 'encrypted_text_out',        '{PUBLIC}'),
+            ('function', 'encrypted_text_recv',       '{PUBLIC}'),
+            ('function', 'encrypted_text_send',       '{PUBLIC}'),
+            ('function', 'encrypted_text_eq',         '{PUBLIC}'),
+            ('function', 'encrypted_text_ne',         '{PUBLIC}'),
+            ('function', 'encrypted_text_lt',         '{PUBLIC}'),
+            ('function', 'encrypted_text_le',         '{PUBLIC}'),
+            ('function', 'encrypted_text_gt',         '{PUBLIC}'),
+            ('function', 'encrypted_text_ge',         '{PUBLIC}'),
+            ('function', 'encrypted_text_cmp',        '{PUBLIC}'),
+            ('function', 'encrypted_text_hash',       '{PUBLIC}'),
+            -- Nobody (superuser only): internal helpers of the audit chain,
+            -- and the #[pg_test] functions of test builds (schema tests).
+            ('function', 'kms.audit_row_hash',        '{}'),
+            ('function', 'kms.audit_verify',          '{}'),
+            ('function', 'kms.audit_log_reject',      '{}'),
+            ('function', 'tests.*',                   '{}')
+        ),
+        ext AS (
+            SELECT e.oid, e.extnamespace FROM pg_catalog.pg_extension e WHERE e.extname = 'pg_kms'
+        ),
+        member AS (
+            SELECT 'function' AS kind, p.oid::pg_catalog.regprocedure::text AS object,
+                   CASE WHEN p.pronamespace = ext.extnamespace THEN p.proname::text
+                        WHEN n.nspname = 'tests' THEN 'tests.*'
+                        ELSE n.nspname || '.' || p.proname END AS name
+              FROM ext
+              JOIN pg_catalog.pg_depend d ON d.refobjid = ext.oid
+              JOIN pg_catalog.pg_proc p ON p.oid = d.objid
+              JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+             WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+               AND d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass
+               AND d.deptype = 'e'
+            UNION ALL
+            -- Views are declared one by one; any other relation must be in
+            -- schema kms (no USAGE for anyone).
+            SELECT CASE WHEN c.relkind IN ('v', 'm') THEN 'view' ELSE 'relation' END,
+                   c.oid::pg_catalog.regclass::text,
+                   CASE WHEN c.relkind NOT IN ('v', 'm') AND n.nspname = 'kms' THEN NULL
+                        WHEN c.relnamespace = ext.extnamespace THEN c.relname::text
+                        ELSE n.nspname || '.' || c.relname END
+              FROM ext
+              JOIN pg_catalog.pg_depend d ON d.refobjid = ext.oid
+              JOIN pg_catalog.pg_class c ON c.oid = d.objid
+              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+             WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+               AND d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass
+               AND d.deptype = 'e'
+        )
+        SELECT m.kind AS member_kind, m.object, i.kind, i.name, i.grantees
+          FROM (SELECT * FROM member WHERE name IS NOT NULL) m
+          FULL JOIN intent i ON i.kind = m.kind AND i.name = m.name
+         ORDER BY i.name, m.object
+    LOOP
+        IF r.object IS NULL THEN
+            CONTINUE WHEN r.name = 'tests.*';  -- test builds only
+            problems := problems || pg_catalog.format('%s %s is declared but is not part of pg_kms', r.kind, r.name);
+        ELSIF r.name IS NULL THEN
+            problems := problems || pg_catalog.format('%s %s has no declared privileges', r.member_kind, r.object);
+        ELSIF r.grantees <> '{PUBLIC}' THEN
+            EXECUTE pg_catalog.format('REVOKE ALL ON %s %s FROM PUBLIC',
+                                      CASE r.kind WHEN 'function' THEN 'FUNCTION' ELSE 'TABLE' END, r.object);
+            IF pg_catalog.cardinality(r.grantees) > 0 THEN
+                EXECUTE pg_catalog.format('GRANT %s ON %s %s TO %s',
+                                          CASE r.kind WHEN 'function' THEN 'EXECUTE' ELSE 'SELECT' END,
+                                          CASE r.kind WHEN 'function' THEN 'FUNCTION' ELSE 'TABLE' END,
+                                          r.object,
+                                          (SELECT pg_catalog.string_agg(pg_catalog.quote_ident(g.role), ', ' ORDER BY g.n)
+                                             FROM pg_catalog.unnest(r.grantees) WITH ORDINALITY g(role, n)));
+            END IF;
         END IF;
     END LOOP;
+    IF pg_catalog.cardinality(problems) > 0 THEN
+        RAISE EXCEPTION 'pg_kms: privileges not declared: %', pg_catalog.array_to_string(problems, '; ')
+            USING HINT = 'Declare every function and view of pg_kms, with its roles, in sql/grants.sql.';
+    END IF;
 END
-$$;
-
-REVOKE ALL ON kms_keys, kms_audit_log, kms_reencryption_progress, kms_stats, kms_secrets, kms_key_grants FROM PUBLIC;
-GRANT SELECT ON kms_keys, kms_audit_log, kms_reencryption_progress, kms_stats, kms_secrets, kms_key_grants
-    TO kms_admin, kms_auditor;
+$grants$;

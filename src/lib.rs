@@ -23,8 +23,24 @@ mod worker;
 
 pg_module_magic!();
 
-// Catalog (schema kms, tables, audit chain, roles, views) first; grants last.
-extension_sql_file!("../sql/catalog.sql", name = "catalog", bootstrap);
+// sql/: roles first, grants last; the rest in dependency order (secrets
+// after audit and the operators only to keep the install order, and so the
+// config-dump list, of before the split). The operators and operator
+// classes of encrypted_text (sql/encrypted_text.sql) are included by the
+// type's own module, src/api/encrypted_text.rs.
+extension_sql_file!("../sql/roles.sql", name = "roles", bootstrap);
+extension_sql_file!("../sql/catalog.sql", name = "catalog");
+extension_sql_file!("../sql/audit.sql", name = "audit", requires = ["catalog"]);
+extension_sql_file!(
+    "../sql/secrets.sql",
+    name = "secrets",
+    requires = ["catalog", "audit", "encrypted_text_ops"]
+);
+extension_sql_file!(
+    "../sql/views.sql",
+    name = "views",
+    requires = ["catalog", "audit", "secrets", kms_stats_counters]
+);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 #[pg_guard]

@@ -82,6 +82,14 @@ CREATE CAST (encrypted_text AS bytea) WITHOUT FUNCTION;
     ],
 );
 
+// Comparison and hash functions, operators and operator classes (btree and
+// hash: equality of deterministic values, UNIQUE constraints, joins).
+extension_sql_file!(
+    "../../sql/encrypted_text.sql",
+    name = "encrypted_text_ops",
+    requires = ["encrypted_text_type"]
+);
+
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]
 mod tests {

@@ -5,9 +5,9 @@
 pub mod encrypted_text;
 pub mod keys;
 pub mod observability;
-pub mod reencrypt;
 #[cfg(any(test, feature = "pg_test"))]
-mod roles;
+mod privileges;
+pub mod reencrypt;
 pub mod secrets;
 #[cfg(any(test, feature = "pg_test"))]
 pub mod test_support;

@@ -44,14 +44,6 @@ fn kms_health() -> pgrx::JsonB {
     crate::lifecycle::health()
 }
 
-// kms_audit_log_check() is for the same roles as kms_verify_audit_log()
-// (grants.sql then revokes PUBLIC's EXECUTE on every function).
-extension_sql!(
-    "GRANT EXECUTE ON FUNCTION kms_audit_log_check() TO kms_admin, kms_auditor;",
-    name = "audit_log_check_grant",
-    requires = [kms_audit_log_check]
-);
-
 /// Encryptions and decryptions per key version of this database since
 /// server start (shared memory; empty without shared_preload_libraries).
 /// Counters only; read through the `kms_stats` view.
