@@ -10,7 +10,6 @@
 //!           -> crypto, core   pure Rust, no pgrx
 //! ```
 
-const PURE: &[&str] = &["crypto", "core"];
 const GLUE: &[&str] = &["pg", "errors", "crypto", "core"];
 const KEYS: &[&str] = &["keys", "catalog", "pg", "errors", "crypto", "core"];
 const LOGIC: &[&str] = &[

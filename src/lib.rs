@@ -14,6 +14,7 @@ pub mod crypto;
 mod errors;
 mod hooks;
 mod keys;
+#[cfg(test)]
 mod layers;
 mod lifecycle;
 mod pg;
