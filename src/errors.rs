@@ -1,6 +1,7 @@
 //! The one error type of pg_kms: every failure maps to a SQLSTATE, a message
 //! and a hint. No variant carries plaintext or key bytes.
 
+use crate::core::names::{Privilege, State};
 use crate::crypto::names::NameError;
 use crate::crypto::text::TextFormError;
 use crate::crypto::{EnvelopeError, MasterKeyError};
@@ -10,7 +11,7 @@ use pgrx::{PgLogLevel, PgSqlErrorCode};
 #[derive(Debug)]
 pub enum KmsError {
     /// 22P02: an `encrypted_text` literal or binary value is malformed.
-    Malformed(String),
+    Malformed(TextFormError),
     /// 42704: no key with that name.
     UnknownKey(String),
     /// 42704: a value names a key id this keyring does not have.
@@ -19,17 +20,21 @@ pub enum KmsError {
     UnknownVersion { key: String, version: i32 },
     /// 42710
     KeyExists(String),
-    /// 42704: no such secret (or version).
-    UnknownSecret(String),
-    /// 55000: the secret's version has expired.
-    SecretExpired(String),
+    /// 42704: no such secret (or no such version of it).
+    UnknownSecret { name: String, version: Option<i32> },
+    /// 55000: the secret's version has expired (at `at`, UTC text).
+    SecretExpired {
+        name: String,
+        version: i32,
+        at: String,
+    },
     /// 22023
     BadArgument { message: String, hint: &'static str },
     /// 55000: the version exists but its state forbids the operation.
     VersionState {
         key: String,
         version: i32,
-        state: String,
+        state: State,
         action: &'static str,
     },
     /// 55000: the operation would touch the primary version.
@@ -78,13 +83,17 @@ pub enum KmsError {
     /// 25006: a lifecycle act on a standby or in a read-only transaction.
     ReadOnly,
     /// 42501: the caller lacks SELECT and UPDATE on a column it asked pg_kms
-    /// to rewrite (`kms_reencrypt_now`).
-    NotAllowed(String),
+    /// to rewrite (`kms_reencrypt_now`). Names as they print in SQL.
+    NotAllowed {
+        role: String,
+        column: String,
+        table: String,
+    },
     /// 42501: the key has per-key grants and none of them covers the role.
     /// `role` is the role's name as `regrole` prints it (quoted if needed).
     KeyNotAllowed {
         role: String,
-        privilege: &'static str,
+        privilege: Privilege,
         key: String,
     },
     /// 42501: the role may not read the secret, or it does not exist (one
@@ -105,7 +114,7 @@ impl KmsError {
             KmsError::Malformed(why) => (
                 ERRCODE_INVALID_TEXT_REPRESENTATION,
                 "invalid input syntax for type encrypted_text".into(),
-                Some(why.clone()),
+                Some(why.to_string()),
                 Some("encrypted_text values are produced by kms_encrypt(); their text form is \"kms:\" followed by base64. Plain text is never encrypted implicitly.".into()),
             ),
             KmsError::UnknownKey(name) => (
@@ -126,15 +135,18 @@ impl KmsError {
                 None,
                 Some("The value was altered, or it comes from another keyring.".into()),
             ),
-            KmsError::UnknownSecret(message) => (
+            KmsError::UnknownSecret { name, version } => (
                 ERRCODE_UNDEFINED_OBJECT,
-                message.clone(),
+                match version {
+                    Some(v) => format!("secret \"{name}\" has no version {v}"),
+                    None => format!("secret \"{name}\" does not exist"),
+                },
                 None,
                 Some("See the kms_secrets view.".into()),
             ),
-            KmsError::SecretExpired(message) => (
+            KmsError::SecretExpired { name, version, at } => (
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                message.clone(),
+                format!("version {version} of secret \"{name}\" expired at {at}"),
                 None,
                 Some("Set a new version with kms_secret_set().".into()),
             ),
@@ -151,9 +163,9 @@ impl KmsError {
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 format!("cannot {action}: version {version} of key \"{key}\" is {state}"),
                 None,
-                Some(match state.as_str() {
-                    "disabled" => "Re-enable it with kms_enable_key_version() if this is intended.".into(),
-                    "destroyed" => "A destroyed version's key material is erased for good; values sealed under it cannot be recovered.".into(),
+                Some(match state {
+                    State::Disabled => "Re-enable it with kms_enable_key_version() if this is intended.".into(),
+                    State::Destroyed => "A destroyed version's key material is erased for good; values sealed under it cannot be recovered.".into(),
                     _ => "See the kms_keys view.".into(),
                 }),
             ),
@@ -248,9 +260,9 @@ impl KmsError {
                 None,
                 None,
             ),
-            KmsError::NotAllowed(message) => (
+            KmsError::NotAllowed { role, column, table } => (
                 ERRCODE_INSUFFICIENT_PRIVILEGE,
-                message.clone(),
+                format!("permission denied for role {role} to re-encrypt column {column} of table {table}"),
                 None,
                 Some("Ask the table owner for SELECT and UPDATE on the column.".into()),
             ),
@@ -353,13 +365,13 @@ pub fn quote_ident(ident: &str) -> String {
 
 impl From<EnvelopeError> for KmsError {
     fn from(e: EnvelopeError) -> Self {
-        KmsError::Malformed(e.to_string())
+        KmsError::Malformed(TextFormError::Envelope(e))
     }
 }
 
 impl From<TextFormError> for KmsError {
     fn from(e: TextFormError) -> Self {
-        KmsError::Malformed(e.to_string())
+        KmsError::Malformed(e)
     }
 }
 

@@ -695,12 +695,11 @@ pub fn reencrypt_now(tbl: RegClass, col: SqlName, max_rows: Option<i32>) -> i64 
             false,
         )?;
         if allowed != Some(true) {
-            return Err(KmsError::NotAllowed(format!(
-                "permission denied for role {} to re-encrypt column {} of table {}",
-                crate::errors::role_display(identity::current_user()),
-                crate::errors::quote_ident(col),
-                crate::errors::relation_display(tbl),
-            )));
+            return Err(KmsError::NotAllowed {
+                role: crate::errors::role_display(identity::current_user()),
+                column: crate::errors::quote_ident(col),
+                table: crate::errors::relation_display(tbl),
+            });
         }
         let column = encrypted_columns()?
             .into_iter()

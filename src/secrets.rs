@@ -120,10 +120,7 @@ pub fn secret_get(name: Option<RawText>, version: Option<i32>) -> Option<OutText
             if !is_admin {
                 return Err(denied());
             }
-            return Err(KmsError::UnknownSecret(match version {
-                Some(v) => format!("secret \"{name}\" has no version {v}"),
-                None => format!("secret \"{name}\" does not exist"),
-            }));
+            return Err(KmsError::UnknownSecret { name, version });
         };
         let value = EncryptedText::from_bytes(&bytes);
         let key_id = value.envelope().header.key_id;
@@ -135,9 +132,11 @@ pub fn secret_get(name: Option<RawText>, version: Option<i32>) -> Option<OutText
             return Err(denied());
         }
         if expired {
-            return Err(KmsError::SecretExpired(format!(
-                "version {v} of secret \"{name}\" expired at {at}"
-            )));
+            return Err(KmsError::SecretExpired {
+                name,
+                version: v,
+                at,
+            });
         }
         crate::values::decrypt_text(&value, &[])
     });
@@ -167,9 +166,10 @@ pub fn secret_delete(name: Option<RawText>) -> i64 {
         )?
         .unwrap_or(0);
         if n == 0 {
-            return Err(KmsError::UnknownSecret(format!(
-                "secret \"{name}\" does not exist"
-            )));
+            return Err(KmsError::UnknownSecret {
+                name,
+                version: None,
+            });
         }
         audit(
             "secret_delete",

@@ -9,32 +9,13 @@ use pgrx::pg_sys;
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-pub enum Privilege {
-    Encrypt,
-    Decrypt,
-}
+pub use crate::core::names::Privilege;
 
-impl Privilege {
-    pub fn parse(s: &str) -> Option<Privilege> {
-        match s {
-            "encrypt" => Some(Privilege::Encrypt),
-            "decrypt" => Some(Privilege::Decrypt),
-            _ => None,
-        }
-    }
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Privilege::Encrypt => "encrypt",
-            Privilege::Decrypt => "decrypt",
-        }
-    }
-    /// (known, allowed) bits of a cached decision.
-    fn bits(&self) -> (u8, u8) {
-        match self {
-            Privilege::Encrypt => (1, 2),
-            Privilege::Decrypt => (4, 8),
-        }
+/// (known, allowed) bits of a cached decision on `p`.
+fn bits(p: Privilege) -> (u8, u8) {
+    match p {
+        Privilege::Encrypt => (1, 2),
+        Privilege::Decrypt => (4, 8),
     }
 }
 
@@ -73,7 +54,7 @@ impl Grants {
 fn not_allowed(p: Privilege, name: &str, user: pg_sys::Oid) -> KmsError {
     KmsError::KeyNotAllowed {
         role: crate::errors::role_display(user),
-        privilege: p.as_str(),
+        privilege: p,
         key: name.to_string(),
     }
 }
@@ -91,7 +72,7 @@ impl CachedVersion {
         // backend is connected (always, when SQL runs); it has no other
         // precondition.
         let user = unsafe { pg_sys::GetUserId() };
-        let (known, allowed) = p.bits();
+        let (known, allowed) = bits(p);
         let (seen_user, mut bits) = self.seen.get();
         if seen_user != user {
             bits = 0;

@@ -10,32 +10,7 @@ use pgrx::pg_sys;
 use std::cell::Cell;
 use std::rc::Rc;
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum State {
-    Active,
-    DecryptOnly,
-    Disabled,
-    Destroyed,
-}
-
-impl State {
-    pub fn parse(s: &str) -> State {
-        match s {
-            "active" => State::Active,
-            "decrypt_only" => State::DecryptOnly,
-            "disabled" => State::Disabled,
-            _ => State::Destroyed,
-        }
-    }
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            State::Active => "active",
-            State::DecryptOnly => "decrypt_only",
-            State::Disabled => "disabled",
-            State::Destroyed => "destroyed",
-        }
-    }
-}
+pub use crate::core::names::State;
 
 /// One usable (active or decrypt-only) version of a key, in one allocation
 /// laid out for the per-row path. With thousands of tenant keys in turn,
@@ -154,7 +129,7 @@ impl CachedKey {
             Some(v) => Err(KmsError::VersionState {
                 key: self.name.clone(),
                 version: version as i32,
-                state: v.state.as_str().into(),
+                state: v.state,
                 action: "use it",
             }),
             None => Err(KmsError::UnknownVersion {

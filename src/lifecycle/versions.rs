@@ -127,7 +127,7 @@ pub fn set_primary(key_name: RawText, version: i32) {
             return Err(KmsError::VersionState {
                 key: name.into(),
                 version,
-                state: state.as_str().into(),
+                state,
                 action: "make it primary",
             });
         }
@@ -166,7 +166,7 @@ fn lock_retirable<'a>(
         return Err(KmsError::VersionState {
             key: name.into(),
             version,
-            state: "destroyed".into(),
+            state: State::Destroyed,
             action: again,
         });
     }
@@ -209,7 +209,7 @@ pub fn enable_key_version(key_name: RawText, version: i32) {
             State::Destroyed => Err(KmsError::VersionState {
                 key: name.into(),
                 version,
-                state: "destroyed".into(),
+                state: State::Destroyed,
                 action: "enable it",
             }),
             State::Disabled => {
