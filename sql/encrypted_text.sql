@@ -1,5 +1,6 @@
--- Operators and operator classes of the encrypted_text type (the type, its
--- I/O functions and its cast to bytea are created in src/types.rs).
+-- Operators and operator classes of the encrypted_text type. The type, its
+-- I/O functions and its cast to bytea are in src/api/encrypted_text.rs,
+-- which also includes this file.
 
 -- Equality and ordering on the envelope bytes (the representation is the
 -- same as bytea's, so PostgreSQL's own bytea functions do the work). With
