@@ -747,20 +747,11 @@ pub fn reencrypt_now(tbl: RegClass, col: SqlName, max_rows: Option<i32>) -> i64 
     r.or_raise()
 }
 
-/// The body of SQL `kms_stats_counters()`.
-pub fn stats_counters() -> TableIterator<
-    'static,
-    (
-        name!(key_id, i32),
-        name!(version, i32),
-        name!(encryptions, i64),
-        name!(decryptions, i64),
-    ),
-> {
-    TableIterator::new(
-        crate::pg::shmem::stats_of_this_db()
-            .into_iter()
-            .map(|(k, v, e, d)| (k as i32, v as i32, e as i64, d as i64))
-            .collect::<Vec<_>>(),
-    )
+/// The usage counters of this database since server start: (key id,
+/// version, encryptions, decryptions).
+pub fn stats_counters() -> Vec<(i32, i32, i64, i64)> {
+    crate::pg::shmem::stats_of_this_db()
+        .into_iter()
+        .map(|(k, v, e, d)| (k as i32, v as i32, e as i64, d as i64))
+        .collect()
 }

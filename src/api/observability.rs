@@ -57,7 +57,7 @@ fn kms_stats_counters() -> TableIterator<
         name!(decryptions, i64),
     ),
 > {
-    crate::reencrypt::stats_counters()
+    TableIterator::new(crate::reencrypt::stats_counters())
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -75,24 +75,7 @@ pub(crate) fn append(
 ) -> KmsResult<i64> {
     // Self-conflicting lock: concurrent acts are chained one after another.
     spi::exec("LOCK TABLE kms.audit_log IN SHARE ROW EXCLUSIVE MODE", &[])?;
-    type Head = Option<(i64, Vec<u8>)>;
-    let last = Spi::connect(|c| -> Result<Head, pgrx::spi::Error> {
-        let Some(r) = c
-            .select(
-                "SELECT id, hash FROM kms.audit_log ORDER BY id DESC LIMIT 1",
-                None,
-                &[],
-            )?
-            .next()
-        else {
-            return Ok(None);
-        };
-        Ok(Some((
-            r.get::<i64>(1)?.unwrap_or(0),
-            r.get::<Vec<u8>>(2)?.unwrap_or_default(),
-        )))
-    })
-    .map_err(KmsError::spi)?;
+    let last = id_and_hash("SELECT id, hash FROM kms.audit_log ORDER BY id DESC LIMIT 1")?;
     let (id, prev) = match last {
         Some((id, hash)) => (id + 1, hash),
         None => (1, vec![0u8; 32]),
@@ -376,23 +359,7 @@ pub(crate) fn find_problem(
         _ => {}
     }
     let n = recs.len() as i64;
-    let head = Spi::connect(|c| -> Result<Option<(i64, Vec<u8>)>, pgrx::spi::Error> {
-        let Some(r) = c
-            .select(
-                "SELECT last_id, last_hash FROM kms.audit_head",
-                Some(1),
-                &[],
-            )?
-            .next()
-        else {
-            return Ok(None);
-        };
-        Ok(Some((
-            r.get::<i64>(1)?.unwrap_or(0),
-            r.get::<Vec<u8>>(2)?.unwrap_or_default(),
-        )))
-    })
-    .map_err(KmsError::spi)?;
+    let head = id_and_hash("SELECT last_id, last_hash FROM kms.audit_head")?;
     if let Some((hid, hhash)) = head {
         if hid != n || hhash != prev {
             return bad(
@@ -442,4 +409,19 @@ pub(crate) fn find_problem(
         }
     }
     Ok(None)
+}
+
+/// (id, hash) of the first row of `q` (the chain's last row, or its
+/// recorded head), read-only.
+fn id_and_hash(q: &str) -> KmsResult<Option<(i64, Vec<u8>)>> {
+    Spi::connect(|c| -> Result<Option<(i64, Vec<u8>)>, pgrx::spi::Error> {
+        let Some(r) = c.select(q, Some(1), &[])?.next() else {
+            return Ok(None);
+        };
+        Ok(Some((
+            r.get::<i64>(1)?.unwrap_or(0),
+            r.get::<Vec<u8>>(2)?.unwrap_or_default(),
+        )))
+    })
+    .map_err(KmsError::spi)
 }
