@@ -13,21 +13,15 @@
 //! operators only, rewrapped here in Rust, and written back from arrays.
 //! Only `kms.*` is read and written as the catalog owner.
 
-use crate::catalog;
+use crate::catalog::{self, progress};
 use crate::errors::{KmsError, KmsResult, OrRaise};
 use crate::pg::datum::{EncryptedText, RawText, RegClass, SqlName};
-use crate::pg::{identity, spi};
+use crate::pg::identity;
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::IntoDatum;
 use std::collections::BTreeMap;
-
-/// Runs a statement on `kms.*` as the catalog owner (search_path pinned),
-/// whoever calls: the worker, or `kms_reencrypt_now`'s caller.
-fn spi_exec(q: &str, args: &[DatumWithOid<'_>]) -> KmsResult<()> {
-    catalog::as_catalog_owner(|_| spi::exec(q, args))
-}
 
 #[derive(Clone, Debug)]
 pub struct Column {
@@ -525,63 +519,9 @@ pub fn next_candidate(
     .map(Option::flatten)
 }
 
-pub fn progress_start(col: &Column, pending: i64, with_context: i64) -> KmsResult<()> {
-    spi_exec(
-        "INSERT INTO kms.reencryption_progress AS p
-              (relid, attname, rows_rewrapped, rows_pending, rows_needing_context, started_at, finished_at)
-         VALUES ($1, $2, 0, $3, $4, pg_catalog.now(), CASE WHEN $3 = 0 THEN pg_catalog.now() END)
-         ON CONFLICT (relid, attname) DO UPDATE SET
-              rows_pending = excluded.rows_pending,
-              rows_needing_context = excluded.rows_needing_context,
-              rows_rewrapped = CASE WHEN p.finished_at IS NULL THEN p.rows_rewrapped ELSE 0 END,
-              started_at = CASE WHEN p.finished_at IS NULL THEN coalesce(p.started_at, pg_catalog.now())
-                                WHEN excluded.rows_pending > 0 THEN pg_catalog.now()
-                                ELSE p.started_at END,
-              finished_at = CASE WHEN excluded.rows_pending = 0
-                                 THEN coalesce(p.finished_at, pg_catalog.now()) END,
-              -- An error stays until the column is clean: a new pass over a
-              -- table with a row that cannot be rewrapped keeps naming it.
-              last_error = CASE WHEN excluded.rows_pending = 0 THEN NULL ELSE p.last_error END",
-        &[col.relid.into(), col.attname.as_str().into(), pending.into(), with_context.into()],
-    )
-}
-
-pub fn progress_batch(col: &Column, rewrapped: i64) -> KmsResult<()> {
-    spi_exec(
-        "UPDATE kms.reencryption_progress
-            SET rows_rewrapped = rows_rewrapped + $3,
-                rows_pending = greatest(rows_pending - $3, 0),
-                last_batch_at = pg_catalog.now()
-          WHERE relid = $1 AND attname = $2",
-        &[
-            col.relid.into(),
-            col.attname.as_str().into(),
-            rewrapped.into(),
-        ],
-    )
-}
-
-pub fn progress_error(col: &Column, message: &str) -> KmsResult<()> {
-    spi_exec(
-        "INSERT INTO kms.reencryption_progress AS p (relid, attname, last_error) VALUES ($1, $2, $3)
-         ON CONFLICT (relid, attname) DO UPDATE SET last_error = excluded.last_error",
-        &[col.relid.into(), col.attname.as_str().into(), message.into()],
-    )
-}
-
 /// The message recorded for a row that could not be rewrapped.
 pub fn row_error(tid: Tid, why: &str) -> String {
     format!("row {tid:?} could not be re-encrypted: {why}")
-}
-
-/// Drops progress rows of tables or columns that no longer exist.
-pub fn progress_gc() -> KmsResult<()> {
-    spi_exec(
-        "DELETE FROM kms.reencryption_progress p
-          WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
-                             WHERE a.attrelid = p.relid AND a.attname = p.attname AND NOT a.attisdropped)",
-        &[],
-    )
 }
 
 /// Rows per version of `key_id`, over every encrypted column that `caller`
@@ -718,7 +658,7 @@ pub fn reencrypt_now(tbl: RegClass, col: SqlName, max_rows: Option<i32>) -> i64 
         let shared = caller_sees_all(identity::current_user(), &column)?;
         let (pending, ctx) = pending_counts(&column, Runner::Caller, &targets)?;
         if shared {
-            progress_start(&column, pending, ctx)?;
+            progress::start(column.relid, &column.attname, pending, ctx)?;
         }
         let b = rewrap_batch(
             &column,
@@ -728,9 +668,9 @@ pub fn reencrypt_now(tbl: RegClass, col: SqlName, max_rows: Option<i32>) -> i64 
             max_rows.map(i64::from),
         )?;
         if shared {
-            progress_batch(&column, b.updated)?;
+            progress::batch(column.relid, &column.attname, b.updated)?;
             if let Some((tid, why)) = &b.failed {
-                progress_error(&column, &row_error(*tid, why))?;
+                progress::error(column.relid, &column.attname, &row_error(*tid, why))?;
             }
         }
         if let Some((tid, why)) = &b.failed {

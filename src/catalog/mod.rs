@@ -1,6 +1,7 @@
 //! The `kms.*` catalog: whose it is (the catalog owner, the identity
 //! statements on `kms.*` run under), when it changed (invalidation), and
-//! typed reads of its rows ([`rows`]).
+//! typed reads of its rows ([`rows`]), and the re-encryption progress
+//! bookkeeping ([`progress`]).
 //!
 //! Cache invalidation: every lifecycle act queues a relcache invalidation of
 //! `kms.keys`. PostgreSQL delivers it to every backend at its next
@@ -9,6 +10,7 @@
 //! ([`generation`]). The key cache compares that counter and, once warm,
 //! does no SPI, no catalog read and no system call.
 
+pub mod progress;
 pub mod rows;
 
 use crate::errors::{KmsError, KmsResult};

@@ -2,6 +2,7 @@
 //! not sealed under its key's primary version, throttled.
 
 use super::*;
+use crate::catalog::progress;
 use crate::core::throttle::Throttle;
 use crate::pg::{guc, shmem};
 use crate::reencrypt::Runner;
@@ -130,7 +131,7 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
             }
         };
         let cols = match xact(|| {
-            let _ = reencrypt::progress_gc();
+            let _ = progress::gc();
             reencrypt::encrypted_columns()
         }) {
             Ok(Ok(c)) => c,
@@ -150,7 +151,7 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
                 // Every statement on the table runs as its owner, under
                 // SECURITY_RESTRICTED_OPERATION (see reencrypt::Runner).
                 let (pending, ctx) = reencrypt::pending_counts(&col, Runner::Owner, &targets)?;
-                reencrypt::progress_start(&col, pending, ctx)?;
+                progress::start(col.relid, &col.attname, pending, ctx)?;
                 Ok(pending)
             }) {
                 Ok(0) => {
@@ -160,7 +161,7 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
                 }
                 Ok(_) => {}
                 Err(msg) => {
-                    let _ = xact(|| reencrypt::progress_error(&col, &msg));
+                    let _ = xact(|| progress::error(col.relid, &col.attname, &msg));
                     continue;
                 }
             }
@@ -191,9 +192,9 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
                         cursor,
                         Some(limit),
                     )?;
-                    reencrypt::progress_batch(&col, b.updated)?;
+                    progress::batch(col.relid, &col.attname, b.updated)?;
                     if let Some((tid, why)) = &b.failed {
-                        reencrypt::progress_error(&col, &reencrypt::row_error(*tid, why))?;
+                        progress::error(col.relid, &col.attname, &reencrypt::row_error(*tid, why))?;
                     }
                     Ok(b)
                 });
@@ -228,17 +229,18 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
                                         bad,
                                         Some(1),
                                     )?;
-                                    reencrypt::progress_batch(&col, b.updated)?;
+                                    progress::batch(col.relid, &col.attname, b.updated)?;
                                     Ok(b)
                                 });
                                 if let Err(e) = alone {
                                     let note = reencrypt::row_error(bad, &e);
-                                    let _ = xact(|| reencrypt::progress_error(&col, &note));
+                                    let _ =
+                                        xact(|| progress::error(col.relid, &col.attname, &note));
                                 }
                                 cursor = (bad.0, bad.1.saturating_add(1));
                             }
                             _ => {
-                                let _ = xact(|| reencrypt::progress_error(&col, &msg));
+                                let _ = xact(|| progress::error(col.relid, &col.attname, &msg));
                                 break;
                             }
                         }
