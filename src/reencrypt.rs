@@ -225,22 +225,7 @@ impl Targets {
 /// Reads the keyring (as the catalog owner) for [`Targets`].
 pub fn targets() -> KmsResult<Targets> {
     use crate::crypto::envelope::{Header, FLAG_BYTES, FLAG_CONTEXT, FLAG_DETERMINISTIC};
-    let versions = catalog::as_catalog_owner(|_| {
-        Spi::connect(|c| -> Result<Vec<(i32, i32)>, pgrx::spi::Error> {
-            let mut out = Vec::new();
-            for r in c.select(
-                "SELECT v.key_id, v.version FROM kms.keys k JOIN kms.key_versions v ON v.key_id = k.key_id
-                  WHERE v.version <> k.primary_version AND v.state IN ('active', 'decrypt_only')
-                  ORDER BY 1, 2",
-                None,
-                &[],
-            )? {
-                out.push((r.get::<i32>(1)?.unwrap_or(0), r.get::<i32>(2)?.unwrap_or(0)));
-            }
-            Ok(out)
-        })
-        .map_err(KmsError::spi)
-    })?;
+    let versions = catalog::as_catalog_owner(|_| catalog::rows::versions_to_rewrap())?;
     let mut t = Targets::default();
     for (key_id, version) in versions {
         for bytes in [0, FLAG_BYTES] {
@@ -572,27 +557,18 @@ pub fn key_usage(
     let caller = identity::current_user();
     let rows = (|| {
         let name = crate::crypto::names::key_name(key_name.bytes())?;
-        let versions = catalog::as_catalog_owner(|_| {
-            Spi::connect(|c| -> Result<Vec<(i32, i32, String)>, pgrx::spi::Error> {
-                let mut out = Vec::new();
-                for r in c.select(
-                    "SELECT k.key_id, v.version, v.state FROM kms.keys k JOIN kms.key_versions v USING (key_id)
-                      WHERE k.key_name = $1 ORDER BY v.version",
-                    None,
-                    &[name.into()],
-                )? {
-                    out.push((r.get::<i32>(1)?.unwrap_or(0), r.get::<i32>(2)?.unwrap_or(0), r.get::<String>(3)?.unwrap_or_default()));
-                }
-                Ok(out)
-            })
-            .map_err(KmsError::spi)
-        })?;
-        let Some(&(key_id, _, _)) = versions.first() else { return Err(KmsError::UnknownKey(name.into())) };
+        let versions = catalog::as_catalog_owner(|_| catalog::rows::versions_of_key(name))?;
+        let Some(&(key_id, _, _)) = versions.first() else {
+            return Err(KmsError::UnknownKey(name.into()));
+        };
         let (counts, skipped) = usage_by_version(key_id, caller)?;
         if !skipped.is_empty() {
             notice!("{}", skipped_notice(&skipped));
         }
-        Ok(versions.into_iter().map(|(_, v, s)| (v, s, counts.get(&v).copied().unwrap_or(0))).collect::<Vec<_>>())
+        Ok(versions
+            .into_iter()
+            .map(|(_, v, s)| (v, s, counts.get(&v).copied().unwrap_or(0)))
+            .collect::<Vec<_>>())
     })()
     .or_raise();
     TableIterator::new(rows)

@@ -204,3 +204,44 @@ pub fn secret_row(name: &str, version: Option<i32>) -> KmsResult<Option<SecretRo
     })
     .map_err(KmsError::spi)
 }
+
+/// (key id, version) of every usable version that is not its key's
+/// primary: the versions whose values the worker rewraps.
+pub fn versions_to_rewrap() -> KmsResult<Vec<(i32, i32)>> {
+    Spi::connect(|c| -> Result<Vec<(i32, i32)>, pgrx::spi::Error> {
+        let mut out = Vec::new();
+        for r in c.select(
+            "SELECT v.key_id, v.version FROM kms.keys k JOIN kms.key_versions v ON v.key_id = k.key_id
+              WHERE v.version <> k.primary_version AND v.state IN ('active', 'decrypt_only')
+              ORDER BY 1, 2",
+            None,
+            &[],
+        )? {
+            out.push((r.get::<i32>(1)?.unwrap_or(0), r.get::<i32>(2)?.unwrap_or(0)));
+        }
+        Ok(out)
+    })
+    .map_err(KmsError::spi)
+}
+
+/// (key id, version, state) of every version of the key `name`, in order
+/// (empty: no such key).
+pub fn versions_of_key(name: &str) -> KmsResult<Vec<(i32, i32, String)>> {
+    Spi::connect(|c| -> Result<Vec<(i32, i32, String)>, pgrx::spi::Error> {
+        let mut out = Vec::new();
+        for r in c.select(
+            "SELECT k.key_id, v.version, v.state FROM kms.keys k JOIN kms.key_versions v USING (key_id)
+              WHERE k.key_name = $1 ORDER BY v.version",
+            None,
+            &[name.into()],
+        )? {
+            out.push((
+                r.get::<i32>(1)?.unwrap_or(0),
+                r.get::<i32>(2)?.unwrap_or(0),
+                r.get::<String>(3)?.unwrap_or_default(),
+            ));
+        }
+        Ok(out)
+    })
+    .map_err(KmsError::spi)
+}
