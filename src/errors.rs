@@ -1,7 +1,7 @@
 //! The one error type of pg_kms: every failure maps to a SQLSTATE, a message
 //! and a hint. No variant carries plaintext or key bytes.
 
-use crate::core::names::{Privilege, State};
+use crate::core::states::{Privilege, State};
 use crate::crypto::names::NameError;
 use crate::crypto::text::TextFormError;
 use crate::crypto::{EnvelopeError, MasterKeyError};

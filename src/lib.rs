@@ -50,6 +50,7 @@ pub extern "C-unwind" fn _PG_init() {
     pg::init();
     pg::guc::init();
     catalog::init();
+    keys::init();
     hooks::init();
     if crate::pg::preloaded() {
         pg::shmem::init();

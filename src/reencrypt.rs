@@ -662,12 +662,3 @@ pub fn reencrypt_now(tbl: RegClass, col: SqlName, max_rows: Option<i32>) -> i64 
     })();
     r.or_raise()
 }
-
-/// The usage counters of this database since server start: (key id,
-/// version, encryptions, decryptions).
-pub fn stats_counters() -> Vec<(i32, i32, i64, i64)> {
-    crate::pg::shmem::stats_of_this_db()
-        .into_iter()
-        .map(|(k, v, e, d)| (k as i32, v as i32, e as i64, d as i64))
-        .collect()
-}

@@ -73,7 +73,7 @@ pub fn secret_set(
                 name.as_str().into(),
                 version.into(),
                 // SAFETY: `sealed` is an encrypted_text varlena palloc'd in
-                // the current memory context, alive until spi_exec returns,
+                // the current memory context, alive until spi::exec returns,
                 // and `type_oid` is the oid of encrypted_text: the Datum
                 // and the declared type agree.
                 unsafe { pgrx::datum::DatumWithOid::new(sealed, type_oid) },

@@ -9,10 +9,9 @@ use crate::crypto::{open_into, seal_into};
 use crate::errors::{KmsError, KmsResult, OrRaise};
 use crate::keys::{self, Privilege};
 use crate::pg::datum::{EncryptedText, OutBytea, OutText, RawText};
-use crate::pg::encoding::{db_encoding, text_to_utf8, PG_SQL_ASCII, PG_UTF8};
+use crate::pg::encoding::{db_encoding, text_to_utf8, Utf8, PG_SQL_ASCII, PG_UTF8};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use std::borrow::Cow;
 use zeroize::Zeroizing;
 
 /// The context as UTF-8 bytes: contexts are sealed (and blind-indexed) as
@@ -20,10 +19,10 @@ use zeroize::Zeroizing;
 /// 'café' still opens after a restore into a UTF-8 one. Borrows when no
 /// conversion is needed (no context, ASCII, or a UTF-8 database).
 #[inline]
-fn ctx_bytes(context: &Option<RawText>) -> Cow<'_, [u8]> {
+fn ctx_bytes(context: &Option<RawText>) -> Utf8<'_> {
     match context {
         Some(c) if !c.bytes().is_empty() => text_to_utf8(c.bytes()),
-        _ => Cow::Borrowed(&[]),
+        _ => Utf8::Borrowed(&[]),
     }
 }
 
@@ -283,12 +282,12 @@ pub fn rewrap_sql(value: Option<EncryptedText>, context: Option<RawText>) -> Opt
 }
 
 /// The body of SQL `kms_key_name()`.
-pub fn key_name(value: EncryptedText) -> String {
+pub fn key_name_of(value: EncryptedText) -> String {
     let header = value.envelope().header;
     keys::key_by_id(header.key_id).or_raise().name.clone()
 }
 
 /// The body of SQL `kms_key_version()`.
-pub fn key_version(value: EncryptedText) -> i32 {
+pub fn key_version_of(value: EncryptedText) -> i32 {
     value.envelope().header.key_version as i32
 }

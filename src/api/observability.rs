@@ -57,7 +57,7 @@ fn kms_stats_counters() -> TableIterator<
         name!(decryptions, i64),
     ),
 > {
-    TableIterator::new(crate::reencrypt::stats_counters())
+    TableIterator::new(crate::keys::usage::counters_of_this_db())
 }
 
 #[cfg(any(test, feature = "pg_test"))]

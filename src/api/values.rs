@@ -76,12 +76,12 @@ fn kms_rewrap(
 
 #[pg_extern(stable, strict, parallel_safe)]
 fn kms_key_name(value: EncryptedText) -> String {
-    crate::values::key_name(value)
+    crate::values::key_name_of(value)
 }
 
 #[pg_extern(immutable, strict, parallel_safe)]
 fn kms_key_version(value: EncryptedText) -> i32 {
-    crate::values::key_version(value)
+    crate::values::key_version_of(value)
 }
 
 #[cfg(any(test, feature = "pg_test"))]

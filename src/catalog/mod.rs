@@ -121,6 +121,9 @@ pub fn catalog() -> KmsResult<Catalog> {
             return Ok(cat);
         }
     }
+    if let Some(f) = ON_NEW_GENERATION.get() {
+        f();
+    }
     let cat = lookup_catalog()?;
     KEYS_RELID.store(cat.keys_relid.to_u32(), Ordering::Relaxed);
     CATALOG.set((gen, Some(cat)));
@@ -134,6 +137,16 @@ pub fn catalog() -> KmsResult<Catalog> {
 pub fn as_catalog_owner<R>(f: impl FnOnce(&Catalog) -> KmsResult<R>) -> KmsResult<R> {
     let cat = catalog()?;
     crate::pg::identity::as_role(cat.owner, || f(&cat))
+}
+
+/// What to run when [`catalog`] finds that the generation moved: the key
+/// cache drops (and so wipes) what it holds at the first catalog access
+/// after an invalidation, not only at its next key lookup.
+static ON_NEW_GENERATION: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Registers [`ON_NEW_GENERATION`] (once, from `_PG_init`).
+pub fn on_new_generation(f: fn()) {
+    let _ = ON_NEW_GENERATION.set(f);
 }
 
 /// The invalidation generation: it changes whenever `kms.keys` (any key's

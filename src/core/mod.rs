@@ -4,13 +4,13 @@
 //!
 //! * [`hash`], [`hotindex`]: the key cache's hasher and its compact index
 //!   from hashes to cached key versions.
-//! * [`names`]: key-version states and key privileges by name.
+//! * [`states`]: key-version states and key privileges by name.
 //! * [`throttle`]: the re-encryption worker's rate limit.
 //! * [`sqlscan`]: the model of PostgreSQL's SQL scanner used by log
 //!   redaction, and the rewriting of statements, CONTEXT lines and messages.
 
 pub mod hash;
 pub mod hotindex;
-pub mod names;
 pub mod sqlscan;
+pub mod states;
 pub mod throttle;

@@ -24,7 +24,7 @@
 //! lexing is exactly the server's. The scanner raises an ERROR on some
 //! inputs (an unterminated string, `1abc`, ...), and an ERROR raised inside
 //! error reporting would destroy the message being reported. So every text
-//! first goes through [`scan`], a model of the scanner's error rules and
+//! first goes through [`scan`](crate::core::sqlscan::scan), a model of the scanner's error rules and
 //! literal boundaries in Rust: a text it cannot prove error-free is not
 //! given to the server's scanner but withheld whole. The literal spans of
 //! both lexers are redacted (their union), so a disagreement between them
@@ -57,7 +57,7 @@ pub fn init() {
 ///
 /// # Safety
 ///
-/// Only for texts [`scan`] accepted (so the server's scanner raises no
+/// Only for texts [`scan`](crate::core::sqlscan::scan) accepted (so the server's scanner raises no
 /// ERROR on them), in a backend (valid TopMemoryContext and
 /// CurrentMemoryContext), from its only thread.
 unsafe fn server_tokens(sql: &CStr) -> Vec<(i32, usize)> {

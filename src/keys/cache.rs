@@ -264,3 +264,13 @@ pub fn validate_current_master_key(stored_fp: Option<&[u8]>) -> KmsResult<()> {
     CACHE.with(|c| c.borrow_mut().sync());
     current_kek(stored_fp).map(|_| ())
 }
+
+/// Drops what the cache holds if the catalog's generation moved (called by
+/// `catalog::catalog()`; a no-op while the cache is in use).
+pub(super) fn sync_now() {
+    CACHE.with(|c| {
+        if let Ok(mut c) = c.try_borrow_mut() {
+            c.sync();
+        }
+    });
+}

@@ -9,7 +9,7 @@ use pgrx::pg_sys;
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-pub use crate::core::names::Privilege;
+pub use crate::core::states::Privilege;
 
 /// (known, allowed) bits of a cached decision on `p`.
 fn bits(p: Privilege) -> (u8, u8) {
@@ -23,7 +23,7 @@ fn bits(p: Privilege) -> (u8, u8) {
 /// versions. Not `restricted` (no grant rows at all): any kms_user.
 pub(super) struct Grants {
     /// The grants that apply: those whose role still exists under the oid
-    /// and the name it was granted to (see [`load_grants`]).
+    /// and the name it was granted to (see [`crate::catalog::rows::key_grant_rows`]).
     pub(super) list: Vec<(Privilege, pg_sys::Oid)>,
     /// Whether the key has any grant row, applicable or not: a key whose
     /// only grantee was dropped stays closed, it does not open to every

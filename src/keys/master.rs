@@ -60,9 +60,6 @@ pub fn check_commitment(mk: &MasterKey, stored: Option<&[u8]>, which: Which) -> 
     }
 }
 
-// ---------------------------------------------------------------------------
-// Key cache
-
 /// Names of the settings that hold the master key now, for `kms_health()`.
 pub fn describe_source(which: Which) -> Option<(&'static str, bool)> {
     master_key_source(which).map(|(s, is_file, _)| (s, is_file))

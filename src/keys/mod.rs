@@ -28,3 +28,8 @@ pub use cache::{
 pub use grants::Privilege;
 pub use master::{check_commitment, describe_source, load_master_key, master_key_source, Which};
 pub use version::{CachedVersion, State};
+
+/// Ties the cache to catalog invalidations (from `_PG_init`).
+pub fn init() {
+    crate::catalog::on_new_generation(cache::sync_now);
+}

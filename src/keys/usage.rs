@@ -155,3 +155,12 @@ unsafe extern "C-unwind" fn flush_at_xact_end(
         Err(_) => DIRTY.with(|d| d.borrow_mut().extend(slots)),
     });
 }
+
+/// The usage counters of this database since server start: (key id,
+/// version, encryptions, decryptions).
+pub fn counters_of_this_db() -> Vec<(i32, i32, i64, i64)> {
+    crate::pg::shmem::stats_of_this_db()
+        .into_iter()
+        .map(|(k, v, e, d)| (k as i32, v as i32, e as i64, d as i64))
+        .collect()
+}

@@ -10,7 +10,7 @@ use pgrx::pg_sys;
 use std::cell::Cell;
 use std::rc::Rc;
 
-pub use crate::core::names::State;
+pub use crate::core::states::State;
 
 /// One usable (active or decrypt-only) version of a key, in one allocation
 /// laid out for the per-row path. With thousands of tenant keys in turn,
@@ -26,8 +26,8 @@ pub use crate::core::names::State;
 /// - the next line: the key name (compared by the encrypt path);
 /// - then what only a slow path reads.
 ///
-/// The hot indexes of the cache point straight at it (see [`with_version`],
-/// [`with_primary`]).
+/// The hot indexes of the cache point straight at it (see [`with_version`](super::with_version),
+/// [`with_primary`](super::with_primary)).
 #[repr(C, align(64))]
 pub struct CachedVersion {
     pub(super) key: DataKey,

@@ -14,7 +14,7 @@
 //! * [`versions`]: keys and versions (create, rotate, set primary,
 //!   disable, enable, destroy);
 //! * [`grants`]: per-key grants; [`master`]: master-key rotation;
-//! * [`health`]: `kms_health()` and the audit log checks.
+//! * [`health`](mod@health): `kms_health()` and the audit log checks.
 
 mod grants;
 mod health;

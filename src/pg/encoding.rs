@@ -2,7 +2,7 @@
 //! sealed as UTF-8 whatever the database encoding).
 
 use pgrx::pg_sys;
-use std::borrow::Cow;
+use zeroize::Zeroizing;
 
 #[inline]
 pub fn db_encoding() -> i32 {
@@ -14,26 +14,47 @@ pub fn db_encoding() -> i32 {
 pub const PG_UTF8: i32 = pg_sys::pg_enc::PG_UTF8 as i32;
 pub const PG_SQL_ASCII: i32 = pg_sys::pg_enc::PG_SQL_ASCII as i32;
 
+/// Bytes in UTF-8: borrowed when no conversion was needed, else an owned
+/// copy wiped when dropped (it may be plaintext).
+pub enum Utf8<'a> {
+    Borrowed(&'a [u8]),
+    Owned(Zeroizing<Vec<u8>>),
+}
+
+impl std::ops::Deref for Utf8<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Utf8::Borrowed(b) => b,
+            Utf8::Owned(v) => v,
+        }
+    }
+}
+
 /// Text is sealed as UTF-8 so values survive a dump into a database with
 /// another encoding; in a UTF-8 (or SQL_ASCII) database this borrows.
-pub fn text_to_utf8(bytes: &[u8]) -> Cow<'_, [u8]> {
+pub fn text_to_utf8(bytes: &[u8]) -> Utf8<'_> {
     let enc = db_encoding();
     if enc == PG_UTF8 || enc == PG_SQL_ASCII || bytes.is_ascii() {
-        return Cow::Borrowed(bytes);
+        return Utf8::Borrowed(bytes);
     }
     // SAFETY: pg_server_to_any reads exactly `bytes.len()` (> 0 here, as
     // the empty string is ASCII) bytes from `bytes` and returns either that
     // same pointer (no conversion needed: detected and borrowed, so never
     // read as a C string) or a new NUL-terminated palloc'd string in
-    // CurrentMemoryContext, valid for the copy made at once. Database text
+    // CurrentMemoryContext, copied, wiped and freed at once. Database text
     // contains no NUL, so CStr sees the whole converted value. A bad byte
     // sequence raises an ERROR (through pgrx's FFI guard), not UB.
     unsafe {
         let p = pg_sys::pg_server_to_any(bytes.as_ptr() as *const _, bytes.len() as i32, PG_UTF8);
         if p as *const u8 == bytes.as_ptr() {
-            Cow::Borrowed(bytes)
+            Utf8::Borrowed(bytes)
         } else {
-            Cow::Owned(std::ffi::CStr::from_ptr(p).to_bytes().to_vec())
+            let len = std::ffi::CStr::from_ptr(p).to_bytes().len();
+            let copy = Zeroizing::new(std::slice::from_raw_parts(p as *const u8, len).to_vec());
+            std::ptr::write_bytes(p, 0, len);
+            pg_sys::pfree(p as *mut std::ffi::c_void);
+            Utf8::Owned(copy)
         }
     }
 }

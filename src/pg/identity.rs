@@ -28,7 +28,7 @@ pub(crate) fn as_role<R>(role: pg_sys::Oid, f: impl FnOnce() -> KmsResult<R>) ->
 
 /// Runs `f` as `owner` (a user table's owner) under
 /// `SECURITY_RESTRICTED_OPERATION`, with `search_path` pinned. Nested
-/// inside [`as_catalog_owner`], it still drops to the table owner: user
+/// inside [`as_catalog_owner`](crate::catalog::as_catalog_owner), it still drops to the table owner: user
 /// code never runs as the catalog owner.
 pub fn as_table_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> KmsResult<R>) -> KmsResult<R> {
     let _scope = IdentityScope::enter(owner, true);
