@@ -164,7 +164,7 @@ impl EncryptedText {
 // pointer to such a varlena (varlena_arg!/varlena_ret!), so SQL and Rust
 // agree on the representation.
 unsafe impl SqlTranslatable for EncryptedText {
-    const TYPE_IDENT: &'static str = "pg_kms::types::EncryptedText";
+    const TYPE_IDENT: &'static str = "pg_kms::pg::datum::EncryptedText";
     const TYPE_ORIGIN: TypeOrigin = TypeOrigin::ThisExtension;
     const ARGUMENT_SQL: Result<SqlMappingRef, ArgumentError> =
         Ok(SqlMappingRef::literal("encrypted_text"));
@@ -253,7 +253,7 @@ varlena_ret!(OutText);
 // SAFETY: text is a varlena type and OutText is only ever returned, as a
 // pointer to a palloc'd varlena (not valid as an argument).
 unsafe impl SqlTranslatable for OutText {
-    const TYPE_IDENT: &'static str = "pg_kms::types::OutText";
+    const TYPE_IDENT: &'static str = "pg_kms::pg::datum::OutText";
     const TYPE_ORIGIN: TypeOrigin = TypeOrigin::External;
     const ARGUMENT_SQL: Result<SqlMappingRef, ArgumentError> =
         Err(ArgumentError::NotValidAsArgument("OutText"));
@@ -267,7 +267,7 @@ varlena_ret!(OutBytea);
 // SAFETY: bytea is a varlena type and OutBytea is only ever returned, as a
 // pointer to a palloc'd varlena (not valid as an argument).
 unsafe impl SqlTranslatable for OutBytea {
-    const TYPE_IDENT: &'static str = "pg_kms::types::OutBytea";
+    const TYPE_IDENT: &'static str = "pg_kms::pg::datum::OutBytea";
     const TYPE_ORIGIN: TypeOrigin = TypeOrigin::External;
     const ARGUMENT_SQL: Result<SqlMappingRef, ArgumentError> =
         Err(ArgumentError::NotValidAsArgument("OutBytea"));
