@@ -101,6 +101,12 @@ pub enum KmsError {
     SecretNotAllowed { role: String, name: String },
     /// XX000: an SPI call into our own catalog failed; always a pg_kms bug.
     Spi(String),
+    /// 55000: the database holds the SQL objects of another pg_kms version
+    /// than the library the server runs.
+    ExtensionVersion {
+        installed: String,
+        library: &'static str,
+    },
 }
 
 pub type KmsResult<T> = Result<T, KmsError>;
@@ -279,6 +285,12 @@ impl KmsError {
                 format!("permission denied for role {role} to read secret \"{name}\", or it does not exist"),
                 None,
                 Some("Secrets can be read by members of kms_admin and by roles granted 'decrypt' on the secret's key with kms_grant_key(); an unknown secret gives this same error.".into()),
+            ),
+            KmsError::ExtensionVersion { installed, library } => (
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("pg_kms {installed} is installed in this database, but the server runs the pg_kms {library} library"),
+                None,
+                Some("Run ALTER EXTENSION pg_kms UPDATE in this database (after installing a new pg_kms, every database that has the extension needs it).".into()),
             ),
             KmsError::Spi(what) => (
                 ERRCODE_INTERNAL_ERROR,

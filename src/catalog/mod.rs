@@ -86,13 +86,17 @@ pub struct Catalog {
     pub keys_relid: pg_sys::Oid,
 }
 
+/// The version of this library, which must be the version of the
+/// extension's SQL objects in the database.
+pub const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
+
 fn lookup_catalog() -> KmsResult<Catalog> {
     // pg_extension and pg_class are readable by every role: no switch needed.
     // Read-only SPI (`select`): this also runs in parallel workers, which
     // must not assign a transaction id.
     let row = Spi::connect(|c| {
         c.select(
-            "SELECT e.extowner, c.oid
+            "SELECT e.extowner, c.oid, e.extversion
            FROM pg_catalog.pg_extension e,
                 pg_catalog.pg_class c
            JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
@@ -103,10 +107,19 @@ fn lookup_catalog() -> KmsResult<Catalog> {
             &[],
         )?
         .first()
-        .get_two::<pg_sys::Oid, pg_sys::Oid>()
+        .get_three::<pg_sys::Oid, pg_sys::Oid, String>()
     });
     match row {
-        Ok((Some(owner), Some(keys_relid))) => Ok(Catalog { owner, keys_relid }),
+        // The SQL objects are those of another version than this library's
+        // (a new library installed, ALTER EXTENSION ... UPDATE not run yet):
+        // refuse clearly instead of failing on a missing column.
+        Ok((Some(_), Some(_), Some(v))) if v != LIBRARY_VERSION => {
+            Err(KmsError::ExtensionVersion {
+                installed: v,
+                library: LIBRARY_VERSION,
+            })
+        }
+        Ok((Some(owner), Some(keys_relid), _)) => Ok(Catalog { owner, keys_relid }),
         Ok(_) => Err(KmsError::NotInstalled),
         Err(pgrx::spi::Error::InvalidPosition) => Err(KmsError::NotInstalled),
         Err(e) => Err(KmsError::Spi(e.to_string())),
