@@ -99,6 +99,12 @@ pub enum KmsError {
     /// 42501: the role may not read the secret, or it does not exist (one
     /// error for both, so that existence is not revealed).
     SecretNotAllowed { role: String, name: String },
+    /// 0A000: a function of an older version's SQL that this library no
+    /// longer implements (the database's pg_kms is not updated yet).
+    RemovedFunction {
+        function: &'static str,
+        since: &'static str,
+    },
     /// XX000: an SPI call into our own catalog failed; always a pg_kms bug.
     Spi(String),
 }
@@ -279,6 +285,12 @@ impl KmsError {
                 format!("permission denied for role {role} to read secret \"{name}\", or it does not exist"),
                 None,
                 Some("Secrets can be read by members of kms_admin and by roles granted 'decrypt' on the secret's key with kms_grant_key(); an unknown secret gives this same error.".into()),
+            ),
+            KmsError::RemovedFunction { function, since } => (
+                ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!("{function} was removed in pg_kms {since}"),
+                Some("This database's pg_kms objects are older than the installed pg_kms library.".into()),
+                Some("Run ALTER EXTENSION pg_kms UPDATE in this database.".into()),
             ),
             KmsError::Spi(what) => (
                 ERRCODE_INTERNAL_ERROR,
