@@ -76,6 +76,9 @@ SELECT g.key_id, g.grantee,
        g.privilege, g.granted_at
   FROM kms.key_grants_0_1_0 g;
 DROP VIEW kms_key_grants;
+-- Out of the extension first: that also takes it out of extconfig, which a
+-- plain DROP TABLE would leave naming a dropped table.
+ALTER EXTENSION pg_kms DROP TABLE kms.key_grants_0_1_0;
 DROP TABLE kms.key_grants_0_1_0;
 SELECT pg_catalog.pg_extension_config_dump('kms.key_grants', '');
 
