@@ -15,10 +15,11 @@
 -- decrypt and the chain verifies as before.
 --
 -- Where to add to it (before 0.2.0 is released): a new function goes in
--- section 4 as the generated CREATE FUNCTION (copy it from
--- `cargo pgrx schema pg15`), a new view in section 5, and its privileges come
--- from section 7, a verbatim copy of sql/grants.sql (re-copy it after
--- adding the function's line there; the upgrade test fails otherwise).
+-- section 4 as `cargo pgrx schema pg15` prints it, a new view in section 5;
+-- its privileges come from section 7, a copy of sql/grants.sql's block
+-- (after adding the function's line there, run
+-- `bash scripts/sync_upgrade_grants.sh`). pgrx_tests/README.md, "Changing
+-- the SQL", has the rest.
 
 \echo Use "ALTER EXTENSION pg_kms UPDATE TO '0.2.0'" to load this file. \quit
 
@@ -124,7 +125,7 @@ BEGIN
 END
 $$;
 
--- Reads the keyed chain (not parallel safe: it reads the master key).
+-- Now PARALLEL RESTRICTED (it checks the keyed chain under the master key).
 CREATE OR REPLACE FUNCTION "kms_verify_audit_log"() RETURNS bool
 STRICT STABLE PARALLEL RESTRICTED
 LANGUAGE c
@@ -197,8 +198,10 @@ COMMENT ON VIEW kms_key_grants IS 'Per-key grants. Only status = ''valid'' grant
 COMMENT ON TYPE encrypted_text IS 'AES-256-GCM envelope (format, key id, key version, nonce, ciphertext, tag) produced by kms_encrypt(), or AES-256-SIV (header, synthetic IV, ciphertext) from kms_encrypt_deterministic(); text form kms:<base64>';
 
 -- 7. Privileges of every function and view, as a fresh install of 0.2.0
--- sets them. BEGIN verbatim copy of sql/grants.sql's DO block (checked by
--- pgrx_tests/tests/upgrade.rs; re-copy it when grants.sql changes).
+-- sets them: a verbatim copy of sql/grants.sql's DO block, between the
+-- BEGIN and END lines (pgrx_tests/tests/upgrade.rs checks it; after a
+-- change to sql/grants.sql, run `bash scripts/sync_upgrade_grants.sh`).
+-- BEGIN sql/grants.sql
 DO $grants$
 DECLARE
     r        record;
@@ -327,4 +330,4 @@ BEGIN
     END IF;
 END
 $grants$;
--- END verbatim copy of sql/grants.sql.
+-- END sql/grants.sql

@@ -137,9 +137,11 @@ fn upgrade_scripts_are_installed_and_chain_to_the_current_version() {
     }
 }
 
-/// The newest upgrade script ends with the current sql/grants.sql's DO
-/// block, so an updated database gets exactly a fresh install's privileges
-/// (and the update fails on an undeclared function, as CREATE EXTENSION does).
+/// The upgrade script to the current version ends with the current
+/// sql/grants.sql's DO block (between "-- BEGIN sql/grants.sql" and
+/// "-- END sql/grants.sql"), so an updated database gets exactly a fresh
+/// install's privileges, and the update fails on an undeclared function as
+/// CREATE EXTENSION does.
 #[test]
 fn newest_upgrade_script_carries_the_current_grants() {
     let current = current_version();
@@ -151,9 +153,13 @@ fn newest_upgrade_script_carries_the_current_grants() {
         .find(|n| n.ends_with(&format!("--{current}.sql")) && n.matches("--").count() == 2)
         .expect("an upgrade script to the current version");
     let script = std::fs::read_to_string(sql_dir().join(&newest)).unwrap();
+    let copy = script
+        .split_once("\n-- BEGIN sql/grants.sql\n")
+        .and_then(|(_, rest)| rest.split_once("-- END sql/grants.sql\n"))
+        .map(|(copy, _)| copy);
     assert!(
-        script.contains(block.trim_end()),
-        "sql/{newest} must end with a verbatim copy of sql/grants.sql's DO block (re-copy it)"
+        copy == Some(block),
+        "sql/{newest}'s section 7 is not a copy of sql/grants.sql's DO block: run bash scripts/sync_upgrade_grants.sh"
     );
 }
 
