@@ -2,10 +2,13 @@
 --
 -- What `CREATE EXTENSION pg_kms` installed in version 0.1.0 (commit dd474d4,
 -- 2026-11-23), when pgrx generated the install script at install time. Every
--- line below this header is byte for byte the output of
+-- line below this header is byte for byte the output of one run of
 --   git worktree add /tmp/v010 dd474d4 && cd /tmp/v010 && cargo pgrx schema pg15 -o pg_kms--0.1.0.sql
 -- (sha256 of the body: 3feebe5c722f36e4834df9f9cff2c52213b686efeb14b0aba6cc465dbd837a94;
--- pgrx_tests/tests/upgrade.rs checks it and the whole file's).
+-- pgrx_tests/tests/upgrade.rs checks it and the whole file's). pgrx orders
+-- objects that do not depend on each other differently from run to run (two
+-- runs here differed in where kms.rewrap_value comes), so 0.1.0 installs ran
+-- these same statements, not always in this order; only OIDs can differ.
 -- This header is the only addition: comments change nothing that is
 -- installed. A change to version 0.1.0's SQL is impossible: changes go into
 -- the upgrade scripts pg_kms--0.1.0--0.2.0.sql and later (see

@@ -30,7 +30,7 @@ use std::process::Command;
 const RELEASED: &[(&str, &str, &str)] = &[(
     "0.1.0",
     "dd474d4",
-    "de35a6a64448802306b2054d9f68b54ed795fd13b58336ed13a25d5a631b0648",
+    "608f5f6d16dad75c797fb11f60483e724cea24dc42870a3eb0efe665ee8ca96a",
 )];
 
 /// sha256 of the part of sql/pg_kms--0.1.0.sql below its header comment:
