@@ -632,3 +632,23 @@ fn deterministic_values_of_0_1_0_decrypt() {
         assert_eq!(got.as_deref(), Some(p.as_str()), "row {id}");
     }
 }
+
+/// The schema check alone, without the 0.1.0 library (so it also runs on
+/// majors 0.1.0 never supported): 0.1.0 installed with today's library,
+/// updated, equals a fresh install object by object.
+#[test]
+fn empty_0_1_0_database_updates_to_a_fresh_install() {
+    install_frozen_script(RELEASED[0].0);
+    let c = Cluster::start("upgrade_schema", &[]);
+    let mut db = c.connect();
+    exec(
+        &mut db,
+        "CREATE EXTENSION pg_kms VERSION '0.1.0';
+         ALTER EXTENSION pg_kms UPDATE;",
+    );
+    exec(&mut db, "CREATE DATABASE fresh");
+    let mut fresh = c.connect_as("postgres", "fresh");
+    exec(&mut fresh, "CREATE EXTENSION pg_kms");
+    drop(fresh);
+    assert_same_schema(&c, "postgres", "fresh");
+}
