@@ -610,15 +610,12 @@ fn upgrade_from_0_1_0_keeps_every_value_and_matches_a_fresh_install() {
     assert_same_schema(&c, "postgres", "fresh");
 }
 
-/// KNOWN GAP, ignored until fixed: 0.1.0 sealed deterministic values with
-/// AES-256-GCM under a nonce derived from the plaintext (the randomized
-/// layout with flag bit 1 set); 0.2.0 reads flag bit 1 as the AES-SIV
-/// layout (commit 7f01573), so those values fail with 39000. Needs a
-/// fallback in the open path (and a rewrap that converts them); run with
-/// `--ignored` to see it.
+/// Deterministic values sealed by 0.1.0 (AES-GCM with a nonce derived
+/// from the plaintext, under the flag bit that now means AES-SIV) still
+/// decrypt after the update; equality lookups match them once a rotation
+/// has had them rewrapped (as AES-SIV), as the README's upgrade notes say.
 #[test]
-#[ignore = "0.1.0 deterministic values (AES-GCM, derived nonce) do not open under 0.2.0's AES-SIV reader"]
-fn deterministic_values_of_0_1_0_decrypt() {
+fn deterministic_values_of_0_1_0_decrypt_and_match_after_a_rotation() {
     let (c, values, _) = updated_from_0_1_0("upgrade_det");
     let mut db = c.connect();
     for (id, p, _) in &values.rows {
@@ -631,6 +628,29 @@ fn deterministic_values_of_0_1_0_decrypt() {
             "row {id} does not open to its plaintext"
         );
     }
+    exec(
+        &mut db,
+        "SELECT kms_rotate_key('k1', 'after the upgrade'); SELECT kms_rotate_key('k2', 'after the upgrade');",
+    );
+    let rewrapped: i64 = db
+        .query_one("SELECT kms_reencrypt_now('app.t', 'd')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(rewrapped as usize, values.rows.len());
+    for (id, p, _) in &values.rows {
+        let hit: i64 = db
+            .query_one(
+                "SELECT count(*) FROM app.t WHERE id = $1 AND d = kms_encrypt_deterministic($2, key)",
+                &[id, p],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(hit, 1, "row {id}: the lookup finds the rewrapped value");
+    }
+    println!(
+        "0.1.0 deterministic values: {} decrypt after the update; after a rotation and rewrap all match their lookups",
+        values.rows.len()
+    );
 }
 
 /// The schema check alone, without the 0.1.0 library (so it also runs on
