@@ -99,6 +99,12 @@ pub enum KmsError {
     /// 42501: the role may not read the secret, or it does not exist (one
     /// error for both, so that existence is not revealed).
     SecretNotAllowed { role: String, name: String },
+    /// 0A000: a function of an older version's SQL that this library no
+    /// longer implements (the database's pg_kms is not updated yet).
+    RemovedFunction {
+        function: &'static str,
+        since: &'static str,
+    },
     /// XX000: an SPI call into our own catalog failed; always a pg_kms bug.
     Spi(String),
     /// 55000: the database holds the SQL objects of another pg_kms version
@@ -291,6 +297,12 @@ impl KmsError {
                 format!("pg_kms {installed} is installed in this database, but the server runs the pg_kms {library} library"),
                 None,
                 Some("Run ALTER EXTENSION pg_kms UPDATE in this database (after installing a new pg_kms, every database that has the extension needs it).".into()),
+            ),
+            KmsError::RemovedFunction { function, since } => (
+                ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!("{function} was removed in pg_kms {since}"),
+                Some("This database's pg_kms objects are older than the installed pg_kms library.".into()),
+                Some("Run ALTER EXTENSION pg_kms UPDATE in this database.".into()),
             ),
             KmsError::Spi(what) => (
                 ERRCODE_INTERNAL_ERROR,

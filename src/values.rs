@@ -4,8 +4,10 @@
 //! catalog read and no system call. A cache miss reads the catalog under a
 //! temporary switch to the catalog owner (see `catalog::as_catalog_owner`).
 
-use crate::crypto::envelope::{Header, DET_OVERHEAD, FLAG_BYTES, FLAG_DETERMINISTIC, OVERHEAD};
-use crate::crypto::{open_into, seal_into};
+use crate::crypto::envelope::{
+    Envelope, Header, DET_OVERHEAD, FLAG_BYTES, FLAG_DETERMINISTIC, OVERHEAD,
+};
+use crate::crypto::{open_into, seal_into, AuthError};
 use crate::errors::{KmsError, KmsResult, OrRaise};
 use crate::keys::{self, Privilege};
 use crate::pg::datum::{EncryptedText, OutBytea, OutText, RawText};
@@ -77,18 +79,30 @@ fn seal_with(
 
 /// Opens `value` into `out`, which must be `plaintext_len(value)` bytes.
 #[inline]
-fn open_value(value: &EncryptedText, context: &[u8], out: &mut [u8]) -> KmsResult<Header> {
+/// Opens `value` into `out`, which must be `plaintext_len(value)` bytes;
+/// returns its header and the plaintext's length, which is shorter than
+/// `out` only for a deterministic value sealed by pg_kms 0.1.0 (AES-GCM,
+/// read after the AES-SIV reading failed).
+fn open_value(value: &EncryptedText, context: &[u8], out: &mut [u8]) -> KmsResult<(Header, usize)> {
     let env = value.envelope();
     keys::with_version(env.header.key_id, env.header.key_version, |v| {
         v.check(Privilege::Decrypt)?;
-        if env.header.is_deterministic() {
-            v.det.open_into(&env, context, out)
+        let len = if !env.header.is_deterministic() {
+            open_into(v.data_key(), &env, context, out).map(|_| out.len())
+        } else if v.det.open_into(&env, context, out).is_ok() {
+            Ok(out.len())
         } else {
-            open_into(v.data_key(), &env, context, out)
+            match Envelope::parse_v010_deterministic(value.bytes()) {
+                Some(old) => {
+                    let n = old.ciphertext.len();
+                    open_into(v.data_key(), &old, context, &mut out[..n]).map(|_| n)
+                }
+                None => Err(AuthError),
+            }
         }
         .map_err(|_| KmsError::AuthFailed)?;
         v.count_decryption();
-        Ok(env.header)
+        Ok((env.header, len))
     })
 }
 
@@ -100,7 +114,8 @@ fn plaintext_len(value: &EncryptedText) -> usize {
 /// Opens into a zeroized-on-drop temporary (cold paths).
 fn open_to_vec(value: &EncryptedText, context: &[u8]) -> KmsResult<Zeroizing<Vec<u8>>> {
     let mut tmp = Zeroizing::new(vec![0u8; plaintext_len(value)]);
-    open_value(value, context, &mut tmp)?;
+    let (_, len) = open_value(value, context, &mut tmp)?;
+    tmp.truncate(len);
     Ok(tmp)
 }
 
@@ -237,8 +252,10 @@ pub fn decrypt_text(value: &EncryptedText, ctx: &[u8]) -> KmsResult<OutText> {
             return Ok(out);
         }
     }
-    let (out, buf) = OutText::alloc(plaintext_len(value));
-    open_value(value, ctx, buf)?;
+    let (mut out, buf) = OutText::alloc(plaintext_len(value));
+    let (_, len) = open_value(value, ctx, buf)?;
+    out.truncate(len);
+    let buf = &mut buf[..len];
     // Never hand back bytes that are not valid text in this database.
     let verify_enc = if is_text { PG_UTF8 } else { enc };
     if enc != PG_SQL_ASCII
@@ -258,8 +275,9 @@ pub fn decrypt_text(value: &EncryptedText, ctx: &[u8]) -> KmsResult<OutText> {
 /// The body of SQL `kms_decrypt_bytea()`.
 pub fn decrypt_bytea(value: Option<EncryptedText>, context: Option<RawText>) -> Option<OutBytea> {
     let value = value?;
-    let (out, buf) = OutBytea::alloc(plaintext_len(&value));
-    open_value(&value, &ctx_bytes(&context), buf).or_raise();
+    let (mut out, buf) = OutBytea::alloc(plaintext_len(&value));
+    let (_, len) = open_value(&value, &ctx_bytes(&context), buf).or_raise();
+    out.truncate(len);
     Some(out)
 }
 

@@ -364,3 +364,45 @@ pub fn repo_root() -> PathBuf {
         .unwrap()
         .to_path_buf()
 }
+
+/// The library of a released version of pg_kms, for upgrade tests: the
+/// file named by `$PG_KMS_LIB_<version>` (dots as underscores, e.g.
+/// `PG_KMS_LIB_0_1_0`) if set, else built once from the release's commit
+/// (`git archive`, `cargo build --lib`) into `target/released/<version>/`
+/// and reused from there. Building takes a few minutes the first time.
+pub fn released_library(version: &str, commit: &str) -> PathBuf {
+    let var = format!("PG_KMS_LIB_{}", version.replace('.', "_"));
+    if let Ok(p) = std::env::var(&var) {
+        return PathBuf::from(p);
+    }
+    let root = repo_root();
+    let dir = root.join("target").join("released").join(version);
+    let lib = dir.join("libpg_kms.so");
+    if lib.exists() {
+        return lib;
+    }
+    let src = dir.join("src");
+    let _ = std::fs::remove_dir_all(&src);
+    std::fs::create_dir_all(&src).unwrap();
+    let archive = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "git -C '{}' archive --format=tar {commit} | tar -x -C '{}'",
+            root.display(),
+            src.display()
+        ))
+        .output()
+        .unwrap();
+    check(archive, "git archive of the release");
+    let target = root.join("target").join("released").join("target");
+    let build = Command::new("cargo")
+        .args(["build", "--lib", "--manifest-path"])
+        .arg(src.join("Cargo.toml"))
+        .env("CARGO_TARGET_DIR", &target)
+        .env("PGRX_PG_CONFIG_PATH", format!("{PG_BIN}/pg_config"))
+        .output()
+        .unwrap();
+    check(build, "cargo build of the released library");
+    std::fs::copy(target.join("debug").join("libpg_kms.so"), &lib).unwrap();
+    lib
+}

@@ -8,6 +8,7 @@
 
 pub mod encrypted_text;
 pub mod keys;
+pub mod legacy;
 pub mod observability;
 #[cfg(any(test, feature = "pg_test"))]
 mod privileges;

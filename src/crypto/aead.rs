@@ -195,6 +195,34 @@ pub fn open(key: &DataKey, sealed: &[u8], context: &[u8]) -> Result<Zeroizing<Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 0.1.0 deterministic value (AES-GCM layout, nonce derived from the
+    /// plaintext, deterministic flag in the authenticated header) opens
+    /// through `Envelope::parse_v010_deterministic`, and only with its
+    /// context.
+    #[test]
+    fn v010_deterministic_values_open() {
+        use crate::crypto::envelope::{Envelope, Header, FLAG_DETERMINISTIC, OVERHEAD};
+        let key = DataKey::new(&zeroize::Zeroizing::new([7u8; 32]));
+        let header = Header {
+            flags: FLAG_DETERMINISTIC,
+            key_id: 3,
+            key_version: 1,
+        };
+        let pt = b"123-45-6789";
+        let mut sealed = vec![0u8; pt.len() + OVERHEAD];
+        seal_into(&key, header, &[9u8; 12], b"ctx", pt, &mut sealed);
+        let env = Envelope::parse_v010_deterministic(&sealed).expect("v0.1.0 layout");
+        let mut out = vec![0u8; env.ciphertext.len()];
+        open_into(&key, &env, b"ctx", &mut out).expect("opens");
+        assert_eq!(&out, pt);
+        assert!(open_into(&key, &env, b"other", &mut out).is_err());
+        // Not for randomized values, nor for values too short for it.
+        let mut r = sealed.clone();
+        r[1] = 0;
+        assert!(Envelope::parse_v010_deterministic(&r).is_none());
+        assert!(Envelope::parse_v010_deterministic(&sealed[..30]).is_none());
+    }
     use proptest::prelude::*;
 
     fn key(b: u8) -> DataKey {

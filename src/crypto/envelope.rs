@@ -170,6 +170,29 @@ impl<'a> Envelope<'a> {
     }
 }
 
+impl<'a> Envelope<'a> {
+    /// A deterministic value as pg_kms 0.1.0 sealed it: the AES-256-GCM
+    /// layout of a randomized envelope (header, a nonce derived from the
+    /// plaintext, ciphertext, tag) under the flag bit that now means
+    /// AES-SIV. Only read, to open values of a database upgraded from 0.1.0
+    /// after the AES-SIV reading failed; never written. None when `bytes`
+    /// is not a deterministic envelope long enough for that layout.
+    pub fn parse_v010_deterministic(bytes: &'a [u8]) -> Option<Envelope<'a>> {
+        let header = Header::parse(bytes).ok()?;
+        if !header.is_deterministic() || bytes.len() < OVERHEAD {
+            return None;
+        }
+        let ct_end = bytes.len() - TAG_LEN;
+        Some(Envelope {
+            header,
+            header_bytes: &bytes[..HEADER_LEN],
+            nonce: &bytes[HEADER_LEN..HEADER_LEN + NONCE_LEN],
+            ciphertext: &bytes[HEADER_LEN + NONCE_LEN..ct_end],
+            tag: &bytes[ct_end..],
+        })
+    }
+}
+
 /// Structural errors. They only ever mention lengths and header fields,
 /// never payload bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

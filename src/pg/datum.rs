@@ -127,6 +127,22 @@ macro_rules! varlena_ret {
                 let (ptr, buf) = alloc_varlena(len);
                 ($ty(ptr), buf)
             }
+
+            /// Shortens the value to its first `len` payload bytes (at most
+            /// the length it was allocated with).
+            #[inline]
+            #[allow(dead_code)] // not every type made by this macro is shortened
+            pub fn truncate(&mut self, len: usize) {
+                // SAFETY: self.0 is the varlena alloc_varlena made (4-byte
+                // header, payload filled by the caller); the new size is not
+                // larger than the allocation (checked), so only the header
+                // changes and no byte past the allocation is exposed.
+                unsafe {
+                    let old = pgrx::varlena::varsize_any_exhdr(self.0);
+                    assert!(len <= old, "truncate: {len} > {old}");
+                    pgrx::varlena::set_varsize_4b(self.0, (len + pg_sys::VARHDRSZ) as i32);
+                }
+            }
         }
     };
 }
