@@ -50,11 +50,12 @@ mod tests {
         run("SELECT kms_rotate_key('sync_a')");
         export_into("d");
         let k = "(SELECT k FROM d, jsonb_array_elements(doc->'keys') k WHERE k->>'key_name' = 'sync_a')";
+        let k0 = format!("(SELECT {k} AS k0) s");
         // Exactly what the catalog stores, wrapped.
         assert_eq!(
             one::<bool>(&format!(
                 "SELECT bool_and(decode(v->>'wrapped_key', 'hex') = kv.wrapped_key AND v->>'state' = kv.state)
-                   FROM {k} k0, jsonb_array_elements(k0->'versions') v
+                   FROM {k0}, jsonb_array_elements(k0->'versions') v
                    JOIN kms.key_versions kv ON kv.version = (v->>'version')::int
                   WHERE kv.key_id = (k0->>'key_id')::int"
             )),
@@ -141,7 +142,7 @@ mod tests {
             "doc - 'keys'",
         ] {
             assert_sqlstate(
-                &format!("SELECT kms_keyring_import({bad}::jsonb) FROM d"),
+                &format!("SELECT kms_keyring_import(({bad})::jsonb) FROM d"),
                 "22023",
             );
         }
