@@ -491,3 +491,76 @@ fn keyring_feed_orders_the_keyring_before_the_values() {
         "keyring feed: destroy_key propagated (55000 on the subscriber), audit chain verifies"
     );
 }
+
+/// A master-key rotation on both clusters re-wraps each side's copies with
+/// its own nonces: the next import recognizes the same keys (they open to
+/// the same data keys) and adopts the source's bytes instead of refusing
+/// them as diverged. Between the two rotations the import is refused
+/// (55000), never applied under the wrong key.
+#[test]
+fn master_key_rotation_on_both_sides() {
+    let publisher = Cluster::start("mk_pub", &["wal_level = logical"]);
+    let subscriber = Cluster::start("mk_sub", &[]);
+    let old = publisher.read_key();
+    subscriber.write_key(&old, 0o600);
+    let mut p = publisher.connect();
+    let mut s = subscriber.connect();
+    p.batch_execute(
+        "CREATE EXTENSION pg_kms;
+         SELECT kms_create_key('pii');
+         SELECT kms_rotate_key('pii');
+         CREATE TABLE people (id int PRIMARY KEY, name encrypted_text);
+         INSERT INTO people SELECT i, kms_encrypt('name-' || i, 'pii') FROM generate_series(1, 5) i;",
+    )
+    .unwrap();
+    s.batch_execute(
+        "CREATE EXTENSION pg_kms;
+         CREATE TABLE people (id int PRIMARY KEY, name encrypted_text);",
+    )
+    .unwrap();
+    sync_keyring(&mut p, &mut s);
+    // The values, copied as they are (any transport gives the same bytes).
+    for r in p.query("SELECT id, name::text FROM people", &[]).unwrap() {
+        let (id, v): (i32, String) = (r.get(0), r.get(1));
+        s.execute(
+            "INSERT INTO people VALUES ($1, $2::text::encrypted_text)",
+            &[&id, &v],
+        )
+        .unwrap();
+    }
+    assert_eq!(decrypting(&mut s), 5);
+
+    let new = random_key_hex();
+    for c in [&publisher, &subscriber] {
+        c.set_previous_key(&old);
+        c.write_key(&new, 0o600);
+        c.reload_and_wait(
+            "pg_kms.previous_master_key_file",
+            &c.dir
+                .join("keys")
+                .join("previous.key")
+                .display()
+                .to_string(),
+        );
+    }
+    let mut p = publisher.connect();
+    let mut s = subscriber.connect();
+    assert_eq!(one::<i64>(&mut p, "SELECT kms_rotate_master_key()"), 2);
+    // The subscriber has not rotated yet: refused, nothing applied.
+    let doc = one::<String>(&mut p, "SELECT kms_keyring_export()::text");
+    let r = s.query_one("SELECT kms_keyring_import($1::text::jsonb)", &[&doc]);
+    assert_eq!(sqlstate(r), "55000");
+    assert_eq!(one::<i64>(&mut s, "SELECT kms_rotate_master_key()"), 2);
+    let summary = sync_keyring(&mut p, &mut s);
+    assert!(summary.contains("\"updated\": [\"pii\"]"), "{summary}");
+    let again = sync_keyring(&mut p, &mut s);
+    assert!(again.contains("\"unchanged\": 1"), "{again}");
+    assert_eq!(decrypting(&mut s), 5);
+    assert!(one::<bool>(&mut s, "SELECT ok FROM kms_audit_log_check()"));
+    // Both hold byte-identical wrapped material now.
+    assert_eq!(
+        one::<String>(&mut s, "SELECT md5(kms_keyring_export()->'keys'::text)"),
+        one::<String>(&mut p, "SELECT md5(kms_keyring_export()->'keys'::text)"),
+    );
+    println!("master-key rotation on both sides: import refused in between (55000), then the same keys adopted, 5/5 decrypt");
+}

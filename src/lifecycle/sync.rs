@@ -351,6 +351,27 @@ fn check_material(act: &Act, k: &ExportedKey) -> KmsResult<()> {
     Ok(())
 }
 
+/// Whether two wrapped copies hold the same key: the same bytes, or both
+/// open under this KEK to the same key (each side re-wrapped it with its
+/// own nonce in a master-key rotation).
+fn same_material(act: &Act, key_id: i32, version: i32, a: &[u8], b: &[u8]) -> KmsResult<bool> {
+    if a == b {
+        return Ok(true);
+    }
+    let open = |w: &[u8]| {
+        if version == 0 {
+            act.kek.unwrap_index_root(key_id as u32, w)
+        } else {
+            act.kek.unwrap_raw(key_id as u32, version as u32, w)
+        }
+    };
+    match (open(a), open(b)) {
+        // Constant time: compare every byte.
+        (Ok(x), Ok(y)) => Ok(x.iter().zip(y.iter()).fold(0u8, |d, (p, q)| d | (p ^ q)) == 0),
+        _ => Ok(false),
+    }
+}
+
 fn material_mac(act: &Act, key_id: i32, version: i32, wrapped: &[u8]) -> String {
     hex_of(
         &act.keys
@@ -442,9 +463,19 @@ fn update_key(act: &Act, k: &ExportedKey, e: &Export, reason: RawText) -> KmsRes
             k.name
         )));
     }
+    let mut changes = Vec::new();
+    let mut receipts = Vec::new();
     if let (Some(here), Some(there)) = (&krow.index_key, &k.index_key) {
-        if here != there {
+        if !same_material(act, k.key_id, 0, here, there)? {
             return Err(diverged("its blind-index root differs".into()));
+        }
+        if here != there {
+            // The same root, wrapped again (a master-key rotation on both sides).
+            spi::exec(
+                "UPDATE kms.keys SET index_key = $2 WHERE key_id = $1",
+                &[k.key_id.into(), there.clone().into()],
+            )?;
+            changes.push(json!({ "index_key": "rewrapped" }));
         }
     }
     let find = |n: i32| versions.iter().find(|v| v.version == n);
@@ -456,71 +487,60 @@ fn update_key(act: &Act, k: &ExportedKey, e: &Export, reason: RawText) -> KmsRes
             )));
         }
     }
-    let mut changes = Vec::new();
-    let mut receipts = Vec::new();
     for v in &k.versions {
-        match find(v.version) {
-            None => {
-                spi::exec(
-                    "INSERT INTO kms.key_versions (key_id, version, state, wrapped_key) VALUES ($1, $2, $3, $4)",
-                    &[
-                        k.key_id.into(),
-                        v.version.into(),
-                        v.state.as_str().into(),
-                        v.wrapped.clone().into(),
-                    ],
-                )?;
-                changes.push(json!({ "version": v.version, "added": v.state }));
+        let Some(here) = find(v.version) else {
+            spi::exec(
+                "INSERT INTO kms.key_versions (key_id, version, state, wrapped_key) VALUES ($1, $2, $3, $4)",
+                &[
+                    k.key_id.into(),
+                    v.version.into(),
+                    v.state.as_str().into(),
+                    v.wrapped.clone().into(),
+                ],
+            )?;
+            changes.push(json!({ "version": v.version, "added": v.state }));
+            continue;
+        };
+        match (&here.wrapped, &v.wrapped) {
+            (None, Some(_)) => {
+                return Err(stale(format!(
+                    "version {} of key \"{}\" is destroyed here and not in the export",
+                    v.version, k.name
+                )))
             }
-            Some(here) => {
-                if here.state == v.state {
+            (Some(a), Some(b)) => {
+                if !same_material(act, k.key_id, v.version, a, b)? {
+                    return Err(diverged(format!(
+                        "version {} has different key material here",
+                        v.version
+                    )));
+                }
+                if here.state == v.state && a == b {
                     continue;
                 }
-                match (&here.wrapped, &v.wrapped) {
-                    (None, Some(_)) => {
-                        return Err(stale(format!(
-                            "version {} of key \"{}\" is destroyed here and not in the export",
-                            v.version, k.name
-                        )))
-                    }
-                    (Some(a), Some(b)) if a != b => {
-                        return Err(diverged(format!(
-                            "version {} has different key material here",
-                            v.version
-                        )))
-                    }
-                    (Some(a), None) => receipts.push(json!({
-                        "version": v.version,
-                        "material_mac": material_mac(act, k.key_id, v.version, a),
-                    })),
-                    _ => {}
-                }
-                spi::exec(
-                    "UPDATE kms.key_versions SET state = $3, wrapped_key = $4, state_changed_at = pg_catalog.now()
-                      WHERE key_id = $1 AND version = $2",
-                    &[
-                        k.key_id.into(),
-                        v.version.into(),
-                        v.state.as_str().into(),
-                        v.wrapped.clone().into(),
-                    ],
-                )?;
-                changes.push(json!({ "version": v.version, "from": here.state, "to": v.state }));
             }
+            (Some(a), None) => receipts.push(json!({
+                "version": v.version,
+                "material_mac": material_mac(act, k.key_id, v.version, a),
+            })),
+            (None, None) => continue,
         }
-    }
-    // Versions that are in both with the same state: their material must agree too.
-    for v in &k.versions {
-        if let (Some(here), Some(there)) =
-            (find(v.version).and_then(|h| h.wrapped.as_ref()), &v.wrapped)
-        {
-            if here != there {
-                return Err(diverged(format!(
-                    "version {} has different key material here",
-                    v.version
-                )));
-            }
-        }
+        spi::exec(
+            "UPDATE kms.key_versions SET state = $3, wrapped_key = $4,
+                    state_changed_at = CASE WHEN state = $3 THEN state_changed_at ELSE pg_catalog.now() END
+              WHERE key_id = $1 AND version = $2",
+            &[
+                k.key_id.into(),
+                v.version.into(),
+                v.state.as_str().into(),
+                v.wrapped.clone().into(),
+            ],
+        )?;
+        changes.push(if here.state == v.state {
+            json!({ "version": v.version, "wrapped_key": "rewrapped" })
+        } else {
+            json!({ "version": v.version, "from": here.state, "to": v.state })
+        });
     }
     if krow.primary != k.primary {
         spi::exec(
