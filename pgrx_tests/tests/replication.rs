@@ -559,8 +559,8 @@ fn master_key_rotation_on_both_sides() {
     assert!(one::<bool>(&mut s, "SELECT ok FROM kms_audit_log_check()"));
     // Both hold byte-identical wrapped material now.
     assert_eq!(
-        one::<String>(&mut s, "SELECT md5(kms_keyring_export()->'keys'::text)"),
-        one::<String>(&mut p, "SELECT md5(kms_keyring_export()->'keys'::text)"),
+        one::<String>(&mut s, "SELECT md5((kms_keyring_export()->'keys')::text)"),
+        one::<String>(&mut p, "SELECT md5((kms_keyring_export()->'keys')::text)"),
     );
     println!("master-key rotation on both sides: import refused in between (55000), then the same keys adopted, 5/5 decrypt");
 }
