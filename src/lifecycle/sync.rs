@@ -23,7 +23,11 @@
 //! `import_keyring` row, and invalidates every backend's key cache
 //! (through [`lifecycle`]). Importing the same document again changes
 //! nothing (it is audited again). Keys of this keyring that the document
-//! does not name are left alone.
+//! does not name are left alone. Wrapped copies that differ in bytes but
+//! open under this KEK to the same key (both sides ran
+//! `kms_rotate_master_key`, each with its own nonces) are the same key: the
+//! source's bytes are adopted. The source schedules rotations: an imported
+//! key's `rotation_period` is cleared here, so this worker never rotates it.
 
 use super::*;
 use crate::crypto::export::{Export, ExportedKey, ExportedVersion, FORMAT};
