@@ -50,6 +50,9 @@ BEGIN
             ('function', 'kms_reencrypt_now',         '{kms_admin}'),
             ('function', 'kms_secret_set',            '{kms_admin}'),
             ('function', 'kms_secret_delete',         '{kms_admin}'),
+            -- One keyring across clusters (logical replication, Citus nodes).
+            ('function', 'kms_keyring_export',        '{kms_admin}'),
+            ('function', 'kms_keyring_import',        '{kms_admin}'),
             -- kms_admin and kms_auditor
             ('function', 'kms_health',                '{kms_admin,kms_auditor}'),
             ('function', 'kms_verify_audit_log',      '{kms_admin,kms_auditor}'),

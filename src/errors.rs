@@ -113,6 +113,19 @@ pub enum KmsError {
         installed: String,
         library: &'static str,
     },
+    /// 22023: the argument of kms_keyring_import() is not a keyring export.
+    ExportMalformed(String),
+    /// XX001: a keyring export's MAC does not verify under this master key.
+    ExportAltered,
+    /// 55000: a keyring export made under another master key.
+    ExportOtherMasterKey,
+    /// 42710: a key id or name of the export names another key here.
+    KeyCollision { name: String, why: String },
+    /// 55000: the export is older than what this keyring already holds
+    /// from the same source (it would undo a later change).
+    ExportStale { what: String },
+    /// 55000: this keyring's copy of an imported key was changed here.
+    KeyDiverged { key: String, why: String },
 }
 
 pub type KmsResult<T> = Result<T, KmsError>;
@@ -139,13 +152,13 @@ impl KmsError {
                 ERRCODE_UNDEFINED_OBJECT,
                 format!("value was sealed under key id {id}, which is not in this database's keyring"),
                 None,
-                Some("The value may come from another database or cluster; restore that keyring (kms schema) to decrypt it.".into()),
+                Some("The value may come from another database or cluster: give this database that keyring (kms_keyring_import() of a kms_keyring_export() taken there, e.g. on a logical-replication subscriber; or restore its kms schema), then retry.".into()),
             ),
             KmsError::UnknownVersion { key, version } => (
                 ERRCODE_EXTERNAL_ROUTINE_INVOCATION_EXCEPTION,
                 format!("decryption failed: the value names version {version} of key \"{key}\", which does not exist"),
                 None,
-                Some("The value was altered, or it comes from another keyring.".into()),
+                Some("The value was altered, or it comes from another keyring, or this keyring is behind the one that sealed it: on a logical-replication subscriber, import a fresh kms_keyring_export() of the publisher with kms_keyring_import(), then retry.".into()),
             ),
             KmsError::UnknownSecret { name, version } => (
                 ERRCODE_UNDEFINED_OBJECT,
@@ -309,6 +322,42 @@ impl KmsError {
                 "pg_kms catalog query failed".into(),
                 Some(what.clone()),
                 Some("This is a bug in pg_kms; please report it with the server log.".into()),
+            ),
+            KmsError::ExportMalformed(why) => (
+                ERRCODE_INVALID_PARAMETER_VALUE,
+                "not a pg_kms keyring export".into(),
+                Some(why.clone()),
+                Some("Pass the jsonb document returned by kms_keyring_export() on the source database, unchanged.".into()),
+            ),
+            KmsError::ExportAltered => (
+                ERRCODE_DATA_CORRUPTED,
+                "keyring export does not authenticate: it was altered".into(),
+                Some("Its MAC, keyed by the master key, does not match its content.".into()),
+                Some("Take a new export with kms_keyring_export() on the source and pass it unchanged.".into()),
+            ),
+            KmsError::ExportOtherMasterKey => (
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "keyring export was made under a different master key".into(),
+                Some("Its master-key fingerprint differs from this keyring's.".into()),
+                Some("Both clusters must be configured with the same master key (pg_kms.master_key_file or pg_kms.master_key_command); rotate the master key on both alike.".into()),
+            ),
+            KmsError::KeyCollision { name, why } => (
+                ERRCODE_DUPLICATE_OBJECT,
+                format!("cannot import key \"{name}\": {why}"),
+                None,
+                Some("Key ids and names must name the same key in both keyrings: drop or rename nothing by hand; import into a database where the colliding key does not exist, or create keys only on the source.".into()),
+            ),
+            KmsError::ExportStale { what } => (
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("keyring export is older than this keyring: {what}"),
+                None,
+                Some("Take a new export with kms_keyring_export() on the source; an older one is never applied over a newer one (it could revive destroyed keys).".into()),
+            ),
+            KmsError::KeyDiverged { key, why } => (
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("cannot import key \"{key}\": this keyring's copy was changed here ({why})"),
+                None,
+                Some("Change imported keys only on the source cluster; on a subscriber set pg_kms.reencrypt_enabled = off so that scheduled rotations do not run there.".into()),
             ),
             KmsError::ReadOnly => (
                 ERRCODE_READ_ONLY_SQL_TRANSACTION,

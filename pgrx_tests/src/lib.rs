@@ -405,4 +405,39 @@ pub fn released_library(version: &str, commit: &str) -> PathBuf {
     check(build, "cargo build of the released library");
     std::fs::copy(target.join("debug").join("libpg_kms.so"), &lib).unwrap();
     lib
+impl Cluster {
+    /// Writes `hex` as the previous master key (mode 0600, owned by
+    /// `postgres`) and points `pg_kms.previous_master_key_file` at it (the
+    /// caller reloads).
+    pub fn set_previous_key(&self, hex: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.dir.join("keys").join("previous.key");
+        std::fs::write(&path, format!("{hex}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        chown_postgres(&path);
+        self.append_conf(&format!(
+            "pg_kms.previous_master_key_file = '{}'\n",
+            path.display()
+        ));
+    }
+
+    /// `pg_reload_conf()`, then waits until a new session sees `setting`
+    /// set to `value`.
+    pub fn reload_and_wait(&self, setting: &str, value: &str) {
+        self.connect()
+            .batch_execute("SELECT pg_reload_conf()")
+            .unwrap();
+        poll(
+            &format!("{setting} = {value} after reload"),
+            Duration::from_secs(30),
+            || {
+                let v: String = self
+                    .connect()
+                    .query_one(&format!("SHOW {setting}"), &[])
+                    .ok()?
+                    .get(0);
+                (v == value).then_some(())
+            },
+        );
+    }
 }

@@ -14,6 +14,7 @@ pub mod observability;
 mod privileges;
 pub mod reencrypt;
 pub mod secrets;
+pub mod sync;
 #[cfg(any(test, feature = "pg_test"))]
 pub mod test_support;
 pub mod values;

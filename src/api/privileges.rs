@@ -50,6 +50,8 @@ mod tests {
         ("function", "kms_reencrypt_now", ADMIN),
         ("function", "kms_secret_set", ADMIN),
         ("function", "kms_secret_delete", ADMIN),
+        ("function", "kms_keyring_export", ADMIN),
+        ("function", "kms_keyring_import", ADMIN),
         ("function", "kms_health", ADMIN_AUDITOR),
         ("function", "kms_verify_audit_log", ADMIN_AUDITOR),
         ("function", "kms_audit_log_check", ADMIN_AUDITOR),

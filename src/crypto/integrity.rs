@@ -23,6 +23,8 @@ use sha2::{Digest, Sha256};
 
 pub const INFO_AUDIT: &[u8] = b"pg_kms v1 audit chain";
 pub const INFO_ROW: &[u8] = b"pg_kms v1 catalog row";
+/// The MAC key of keyring export documents (see [`super::export`]).
+pub const INFO_EXPORT: &[u8] = b"pg_kms v1 keyring export";
 
 const LABEL_AUDIT_ROW: &str = "pg_kms v1 audit row";
 const LABEL_KEYRING_ROW: &str = "pg_kms v1 keyring row";
@@ -175,6 +177,8 @@ pub fn destroyed_material(key_id: i32, version: i32, wrapped: &[u8]) -> Vec<u8> 
 pub struct IntegrityKeys {
     pub audit: MacKey,
     pub row: MacKey,
+    /// MACs keyring export documents (`kms_keyring_export`).
+    pub export: MacKey,
 }
 
 impl IntegrityKeys {
@@ -182,6 +186,7 @@ impl IntegrityKeys {
         IntegrityKeys {
             audit: MacKey::derive(master, INFO_AUDIT),
             row: MacKey::derive(master, INFO_ROW),
+            export: MacKey::derive(master, INFO_EXPORT),
         }
     }
 }

@@ -13,6 +13,7 @@
 pub mod aead;
 pub mod derive;
 pub mod envelope;
+pub mod export;
 pub mod integrity;
 mod kat;
 pub mod kdf;

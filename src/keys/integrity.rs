@@ -32,7 +32,7 @@ pub(crate) const WHY_TRAIL: &str =
 
 /// Acts that change a key's rows: the latest one is the key's generation.
 pub(crate) const KEY_OPS: &str =
-    "'create_key', 'rotate_key', 'set_primary', 'disable_key_version', 'enable_key_version', 'destroy_key_version', 'destroy_key'";
+    "'create_key', 'rotate_key', 'set_primary', 'disable_key_version', 'enable_key_version', 'destroy_key_version', 'destroy_key', 'import_key'";
 
 pub(crate) const KEY_ROW_SQL: &str =
     "SELECT key_id, key_name, primary_version, (EXTRACT(epoch FROM destroyed_at) * 1000000)::int8,

@@ -14,16 +14,19 @@
 //! * [`versions`]: keys and versions (create, rotate, set primary,
 //!   disable, enable, destroy);
 //! * [`grants`]: per-key grants; [`master`]: master-key rotation;
+//! * [`sync`]: one keyring across clusters (export, import);
 //! * [`health`](mod@health): `kms_health()` and the audit log checks.
 
 mod grants;
 mod health;
 mod master;
+mod sync;
 mod versions;
 
 pub use grants::*;
 pub use health::*;
 pub use master::*;
+pub use sync::*;
 pub use versions::*;
 
 use crate::catalog;

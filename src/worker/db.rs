@@ -41,6 +41,25 @@ fn keyring_state() -> Result<(String, reencrypt::Targets), String> {
     })
 }
 
+/// The tables of this database that a subscription replicates into
+/// (`pg_subscription_rel`, in any state).
+fn subscription_targets() -> crate::errors::KmsResult<std::collections::HashSet<u32>> {
+    Spi::connect(|c| -> Result<_, pgrx::spi::Error> {
+        let mut out = std::collections::HashSet::new();
+        for r in c.select(
+            "SELECT srrelid FROM pg_catalog.pg_subscription_rel",
+            None,
+            &[],
+        )? {
+            if let Some(oid) = r.get::<pg_sys::Oid>(1)? {
+                out.insert(oid.to_u32());
+            }
+        }
+        Ok(out)
+    })
+    .map_err(crate::errors::KmsError::spi)
+}
+
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
@@ -132,7 +151,17 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
         };
         let cols = match xact(|| {
             let _ = progress::gc();
-            reencrypt::encrypted_columns()
+            let cols = reencrypt::encrypted_columns()?;
+            // Tables a logical-replication subscription writes to are the
+            // publisher's: it rewraps them and its UPDATEs arrive here. A
+            // rewrap here would diverge from the publisher (and be undone
+            // by its next update), so they are left alone.
+            let replicated = subscription_targets()?;
+            Ok::<_, crate::errors::KmsError>(
+                cols.into_iter()
+                    .filter(|c| !replicated.contains(&c.relid.to_u32()))
+                    .collect::<Vec<_>>(),
+            )
         }) {
             Ok(Ok(c)) => c,
             _ => Vec::new(),
