@@ -149,6 +149,18 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'kms_rebind_key_grants_wrapper';
 
+CREATE FUNCTION "kms_keyring_export"() RETURNS jsonb
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'kms_keyring_export_wrapper';
+
+CREATE FUNCTION "kms_keyring_import"(
+	"doc" jsonb
+) RETURNS jsonb
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'kms_keyring_import_wrapper';
+
 -- 5. Views (columns added at the end, so CREATE OR REPLACE keeps them and
 -- their privileges).
 CREATE OR REPLACE VIEW kms_keys AS
@@ -238,6 +250,9 @@ BEGIN
             ('function', 'kms_reencrypt_now',         '{kms_admin}'),
             ('function', 'kms_secret_set',            '{kms_admin}'),
             ('function', 'kms_secret_delete',         '{kms_admin}'),
+            -- One keyring across clusters (logical replication, Citus nodes).
+            ('function', 'kms_keyring_export',        '{kms_admin}'),
+            ('function', 'kms_keyring_import',        '{kms_admin}'),
             -- kms_admin and kms_auditor
             ('function', 'kms_health',                '{kms_admin,kms_auditor}'),
             ('function', 'kms_verify_audit_log',      '{kms_admin,kms_auditor}'),

@@ -405,6 +405,8 @@ pub fn released_library(version: &str, commit: &str) -> PathBuf {
     check(build, "cargo build of the released library");
     std::fs::copy(target.join("debug").join("libpg_kms.so"), &lib).unwrap();
     lib
+}
+
 impl Cluster {
     /// Writes `hex` as the previous master key (mode 0600, owned by
     /// `postgres`) and points `pg_kms.previous_master_key_file` at it (the

@@ -518,6 +518,21 @@ fn updated_from_0_1_0(name: &str) -> (Cluster, Values, String) {
     point_library_at(&mut db, &lib, "$libdir/pg_kms");
     drop(db);
     let mut db = c.connect();
+    // Before the update, today's library refuses clearly (not a missing
+    // column): 55000 with the hint to update.
+    let r = db.query_one("SELECT kms_decrypt(r) FROM app.t LIMIT 1", &[]);
+    let m = message(r);
+    assert!(
+        m.contains("pg_kms 0.1.0 is installed in this database, but the server runs the pg_kms 0.2.0 library")
+            && m.contains("ALTER EXTENSION pg_kms UPDATE"),
+        "before the update: {m}"
+    );
+    assert_eq!(
+        sqlstate(db.query_one("SELECT kms_encrypt('x', 'k1')", &[])),
+        "55000"
+    );
+    drop(db);
+    let mut db = c.connect();
     exec(&mut db, "ALTER EXTENSION pg_kms UPDATE");
     assert_eq!(
         one::<String>(
