@@ -34,6 +34,7 @@ use crate::core::sqlscan::{
     mentions_kms, redact_context, redact_sql, redact_value_message, WITHHELD,
 };
 use crate::pg::guc::{self, RedactMode};
+use crate::pg::version;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::ffi::{c_char, CStr, CString};
@@ -134,9 +135,10 @@ fn translated(msgid: &CStr) -> Vec<u8> {
     extern "C" {
         fn dgettext(domain: *const c_char, msgid: *const c_char) -> *mut c_char;
     }
+    let domain = version::backend_text_domain();
     // SAFETY: glibc's dgettext returns msgid or a static translation.
     unsafe {
-        let p = dgettext(c"postgres-15".as_ptr(), msgid.as_ptr());
+        let p = dgettext(domain.as_ptr(), msgid.as_ptr());
         if p.is_null() {
             msgid.to_bytes().to_vec()
         } else {
@@ -514,6 +516,21 @@ mod tests {
         }
         Spi::run("RESET standard_conforming_strings").unwrap();
         assert!(accepted > total / 10, "{accepted} of {total} accepted");
+    }
+
+    /// gram.h's constant token codes in `core::sqlscan` are this major's:
+    /// one literal of each kind, lexed by the server's scanner.
+    #[pg_test]
+    fn constant_token_codes_match_this_major() {
+        let c = CString::new("1.5 'a' U&'b' B'1' X'1' 42 x $1").unwrap();
+        // SAFETY: a normal function context; the text lexes without error.
+        let toks = unsafe { server_tokens(&c) };
+        let consts: Vec<bool> = toks.iter().map(|t| is_constant(t.0)).collect();
+        assert_eq!(
+            consts,
+            [true, true, true, true, true, true, false, false],
+            "tokens {toks:?}"
+        );
     }
 
     /// Redaction with the server's scanner, including a disagreement-free
