@@ -54,7 +54,12 @@ pub extern "C-unwind" fn _PG_init() {
     hooks::init();
     if crate::pg::preloaded() {
         pg::shmem::init();
-        worker::register_launcher();
+        // No background process while pg_upgrade runs a server in
+        // binary-upgrade mode: it would hold the `postgres` database that
+        // pg_upgrade drops and recreates, and write to tables being moved.
+        if !pg::binary_upgrade() {
+            worker::register_launcher();
+        }
     }
 }
 

@@ -31,3 +31,12 @@ pub fn init() {
 pub fn preloaded() -> bool {
     PRELOADED.load(Ordering::Relaxed)
 }
+
+/// Whether this server runs in binary-upgrade mode (started by pg_upgrade
+/// with `-b`).
+pub fn binary_upgrade() -> bool {
+    // SAFETY: a plain read of a postmaster global set while parsing the
+    // command line, before shared_preload_libraries are loaded, and
+    // inherited by every child process; read in the process's only thread.
+    unsafe { pg_sys::IsBinaryUpgrade }
+}

@@ -14,6 +14,11 @@ use std::collections::HashMap;
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn pg_kms_launcher_main(_arg: pg_sys::Datum) {
+    if crate::pg::binary_upgrade() {
+        // Not registered in binary-upgrade mode (see _PG_init); in case it
+        // was started anyway, do nothing there.
+        return;
+    }
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(Some("postgres"), None);
     log!("pg_kms launcher started");
