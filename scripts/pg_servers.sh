@@ -20,9 +20,15 @@
 #      docs.
 #   4. writes /opt/pg_kms/pgNN/.pg_kms_source with the source package version:
 #      a second run skips a major whose prefix holds the same version.
-# Build dependencies come from bookworm. 16: Debian has postgresql-16 in no
-# suite this machine reaches a source for unless `apt-cache showsrc` finds one
-# (checked below); without one, 16 is reported as skipped, not an error.
+# Build dependencies come from bookworm.
+#
+# A major whose source cannot be had is reported as SKIPPED (exit status 0)
+# and the reason written to /opt/pg_kms/pgNN.unavailable; the next run tries
+# again. Checked on 2026-12-01: Debian publishes postgresql-16 in no suite
+# (bookworm, bookworm-backports, trixie, trixie-backports, forky, sid,
+# experimental); trixie and trixie-security list postgresql-17
+# 17.12-0+deb13u1 but the package registry this machine reaches answers 404
+# for its files; sid's postgresql-18 downloads.
 set -euo pipefail
 
 PREFIX_ROOT=${PG_KMS_PG_PREFIX_ROOT:-/opt/pg_kms}
@@ -75,6 +81,10 @@ Pin-Priority: -1"
 }
 
 stamp_of() { cat "$PREFIX_ROOT/pg$1/.pg_kms_source" 2>/dev/null || true; }
+unavailable() {
+    echo "== PostgreSQL $1: SKIPPED: $2"
+    printf '%s\n' "$2" >"$PREFIX_ROOT/pg$1.unavailable"
+}
 
 # Source version of postgresql-NN apt would fetch ("" if none).
 src_version() {
@@ -98,15 +108,11 @@ done
 # (possibly stale) index names: no network needed on a warm machine.
 all_built=1
 for m in "${majors[@]}"; do
-    [ -n "$(stamp_of "$m")" ] || { [ "$m" = 16 ] && [ -f "$PREFIX_ROOT/pg16/.pg_kms_no_source" ]; } || all_built=0
+    [ -n "$(stamp_of "$m")" ] && [ -x "$PREFIX_ROOT/pg$m/bin/postgres" ] || all_built=0
 done
 if [ "$UPDATED" = 1 ] && [ "$all_built" = 1 ]; then
     for m in "${majors[@]}"; do
-        if [ -f "$PREFIX_ROOT/pg$m/.pg_kms_source" ]; then
-            echo "== PostgreSQL $m: already built ($(stamp_of "$m")) in $PREFIX_ROOT/pg$m"
-        else
-            echo "== PostgreSQL $m: no source package reachable (checked before); skipped"
-        fi
+        echo "== PostgreSQL $m: already built ($(stamp_of "$m")) in $PREFIX_ROOT/pg$m"
     done
     exit 0
 fi
@@ -133,12 +139,13 @@ build_major() {
     local m=$1 ver prefix=$PREFIX_ROOT/pg$1
     ver=$(src_version "$m")
     if [ -z "$ver" ]; then
-        echo "== PostgreSQL $m: no source package postgresql-$m in any suite apt reaches; skipped"
-        install -d "$prefix"
-        : >"$prefix/.pg_kms_no_source"
+        if [ -x "$prefix/bin/postgres" ]; then
+            echo "== PostgreSQL $m: no source package listed any more; keeping the build in $prefix ($(stamp_of "$m"))"
+        else
+            unavailable "$m" "no source package postgresql-$m in any suite apt reaches"
+        fi
         return 0
     fi
-    rm -f "$prefix/.pg_kms_no_source"
     if [ "$(stamp_of "$m")" = "$ver" ] && [ -x "$prefix/bin/postgres" ]; then
         echo "== PostgreSQL $m: already built ($ver) in $prefix"
         return 0
@@ -149,8 +156,18 @@ build_major() {
     local orig
     orig=$(ls "$SRC_CACHE"/postgresql-"${m}"_"${upstream}".orig.tar.* 2>/dev/null | head -1 || true)
     if [ -z "$orig" ]; then
-        (cd "$SRC_CACHE" && apt-get source --download-only -qq "postgresql-$m=$ver")
-        orig=$(ls "$SRC_CACHE"/postgresql-"${m}"_"${upstream}".orig.tar.* | head -1)
+        if ! (cd "$SRC_CACHE" && apt-get source --download-only -qq "postgresql-$m=$ver" 2>&1 | tail -3); then
+            :
+        fi
+        orig=$(ls "$SRC_CACHE"/postgresql-"${m}"_"${upstream}".orig.tar.* 2>/dev/null | head -1 || true)
+        if [ -z "$orig" ]; then
+            if [ -x "$prefix/bin/postgres" ]; then
+                echo "== PostgreSQL $m: postgresql-$m $ver not downloadable; keeping the build in $prefix ($(stamp_of "$m"))"
+            else
+                unavailable "$m" "postgresql-$m $ver is listed but its files are not downloadable here"
+            fi
+            return 0
+        fi
     fi
     local build=$BUILD_ROOT/pg$m
     rm -rf "$build"
@@ -170,6 +187,7 @@ build_major() {
         make -s install >install.log 2>&1 || { tail -40 install.log; exit 1; }
     )
     printf '%s\n' "$ver" >"$prefix/.pg_kms_source"
+    rm -f "$PREFIX_ROOT/pg$m.unavailable"
     echo "   PostgreSQL $m built and installed in $prefix in $((SECONDS - t0)) s"
     rm -rf "$build"
 }

@@ -12,6 +12,7 @@ PG_KMS_PG=${PG_KMS_PG:-15}
 bash scripts/setup.sh "$PG_KMS_PG"
 source scripts/cluster.sh
 PG_CONFIG=$PG_BIN/pg_config
+[ -x "$PG_CONFIG" ] || { echo "quickstart.sh: no PostgreSQL $PG_KMS_PG server here ($PG_BIN); see scripts/pg_servers.sh" >&2; exit 1; }
 
 DIR=${PG_KMS_DEMO_DIR:-/tmp/pg_kms_demo}
 PORT=${PG_KMS_DEMO_PORT:-54329}
