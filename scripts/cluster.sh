@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
-# Throwaway PostgreSQL 15 clusters run as the postgres user on a private
+# Throwaway PostgreSQL clusters run as the postgres user on a private
 # socket directory (no TCP). Sourced by quickstart.sh and test.sh.
+#   pg_bin_of MAJOR       (bin directory: Debian's for 15, /opt/pg_kms/pgNN/bin
+#                          for the servers scripts/pg_servers.sh builds)
 #   cluster_start DIR PORT [extra postgresql.conf lines...]
 #   cluster_stop DIR
 #   cluster_psql DIR PORT [psql args...]
 #   new_master_key FILE   (64 random hex chars, mode 0600, owned by postgres)
-PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
+# The server: $PG_BIN if set, else the major $PG_KMS_PG (default 15).
+pg_bin_of() {
+    if [ "$1" = 15 ]; then
+        echo /usr/lib/postgresql/15/bin
+    else
+        echo "${PG_KMS_PG_PREFIX_ROOT:-/opt/pg_kms}/pg$1/bin"
+    fi
+}
+PG_BIN=${PG_BIN:-$(pg_bin_of "${PG_KMS_PG:-15}")}
 
 as_pg() {
     if [ "$(id -un)" = postgres ]; then "$@"; else runuser -u postgres -- "$@"; fi

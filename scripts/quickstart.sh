@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
 # pg_kms quickstart: installs prerequisites, builds and installs the
-# extension into Debian's PostgreSQL 15, starts a throwaway cluster as the
-# postgres user with a freshly generated master key, and runs a narrated
-# demo. Run as root on Debian 12. Re-running starts a fresh demo cluster.
+# extension into Debian's PostgreSQL 15 (or the major PG_KMS_PG names:
+# `PG_KMS_PG=18 bash scripts/quickstart.sh` builds PostgreSQL 18 from
+# Debian's source package first, once per machine), starts a throwaway
+# cluster as the postgres user with a freshly generated master key, and runs
+# a narrated demo. Run as root on Debian 12. Re-running starts a fresh demo
+# cluster.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+PG_KMS_PG=${PG_KMS_PG:-15}
+bash scripts/setup.sh "$PG_KMS_PG"
 source scripts/cluster.sh
+PG_CONFIG=$PG_BIN/pg_config
+[ -x "$PG_CONFIG" ] || { echo "quickstart.sh: no PostgreSQL $PG_KMS_PG server here ($PG_BIN); see scripts/pg_servers.sh" >&2; exit 1; }
 
 DIR=${PG_KMS_DEMO_DIR:-/tmp/pg_kms_demo}
 PORT=${PG_KMS_DEMO_PORT:-54329}
 KEYFILE=$DIR.keys/master.key
 
-echo "== building and installing pg_kms (release) into Debian's PostgreSQL 15"
-cargo pgrx install --release --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null
+echo "== building and installing pg_kms (release) into PostgreSQL $PG_KMS_PG ($PG_BIN)"
+cargo pgrx install --release --pg-config "$PG_CONFIG" >/dev/null
 
 echo "== starting a throwaway cluster in $DIR (socket only, port $PORT)"
 cluster_stop "$DIR"
@@ -87,6 +93,6 @@ SQL
 cat <<MSG
 
 == demo ready. Keep exploring with:
-   psql "host=$DIR port=$PORT user=postgres dbname=demo"
-   (stop it with: runuser -u postgres -- /usr/lib/postgresql/15/bin/pg_ctl -D $DIR/data stop)
+   $PG_BIN/psql "host=$DIR port=$PORT user=postgres dbname=demo"
+   (stop it with: runuser -u postgres -- $PG_BIN/pg_ctl -D $DIR/data stop)
 MSG

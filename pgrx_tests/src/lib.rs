@@ -1,4 +1,6 @@
-//! Throwaway PostgreSQL 15 clusters for pg_kms integration tests.
+//! Throwaway PostgreSQL clusters for pg_kms integration tests, on the
+//! server chosen by `PG_KMS_PG_CONFIG` or `PG_KMS_PG` (default: Debian's 15;
+//! see [`pg_bin`]).
 //!
 //! Each [`Cluster`] runs as the `postgres` OS user (via `runuser` when the
 //! tests run as root) in its own directory, listening only on a private
@@ -12,7 +14,101 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
-pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The bin directory of the server under test, as `format!("{PG_BIN}/initdb")`
+/// (see [`pg_bin`]).
+pub const PG_BIN: PgBin = PgBin;
+
+/// Displays as [`pg_bin`]'s directory.
+#[derive(Clone, Copy, Debug)]
+pub struct PgBin;
+
+impl std::fmt::Display for PgBin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(pg_bin().to_str().expect("UTF-8 bin directory"))
+    }
+}
+
+/// Where the servers other than Debian's 15 are installed, one prefix per
+/// major (`scripts/pg_servers.sh` builds them there).
+pub const PG_PREFIX_ROOT: &str = "/opt/pg_kms";
+
+/// The bin directory of PostgreSQL `major`: Debian's package for 15
+/// (`/usr/lib/postgresql/15/bin`), `/opt/pg_kms/pgNN/bin` for the others
+/// (`PG_KMS_PG_PREFIX_ROOT` overrides `/opt/pg_kms`).
+pub fn pg_bin_of(major: u32) -> PathBuf {
+    if major == 15 {
+        PathBuf::from("/usr/lib/postgresql/15/bin")
+    } else {
+        let root = std::env::var("PG_KMS_PG_PREFIX_ROOT").unwrap_or_else(|_| PG_PREFIX_ROOT.into());
+        PathBuf::from(format!("{root}/pg{major}/bin"))
+    }
+}
+
+/// The server the tests run against: `PG_KMS_PG_CONFIG` (a `pg_config`
+/// path) if set, else `PG_KMS_PG` (a major: 15, 16, 17, 18), else 15.
+fn pg_config_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("PG_KMS_PG_CONFIG").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    pg_bin_of(pg_major()).join("pg_config")
+}
+
+/// The major under test (from `PG_KMS_PG_CONFIG`'s `--version` if set,
+/// else `PG_KMS_PG`, else 15).
+pub fn pg_major() -> u32 {
+    static MAJOR: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *MAJOR.get_or_init(|| {
+        if std::env::var_os("PG_KMS_PG_CONFIG").is_some_and(|p| !p.is_empty()) {
+            // "PostgreSQL 18.1 (Debian ...)" -> 18
+            let v = pg_config("--version");
+            return v
+                .split_whitespace()
+                .nth(1)
+                .and_then(|n| n.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("cannot read a major from pg_config --version: {v}"));
+        }
+        match std::env::var("PG_KMS_PG") {
+            Ok(v) if !v.is_empty() => v.parse().unwrap_or_else(|_| {
+                panic!("PG_KMS_PG must be a major version (15..18), not {v:?}")
+            }),
+            _ => 15,
+        }
+    })
+}
+
+/// One value of the `pg_config` of the server under test.
+pub fn pg_config(arg: &str) -> String {
+    let path = pg_config_path();
+    let out = Command::new(&path)
+        .arg(arg)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()));
+    assert!(out.status.success(), "{} {arg} failed", path.display());
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// The bin directory of the server under test.
+pub fn pg_bin() -> &'static Path {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        if std::env::var_os("PG_KMS_PG_CONFIG").is_some_and(|p| !p.is_empty()) {
+            PathBuf::from(pg_config("--bindir"))
+        } else {
+            pg_bin_of(pg_major())
+        }
+    })
+}
+
+/// PGXS's pg_regress of the server under test.
+pub fn pg_regress() -> PathBuf {
+    // --pgxs is .../pgxs/src/makefiles/pgxs.mk
+    let pgxs = PathBuf::from(pg_config("--pgxs"));
+    pgxs.parent()
+        .and_then(Path::parent)
+        .map(|src| src.join("test/regress/pg_regress"))
+        .unwrap_or_else(|| panic!("unexpected pg_config --pgxs: {}", pgxs.display()))
+}
 static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
 
 fn is_root() -> bool {

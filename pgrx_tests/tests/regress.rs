@@ -3,11 +3,12 @@
 //! file per feature (`sql/NAME.sql`, `expected/NAME.out`), run in the order
 //! of `schedule` on one database, each file continuing the state the files
 //! before it left.
+//!
+//! The server is the one `PG_KMS_PG` / `PG_KMS_PG_CONFIG` choose (default
+//! Debian's 15), pg_regress that server's PGXS one.
 
-use pg_kms_integration::{repo_root, Cluster, PG_BIN};
+use pg_kms_integration::{pg_regress, repo_root, Cluster, PG_BIN};
 use std::process::Command;
-
-const PG_REGRESS: &str = "/usr/lib/postgresql/15/lib/pgxs/src/test/regress/pg_regress";
 
 #[test]
 fn pg_regress_suite() {
@@ -38,7 +39,8 @@ fn pg_regress_suite() {
         scheduled, files,
         "regress/schedule must list every file of regress/sql once"
     );
-    let status = Command::new(PG_REGRESS)
+    let pg_regress = pg_regress();
+    let status = Command::new(&pg_regress)
         .arg("--use-existing")
         .arg(format!("--host={}", c.dir.display()))
         .arg(format!("--port={}", c.port))
@@ -49,7 +51,12 @@ fn pg_regress_suite() {
         .arg(format!("--outputdir={}", out.display()))
         .arg(format!("--schedule={}", schedule.display()))
         .status()
-        .expect("pg_regress (package postgresql-server-dev-15)");
+        .unwrap_or_else(|e| {
+            panic!(
+                "{} (Debian: postgresql-server-dev-15; others: scripts/pg_servers.sh): {e}",
+                pg_regress.display()
+            )
+        });
     if !status.success() {
         let diffs = std::fs::read_to_string(out.join("regression.diffs")).unwrap_or_default();
         panic!("pg_regress failed:\n{diffs}");

@@ -1,5 +1,5 @@
 //! The pure half of statement-log redaction: a model of PostgreSQL's SQL
-//! scanner (src/backend/parser/scan.l, PostgreSQL 15) that finds every
+//! scanner (src/backend/parser/scan.l, PostgreSQL 15 to 18) that finds every
 //! literal's span and refuses any text on which the server's scanner could
 //! raise an error, and the functions that rewrite a statement, a CONTEXT
 //! text or a data error's message. No pgrx: the server's own scanner is
@@ -21,7 +21,17 @@ pub fn mentions_kms(sql: &[u8]) -> bool {
 }
 
 // ---------------------------------------------------------------------------
-// The Rust model of src/backend/parser/scan.l (PostgreSQL 15).
+// The Rust model of src/backend/parser/scan.l (PostgreSQL 15 to 18).
+//
+// Where the majors differ the model refuses what any of them could reject
+// (refusing only withholds a text whole):
+// * 16 added `1_000`, `0x1F`, `0o17`, `0b101` (15: "trailing junk" errors):
+//   refused, as 15's junk rules do;
+// * 16 made `\v` (vertical tab) whitespace, so in 16+ it can continue a
+//   string ('a' \v NEWLINE 'b') where 15 sees a lone character: a `\v`
+//   outside a literal or comment is refused;
+// * 17 raises "parameter number too large" for `$N` beyond i32 (15 and 16
+//   wrapped silently): refused.
 
 fn ident_start(c: u8) -> bool {
     c.is_ascii_alphabetic() || c == b'_' || c >= 0x80
@@ -145,7 +155,7 @@ fn ident_end(s: &[u8], open: usize) -> Option<usize> {
 }
 
 /// The literal spans (string, bit-string and numeric constants) of `s` as
-/// PostgreSQL 15's scanner sees them, or None when the scanner could raise
+/// PostgreSQL's scanner (15 to 18) sees them, or None when the scanner could raise
 /// an error (or emit a warning) on `s`. Conservative: None for some inputs
 /// the scanner accepts (e.g. `1e5`, `\u` escapes), never Some for an input it
 /// rejects.
@@ -159,6 +169,8 @@ pub fn scan(s: &[u8], standard_conforming_strings: bool) -> Option<Vec<(usize, u
         let c1 = at(i + 1);
         if space(c) {
             i += 1;
+        } else if c == b'\x0b' {
+            return None; // 15: a character; 16+: whitespace (see above)
         } else if c == b'-' && c1 == b'-' {
             while i < n && s[i] != b'\n' && s[i] != b'\r' {
                 i += 1;
@@ -219,6 +231,10 @@ pub fn scan(s: &[u8], standard_conforming_strings: bool) -> Option<Vec<(usize, u
                 }
                 if ident_start(at(j)) {
                     return None; // trailing junk after parameter
+                }
+                let number = std::str::from_utf8(&s[i + 1..j]).ok();
+                if number.and_then(|d| d.parse::<i32>().ok()).is_none() {
+                    return None; // 17+: parameter number too large
                 }
                 i = j;
             } else if c1 == b'$' || ident_start(c1) {
@@ -544,10 +560,25 @@ mod unit {
             "SELECT E'\\xff'",
             "SELECT 1e+",
             "SELECT \"open",
+            // What a later major lexes differently or rejects (16: numeric
+            // forms, \v as whitespace; 17+: a parameter number beyond i32).
+            "SELECT 1_000",
+            "SELECT 0x1F",
+            "SELECT 0o17",
+            "SELECT 0b101",
+            "SELECT .5_0",
+            "SELECT 'a'\x0b\n'\\'",
+            "SELECT 1\x0b",
+            "SELECT $2147483648",
+            "SELECT $99999999999999999999",
         ] {
             assert!(redact_sql(bad.as_bytes(), true, None).is_none(), "{bad}");
         }
         assert!(redact_sql(b"SELECT U&'x'", false, None).is_none());
+        assert_eq!(
+            r("SELECT $2147483647, '\x0b', /* \x0b */ 1"),
+            format!("SELECT $2147483647, {p}, /* \x0b */ {p}")
+        );
         assert!(redact_sql(&[b'='; 64], true, None).is_none());
         assert!(mentions_kms(b"select KMS_ENCRYPT($1, 'k')"));
         assert!(mentions_kms(b"EXECUTE p('x')"));

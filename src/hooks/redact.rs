@@ -34,6 +34,7 @@ use crate::core::sqlscan::{
     mentions_kms, redact_context, redact_sql, redact_value_message, WITHHELD,
 };
 use crate::pg::guc::{self, RedactMode};
+use crate::pg::version;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::ffi::{c_char, CStr, CString};
@@ -134,9 +135,10 @@ fn translated(msgid: &CStr) -> Vec<u8> {
     extern "C" {
         fn dgettext(domain: *const c_char, msgid: *const c_char) -> *mut c_char;
     }
+    let domain = version::backend_text_domain();
     // SAFETY: glibc's dgettext returns msgid or a static translation.
     unsafe {
-        let p = dgettext(c"postgres-15".as_ptr(), msgid.as_ptr());
+        let p = dgettext(domain.as_ptr(), msgid.as_ptr());
         if p.is_null() {
             msgid.to_bytes().to_vec()
         } else {
@@ -407,7 +409,7 @@ mod tests {
     /// one, both find their constants at the same offsets.
     #[pg_test]
     fn scanner_model_never_accepts_what_the_scanner_rejects() {
-        const FRAGMENTS: [&str; 63] = [
+        const FRAGMENTS: [&str; 68] = [
             "'",
             "''",
             "\"",
@@ -469,6 +471,13 @@ mod tests {
             "5",
             "e5",
             "E-",
+            // What later majors lex differently: \v is whitespace in 16+,
+            // 1_0 and 0x1 are numbers in 16+, $N beyond i32 fails in 17+.
+            "\x0b",
+            "'a'\x0b\n'b'",
+            "_0",
+            "0x1",
+            "2147483648",
             // Identifier truncation (a NOTICE) and operator length (an error).
             "abcdefghijabcdefghijabcdefghijabcdefghijabcdefghijabcdefghijabcdefghij",
             "<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<<",
@@ -514,6 +523,21 @@ mod tests {
         }
         Spi::run("RESET standard_conforming_strings").unwrap();
         assert!(accepted > total / 10, "{accepted} of {total} accepted");
+    }
+
+    /// gram.h's constant token codes in `core::sqlscan` are this major's:
+    /// one literal of each kind, lexed by the server's scanner.
+    #[pg_test]
+    fn constant_token_codes_match_this_major() {
+        let c = CString::new("1.5 'a' U&'b' B'1' X'1' 42 x $1").unwrap();
+        // SAFETY: a normal function context; the text lexes without error.
+        let toks = unsafe { server_tokens(&c) };
+        let consts: Vec<bool> = toks.iter().map(|t| is_constant(t.0)).collect();
+        assert_eq!(
+            consts,
+            [true, true, true, true, true, true, false, false],
+            "tokens {toks:?}"
+        );
     }
 
     /// Redaction with the server's scanner, including a disagreement-free

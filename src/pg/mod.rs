@@ -1,7 +1,8 @@
 //! PostgreSQL glue with no knowledge of keys: SPI helpers, the identity
-//! switches, datum wrappers, encoding conversion, settings and shared
-//! memory. Everything above (catalog, keys, logic, API) reaches the server
-//! through here or through pgrx directly for typed row reads.
+//! switches, datum wrappers, encoding conversion, settings, shared memory,
+//! and what differs between PostgreSQL majors (`version`). Everything
+//! above (catalog, keys, logic, API) reaches the server through here or
+//! through pgrx directly for typed row reads.
 
 pub mod datum;
 pub mod encoding;
@@ -9,6 +10,7 @@ pub mod guc;
 pub mod identity;
 pub mod shmem;
 pub mod spi;
+pub mod version;
 
 use pgrx::pg_sys;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,0 +1,249 @@
+#!/usr/bin/env bash
+# Builds the PostgreSQL servers pg_kms is tested on besides Debian's 15, from
+# Debian's SOURCE packages, idempotently. Run as root on Debian 12 (bookworm).
+#
+#   bash scripts/pg_servers.sh            # every major it can: 16 (if a source
+#                                         # is reachable), 17, 18
+#   bash scripts/pg_servers.sh 18 17      # just those
+#
+# For each major NN it:
+#   1. adds a deb-src line (and NO deb line) for the Debian suite that carries
+#      postgresql-NN (17: trixie, 18: sid) in its own file under
+#      /etc/apt/sources.list.d/, plus an apt pin at -1 for that suite, so no
+#      trixie/sid binary package is ever installed on bookworm;
+#   2. fetches the source package with `apt-get source --download-only` into
+#      $PG_KMS_SRC_CACHE (default /var/cache/pg_kms/src);
+#   3. unpacks the upstream .orig tarball (Debian's build system is not used),
+#      configures with --prefix=/opt/pg_kms/pgNN, builds with make -j2 and
+#      installs the server, the client programs (psql, pg_dump, pg_upgrade, ...),
+#      the headers and PGXS (with pg_regress): what pgrx and the tests need. No
+#      docs.
+#   4. writes /opt/pg_kms/pgNN/.pg_kms_source with the source package version:
+#      a second run skips a major whose prefix holds the same version.
+# Build dependencies come from bookworm.
+#
+# A major whose source cannot be had is reported as SKIPPED (exit status 0)
+# and the reason written to /opt/pg_kms/pgNN.unavailable; the next run tries
+# again. Checked on 2026-12-01: Debian publishes postgresql-16 in no suite
+# (bookworm, bookworm-backports, trixie, trixie-backports, forky, sid,
+# experimental); trixie and trixie-security list postgresql-17
+# 17.12-0+deb13u1 but the package registry this machine reaches answers 404
+# for its files; sid's postgresql-18 downloads.
+set -euo pipefail
+
+PREFIX_ROOT=${PG_KMS_PG_PREFIX_ROOT:-/opt/pg_kms}
+SRC_CACHE=${PG_KMS_SRC_CACHE:-/var/cache/pg_kms/src}
+BUILD_ROOT=${PG_KMS_BUILD_ROOT:-/var/cache/pg_kms/build}
+JOBS=${PG_KMS_BUILD_JOBS:-2}
+BUILD_DEPS=(build-essential bison flex libreadline-dev zlib1g-dev libssl-dev libicu-dev
+    pkg-config perl libperl-dev dpkg-dev xz-utils bzip2 ca-certificates)
+
+if [ "$(id -u)" != 0 ]; then
+    echo "pg_servers.sh: run as root (it adds apt sources and installs under $PREFIX_ROOT)" >&2
+    exit 1
+fi
+
+majors=("$@")
+[ ${#majors[@]} -gt 0 ] || majors=(16 17 18)
+
+# The Debian suite whose source package we build, per major ("" = look for one).
+suite_of() {
+    case "$1" in
+        17) echo trixie ;;
+        18) echo sid ;;
+        *) echo "" ;;
+    esac
+}
+
+# deb-src only, each suite in its own file; pinned so that even a deb line
+# added by hand later would not let apt install a binary from it.
+add_src_suite() {
+    local suite=$1 list=/etc/apt/sources.list.d/pg_kms-src-$1.sources
+    local pin=/etc/apt/preferences.d/pg_kms-src-$1
+    local want
+    want="# pg_kms: Debian $suite SOURCE packages only (scripts/pg_servers.sh)
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: $suite
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg"
+    if [ ! -f "$list" ] || [ "$(cat "$list")" != "$want" ]; then
+        printf '%s\n' "$want" >"$list"
+        UPDATED=0
+    fi
+    local wantpin="# pg_kms: never install a binary package from $suite on bookworm
+Package: *
+Pin: release n=$suite
+Pin-Priority: -1"
+    if [ ! -f "$pin" ] || [ "$(cat "$pin")" != "$wantpin" ]; then
+        printf '%s\n' "$wantpin" >"$pin"
+    fi
+}
+
+stamp_of() { cat "$PREFIX_ROOT/pg$1/.pg_kms_source" 2>/dev/null || true; }
+unavailable() {
+    echo "== PostgreSQL $1: SKIPPED: $2"
+    printf '%s\n' "$2" >"$PREFIX_ROOT/pg$1.unavailable"
+}
+
+# Source version of postgresql-NN apt would fetch ("" if none).
+src_version() {
+    apt-cache showsrc "postgresql-$1" 2>/dev/null | awk '/^Version:/ {print $2}' | sort -V | tail -1
+}
+
+UPDATED=1
+for m in "${majors[@]}"; do
+    s=$(suite_of "$m")
+    [ -z "$s" ] || add_src_suite "$s"
+done
+# apt-get update when a sources file changed, or when no source index was ever
+# fetched for a suite we need (a fresh machine).
+for m in "${majors[@]}"; do
+    s=$(suite_of "$m")
+    [ -n "$s" ] || continue
+    ls /var/lib/apt/lists/*_dists_"${s}"_main_source_Sources* >/dev/null 2>&1 || UPDATED=0
+done
+
+# Quick exit when every requested major is already built from the version the
+# (possibly stale) index names: no network needed on a warm machine.
+all_built=1
+for m in "${majors[@]}"; do
+    [ -n "$(stamp_of "$m")" ] && [ -x "$PREFIX_ROOT/pg$m/bin/postgres" ] || all_built=0
+done
+if [ "$UPDATED" = 1 ] && [ "$all_built" = 1 ]; then
+    for m in "${majors[@]}"; do
+        echo "== PostgreSQL $m: already built ($(stamp_of "$m")) in $PREFIX_ROOT/pg$m"
+    done
+    exit 0
+fi
+
+if [ "$UPDATED" = 0 ]; then
+    echo "== apt-get update (source indexes for: ${majors[*]})"
+    apt-get update -qq
+fi
+
+missing=()
+for p in "${BUILD_DEPS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "== installing build dependencies (bookworm): ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm "${missing[@]}" >/dev/null
+fi
+
+install -d "$SRC_CACHE" "$BUILD_ROOT" "$PREFIX_ROOT"
+# `apt-get source` drops privileges to _apt for the download when it can.
+chown _apt "$SRC_CACHE" 2>/dev/null || true
+
+# The registry's pool sometimes lacks the files of the version its index
+# lists (a point release not mirrored yet) while it still holds an earlier
+# revision of the same source package. Fallback: the newest of the four
+# previous upstream minors whose .dsc is in the pool, accepted only if the
+# .dsc is signed by a Debian developer (bookworm's debian-keyring) and the
+# .orig tarball matches the SHA-256 the .dsc lists. Prints the version used.
+fetch_from_pool() {
+    local m=$1 ver=$2 upstream=$3 rev=${2#*-}
+    local major=${upstream%%.*} minor=${upstream#*.}
+    case "$minor" in ''|*[!0-9]*) return 1 ;; esac
+    local pool=http://deb.debian.org/debian/pool/main/p/postgresql-$m
+    dpkg-query -W -f='${Status}' debian-keyring 2>/dev/null | grep -q "install ok installed" ||
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm debian-keyring >/dev/null
+    local k cand dsc orig sum
+    for k in 1 2 3 4; do
+        [ "$minor" -gt "$k" ] || break
+        cand=$major.$((minor - k))
+        dsc=postgresql-${m}_${cand}-${rev}.dsc
+        curl -fsS -o "$SRC_CACHE/$dsc" "$pool/$dsc" 2>/dev/null || { rm -f "$SRC_CACHE/$dsc"; continue; }
+        if ! gpgv --keyring /usr/share/keyrings/debian-keyring.gpg "$SRC_CACHE/$dsc" >/dev/null 2>&1; then
+            echo "   $dsc: signature does not verify against debian-keyring; not used" >&2
+            rm -f "$SRC_CACHE/$dsc"
+            continue
+        fi
+        orig=postgresql-${m}_${cand}.orig.tar.bz2
+        sum=$(awk -v f="$orig" '/^Checksums-Sha256:/{on=1;next} /^[^ ]/{on=0} on && $3==f {print $1}' "$SRC_CACHE/$dsc")
+        [ -n "$sum" ] || continue
+        curl -fsS -o "$SRC_CACHE/$orig" "$pool/$orig" 2>/dev/null || { rm -f "$SRC_CACHE/$orig"; continue; }
+        if [ "$(sha256sum "$SRC_CACHE/$orig" | cut -d' ' -f1)" != "$sum" ]; then
+            echo "   $orig: SHA-256 differs from its signed .dsc; not used" >&2
+            rm -f "$SRC_CACHE/$orig"
+            continue
+        fi
+        echo "$cand-$rev"
+        return 0
+    done
+    return 1
+}
+
+build_major() {
+    local m=$1 ver prefix=$PREFIX_ROOT/pg$1
+    ver=$(src_version "$m")
+    if [ -z "$ver" ]; then
+        if [ -x "$prefix/bin/postgres" ]; then
+            echo "== PostgreSQL $m: no source package listed any more; keeping the build in $prefix ($(stamp_of "$m"))"
+        else
+            unavailable "$m" "no source package postgresql-$m in any suite apt reaches"
+        fi
+        return 0
+    fi
+    if [ "$(stamp_of "$m")" = "$ver" ] && [ -x "$prefix/bin/postgres" ]; then
+        echo "== PostgreSQL $m: already built ($ver) in $prefix"
+        return 0
+    fi
+    local upstream=${ver#*:}
+    upstream=${upstream%-*}
+    echo "== PostgreSQL $m: source package $ver (upstream $upstream)"
+    local orig
+    orig=$(ls "$SRC_CACHE"/postgresql-"${m}"_"${upstream}".orig.tar.* 2>/dev/null | head -1 || true)
+    if [ -z "$orig" ]; then
+        if ! (cd "$SRC_CACHE" && apt-get source --download-only -qq "postgresql-$m=$ver" 2>&1 | tail -3); then
+            :
+        fi
+        orig=$(ls "$SRC_CACHE"/postgresql-"${m}"_"${upstream}".orig.tar.* 2>/dev/null | head -1 || true)
+        if [ -z "$orig" ]; then
+            local used
+            if used=$(fetch_from_pool "$m" "$ver" "$upstream"); then
+                echo "   $ver is not in the pool; using $used (signed .dsc, checked .orig)"
+                if [ "$(stamp_of "$m")" = "$used" ] && [ -x "$prefix/bin/postgres" ]; then
+                    echo "== PostgreSQL $m: already built ($used) in $prefix"
+                    return 0
+                fi
+                ver=$used
+                upstream=${used%-*}
+                orig=$(ls "$SRC_CACHE"/postgresql-"${m}"_"${upstream}".orig.tar.* 2>/dev/null | head -1 || true)
+            fi
+        fi
+        if [ -z "$orig" ]; then
+            if [ -x "$prefix/bin/postgres" ]; then
+                echo "== PostgreSQL $m: postgresql-$m $ver not downloadable; keeping the build in $prefix ($(stamp_of "$m"))"
+            else
+                unavailable "$m" "postgresql-$m $ver is listed but its files are not downloadable here"
+            fi
+            return 0
+        fi
+    fi
+    local build=$BUILD_ROOT/pg$m
+    rm -rf "$build"
+    install -d "$build"
+    tar -xf "$orig" -C "$build" --strip-components=1
+    local t0=$SECONDS
+    (
+        cd "$build"
+        ./configure --prefix="$prefix" --with-openssl --with-icu --without-llvm \
+            CFLAGS="-O2" >configure.log 2>&1 || { tail -40 configure.log; exit 1; }
+        echo "   configured; make -j$JOBS (server, client programs, PGXS)"
+        make -j"$JOBS" -s >make.log 2>&1 || { tail -60 make.log; exit 1; }
+        # pg_upgrade, pg_dump, psql... are in src/bin (built by `make`); contrib
+        # is not needed by pg_kms. install: binaries, libraries, headers, PGXS
+        # (including src/test/regress/pg_regress).
+        rm -rf "$prefix"
+        make -s install >install.log 2>&1 || { tail -40 install.log; exit 1; }
+    )
+    printf '%s\n' "$ver" >"$prefix/.pg_kms_source"
+    rm -f "$PREFIX_ROOT/pg$m.unavailable"
+    echo "   PostgreSQL $m built and installed in $prefix in $((SECONDS - t0)) s"
+    rm -rf "$build"
+}
+
+for m in "${majors[@]}"; do
+    build_major "$m"
+done
