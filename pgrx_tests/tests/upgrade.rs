@@ -547,6 +547,9 @@ fn updated_from_0_1_0(name: &str) -> (Cluster, Values, String) {
 
 #[test]
 fn upgrade_from_0_1_0_keeps_every_value_and_matches_a_fresh_install() {
+    if !released_library_builds_here() {
+        return;
+    }
     let (c, values, ops_before) = updated_from_0_1_0("upgrade");
 
     // Everything reads as before, with no act yet: 0.1.0's rows carry no
@@ -631,6 +634,9 @@ fn upgrade_from_0_1_0_keeps_every_value_and_matches_a_fresh_install() {
 /// has had them rewrapped (as AES-SIV), as the README's upgrade notes say.
 #[test]
 fn deterministic_values_of_0_1_0_decrypt_and_match_after_a_rotation() {
+    if !released_library_builds_here() {
+        return;
+    }
     let (c, values, _) = updated_from_0_1_0("upgrade_det");
     let mut db = c.connect();
     for (id, p, _) in &values.rows {
@@ -686,4 +692,17 @@ fn empty_0_1_0_database_updates_to_a_fresh_install() {
     exec(&mut fresh, "CREATE EXTENSION pg_kms");
     drop(fresh);
     assert_same_schema(&c, "postgres", "fresh");
+}
+
+/// 0.1.0 was built for PostgreSQL 15 only: the tests that fill a database
+/// through its library run on 15 (the others run on every major).
+fn released_library_builds_here() -> bool {
+    if pg_major() == 15 {
+        return true;
+    }
+    println!(
+        "0.1.0's library exists for PostgreSQL 15 only: this test runs on 15 (PG_KMS_PG={})",
+        pg_major()
+    );
+    false
 }
