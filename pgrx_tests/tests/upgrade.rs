@@ -697,12 +697,12 @@ fn empty_0_1_0_database_updates_to_a_fresh_install() {
 /// 0.1.0 was built for PostgreSQL 15 only: the tests that fill a database
 /// through its library run on 15 (the others run on every major).
 fn released_library_builds_here() -> bool {
-    if pg_major() == 15 {
+    if pg_kms_integration::pg_major() == 15 {
         return true;
     }
     println!(
         "0.1.0's library exists for PostgreSQL 15 only: this test runs on 15 (PG_KMS_PG={})",
-        pg_major()
+        pg_kms_integration::pg_major()
     );
     false
 }
