@@ -142,6 +142,45 @@ install -d "$SRC_CACHE" "$BUILD_ROOT" "$PREFIX_ROOT"
 # `apt-get source` drops privileges to _apt for the download when it can.
 chown _apt "$SRC_CACHE" 2>/dev/null || true
 
+# The registry's pool sometimes lacks the files of the version its index
+# lists (a point release not mirrored yet) while it still holds an earlier
+# revision of the same source package. Fallback: the newest of the four
+# previous upstream minors whose .dsc is in the pool, accepted only if the
+# .dsc is signed by a Debian developer (bookworm's debian-keyring) and the
+# .orig tarball matches the SHA-256 the .dsc lists. Prints the version used.
+fetch_from_pool() {
+    local m=$1 ver=$2 upstream=$3 rev=${2#*-}
+    local major=${upstream%%.*} minor=${upstream#*.}
+    case "$minor" in ''|*[!0-9]*) return 1 ;; esac
+    local pool=http://deb.debian.org/debian/pool/main/p/postgresql-$m
+    dpkg-query -W -f='${Status}' debian-keyring 2>/dev/null | grep -q "install ok installed" ||
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm debian-keyring >/dev/null
+    local k cand dsc orig sum
+    for k in 1 2 3 4; do
+        [ "$minor" -gt "$k" ] || break
+        cand=$major.$((minor - k))
+        dsc=postgresql-${m}_${cand}-${rev}.dsc
+        curl -fsS -o "$SRC_CACHE/$dsc" "$pool/$dsc" 2>/dev/null || { rm -f "$SRC_CACHE/$dsc"; continue; }
+        if ! gpgv --keyring /usr/share/keyrings/debian-keyring.gpg "$SRC_CACHE/$dsc" >/dev/null 2>&1; then
+            echo "   $dsc: signature does not verify against debian-keyring; not used" >&2
+            rm -f "$SRC_CACHE/$dsc"
+            continue
+        fi
+        orig=postgresql-${m}_${cand}.orig.tar.bz2
+        sum=$(awk -v f="$orig" '/^Checksums-Sha256:/{on=1;next} /^[^ ]/{on=0} on && $3==f {print $1}' "$SRC_CACHE/$dsc")
+        [ -n "$sum" ] || continue
+        curl -fsS -o "$SRC_CACHE/$orig" "$pool/$orig" 2>/dev/null || { rm -f "$SRC_CACHE/$orig"; continue; }
+        if [ "$(sha256sum "$SRC_CACHE/$orig" | cut -d' ' -f1)" != "$sum" ]; then
+            echo "   $orig: SHA-256 differs from its signed .dsc; not used" >&2
+            rm -f "$SRC_CACHE/$orig"
+            continue
+        fi
+        echo "$cand-$rev"
+        return 0
+    done
+    return 1
+}
+
 build_major() {
     local m=$1 ver prefix=$PREFIX_ROOT/pg$1
     ver=$(src_version "$m")
@@ -167,6 +206,19 @@ build_major() {
             :
         fi
         orig=$(ls "$SRC_CACHE"/postgresql-"${m}"_"${upstream}".orig.tar.* 2>/dev/null | head -1 || true)
+        if [ -z "$orig" ]; then
+            local used
+            if used=$(fetch_from_pool "$m" "$ver" "$upstream"); then
+                echo "   $ver is not in the pool; using $used (signed .dsc, checked .orig)"
+                if [ "$(stamp_of "$m")" = "$used" ] && [ -x "$prefix/bin/postgres" ]; then
+                    echo "== PostgreSQL $m: already built ($used) in $prefix"
+                    return 0
+                fi
+                ver=$used
+                upstream=${used%-*}
+                orig=$(ls "$SRC_CACHE"/postgresql-"${m}"_"${upstream}".orig.tar.* 2>/dev/null | head -1 || true)
+            fi
+        fi
         if [ -z "$orig" ]; then
             if [ -x "$prefix/bin/postgres" ]; then
                 echo "== PostgreSQL $m: postgresql-$m $ver not downloadable; keeping the build in $prefix ($(stamp_of "$m"))"
