@@ -29,7 +29,8 @@
 # (bookworm, bookworm-backports, trixie, trixie-backports, forky, sid,
 # experimental); trixie and trixie-security list postgresql-17
 # 17.12-0+deb13u1 but the package registry this machine reaches answers 404
-# for its files; sid's postgresql-18 downloads.
+# for its files, so 17 comes from the pool fallback below (17.11-0+deb13u1,
+# signed .dsc, checked .orig); sid's postgresql-18 18.6-3 downloads.
 set -euo pipefail
 
 PREFIX_ROOT=${PG_KMS_PG_PREFIX_ROOT:-/opt/pg_kms}
@@ -37,7 +38,7 @@ SRC_CACHE=${PG_KMS_SRC_CACHE:-/var/cache/pg_kms/src}
 BUILD_ROOT=${PG_KMS_BUILD_ROOT:-/var/cache/pg_kms/build}
 JOBS=${PG_KMS_BUILD_JOBS:-2}
 BUILD_DEPS=(build-essential bison flex libreadline-dev zlib1g-dev libssl-dev libicu-dev
-    pkg-config perl libperl-dev gettext dpkg-dev xz-utils bzip2 ca-certificates)
+    pkg-config perl libperl-dev gettext dpkg-dev xz-utils bzip2 ca-certificates curl gpgv)
 # What the build includes; part of the stamp, so changing it rebuilds. NLS:
 # the redaction tests check translated log lines (lc_messages); contrib:
 # auto_explain (redaction tests) and pgcrypto (scripts/bench.sh), as in
@@ -210,7 +211,7 @@ build_major() {
             local used
             if used=$(fetch_from_pool "$m" "$ver" "$upstream"); then
                 echo "   $ver is not in the pool; using $used (signed .dsc, checked .orig)"
-                if [ "$(stamp_of "$m")" = "$used" ] && [ -x "$prefix/bin/postgres" ]; then
+                if [ "$(stamp_of "$m")" = "$used $RECIPE" ] && [ -x "$prefix/bin/postgres" ]; then
                     echo "== PostgreSQL $m: already built ($used) in $prefix"
                     return 0
                 fi
