@@ -14,12 +14,13 @@
 #   2. fetches the source package with `apt-get source --download-only` into
 #      $PG_KMS_SRC_CACHE (default /var/cache/pg_kms/src);
 #   3. unpacks the upstream .orig tarball (Debian's build system is not used),
-#      configures with --prefix=/opt/pg_kms/pgNN, builds with make -j2 and
-#      installs the server, the client programs (psql, pg_dump, pg_upgrade, ...),
-#      the headers and PGXS (with pg_regress): what pgrx and the tests need. No
-#      docs.
-#   4. writes /opt/pg_kms/pgNN/.pg_kms_source with the source package version:
-#      a second run skips a major whose prefix holds the same version.
+#      configures with --prefix=/opt/pg_kms/pgNN (NLS, OpenSSL, ICU), builds
+#      with make -j2 and installs the server, the client programs (psql,
+#      pg_dump, pg_upgrade, ...), the translations, the headers, PGXS (with
+#      pg_regress) and contrib: what pgrx and the tests need. No docs.
+#   4. writes /opt/pg_kms/pgNN/.pg_kms_source with the source package version
+#      and the build recipe: a second run skips a major whose prefix holds
+#      the same.
 # Build dependencies come from bookworm.
 #
 # A major whose source cannot be had is reported as SKIPPED (exit status 0)
@@ -28,7 +29,8 @@
 # (bookworm, bookworm-backports, trixie, trixie-backports, forky, sid,
 # experimental); trixie and trixie-security list postgresql-17
 # 17.12-0+deb13u1 but the package registry this machine reaches answers 404
-# for its files; sid's postgresql-18 downloads.
+# for its files, so 17 comes from the pool fallback below (17.11-0+deb13u1,
+# signed .dsc, checked .orig); sid's postgresql-18 18.6-3 downloads.
 set -euo pipefail
 
 PREFIX_ROOT=${PG_KMS_PG_PREFIX_ROOT:-/opt/pg_kms}
@@ -36,7 +38,12 @@ SRC_CACHE=${PG_KMS_SRC_CACHE:-/var/cache/pg_kms/src}
 BUILD_ROOT=${PG_KMS_BUILD_ROOT:-/var/cache/pg_kms/build}
 JOBS=${PG_KMS_BUILD_JOBS:-2}
 BUILD_DEPS=(build-essential bison flex libreadline-dev zlib1g-dev libssl-dev libicu-dev
-    pkg-config perl libperl-dev dpkg-dev xz-utils bzip2 ca-certificates)
+    pkg-config perl libperl-dev gettext dpkg-dev xz-utils bzip2 ca-certificates curl gpgv)
+# What the build includes; part of the stamp, so changing it rebuilds. NLS:
+# the redaction tests check translated log lines (lc_messages); contrib:
+# auto_explain (redaction tests) and pgcrypto (scripts/bench.sh), as in
+# Debian's postgresql-NN package.
+RECIPE="nls,openssl,icu,contrib"
 
 if [ "$(id -u)" != 0 ]; then
     echo "pg_servers.sh: run as root (it adds apt sources and installs under $PREFIX_ROOT)" >&2
@@ -108,7 +115,8 @@ done
 # (possibly stale) index names: no network needed on a warm machine.
 all_built=1
 for m in "${majors[@]}"; do
-    [ -n "$(stamp_of "$m")" ] && [ -x "$PREFIX_ROOT/pg$m/bin/postgres" ] || all_built=0
+    case "$(stamp_of "$m")" in *" $RECIPE") ;; *) all_built=0 ;; esac
+    [ -x "$PREFIX_ROOT/pg$m/bin/postgres" ] || all_built=0
 done
 if [ "$UPDATED" = 1 ] && [ "$all_built" = 1 ]; then
     for m in "${majors[@]}"; do
@@ -185,7 +193,7 @@ build_major() {
         fi
         return 0
     fi
-    if [ "$(stamp_of "$m")" = "$ver" ] && [ -x "$prefix/bin/postgres" ]; then
+    if [ "$(stamp_of "$m")" = "$ver $RECIPE" ] && [ -x "$prefix/bin/postgres" ]; then
         echo "== PostgreSQL $m: already built ($ver) in $prefix"
         return 0
     fi
@@ -203,7 +211,7 @@ build_major() {
             local used
             if used=$(fetch_from_pool "$m" "$ver" "$upstream"); then
                 echo "   $ver is not in the pool; using $used (signed .dsc, checked .orig)"
-                if [ "$(stamp_of "$m")" = "$used" ] && [ -x "$prefix/bin/postgres" ]; then
+                if [ "$(stamp_of "$m")" = "$used $RECIPE" ] && [ -x "$prefix/bin/postgres" ]; then
                     echo "== PostgreSQL $m: already built ($used) in $prefix"
                     return 0
                 fi
@@ -228,17 +236,19 @@ build_major() {
     local t0=$SECONDS
     (
         cd "$build"
-        ./configure --prefix="$prefix" --with-openssl --with-icu --without-llvm \
+        ./configure --prefix="$prefix" --enable-nls --with-openssl --with-icu --without-llvm \
             CFLAGS="-O2" >configure.log 2>&1 || { tail -40 configure.log; exit 1; }
-        echo "   configured; make -j$JOBS (server, client programs, PGXS)"
+        echo "   configured; make -j$JOBS (server, client programs, PGXS, contrib)"
+        # pg_upgrade, pg_dump, psql... are in src/bin (built by `make`).
         make -j"$JOBS" -s >make.log 2>&1 || { tail -60 make.log; exit 1; }
-        # pg_upgrade, pg_dump, psql... are in src/bin (built by `make`); contrib
-        # is not needed by pg_kms. install: binaries, libraries, headers, PGXS
-        # (including src/test/regress/pg_regress).
+        make -j"$JOBS" -s -C contrib >>make.log 2>&1 || { tail -60 make.log; exit 1; }
+        # install: binaries, libraries, headers, PGXS (including
+        # src/test/regress/pg_regress), translations; then contrib.
         rm -rf "$prefix"
         make -s install >install.log 2>&1 || { tail -40 install.log; exit 1; }
+        make -s -C contrib install >>install.log 2>&1 || { tail -40 install.log; exit 1; }
     )
-    printf '%s\n' "$ver" >"$prefix/.pg_kms_source"
+    printf '%s\n' "$ver $RECIPE" >"$prefix/.pg_kms_source"
     rm -f "$PREFIX_ROOT/pg$m.unavailable"
     echo "   PostgreSQL $m built and installed in $prefix in $((SECONDS - t0)) s"
     rm -rf "$build"

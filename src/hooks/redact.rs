@@ -472,7 +472,7 @@ mod tests {
             "e5",
             "E-",
             // What later majors lex differently: \v is whitespace in 16+,
-            // 1_0 and 0x1 are numbers in 16+, $N beyond i32 fails in 17+.
+            // 1_0 and 0x1 are numbers in 16+, $N beyond i32 fails in 18.
             "\x0b",
             "'a'\x0b\n'b'",
             "_0",
