@@ -67,6 +67,20 @@ for m in "${MAJORS[@]}"; do
     summary+=("PostgreSQL $m: $(counts_since "$off") ($((SECONDS - t0)) s$(is_full "$m" || echo ", pg_regress + integration only"))")
 done
 
+# pg_upgrade with pg_kms preloaded, once pg_kms is installed in both
+# servers: from 17 to 18 (from Debian's 15.20 to the 18.6 built here
+# pg_upgrade fails for any database: see README, "Major upgrades").
+if [ -x "$(pg_bin_of 17)/pg_upgrade" ] && [ -x "$(pg_bin_of 18)/pg_upgrade" ] &&
+    printf '%s\n' "${MAJORS[@]}" | grep -qx 17 && printf '%s\n' "${MAJORS[@]}" | grep -qx 18; then
+    echo "== pg_upgrade 17 -> 18 (--link and --copy)"
+    off=$(stat -c %s "$LOG")
+    t0=$SECONDS
+    PG_KMS_PG=17 PG_KMS_UPGRADE_TO=18 cargo test -p pg_kms_integration --test pg_upgrade -- --nocapture 2>&1 | tee -a "$LOG"
+    summary+=("pg_upgrade 17 -> 18: $(counts_since "$off") ($((SECONDS - t0)) s)")
+else
+    summary+=("pg_upgrade 17 -> 18: SKIPPED (needs both servers in PG_KMS_TEST_MAJORS)")
+fi
+
 echo "== summary"
 for line in "${summary[@]}"; do echo "   $line"; done
 # One closing line over all runners (pipefail has already stopped on failure).
