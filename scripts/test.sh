@@ -7,6 +7,11 @@
 #      PG_KMS_PG=NN), on every major of PG_KMS_TEST_MAJORS.
 # Defaults: everything on 15 (Debian's package), 17 and 18 (built from
 # Debian's source packages by scripts/pg_servers.sh, cached in /opt/pg_kms).
+# Measured here: about 7 minutes per major once the servers exist (the
+# #[pg_test]s 1-2 min with their build, the release install 1-2 min, the
+# integration tests about 5 min, most of it the worker's waits). If .ci/run
+# ever outgrows its hour, PG_KMS_TEST_FULL="15 18" keeps 17 to pg_regress +
+# integration.
 # A major whose server could not be built here (scripts/pg_servers.sh says
 # why: Debian publishes no postgresql-16 source package any more, and a
 # listed source may not be downloadable) is SKIPPED, and said so in the
