@@ -61,6 +61,21 @@ ALTER TABLE kms.key_versions ADD COLUMN row_mac bytea;
 ALTER TABLE kms.key_grants RENAME TO key_grants_0_1_0;
 ALTER TABLE kms.key_grants_0_1_0 RENAME CONSTRAINT key_grants_pkey TO key_grants_0_1_0_pkey;
 ALTER TABLE kms.key_grants_0_1_0 RENAME CONSTRAINT key_grants_privilege_check TO key_grants_0_1_0_privilege_check;
+-- PostgreSQL 18 also names NOT NULL constraints (key_grants_<column>_not_null):
+-- move the old table's out of the way too, so the new table's get the names
+-- of a fresh install (no such constraints before 18: the loop finds none).
+DO $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT c.conname FROM pg_catalog.pg_constraint c
+              WHERE c.conrelid = 'kms.key_grants_0_1_0'::pg_catalog.regclass
+                AND c.contype::text = 'n'
+    LOOP
+        EXECUTE pg_catalog.format('ALTER TABLE kms.key_grants_0_1_0 RENAME CONSTRAINT %I TO %I',
+                                  r.conname, 'key_grants_0_1_0' || pg_catalog.substr(r.conname, 11));
+    END LOOP;
+END $$;
 CREATE TABLE kms.key_grants (
     key_id      integer NOT NULL,
     grantee     text NOT NULL,
