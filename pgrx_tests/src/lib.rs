@@ -376,6 +376,30 @@ impl Cluster {
         self.connect_as("postgres", "postgres")
     }
 
+    /// Runs this server's `pg_dump` on `db` with `args` (format, output
+    /// file, filters) as the postgres OS user; panics with its stderr if it
+    /// fails. Returns its standard output.
+    pub fn pg_dump(&self, db: &str, args: &[&str]) -> Vec<u8> {
+        let port = self.port.to_string();
+        let conn = [
+            "-h",
+            self.dir.to_str().unwrap(),
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-d",
+            db,
+        ];
+        let o = as_postgres(&format!("{PG_BIN}/pg_dump"), &[&conn[..], args].concat());
+        assert!(
+            o.status.success(),
+            "pg_dump {db}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o.stdout
+    }
+
     pub fn server_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
     }

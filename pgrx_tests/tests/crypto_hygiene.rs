@@ -11,27 +11,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::time::Duration;
 
 fn dump(c: &Cluster, db: &str, out: &std::path::Path) {
-    let o = as_postgres(
-        &format!("{PG_BIN}/pg_dump"),
-        &[
-            "-h",
-            c.dir.to_str().unwrap(),
-            "-p",
-            &c.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            db,
-            "-Fp",
-            "-f",
-            out.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        o.status.success(),
-        "pg_dump: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    c.pg_dump(db, &["-Fp", "-f", out.to_str().unwrap()]);
 }
 
 fn restore(c: &Cluster, db: &str, file: &std::path::Path) {

@@ -514,30 +514,7 @@ fn no_secret_reaches_the_log_or_a_non_superuser() {
 }
 
 fn dump(c: &Cluster, args: &[&str], out: &std::path::Path) {
-    let o = as_postgres(
-        &format!("{PG_BIN}/pg_dump"),
-        &[
-            &[
-                "-h",
-                c.dir.to_str().unwrap(),
-                "-p",
-                &c.port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                "shop",
-                "-f",
-                out.to_str().unwrap(),
-            ],
-            args,
-        ]
-        .concat(),
-    );
-    assert!(
-        o.status.success(),
-        "pg_dump: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    c.pg_dump("shop", &[args, &["-f", out.to_str().unwrap()]].concat());
 }
 
 fn restore(c: &Cluster, file: &std::path::Path, custom: bool) {

@@ -393,27 +393,7 @@ fn crypto_shredding_with_master_key_rotation() {
     .unwrap();
     // A backup taken while version 1 is alive.
     let dump = c.dir.join("before.dump");
-    let o = as_postgres(
-        &format!("{PG_BIN}/pg_dump"),
-        &[
-            "-h",
-            c.dir.to_str().unwrap(),
-            "-p",
-            &c.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "shop",
-            "-Fc",
-            "-f",
-            dump.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        o.status.success(),
-        "pg_dump: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    c.pg_dump("shop", &["-Fc", "-f", dump.to_str().unwrap()]);
     let saved = shop
         .query_one(
             "SELECT v.key_id, v.state, v.wrapped_key, v.row_mac FROM kms.key_versions v JOIN kms.keys k USING (key_id)

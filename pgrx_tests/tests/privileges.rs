@@ -77,27 +77,7 @@ fn a_dropped_roles_key_grants_do_not_pass_to_a_new_role_of_the_same_name() {
 }
 
 fn dump(c: &Cluster, db: &str, out: &std::path::Path) {
-    let o = as_postgres(
-        &format!("{PG_BIN}/pg_dump"),
-        &[
-            "-h",
-            c.dir.to_str().unwrap(),
-            "-p",
-            &c.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            db,
-            "-Fc",
-            "-f",
-            out.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        o.status.success(),
-        "pg_dump: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    c.pg_dump(db, &["-Fc", "-f", out.to_str().unwrap()]);
 }
 
 fn restore(c: &Cluster, db: &str, file: &std::path::Path) {

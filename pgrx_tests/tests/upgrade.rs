@@ -331,27 +331,11 @@ fn audit_ok(db: &mut Client, what: &str) {
 /// statements, with OIDs, relfrozenxids and the extension's config-table
 /// OID arrays taken out.
 fn dump_objects(c: &Cluster, db: &str) -> BTreeMap<String, String> {
-    let out = pg_kms_integration::as_postgres(
-        &format!("{PG_BIN}/pg_dump"),
-        &[
-            "--schema-only",
-            "--binary-upgrade",
-            "--exclude-schema=app",
-            "-h",
-            c.dir.to_str().unwrap(),
-            "-p",
-            &c.port.to_string(),
-            "-U",
-            "postgres",
-            db,
-        ],
+    let out = c.pg_dump(
+        db,
+        &["--schema-only", "--binary-upgrade", "--exclude-schema=app"],
     );
-    assert!(
-        out.status.success(),
-        "pg_dump {db}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = String::from_utf8(out).unwrap();
     let mut objects = BTreeMap::new();
     let mut name = String::from("(preamble)");
     let mut body = String::new();
