@@ -376,10 +376,11 @@ impl Cluster {
         self.connect_as("postgres", "postgres")
     }
 
-    /// Runs this server's `pg_dump` on `db` with `args` (format, output
-    /// file, filters) as the postgres OS user; panics with its stderr if it
-    /// fails. Returns its standard output.
-    pub fn pg_dump(&self, db: &str, args: &[&str]) -> Vec<u8> {
+    /// Runs this server's client program `tool` (`pg_dump`, `pg_restore`,
+    /// `psql`) on `db` with `args`, as the postgres OS user over this
+    /// cluster's socket; panics with its stderr if it fails. Returns its
+    /// standard output.
+    pub fn client(&self, tool: &str, db: &str, args: &[&str]) -> Vec<u8> {
         let port = self.port.to_string();
         let conn = [
             "-h",
@@ -391,13 +392,35 @@ impl Cluster {
             "-d",
             db,
         ];
-        let o = as_postgres(&format!("{PG_BIN}/pg_dump"), &[&conn[..], args].concat());
+        let o = as_postgres(&format!("{PG_BIN}/{tool}"), &[&conn[..], args].concat());
         assert!(
             o.status.success(),
-            "pg_dump {db}: {}",
+            "{tool} {db}: {}",
             String::from_utf8_lossy(&o.stderr)
         );
         o.stdout
+    }
+
+    /// [`Cluster::client`] for `pg_dump`.
+    pub fn pg_dump(&self, db: &str, args: &[&str]) -> Vec<u8> {
+        self.client("pg_dump", db, args)
+    }
+
+    /// [`Cluster::client`] for `psql` running `file` (no psqlrc, quiet,
+    /// stopping at the first error).
+    pub fn psql_file(&self, db: &str, file: &Path) {
+        self.client(
+            "psql",
+            db,
+            &[
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-f",
+                file.to_str().unwrap(),
+            ],
+        );
     }
 
     pub fn server_log(&self) -> String {

@@ -4,7 +4,7 @@
 //! tests can read as root). Each test prints only counts, never key bytes.
 
 use hkdf::Hkdf;
-use pg_kms_integration::{as_postgres, poll, Cluster, PG_BIN};
+use pg_kms_integration::{poll, Cluster};
 use postgres::Client;
 use sha2::Sha256;
 use std::io::{Read, Seek, SeekFrom};
@@ -15,30 +15,7 @@ fn dump(c: &Cluster, db: &str, out: &std::path::Path) {
 }
 
 fn restore(c: &Cluster, db: &str, file: &std::path::Path) {
-    let o = as_postgres(
-        &format!("{PG_BIN}/psql"),
-        &[
-            "-h",
-            c.dir.to_str().unwrap(),
-            "-p",
-            &c.port.to_string(),
-            "-U",
-            "postgres",
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-d",
-            db,
-            "-f",
-            file.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        o.status.success(),
-        "psql restore: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    c.psql_file(db, file);
 }
 
 fn one_bool(db: &mut Client, sql: &str) -> bool {

@@ -5,9 +5,7 @@
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use base64::Engine;
-use pg_kms_integration::{
-    as_postgres, message, pairs, poll, random_key_hex, sqlstate, Cluster, PG_BIN,
-};
+use pg_kms_integration::{message, pairs, poll, random_key_hex, sqlstate, Cluster};
 use postgres::Client;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -520,42 +518,11 @@ fn dump(c: &Cluster, args: &[&str], out: &std::path::Path) {
 fn restore(c: &Cluster, file: &std::path::Path, custom: bool) {
     let mut db = c.connect();
     db.batch_execute("CREATE DATABASE shop").unwrap();
-    let (prog, args): (&str, Vec<String>) = if custom {
-        (
-            "pg_restore",
-            vec!["-d".into(), "shop".into(), file.display().to_string()],
-        )
+    if custom {
+        c.client("pg_restore", "shop", &[file.to_str().unwrap()]);
     } else {
-        (
-            "psql",
-            vec![
-                "-X".into(),
-                "-q".into(),
-                "-v".into(),
-                "ON_ERROR_STOP=1".into(),
-                "-d".into(),
-                "shop".into(),
-                "-f".into(),
-                file.display().to_string(),
-            ],
-        )
-    };
-    let mut full = vec![
-        "-h".to_string(),
-        c.dir.display().to_string(),
-        "-p".into(),
-        c.port.to_string(),
-        "-U".into(),
-        "postgres".into(),
-    ];
-    full.extend(args);
-    let refs: Vec<&str> = full.iter().map(|s| s.as_str()).collect();
-    let o = as_postgres(&format!("{PG_BIN}/{prog}"), &refs);
-    assert!(
-        o.status.success(),
-        "{prog}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+        c.psql_file("shop", file);
+    }
 }
 
 fn fingerprint(db: &mut Client) -> (String, i64) {

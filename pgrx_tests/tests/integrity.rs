@@ -5,7 +5,7 @@
 
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
-use pg_kms_integration::{as_postgres, message, poll, random_key_hex, sqlstate, Cluster, PG_BIN};
+use pg_kms_integration::{as_postgres, message, poll, random_key_hex, sqlstate, Cluster};
 use postgres::Client;
 use sha2::{Digest, Sha256};
 use std::time::{Duration, Instant};
@@ -487,25 +487,7 @@ fn crypto_shredding_with_master_key_rotation() {
     assert!(unwrap_with(&new_hex, key_id, 1, &wrapped).is_none());
     // Restoring that backup with the master key configured now gets nothing.
     db.batch_execute("CREATE DATABASE restored").unwrap();
-    let o = as_postgres(
-        &format!("{PG_BIN}/pg_restore"),
-        &[
-            "-h",
-            c.dir.to_str().unwrap(),
-            "-p",
-            &c.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "restored",
-            dump.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        o.status.success(),
-        "pg_restore: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    c.client("pg_restore", "restored", &[dump.to_str().unwrap()]);
     let mut restored = c.connect_as("postgres", "restored");
     let r = restored.query_one("SELECT kms_decrypt(v) FROM t WHERE id = 1", &[]);
     let m = message(restored.query_one("SELECT kms_decrypt(v) FROM t WHERE id = 1", &[]));

@@ -3,7 +3,7 @@
 //! audited rebind); kms_health() does not run the master-key command on
 //! every call. Each test prints a one-line summary.
 
-use pg_kms_integration::{as_postgres, message, poll, sqlstate, Cluster, PG_BIN};
+use pg_kms_integration::{message, poll, sqlstate, Cluster};
 use postgres::Client;
 use std::time::Duration;
 
@@ -84,25 +84,10 @@ fn restore(c: &Cluster, db: &str, file: &std::path::Path) {
     c.connect()
         .batch_execute(&format!("CREATE DATABASE {db}"))
         .unwrap();
-    let o = as_postgres(
-        &format!("{PG_BIN}/pg_restore"),
-        &[
-            "-h",
-            c.dir.to_str().unwrap(),
-            "-p",
-            &c.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            db,
-            "--exit-on-error",
-            file.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        o.status.success(),
-        "pg_restore: {}",
-        String::from_utf8_lossy(&o.stderr)
+    c.client(
+        "pg_restore",
+        db,
+        &["--exit-on-error", file.to_str().unwrap()],
     );
 }
 
