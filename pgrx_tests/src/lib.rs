@@ -166,6 +166,29 @@ pub fn random_key_hex() -> String {
     hex::encode(b)
 }
 
+/// `initdb` of `bin` into `data` as every test cluster is made (superuser
+/// `postgres`, trust authentication, UTF8, C.UTF-8: pg_upgrade needs the
+/// old and new clusters alike), plus `extra` options.
+pub fn initdb(bin: &Path, data: &Path, extra: &[&str]) {
+    let base = [
+        "-D",
+        data.to_str().unwrap(),
+        "-U",
+        "postgres",
+        "--auth=trust",
+        "-E",
+        "UTF8",
+        "--locale=C.UTF-8",
+    ];
+    check(
+        as_postgres(
+            bin.join("initdb").to_str().unwrap(),
+            &[&base[..], extra].concat(),
+        ),
+        "initdb",
+    );
+}
+
 pub struct Cluster {
     pub dir: PathBuf,
     pub port: u16,
@@ -191,22 +214,7 @@ impl Cluster {
         chown_postgres(&dir);
         let c = Cluster { dir, port };
         c.write_key(&random_key_hex(), 0o600);
-        check(
-            as_postgres(
-                &format!("{PG_BIN}/initdb"),
-                &[
-                    "-D",
-                    c.data().to_str().unwrap(),
-                    "-U",
-                    "postgres",
-                    "--auth=trust",
-                    "-E",
-                    "UTF8",
-                    "--locale=C.UTF-8",
-                ],
-            ),
-            "initdb",
-        );
+        initdb(pg_bin(), &c.data(), &[]);
         let mut conf = format!(
             "listen_addresses = ''\nport = {port}\nunix_socket_directories = '{}'\npg_kms.master_key_file = '{}'\n",
             c.dir.display(),

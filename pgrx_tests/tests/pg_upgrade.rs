@@ -44,25 +44,14 @@ fn ok(out: std::process::Output, what: &str) {
 /// `Cluster::start` does (same encoding and locale, as pg_upgrade needs).
 fn init_new(bin: &Path, major: u32, dir: &Path, port: u16, key_file: &Path) -> PathBuf {
     let data = dir.join("new");
-    let mut args = vec![
-        "-D",
-        data.to_str().unwrap(),
-        "-U",
-        "postgres",
-        "--auth=trust",
-        "-E",
-        "UTF8",
-        "--locale=C.UTF-8",
-    ];
     // 18's initdb turns data checksums on by default; the old cluster has
     // none, and pg_upgrade needs both alike.
-    if major >= 18 {
-        args.push("--no-data-checksums");
-    }
-    ok(
-        as_postgres(bin.join("initdb").to_str().unwrap(), &args),
-        "initdb (new)",
-    );
+    let extra: &[&str] = if major >= 18 {
+        &["--no-data-checksums"]
+    } else {
+        &[]
+    };
+    initdb(bin, &data, extra);
     let conf = data.join("postgresql.conf");
     let mut s = std::fs::read_to_string(&conf).unwrap();
     s.push_str(&format!(

@@ -420,15 +420,7 @@ fn apply_key(act: &Act, k: &ExportedKey, e: &Export) -> KmsResult<Applied> {
                 ],
             )?;
             for v in &k.versions {
-                spi::exec(
-                    "INSERT INTO kms.key_versions (key_id, version, state, wrapped_key) VALUES ($1, $2, $3, $4)",
-                    &[
-                        k.key_id.into(),
-                        v.version.into(),
-                        v.state.as_str().into(),
-                        v.wrapped.clone().into(),
-                    ],
-                )?;
+                insert_version(k.key_id, v)?;
             }
             let row = KeyRow {
                 id: k.key_id,
@@ -493,15 +485,7 @@ fn update_key(act: &Act, k: &ExportedKey, e: &Export, reason: RawText) -> KmsRes
     }
     for v in &k.versions {
         let Some(here) = find(v.version) else {
-            spi::exec(
-                "INSERT INTO kms.key_versions (key_id, version, state, wrapped_key) VALUES ($1, $2, $3, $4)",
-                &[
-                    k.key_id.into(),
-                    v.version.into(),
-                    v.state.as_str().into(),
-                    v.wrapped.clone().into(),
-                ],
-            )?;
+            insert_version(k.key_id, v)?;
             changes.push(json!({ "version": v.version, "added": v.state }));
             continue;
         };
@@ -601,4 +585,18 @@ fn update_key(act: &Act, k: &ExportedKey, e: &Export, reason: RawText) -> KmsRes
         Some(&detail.to_string()),
     )?;
     Ok(Applied::Updated)
+}
+
+/// Inserts an imported version's row (its MACs are set by the act's
+/// re-MAC of the key).
+fn insert_version(key_id: i32, v: &ExportedVersion) -> KmsResult<()> {
+    spi::exec(
+        "INSERT INTO kms.key_versions (key_id, version, state, wrapped_key) VALUES ($1, $2, $3, $4)",
+        &[
+            key_id.into(),
+            v.version.into(),
+            v.state.as_str().into(),
+            v.wrapped.clone().into(),
+        ],
+    )
 }
