@@ -90,6 +90,7 @@ mod tests {
         ("table", "kms.audit_head", NOBODY),
         ("table", "kms.reencryption_progress", NOBODY),
         ("table", "kms.secrets", NOBODY),
+        ("table", "kms.protected_columns", NOBODY),
     ];
 
     /// One row per function or relation of the extension (not the
