@@ -175,7 +175,7 @@ mod tests {
         // The same structural checks as the text form and binary receive.
         for lit in [
             "",
-            "AQAAAAABAAAAAQ",
+            "AQAAAAABAAAAAQ==",
             "AgAAAAABAAAAAQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
             "AQAAAAAAAAAAAQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
             "AQAAAAABAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
