@@ -1,5 +1,5 @@
 -- Operators and operator classes of the encrypted_text type. The type, its
--- I/O functions and its cast to bytea are in src/api/encrypted_text.rs,
+-- I/O functions and its casts to and from bytea are in src/api/encrypted_text.rs,
 -- which also includes this file.
 
 -- Equality and ordering on the envelope bytes (the representation is the

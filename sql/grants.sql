@@ -4,8 +4,8 @@
 --   kms_user:    encrypt, decrypt, rewrap, header readers, blind index
 --   kms_admin:   key lifecycle, secrets, re-encryption, audit read, health
 --   kms_auditor: the views, kms_health and the audit checks (cannot decrypt)
---   PUBLIC:      only the encrypted_text type's I/O and comparison functions
---                (they parse, format and compare bytes)
+--   PUBLIC:      only the encrypted_text type's I/O, comparison and cast
+--                functions (they parse, format and compare bytes)
 --   nobody:      internal helpers and the kms schema (superuser only)
 --
 -- Every function and view that belongs to the extension gets exactly the
@@ -31,6 +31,7 @@ BEGIN
             ('function', 'kms_key_version',           '{kms_user}'),
             ('function', 'kms_encrypt_deterministic', '{kms_user}'),
             ('function', 'kms_blind_index',           '{kms_user}'),
+            ('function', 'kms_deterministic_candidates', '{kms_user}'),
             -- Checked inside: kms_admin members, or roles granted 'decrypt' on the key.
             ('function', 'kms_secret_get',            '{kms_user,kms_admin}'),
             -- kms_admin
@@ -74,6 +75,8 @@ BEGIN
             ('function', 'encrypted_text_out',        '{PUBLIC}'),
             ('function', 'encrypted_text_recv',       '{PUBLIC}'),
             ('function', 'encrypted_text_send',       '{PUBLIC}'),
+            -- The cast bytea::encrypted_text (validates, never encrypts).
+            ('function', 'encrypted_text_from_bytea', '{PUBLIC}'),
             ('function', 'encrypted_text_eq',         '{PUBLIC}'),
             ('function', 'encrypted_text_ne',         '{PUBLIC}'),
             ('function', 'encrypted_text_lt',         '{PUBLIC}'),

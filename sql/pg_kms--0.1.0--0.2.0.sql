@@ -146,6 +146,10 @@ STRICT STABLE PARALLEL RESTRICTED
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'kms_verify_audit_log_wrapper';
 
+-- Now STABLE, so that `col = kms_encrypt_deterministic($1, 'k')` is an
+-- index scan (issue 15).
+ALTER FUNCTION "kms_encrypt_deterministic"(text, text, text) STABLE;
+
 -- 4. New functions (as `cargo pgrx schema` generates them).
 CREATE FUNCTION "kms_audit_log_check"() RETURNS TABLE (
 	"ok" bool,
@@ -280,6 +284,25 @@ SELECT p.relid AS table_name,
   FROM kms.protected_columns p JOIN kms.keys k ON k.key_id = p.key_id;
 COMMENT ON VIEW kms_protected_columns IS 'Column policies (kms_protect_column) and the progress of online encryption of plaintext columns (state converting, then protected).';
 
+-- Rotation-safe deterministic lookups (issue 15).
+CREATE FUNCTION "kms_deterministic_candidates"(
+	"plaintext" text,
+	"key_name" text,
+	"context" text DEFAULT NULL
+) RETURNS encrypted_text[]
+STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'kms_deterministic_candidates_wrapper';
+
+-- The explicit, validating cast bytea::encrypted_text (issue 15).
+CREATE FUNCTION "encrypted_text_from_bytea"(
+	"raw" bytea
+) RETURNS encrypted_text
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'encrypted_text_from_bytea_wrapper';
+CREATE CAST (bytea AS encrypted_text) WITH FUNCTION encrypted_text_from_bytea(bytea);
+
 -- 5. Views (columns added at the end, so CREATE OR REPLACE keeps them and
 -- their privileges).
 CREATE OR REPLACE VIEW kms_keys AS
@@ -350,6 +373,7 @@ BEGIN
             ('function', 'kms_key_version',           '{kms_user}'),
             ('function', 'kms_encrypt_deterministic', '{kms_user}'),
             ('function', 'kms_blind_index',           '{kms_user}'),
+            ('function', 'kms_deterministic_candidates', '{kms_user}'),
             -- Checked inside: kms_admin members, or roles granted 'decrypt' on the key.
             ('function', 'kms_secret_get',            '{kms_user,kms_admin}'),
             -- kms_admin
@@ -393,6 +417,8 @@ BEGIN
             ('function', 'encrypted_text_out',        '{PUBLIC}'),
             ('function', 'encrypted_text_recv',       '{PUBLIC}'),
             ('function', 'encrypted_text_send',       '{PUBLIC}'),
+            -- The cast bytea::encrypted_text (validates, never encrypts).
+            ('function', 'encrypted_text_from_bytea', '{PUBLIC}'),
             ('function', 'encrypted_text_eq',         '{PUBLIC}'),
             ('function', 'encrypted_text_ne',         '{PUBLIC}'),
             ('function', 'encrypted_text_lt',         '{PUBLIC}'),

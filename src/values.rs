@@ -12,7 +12,12 @@ use crate::errors::{KmsError, KmsResult, OrRaise};
 use crate::keys::{self, Privilege};
 use crate::pg::datum::{EncryptedText, OutBytea, OutText, RawText};
 use crate::pg::encoding::{db_encoding, text_to_utf8, Utf8, PG_SQL_ASCII, PG_UTF8};
+use pgrx::callconv::{BoxRet, FcInfo};
+use pgrx::datum::Datum;
 use pgrx::pg_sys;
+use pgrx::pgrx_sql_entity_graph::metadata::{
+    ArgumentError, ReturnsError, ReturnsRef, SqlMappingRef, SqlTranslatable, TypeOrigin,
+};
 use pgrx::prelude::*;
 use zeroize::Zeroizing;
 
@@ -163,6 +168,100 @@ pub fn encrypt_deterministic(
     context: Option<RawText>,
 ) -> Option<EncryptedText> {
     encrypt_text_arg(plaintext, key_name, context, FLAG_DETERMINISTIC)
+}
+
+/// The body of SQL `kms_deterministic_candidates()`: the deterministic
+/// value of `plaintext` under every usable version of the key (active and
+/// decrypt-only; not disabled or destroyed ones), the primary first, then
+/// newest first, so that `col = ANY(...)` also finds values that were not
+/// yet rewrapped after a rotation. The privilege is that of
+/// `kms_encrypt_deterministic` (`encrypt`): the caller could compute the
+/// primary's value anyway, and the others only let it find rows it could
+/// find before the rotation. Deterministic values sealed by pg_kms 0.1.0
+/// (AES-GCM) are never among them: they match once rewrapped.
+///
+/// Warm, this reads no catalog: the versions come from the cached key
+/// (`keys::key_by_name` loads it on a miss only).
+pub fn deterministic_candidates(
+    plaintext: Option<RawText>,
+    key_name: Option<RawText>,
+    context: Option<RawText>,
+) -> Option<EncryptedTextArray> {
+    let pt = plaintext?;
+    let name = require_key_name(&key_name);
+    let r = (|| -> KmsResult<Vec<EncryptedText>> {
+        let key = keys::key_by_name(name)?;
+        // The permission error comes before any state error, as in encrypt.
+        key.check(Privilege::Encrypt)?;
+        let primary = key.primary_version()?;
+        let mut others: Vec<&keys::CachedVersion> = key
+            .usable_versions()
+            .filter(|v| v.number != primary.number)
+            .collect();
+        others.sort_unstable_by_key(|v| std::cmp::Reverse(v.number));
+        let plain = text_to_utf8(pt.bytes());
+        let ctx = ctx_bytes(&context);
+        std::iter::once(primary)
+            .chain(others)
+            .map(|v| seal_with(v, &plain, &ctx, FLAG_DETERMINISTIC))
+            .collect()
+    })();
+    Some(EncryptedTextArray(r.or_raise()))
+}
+
+/// An `encrypted_text[]` result. Built without a catalog query per call
+/// (pgrx's `Vec<EncryptedText>` would look the element type up with SPI
+/// for every element): the element type is that of the function's declared
+/// result, from the syscache.
+pub struct EncryptedTextArray(Vec<EncryptedText>);
+
+// SAFETY: the SQL type is encrypted_text[] (the mapping of
+// Vec<EncryptedText>), which is what box_into returns.
+unsafe impl SqlTranslatable for EncryptedTextArray {
+    const TYPE_IDENT: &'static str = <EncryptedText as SqlTranslatable>::TYPE_IDENT;
+    const TYPE_ORIGIN: TypeOrigin = TypeOrigin::ThisExtension;
+    const ARGUMENT_SQL: Result<SqlMappingRef, ArgumentError> =
+        Err(ArgumentError::NotValidAsArgument("EncryptedTextArray"));
+    const RETURN_SQL: Result<ReturnsRef, ReturnsError> =
+        <Vec<EncryptedText> as SqlTranslatable>::RETURN_SQL;
+}
+
+// SAFETY: the datum returned is a complete one-dimensional array of the
+// function's declared result type (encrypted_text[], see SqlTranslatable),
+// palloc'd by construct_array in the memory context current during the
+// call, where Postgres expects pass-by-reference results.
+unsafe impl BoxRet for EncryptedTextArray {
+    unsafe fn box_into<'fcx>(self, fcinfo: &mut FcInfo<'fcx>) -> Datum<'fcx> {
+        let mut elems: Vec<pg_sys::Datum> = self
+            .0
+            .into_iter()
+            .map(|v| v.into_datum().expect("a value"))
+            .collect();
+        // SAFETY: called by pgrx's wrapper with the live FunctionCallInfo of
+        // this call, whose flinfo is set by fmgr. get_func_rettype,
+        // get_element_type and get_typlenbyvalalign are syscache lookups
+        // (they raise an ERROR on a missing entry); construct_array reads
+        // `elems.len()` datums, each a complete encrypted_text varlena
+        // palloc'd in this call's memory context, and copies them.
+        let array = unsafe {
+            let raw = fcinfo.as_mut_ptr();
+            let result_type = pg_sys::get_func_rettype((*(*raw).flinfo).fn_oid);
+            let elem_type = pg_sys::get_element_type(result_type);
+            assert!(elem_type != pg_sys::InvalidOid, "returns an array");
+            let (mut len, mut byval, mut align) = (0i16, false, 0 as std::ffi::c_char);
+            pg_sys::get_typlenbyvalalign(elem_type, &mut len, &mut byval, &mut align);
+            pg_sys::construct_array(
+                elems.as_mut_ptr(),
+                elems.len() as i32,
+                elem_type,
+                len as i32,
+                byval,
+                align,
+            )
+        };
+        // SAFETY: `array` is the palloc'd array built above.
+        unsafe { fcinfo.return_raw_datum(pg_sys::Datum::from(array)) }
+    }
 }
 
 /// The body of SQL `kms_blind_index()`.

@@ -1,7 +1,7 @@
-//! The `encrypted_text` type: its text and binary I/O functions and (in
-//! `sql/`) its operators and operator classes. Input only parses and
-//! validates: it never encrypts, so pg_dump/pg_restore and COPY can never
-//! double-encrypt.
+//! The `encrypted_text` type: its text and binary I/O functions, its casts
+//! to and from bytea, and (in `sql/`) its operators and operator classes.
+//! Input (and the cast from bytea) only parses and validates: it never
+//! encrypts, so pg_dump/pg_restore and COPY can never double-encrypt.
 
 use crate::crypto::envelope::Envelope;
 use crate::crypto::text::{parse_text_form, to_text_form};
@@ -82,6 +82,21 @@ CREATE CAST (encrypted_text AS bytea) WITHOUT FUNCTION;
     ],
 );
 
+/// The function of the explicit cast `bytea::encrypted_text`, for clients
+/// that send the raw envelope as bytea (binary protocol): validates it as
+/// `encrypted_text_recv` does (22P02 otherwise) and never encrypts.
+#[pg_extern(immutable, strict, parallel_safe)]
+fn encrypted_text_from_bytea(raw: &[u8]) -> EncryptedText {
+    Envelope::parse(raw).map_err(KmsError::from).or_raise();
+    EncryptedText::from_bytes(raw)
+}
+
+extension_sql!(
+    "CREATE CAST (bytea AS encrypted_text) WITH FUNCTION encrypted_text_from_bytea(bytea);\n",
+    name = "encrypted_text_from_bytea_cast",
+    requires = ["encrypted_text_type", encrypted_text_from_bytea],
+);
+
 // Comparison and hash functions, operators and operator classes (btree and
 // hash: equality of deterministic values, UNIQUE constraints, joins).
 extension_sql_file!(
@@ -124,6 +139,80 @@ mod tests {
         assert_eq!(
             one::<bool>("SELECT v::text::encrypted_text::text = v::text FROM (SELECT kms_encrypt('a','pii') v) s"),
             Some(true)
+        );
+    }
+
+    /// `bytea::encrypted_text` (for binary-protocol clients) accepts a real
+    /// envelope and validates like the type's input (22P02 otherwise); it is
+    /// explicit only, so plaintext bytes are never stored by accident.
+    #[pg_test]
+    fn cast_from_bytea_validates() {
+        setup_key("pii");
+        for v in [
+            "kms_encrypt('a', 'pii')",
+            "kms_encrypt_deterministic('a', 'pii')",
+            "kms_encrypt('a', 'pii', 'ctx')",
+        ] {
+            assert_eq!(
+                one::<bool>(&format!(
+                    "SELECT v::bytea::encrypted_text = v AND v::bytea::encrypted_text::text = v::text FROM (SELECT {v} v) s"
+                )),
+                Some(true),
+                "{v}"
+            );
+        }
+        assert_eq!(
+            one::<String>(
+                "SELECT kms_decrypt(kms_encrypt('hello', 'pii', 'c')::bytea::encrypted_text, 'c')"
+            )
+            .as_deref(),
+            Some("hello")
+        );
+        assert_eq!(
+            one::<bool>("SELECT NULL::bytea::encrypted_text IS NULL"),
+            Some(true)
+        );
+        // The same structural checks as the text form and binary receive.
+        for lit in [
+            "",
+            "AQAAAAABAAAAAQ==",
+            "AgAAAAABAAAAAQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+            "AQAAAAAAAAAAAQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+            "AQAAAAABAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+            "AYAAAAABAAAAAQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        ] {
+            assert_sqlstate(
+                &format!("SELECT decode('{lit}', 'base64')::encrypted_text"),
+                "22P02",
+            );
+        }
+        assert_sqlstate(
+            "SELECT convert_to('alice@example.com', 'UTF8')::encrypted_text",
+            "22P02",
+        );
+        assert_sqlstate(
+            "SELECT encrypted_text_from_bytea('\\x0102'::bytea)",
+            "22P02",
+        );
+        // Explicit only: bytea is not stored into an encrypted_text column
+        // without the cast.
+        run("CREATE TEMP TABLE people (email encrypted_text)");
+        assert_sqlstate(
+            "INSERT INTO people SELECT kms_encrypt('a', 'pii')::bytea",
+            "42804",
+        );
+        run("INSERT INTO people SELECT kms_encrypt('a', 'pii')::bytea::encrypted_text");
+        assert_eq!(
+            one::<String>("SELECT kms_decrypt(email) FROM people").as_deref(),
+            Some("a")
+        );
+        assert_eq!(
+            one::<String>(
+                "SELECT castcontext::text || castmethod::text FROM pg_cast
+                  WHERE castsource = 'bytea'::regtype AND casttarget = 'encrypted_text'::regtype"
+            )
+            .as_deref(),
+            Some("ef")
         );
     }
 }

@@ -17,13 +17,27 @@ fn kms_encrypt(
 /// Same plaintext, context and key version give the identical value
 /// (AES-256-SIV, RFC 5297, under a per-version key), so equality, UNIQUE,
 /// joins and GROUP BY work on the column. Leaks equality by design.
-#[pg_extern(volatile, parallel_safe)]
+/// Stable (one key version per statement), so that
+/// `WHERE col = kms_encrypt_deterministic($1, 'k')` is an index scan.
+#[pg_extern(stable, parallel_safe)]
 fn kms_encrypt_deterministic(
     plaintext: Option<RawText>,
     key_name: Option<RawText>,
     context: default!(Option<RawText>, "NULL"),
 ) -> Option<EncryptedText> {
     crate::values::encrypt_deterministic(plaintext, key_name, context)
+}
+
+/// The deterministic value of the plaintext under every usable version of
+/// the key, primary first: `col = ANY(kms_deterministic_candidates($1, 'k'))`
+/// finds values not yet rewrapped after a rotation, with an index scan.
+#[pg_extern(stable, parallel_safe)]
+fn kms_deterministic_candidates(
+    plaintext: Option<RawText>,
+    key_name: Option<RawText>,
+    context: default!(Option<RawText>, "NULL"),
+) -> Option<crate::values::EncryptedTextArray> {
+    crate::values::deterministic_candidates(plaintext, key_name, context)
 }
 
 /// HMAC-SHA256 of the plaintext under the key name's index key, truncated
@@ -394,5 +408,227 @@ mod tests {
             "SELECT ('kms:' || encode(set_byte(b, 1, 0), 'base64'))::encrypted_text FROM det_raw",
             "22P02",
         );
+    }
+    /// The lines of `EXPLAIN (COSTS OFF) <sql>`, one string.
+    fn plan(sql: &str) -> String {
+        Spi::connect(|c| {
+            let rows = c.select(&format!("EXPLAIN (COSTS OFF) {sql}"), None, &[])?;
+            let mut out = String::new();
+            for r in rows {
+                out.push_str(&r.get::<String>(1)?.unwrap_or_default());
+                out.push('\n');
+            }
+            Ok::<_, pgrx::spi::SpiError>(out)
+        })
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// Calls of `func` in this transaction so far (track_functions = all).
+    fn calls(func: &str) -> i64 {
+        one::<i64>(&format!(
+            "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_xact_user_functions WHERE funcname = '{func}'"
+        ))
+        .unwrap()
+    }
+
+    /// A table of `n` deterministic values under 'pii' with a UNIQUE index
+    /// (people_ssn_key), analyzed.
+    fn people(n: i32) {
+        run("CREATE TEMP TABLE people (id int PRIMARY KEY, ssn encrypted_text UNIQUE)");
+        run(&format!(
+            "INSERT INTO people SELECT g, kms_encrypt_deterministic(lpad(g::text, 9, '0'), 'pii') FROM generate_series(1, {n}) g"
+        ));
+        run("ANALYZE people");
+    }
+
+    /// kms_encrypt_deterministic is STABLE: an equality lookup (a literal,
+    /// and a prepared statement's generic plan, as ORMs send it) is an
+    /// index scan on the UNIQUE index, and the function runs once per
+    /// lookup, not once per row.
+    #[pg_test]
+    fn deterministic_lookup_is_an_index_scan() {
+        setup_key("pii");
+        people(5000);
+        assert_eq!(
+            one::<String>(
+                "SELECT provolatile::text FROM pg_proc WHERE proname = 'kms_encrypt_deterministic'"
+            )
+            .as_deref(),
+            Some("s")
+        );
+        let p =
+            plan("SELECT id FROM people WHERE ssn = kms_encrypt_deterministic('000000042', 'pii')");
+        assert!(
+            p.contains("Index Scan using people_ssn_key") && !p.contains("Seq Scan"),
+            "{p}"
+        );
+        run("PREPARE by_ssn(text) AS SELECT id FROM people WHERE ssn = kms_encrypt_deterministic($1, 'pii')");
+        run("SET LOCAL plan_cache_mode = force_generic_plan");
+        let p = plan("EXECUTE by_ssn('000000042')");
+        assert!(
+            p.contains("Index Scan using people_ssn_key") && !p.contains("Seq Scan"),
+            "{p}"
+        );
+        run("SET LOCAL track_functions = 'all'");
+        let before = calls("kms_encrypt_deterministic");
+        assert_eq!(
+            one::<i32>(
+                "SELECT id FROM people WHERE ssn = kms_encrypt_deterministic('000000042', 'pii')"
+            ),
+            Some(42)
+        );
+        let per_lookup = calls("kms_encrypt_deterministic") - before;
+        assert!(
+            (1..=2).contains(&per_lookup),
+            "{per_lookup} calls for one lookup"
+        );
+        run("DEALLOCATE by_ssn");
+    }
+
+    /// `col = ANY(kms_deterministic_candidates(...))`: one value per usable
+    /// version, primary first, newest next; finds values not yet rewrapped
+    /// after a rotation (which `= kms_encrypt_deterministic` does not), with
+    /// an index scan; disabled and destroyed versions are left out.
+    #[pg_test]
+    fn deterministic_candidates_survive_rotation() {
+        setup_key("pii");
+        people(3000);
+        let by_candidates =
+            "SELECT id FROM people WHERE ssn = ANY(kms_deterministic_candidates('000000042', 'pii'))";
+        let by_primary =
+            "SELECT count(*) FROM people WHERE ssn = kms_encrypt_deterministic('000000042', 'pii')";
+        let versions = "SELECT array_agg(kms_key_version(c) ORDER BY n)::text
+                          FROM unnest(kms_deterministic_candidates('x', 'pii')) WITH ORDINALITY u(c, n)";
+        assert_eq!(one::<String>(versions).as_deref(), Some("{1}"));
+        assert_eq!(one::<i32>(by_candidates), Some(42));
+        // After a rotation the stored value is still under version 1.
+        run("SELECT kms_rotate_key('pii')");
+        run("SELECT kms_rotate_key('pii')");
+        assert_eq!(one::<String>(versions).as_deref(), Some("{3,2,1}"));
+        assert_eq!(one::<i64>(by_primary), Some(0));
+        assert_eq!(one::<i32>(by_candidates), Some(42));
+        let p = plan(by_candidates);
+        assert!(
+            p.contains("people_ssn_key") && p.contains("ANY") && !p.contains("Seq Scan"),
+            "{p}"
+        );
+        run("SET LOCAL track_functions = 'all'");
+        let before = calls("kms_deterministic_candidates");
+        assert_eq!(one::<i32>(by_candidates), Some(42));
+        let per_lookup = calls("kms_deterministic_candidates") - before;
+        assert!(
+            (1..=2).contains(&per_lookup),
+            "{per_lookup} calls for one lookup"
+        );
+        // Each candidate is the deterministic value under its version and
+        // opens to the plaintext; the primary's equals kms_encrypt_deterministic.
+        assert_eq!(
+            one::<bool>(
+                "SELECT bool_and(kms_decrypt(c, 'ctx') = 'x') AND count(*) = 3
+                   FROM unnest(kms_deterministic_candidates('x', 'pii', 'ctx')) c"
+            ),
+            Some(true)
+        );
+        assert_eq!(
+            one::<bool>(
+                "SELECT (kms_deterministic_candidates('x', 'pii', 'ctx'))[1] = kms_encrypt_deterministic('x', 'pii', 'ctx')"
+            ),
+            Some(true)
+        );
+        // Once rewrapped, the primary's value finds it too.
+        run("UPDATE people SET ssn = kms_rewrap(ssn) WHERE id = 42");
+        assert_eq!(one::<i64>(by_primary), Some(1));
+        assert_eq!(one::<i32>(by_candidates), Some(42));
+        // The primary comes first even when it is not the newest version.
+        run("SELECT kms_set_primary('pii', 2)");
+        assert_eq!(one::<String>(versions).as_deref(), Some("{2,3,1}"));
+        // Disabled and destroyed versions are left out.
+        run("SELECT kms_disable_key_version('pii', 1)");
+        assert_eq!(one::<String>(versions).as_deref(), Some("{2,3}"));
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM people WHERE ssn = ANY(kms_deterministic_candidates('000000041', 'pii'))"),
+            Some(0)
+        );
+        run("SELECT kms_destroy_key_version('pii', 3, force => true)");
+        assert_eq!(one::<String>(versions).as_deref(), Some("{2}"));
+        run("SELECT kms_enable_key_version('pii', 1)");
+        assert_eq!(one::<String>(versions).as_deref(), Some("{2,1}"));
+    }
+
+    #[pg_test]
+    fn deterministic_candidates_bad_input() {
+        setup_key("pii");
+        assert_eq!(
+            one::<bool>("SELECT kms_deterministic_candidates(NULL, 'pii') IS NULL"),
+            Some(true)
+        );
+        assert_sqlstate("SELECT kms_deterministic_candidates('x', NULL)", "22023");
+        assert_sqlstate("SELECT kms_deterministic_candidates('x', 'nope')", "42704");
+        assert_sqlstate(
+            "SELECT kms_deterministic_candidates('x', 'bad name!')",
+            "22023",
+        );
+        // The privilege of kms_encrypt_deterministic: encrypt on the key.
+        run("CREATE ROLE kv_reader IN ROLE kms_user");
+        run("CREATE ROLE kv_writer IN ROLE kms_user");
+        assert_eq!(
+            as_role(
+                "kv_reader",
+                "SELECT kms_deterministic_candidates('x', 'pii')"
+            ),
+            None
+        );
+        run("SELECT kms_grant_key('pii', 'kv_reader', 'decrypt')");
+        run("SELECT kms_grant_key('pii', 'kv_writer', 'encrypt')");
+        for sql in [
+            "SELECT kms_deterministic_candidates('x', 'pii')",
+            "SELECT kms_encrypt_deterministic('x', 'pii')",
+        ] {
+            assert_eq!(as_role("kv_reader", sql).as_deref(), Some("42501"), "{sql}");
+            assert_eq!(as_role("kv_writer", sql), None, "{sql}");
+        }
+        run("CREATE ROLE kv_nobody");
+        assert_eq!(
+            as_role(
+                "kv_nobody",
+                "SELECT kms_deterministic_candidates('x', 'pii')"
+            )
+            .as_deref(),
+            Some("42501")
+        );
+        // A destroyed key gives no candidates.
+        run("SELECT kms_destroy_key('pii', 'gone')");
+        assert_sqlstate("SELECT kms_deterministic_candidates('x', 'pii')", "55000");
+    }
+
+    /// The README's INSERT recipe with parameters whose types the client
+    /// leaves to the server (node-postgres, asyncpg): PREPARE without types
+    /// deduces them as such a Parse does. `$1` used as a bigint and as
+    /// `$1::text` is 42P08; `$1::bigint` and `$1::bigint::text` work.
+    #[pg_test]
+    fn readme_insert_recipe_with_untyped_parameters() {
+        setup_key("pii");
+        run("CREATE TEMP TABLE customers (id bigint PRIMARY KEY, email encrypted_text NOT NULL, phone encrypted_text)");
+        assert_sqlstate(
+            "PREPARE old_recipe AS INSERT INTO customers (id, email, phone)
+             VALUES ($1, kms_encrypt($2, 'pii', $1::text), kms_encrypt($3, 'pii', $1::text))",
+            "42P08",
+        );
+        run("PREPARE new_recipe AS INSERT INTO customers (id, email, phone)
+             VALUES ($1::bigint, kms_encrypt($2, 'pii', $1::bigint::text), kms_encrypt($3, 'pii', $1::bigint::text))");
+        run("PREPARE read_recipe AS SELECT kms_decrypt(email, id::text) || '/' || coalesce(kms_decrypt(phone, id::text), '-')
+               FROM customers WHERE id = $1");
+        run("EXECUTE new_recipe('7', 'a@example.com', NULL)");
+        run("EXECUTE new_recipe(8, 'b@example.com', '555')");
+        assert_eq!(
+            one::<String>("EXECUTE read_recipe(7)").as_deref(),
+            Some("a@example.com/-")
+        );
+        assert_eq!(
+            one::<String>("EXECUTE read_recipe('8')").as_deref(),
+            Some("b@example.com/555")
+        );
+        run("DEALLOCATE new_recipe");
+        run("DEALLOCATE read_recipe");
     }
 }

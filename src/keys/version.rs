@@ -143,7 +143,9 @@ impl CachedKey {
         self.usable(self.primary)
     }
 
-    pub(super) fn usable_versions(&self) -> impl Iterator<Item = &CachedVersion> {
+    /// The versions that may open values (active and decrypt-only), in
+    /// version order; disabled and destroyed ones are not among them.
+    pub fn usable_versions(&self) -> impl Iterator<Item = &CachedVersion> {
         self.versions
             .iter()
             .flatten()
