@@ -135,6 +135,8 @@ mod tests {
         );
         assert_eq!(one::<i64>("SELECT count(*) FROM kms_audit_log WHERE operation = 'protect_column' AND key_name = 'pii'"), Some(1));
         assert_eq!(one::<bool>("SELECT kms_verify_audit_log()"), Some(true));
+        // PostgreSQL has no ON CONFLICT on a view with INSTEAD OF triggers.
+        assert!(error_of("INSERT INTO people_decrypted (name, email) VALUES ('a', 'b') ON CONFLICT DO NOTHING").is_some());
         // The view is security_invoker.
         assert_eq!(
             one::<bool>("SELECT 'security_invoker=true' = ANY (reloptions) FROM pg_class WHERE relname = 'people_decrypted'"),
