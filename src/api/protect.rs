@@ -314,5 +314,23 @@ mod tests {
             as_role("prot_app", "INSERT INTO acct_decrypted VALUES (2, 's2')").as_deref(),
             Some("42501")
         );
+        // ... and to the owner who protects: a key it may not use is refused.
+        setup_key("other");
+        run("SELECT kms_grant_key('other', 'prot_app', 'encrypt')");
+        run("CREATE TABLE acct2 (id int PRIMARY KEY, secret encrypted_text)");
+        run("ALTER TABLE acct2 OWNER TO prot_admin");
+        assert_eq!(
+            as_role("prot_admin", "SELECT kms_protect_column('acct2', 'secret', 'other')").as_deref(),
+            Some("42501")
+        );
+        assert_eq!(
+            as_role("prot_admin", "SELECT kms_protect_column('acct2', 'secret', 'pii')"),
+            None
+        );
+        // The objects pg_kms made belong to the table's owner.
+        assert_eq!(
+            one::<String>("SELECT relowner::regrole::text FROM pg_class WHERE relname = 'acct2_decrypted'").as_deref(),
+            Some("prot_admin")
+        );
     }
 }
