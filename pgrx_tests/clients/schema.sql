@@ -30,3 +30,5 @@ $$;
 -- psycopg_customers and back in here, unchanged.
 CREATE TABLE psycopg_archive (LIKE psycopg_customers);
 GRANT SELECT, INSERT, DELETE ON psycopg_archive TO app;
+-- Sequelize's explicit recipe takes the id from the identity's sequence first.
+GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO app;
