@@ -12,6 +12,7 @@ from django.conf import settings
 
 from common import check, done, styles
 
+# recipe: django settings
 settings.configure(
     DATABASES={
         "default": {
@@ -29,6 +30,7 @@ settings.configure(
     USE_TZ=True,
 )
 django.setup()
+# end recipe
 
 from django.db import connection  # noqa: E402
 
