@@ -4,10 +4,13 @@
 #   - Python: pgrx_tests/clients/python/requirements.txt into a venv,
 #     target/clients/venv (psycopg 3, SQLAlchemy 2, Django 5, asyncpg);
 #   - Node.js: pgrx_tests/clients/node/package.json + package-lock.json into
-#     target/clients/node (`npm ci`: node-postgres, Sequelize 6).
+#     target/clients/node (`npm ci`: node-postgres, Sequelize 6);
+#   - JDBC: Debian's libpostgresql-jdbc-java (PgJDBC, /usr/share/java/
+#     postgresql.jar; apt-get, as root) for the machine's Java 17.
 # Each part is stamped with the sha256 of its pin file (and the interpreter's
 # version): a second run with the same pins does nothing and takes well under a
-# second. Needs python3 (with venv) and node/npm, and the package registries.
+# second. Needs python3 (with venv), node/npm, java, and the package
+# registries.
 # Exits non-zero with a message naming what failed (the test then fails).
 #
 #   bash scripts/clients.sh            # install (or check) both
@@ -61,4 +64,16 @@ if [ "$(cat "$nd/.pg_kms_stamp" 2>/dev/null)" != "$want" ]; then
     echo "$want" >"$nd/.pg_kms_stamp"
 fi
 
-echo "clients.sh: ready: $("$venv/bin/python" -c 'import psycopg, sqlalchemy, django, asyncpg; print("psycopg", psycopg.__version__, "SQLAlchemy", sqlalchemy.__version__, "Django", django.__version__, "asyncpg", asyncpg.__version__)'); node $nodever, pg $(cd "$nd" && node -p 'require("pg/package.json").version'), sequelize $(cd "$nd" && node -p 'require("sequelize/package.json").version')"
+# --- JDBC ---------------------------------------------------------------
+command -v java >/dev/null || die "java not found (install openjdk-17-jdk-headless)"
+if ! dpkg-query -W -f='${Status}' libpostgresql-jdbc-java 2>/dev/null | grep -q "install ok installed"; then
+    [ "$(id -u)" = 0 ] || die "libpostgresql-jdbc-java is not installed (apt-get install libpostgresql-jdbc-java, as root)"
+    echo "== clients.sh: apt-get install libpostgresql-jdbc-java"
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libpostgresql-jdbc-java >/dev/null 2>&1 ||
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libpostgresql-jdbc-java >/dev/null; }; } ||
+        die "apt-get install libpostgresql-jdbc-java failed (are Debian's package archives reachable?)"
+fi
+[ -r /usr/share/java/postgresql.jar ] || die "/usr/share/java/postgresql.jar is missing"
+jdbcver=$(dpkg-query -W -f='${Version}' libpostgresql-jdbc-java)
+
+echo "clients.sh: ready: $("$venv/bin/python" -c 'import psycopg, sqlalchemy, django, asyncpg; print("psycopg", psycopg.__version__, "SQLAlchemy", sqlalchemy.__version__, "Django", django.__version__, "asyncpg", asyncpg.__version__)'); node $nodever, pg $(cd "$nd" && node -p 'require("pg/package.json").version'), sequelize $(cd "$nd" && node -p 'require("sequelize/package.json").version'); PgJDBC $jdbcver"

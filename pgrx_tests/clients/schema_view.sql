@@ -7,7 +7,7 @@ DO $$
 DECLARE
     t text;
 BEGIN
-    FOREACH t IN ARRAY ARRAY['psycopg', 'sqlalchemy', 'django', 'nodepg', 'sequelize'] LOOP
+    FOREACH t IN ARRAY ARRAY['psycopg', 'sqlalchemy', 'django', 'nodepg', 'sequelize', 'jdbc'] LOOP
         t := t || '_accounts';
         EXECUTE format($f$
             CREATE TABLE %1$I (

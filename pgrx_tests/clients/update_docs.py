@@ -33,7 +33,7 @@ def main():
         i += 1
         if not m:
             continue
-        fence = "```" + ("python" if m.group(1).endswith(".py") else "js")
+        fence = "```" + {"py": "python", "js": "js", "java": "java"}[m.group(1).rsplit(".", 1)[1]]
         if i < len(lines) and lines[i].startswith("```"):  # drop the old block
             j = i + 1
             while not lines[j].startswith("```"):

@@ -1,10 +1,10 @@
 //! Real client applications against a real cluster: psycopg 3 (text and
-//! binary protocol, COPY), SQLAlchemy 2, Django 5, asyncpg, node-postgres
-//! and Sequelize 6, each a program under `pgrx_tests/clients/` that prints
+//! binary protocol, COPY), SQLAlchemy 2, Django 5, asyncpg, node-postgres,
+//! Sequelize 6 and JDBC, each a program under `pgrx_tests/clients/` that prints
 //! one `ok:` line per check and `<client>: all N checks ok` at the end.
 //! Their packages are installed, pinned, by `scripts/clients.sh` (a venv and
-//! an npm folder under `target/clients/`, stamped: fast once done); when that
-//! fails (no registry), the tests fail saying so.
+//! an npm folder under `target/clients/`, stamped: fast once done; Debian's
+//! PgJDBC); when that fails (no registry), the tests fail saying so.
 //!
 //! The programs connect as `app` (only a `kms_user`) over the cluster's
 //! socket. The server logs every statement without parameters and without
@@ -25,6 +25,8 @@ use std::time::Instant;
 /// The server settings of the clients' cluster: every statement logged,
 /// parameters not, no redaction (so plaintext in a statement's text shows).
 const LOGGING: &[&str] = &[
+    // PgJDBC has no Unix sockets: loopback TCP too (trust, as initdb made it).
+    "listen_addresses = '127.0.0.1'",
     "log_statement = 'all'",
     "log_parameter_max_length = 0",
     "log_parameter_max_length_on_error = 0",
@@ -105,6 +107,10 @@ const PROGRAMS: &[Program] = &[
         lang: "node",
         file: "sequelize_app.js",
     },
+    Program {
+        lang: "java",
+        file: "JdbcApp.java",
+    },
 ];
 
 impl Program {
@@ -139,6 +145,12 @@ impl Program {
             "node" => {
                 let mut cmd = Command::new("node");
                 cmd.env("NODE_PATH", clients_dir().join("node").join("node_modules"));
+                cmd
+            }
+            // Java 17 runs a single source file; PgJDBC from Debian.
+            "java" => {
+                let mut cmd = Command::new("java");
+                cmd.args(["-cp", "/usr/share/java/postgresql.jar"]);
                 cmd
             }
             other => panic!("no runner for {other}"),
@@ -299,11 +311,14 @@ fn recipe_in(file: &Path, name: &str) -> Option<String> {
 /// Every `recipe: NAME` marker of the program files, as (file, NAME).
 fn recipes_in_programs() -> Vec<(PathBuf, String)> {
     let mut all = Vec::new();
-    for lang in ["python", "node"] {
+    for lang in ["python", "node", "java"] {
         let mut files: Vec<PathBuf> = std::fs::read_dir(clients_src().join(lang))
             .unwrap()
             .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "py" || e == "js"))
+            .filter(|p| {
+                p.extension()
+                    .is_some_and(|e| e == "py" || e == "js" || e == "java")
+            })
             .collect();
         files.sort();
         for f in files {
