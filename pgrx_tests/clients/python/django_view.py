@@ -9,6 +9,8 @@ from verify import STORED
 
 # recipe: django view
 from django.db import models
+from django.db.models import F
+from django.db.models.expressions import RawSQL
 
 
 class Account(models.Model):
@@ -21,6 +23,13 @@ class Account(models.Model):
         app_label = "shop"
         db_table = "django_accounts_decrypted"  # the view pg_kms made
         managed = False
+
+
+def find_by_email(email):  # indexed: the blind index, then the recheck
+    return (Account.objects
+            .alias(bidx=RawSQL("email_bidx", (), output_field=models.BinaryField()),
+                   key=RawSQL("kms_blind_index(%s, 'pii', NULL, 64)", (email,), output_field=models.BinaryField()))
+            .filter(bidx=F("key"), email=email).first())
 # end recipe
 
 
@@ -44,6 +53,8 @@ def run():
     check(got == [(f"c{i}@example.com", f"+1 555 09{i:02d}", f"C {i}") for i in range(1, 11)], "values_list: decrypted")
     c4 = Account.objects.get(email="c4@example.com")
     check(c4.name == "C 4", "get(email=...): found (a scan of the view)")
+    check(find_by_email("c4@example.com").pk == c4.pk, "indexed lookup (blind index, then recheck)")
+    check(find_by_email("nobody@example.com") is None, "indexed lookup of an unknown value finds nothing")
     c4.email = "four@example.org"
     c4.save()
     check(Account.objects.get(pk=c4.pk).email == "four@example.org", "save() of a changed value (UPDATE by primary key)")

@@ -7,7 +7,7 @@ from common import check
 from verify import STORED
 
 # recipe: sqlalchemy view
-from sqlalchemy import BigInteger, select
+from sqlalchemy import BigInteger, func, literal_column, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 
@@ -21,6 +21,12 @@ class Account(ViewBase):
     email: Mapped[str]
     phone: Mapped[str | None]
     name: Mapped[str | None]
+
+
+def find_by_email(session, email):  # indexed: the blind index, then the recheck
+    return session.scalars(select(Account).where(
+        literal_column("email_bidx") == func.kms_blind_index(email, "pii", None, 64),
+        Account.email == email)).one_or_none()
 # end recipe
 
 
@@ -49,6 +55,8 @@ def run(engine):
         check({x.email: x.id for x in got[1:]} == ids, "the ids add_all read back are those of their rows")
         x = s.scalars(select(Account).where(Account.email == "b4@example.com")).one()
         check(x.name == "B 4", "where Account.email == ...: found (a scan of the view)")
+        check(find_by_email(s, "b4@example.com") is x, "indexed lookup (blind index, then recheck)")
+        check(find_by_email(s, "nobody@example.com") is None, "indexed lookup of an unknown value finds nothing")
         x.email = "four@example.org"
         x.phone = None
         s.commit()
