@@ -53,6 +53,9 @@ BEGIN
             -- One keyring across clusters (logical replication, Citus nodes).
             ('function', 'kms_keyring_export',        '{kms_admin}'),
             ('function', 'kms_keyring_import',        '{kms_admin}'),
+            -- Protected columns (the table's owner, checked inside).
+            ('function', 'kms_protect_column',        '{kms_admin}'),
+            ('function', 'kms_unprotect_column',      '{kms_admin}'),
             -- kms_admin and kms_auditor
             ('function', 'kms_health',                '{kms_admin,kms_auditor}'),
             ('function', 'kms_verify_audit_log',      '{kms_admin,kms_auditor}'),
@@ -65,6 +68,7 @@ BEGIN
             ('view',     'kms_stats',                 '{kms_admin,kms_auditor}'),
             ('view',     'kms_secrets',               '{kms_admin,kms_auditor}'),
             ('view',     'kms_key_grants',            '{kms_admin,kms_auditor}'),
+            ('view',     'kms_protected_columns',     '{kms_admin,kms_auditor}'),
             -- PUBLIC by design: the type's I/O and its operators' functions.
             ('function', 'encrypted_text_in',         '{PUBLIC}'),
             ('function', 'encrypted_text_out',        '{PUBLIC}'),
@@ -83,6 +87,8 @@ BEGIN
             ('function', 'kms.audit_row_hash',        '{}'),
             ('function', 'kms.audit_verify',          '{}'),
             ('function', 'kms.audit_log_reject',      '{}'),
+            -- The DDL guard's event trigger function.
+            ('function', 'kms.protect_ddl_guard',     '{}'),
             ('function', 'tests.*',                   '{}')
         ),
         ext AS (

@@ -126,6 +126,42 @@ pub enum KmsError {
     ExportStale { what: String },
     /// 55000: this keyring's copy of an imported key was changed here.
     KeyDiverged { key: String, why: String },
+    /// A protected-column policy refused (kms_protect_column,
+    /// kms_unprotect_column, or DDL that would strand protected values).
+    Protect {
+        code: ProtectCode,
+        message: String,
+        hint: String,
+    },
+}
+
+/// Why a protected-column request was refused (each its own SQLSTATE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProtectCode {
+    /// 42703: no such column.
+    UndefinedColumn,
+    /// 42804: the column's type cannot be protected.
+    WrongType,
+    /// 42P17: the context expression is not valid for a policy.
+    BadContext,
+    /// 42710: the column is protected already.
+    Duplicate,
+    /// 42701: a column pg_kms needs to add exists already.
+    DuplicateColumn,
+    /// 42P07: the decrypted view's name is taken.
+    DuplicateView,
+    /// 42704: the column is not protected.
+    NotProtected,
+    /// 55006: other objects use the column, or DDL would change it.
+    InUse,
+    /// 2BP01: DDL would drop a protected table or column.
+    Dropped,
+    /// 42501: only the table's owner may protect its columns.
+    NotOwner,
+    /// 55000: the table is not in a state that allows it.
+    Prerequisite,
+    /// 0A000: not supported (e.g. a partitioned table).
+    Unsupported,
 }
 
 pub type KmsResult<T> = Result<T, KmsError>;
@@ -316,6 +352,25 @@ impl KmsError {
                 format!("{function} was removed in pg_kms {since}"),
                 Some("This database's pg_kms objects are older than the installed pg_kms library.".into()),
                 Some("Run ALTER EXTENSION pg_kms UPDATE in this database.".into()),
+            ),
+            KmsError::Protect { code, message, hint } => (
+                match code {
+                    ProtectCode::UndefinedColumn => ERRCODE_UNDEFINED_COLUMN,
+                    ProtectCode::WrongType => ERRCODE_DATATYPE_MISMATCH,
+                    ProtectCode::BadContext => ERRCODE_INVALID_OBJECT_DEFINITION,
+                    ProtectCode::Duplicate => ERRCODE_DUPLICATE_OBJECT,
+                    ProtectCode::DuplicateColumn => ERRCODE_DUPLICATE_COLUMN,
+                    ProtectCode::DuplicateView => ERRCODE_DUPLICATE_TABLE,
+                    ProtectCode::NotProtected => ERRCODE_UNDEFINED_OBJECT,
+                    ProtectCode::InUse => ERRCODE_OBJECT_IN_USE,
+                    ProtectCode::Dropped => ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
+                    ProtectCode::NotOwner => ERRCODE_INSUFFICIENT_PRIVILEGE,
+                    ProtectCode::Prerequisite => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    ProtectCode::Unsupported => ERRCODE_FEATURE_NOT_SUPPORTED,
+                },
+                message.clone(),
+                None,
+                Some(hint.clone()),
             ),
             KmsError::Spi(what) => (
                 ERRCODE_INTERNAL_ERROR,

@@ -14,6 +14,7 @@ const GLUE: &[&str] = &["pg", "errors", "crypto", "core"];
 const KEYS: &[&str] = &["keys", "catalog", "pg", "errors", "crypto", "core"];
 const LOGIC: &[&str] = &[
     "lifecycle",
+    "protect",
     "reencrypt",
     "values",
     "secrets",
@@ -27,6 +28,7 @@ const LOGIC: &[&str] = &[
 const PROCESSES: &[&str] = &[
     "worker",
     "lifecycle",
+    "protect",
     "reencrypt",
     "values",
     "secrets",
@@ -49,6 +51,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     ("keys", KEYS),
     ("lifecycle", LOGIC),
     ("reencrypt.rs", LOGIC),
+    ("protect", LOGIC),
     ("values.rs", LOGIC),
     ("secrets.rs", LOGIC),
     ("worker", PROCESSES),
@@ -58,6 +61,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
         &[
             "api",
             "lifecycle",
+            "protect",
             "reencrypt",
             "values",
             "secrets",

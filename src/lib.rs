@@ -18,6 +18,7 @@ mod keys;
 mod layers;
 mod lifecycle;
 mod pg;
+mod protect;
 mod reencrypt;
 mod secrets;
 mod values;
@@ -42,6 +43,11 @@ extension_sql_file!(
     "../sql/views.sql",
     name = "views",
     requires = ["catalog", "audit", "secrets", kms_stats_counters]
+);
+extension_sql_file!(
+    "../sql/protect.sql",
+    name = "protect",
+    requires = ["catalog", "views"]
 );
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 

@@ -12,6 +12,7 @@ pub mod legacy;
 pub mod observability;
 #[cfg(any(test, feature = "pg_test"))]
 mod privileges;
+pub mod protect;
 pub mod reencrypt;
 pub mod secrets;
 pub mod sync;

@@ -263,3 +263,25 @@ pub fn rotate_due_keys() -> Vec<String> {
     });
     due
 }
+
+/// Runs an act on `kms.protected_columns` (kms_protect_column,
+/// kms_unprotect_column) as the catalog owner, then appends its audit row:
+/// `f` returns (operation, key name, detail). Statements on the user's
+/// table are not run here (they run as its owner, see `crate::protect`).
+pub fn protect_act(f: impl FnOnce() -> KmsResult<(&'static str, String, String)>) -> KmsResult<()> {
+    lifecycle(|| {
+        let act = begin_act()?;
+        let (operation, key, detail) = f()?;
+        append(
+            &act.keys,
+            &act.fp,
+            operation,
+            Some(&key),
+            None,
+            None,
+            Some(&detail),
+        )?;
+        Ok(())
+    });
+    Ok(())
+}

@@ -35,6 +35,14 @@ pub fn as_table_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> KmsResult<R>) -
     f()
 }
 
+/// Runs `f` as the current user with `search_path` pinned to
+/// `pg_catalog, pg_temp` (no identity change): what pg_kms analyses must
+/// resolve names as it will be evaluated.
+pub fn with_pinned_search_path<R>(f: impl FnOnce() -> R) -> R {
+    let _scope = IdentityScope::enter(current_user(), false);
+    f()
+}
+
 /// The user pg_kms acts for: the current user outside any switch above.
 pub fn current_user() -> pg_sys::Oid {
     // SAFETY: reads a backend global; valid in any transaction.

@@ -10,6 +10,7 @@ pub mod guc;
 pub mod identity;
 pub mod shmem;
 pub mod spi;
+pub mod subxact;
 pub mod version;
 
 use pgrx::pg_sys;
