@@ -24,6 +24,9 @@ BEGIN
                                    context => 'id::text', blind_index_bits => 64);
         PERFORM kms_protect_column(t::regclass, 'phone', 'pii', context => 'id::text');
         EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %I TO app', t || '_decrypted');
+        -- The view's id defaults to nextval() of the identity's sequence,
+        -- which needs USAGE (an INSERT into the table itself does not).
+        EXECUTE format('GRANT USAGE ON SEQUENCE %s TO app', pg_get_serial_sequence(t, 'id'));
     END LOOP;
 END
 $$;
