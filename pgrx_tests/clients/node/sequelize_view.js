@@ -21,6 +21,15 @@ function defineAccount(sequelize) {
     name: T.TEXT,
   }, { tableName: 'sequelize_accounts_decrypted', timestamps: false }); // the view pg_kms made
 }
+
+// Indexed: the blind index, then the recheck; bound, not inlined by `where`.
+async function findByEmail(Account, email) {
+  const rows = await Account.sequelize.query(`
+    SELECT id, email, phone, name FROM sequelize_accounts_decrypted
+     WHERE email_bidx = kms_blind_index($email, 'pii', NULL, 64) AND email = $email`,
+  { bind: { email }, model: Account, mapToModel: true });
+  return rows[0] || null;
+}
 // end recipe
 
 async function stored(sequelize) {
@@ -42,6 +51,9 @@ async function run(sequelize) {
         'findAll: decrypted, in id order');
   const e5 = await Account.findOne({ where: { email: 'e5@inline.test' } });
   check(e5 !== null && String(e5.id) === String(made[3].id), 'findOne({ where: { email } }): found (a scan of the view)');
+  const e6 = await findByEmail(Account, 'e6@inline.test');
+  check(e6 !== null && String(e6.id) === String(made[4].id) && e6.name === 'E 6', 'indexed lookup (blind index, then recheck)');
+  check((await findByEmail(Account, 'nobody@example.com')) === null, 'indexed lookup of an unknown value finds nothing');
   a.email = 'one@example.org';
   a.phone = null;
   await a.save();
