@@ -15,7 +15,8 @@ cd "$(dirname "$0")/.."
 
 PG15_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 PG_PREFIX_ROOT=${PG_KMS_PG_PREFIX_ROOT:-/opt/pg_kms}
-PKGS=(postgresql-15 postgresql-server-dev-15 clang libclang-dev pkg-config sudo locales)
+PKGS=(postgresql-15 postgresql-server-dev-15 clang libclang-dev pkg-config sudo locales
+      python3-venv libpostgresql-jdbc-java)
 
 if [ "$(id -u)" != 0 ]; then
     echo "setup.sh: run as root (it installs Debian packages and runs PostgreSQL as the postgres user)" >&2
@@ -76,3 +77,7 @@ if [ "$need_init" = 1 ]; then
     echo "== cargo pgrx init ${init_args[*]}"
     cargo pgrx init "${init_args[@]}"
 fi
+
+# The real client libraries of pgrx_tests/tests/clients.rs (pinned; pip into
+# a venv and npm into target/clients; a no-op once installed).
+bash scripts/clients.sh

@@ -288,7 +288,7 @@ mod tests {
         setup_key("pii");
         run("CREATE ROLE prot_admin IN ROLE kms_admin, kms_user");
         run("CREATE ROLE prot_app IN ROLE kms_user");
-        run("CREATE TABLE acct (id int PRIMARY KEY, secret encrypted_text)");
+        run("CREATE TABLE acct (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, secret encrypted_text)");
         run("GRANT SELECT, INSERT, UPDATE, DELETE ON acct TO prot_app");
         assert_eq!(
             as_role(
@@ -299,10 +299,19 @@ mod tests {
             Some("42501")
         );
         run("SELECT kms_protect_column('acct', 'secret', 'pii')");
-        // The table's grants are copied onto the view.
+        // The table's grants are copied onto the view; the identity's
+        // nextval() on the view needs USAGE on its sequence, granted with
+        // INSERT.
         assert_eq!(
-            as_role("prot_app", "INSERT INTO acct_decrypted VALUES (1, 's1')"),
+            as_role(
+                "prot_app",
+                "INSERT INTO acct_decrypted (secret) VALUES ('s1')"
+            ),
             None
+        );
+        assert_eq!(
+            one::<String>("SELECT id || ':' || secret FROM acct_decrypted").as_deref(),
+            Some("1:s1")
         );
         assert_eq!(
             as_role("prot_app", "SELECT secret FROM acct_decrypted"),
@@ -311,7 +320,11 @@ mod tests {
         // Per-key grants apply to the writer.
         run("SELECT kms_grant_key('pii', 'prot_admin', 'encrypt')");
         assert_eq!(
-            as_role("prot_app", "INSERT INTO acct_decrypted VALUES (2, 's2')").as_deref(),
+            as_role(
+                "prot_app",
+                "INSERT INTO acct_decrypted (secret) VALUES ('s2')"
+            )
+            .as_deref(),
             Some("42501")
         );
         // ... and to the owner who protects: a key it may not use is refused.
@@ -319,17 +332,29 @@ mod tests {
         run("SELECT kms_grant_key('other', 'prot_app', 'encrypt')");
         run("CREATE TABLE acct2 (id int PRIMARY KEY, secret encrypted_text)");
         run("ALTER TABLE acct2 OWNER TO prot_admin");
+        // (PostgreSQL 15+: CREATE on schema public is not for everyone.)
+        run("GRANT CREATE ON SCHEMA public TO prot_admin");
         assert_eq!(
-            as_role("prot_admin", "SELECT kms_protect_column('acct2', 'secret', 'other')").as_deref(),
+            as_role(
+                "prot_admin",
+                "SELECT kms_protect_column('acct2', 'secret', 'other')"
+            )
+            .as_deref(),
             Some("42501")
         );
         assert_eq!(
-            as_role("prot_admin", "SELECT kms_protect_column('acct2', 'secret', 'pii')"),
+            as_role(
+                "prot_admin",
+                "SELECT kms_protect_column('acct2', 'secret', 'pii')"
+            ),
             None
         );
         // The objects pg_kms made belong to the table's owner.
         assert_eq!(
-            one::<String>("SELECT relowner::regrole::text FROM pg_class WHERE relname = 'acct2_decrypted'").as_deref(),
+            one::<String>(
+                "SELECT relowner::regrole::text FROM pg_class WHERE relname = 'acct2_decrypted'"
+            )
+            .as_deref(),
             Some("prot_admin")
         );
     }

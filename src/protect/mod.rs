@@ -42,6 +42,8 @@ pub struct Column {
     /// Its default (`pg_get_expr`), or for an identity column
     /// `nextval` of its sequence.
     pub default: Option<String>,
+    /// An identity column's sequence (qualified, quoted).
+    pub identity_sequence: Option<String>,
 }
 
 /// A user table, as the catalog has it now.
@@ -101,7 +103,8 @@ impl Table {
                         a.attgenerated::text, a.attidentity::text,
                         CASE WHEN a.attidentity <> '' THEN
                                'nextval(' || pg_catalog.quote_literal(pg_catalog.pg_get_serial_sequence($2, a.attname)) || '::pg_catalog.regclass)'
-                             WHEN a.attgenerated = '' THEN pg_catalog.pg_get_expr(d.adbin, d.adrelid) END
+                             WHEN a.attgenerated = '' THEN pg_catalog.pg_get_expr(d.adbin, d.adrelid) END,
+                        CASE WHEN a.attidentity <> '' THEN pg_catalog.pg_get_serial_sequence($2, a.attname) END
                    FROM pg_catalog.pg_attribute a
                    LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
                   WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
@@ -117,6 +120,7 @@ impl Table {
                     generated: !r.get::<String>(4)?.unwrap_or_default().is_empty(),
                     identity: identity.chars().next(),
                     default: r.get::<String>(6)?,
+                    identity_sequence: r.get::<String>(7)?,
                 });
             }
             for r in c.select(

@@ -223,8 +223,17 @@ impl<'a> Gen<'a> {
     }
 
     /// The view gets the table's grants of SELECT, INSERT, UPDATE, DELETE.
+    /// An identity column's default on the view calls `nextval()` of its
+    /// sequence, which needs USAGE (an INSERT into the table does not):
+    /// INSERT grantees get it.
     fn grants_sql(&self, view: &str) -> KmsResult<Vec<String>> {
         let qv = self.qualified_in_schema(view);
+        let sequences: Vec<&str> = self
+            .t
+            .columns
+            .iter()
+            .filter_map(|c| c.identity_sequence.as_deref())
+            .collect();
         Spi::connect(|c| -> Result<Vec<String>, pgrx::spi::Error> {
             let mut out = Vec::new();
             for r in c.select(
@@ -245,6 +254,11 @@ impl<'a> Gen<'a> {
                     ""
                 };
                 out.push(format!("GRANT {what} ON {qv} TO {who}{with}"));
+                if what == "INSERT" {
+                    for seq in &sequences {
+                        out.push(format!("GRANT USAGE ON SEQUENCE {seq} TO {who}"));
+                    }
+                }
             }
             Ok(out)
         })
