@@ -35,7 +35,7 @@ fn kms_protect_column(
 /// Removes the policy of `tbl.col` (cancels an online conversion).
 #[pg_extern(volatile, parallel_unsafe)]
 fn kms_unprotect_column(tbl: RegClass, col: SqlName) {
-    crate::protect::unprotect_column(tbl.0, &col.0).or_raise()
+    crate::protect::unprotect_column_sql(tbl.0, &col.0)
 }
 
 /// The event trigger function (declared in sql/protect.sql).

@@ -14,10 +14,12 @@ pub const WITHHELD: &str = "<withheld by pg_kms>";
 /// Longest text given to the scanner.
 const MAX_SCAN: usize = 1 << 20;
 
-/// Whether a text involves pg_kms (case-insensitive): `kms_`, `u&`, `execute`.
+/// Whether a text involves pg_kms (case-insensitive): `kms_`, `u&`,
+/// `execute`, or `decrypted` (the decrypted views of protected columns,
+/// `<table>_decrypted` by default, take plaintext in plain SQL).
 pub fn mentions_kms(sql: &[u8]) -> bool {
     let has = |pat: &[u8]| sql.windows(pat.len()).any(|w| w.eq_ignore_ascii_case(pat));
-    has(b"kms_") || has(b"u&") || has(b"execute")
+    has(b"kms_") || has(b"u&") || has(b"execute") || has(b"decrypted")
 }
 
 // ---------------------------------------------------------------------------
@@ -582,6 +584,9 @@ mod unit {
         assert!(mentions_kms(b"select KMS_ENCRYPT($1, 'k')"));
         assert!(mentions_kms(b"EXECUTE p('x')"));
         assert!(!mentions_kms(b"select 1"));
+        assert!(mentions_kms(
+            b"INSERT INTO people_Decrypted (email) VALUES ('x')"
+        ));
     }
 
     #[test]

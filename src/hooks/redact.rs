@@ -4,7 +4,8 @@
 //! * `on` (default): a logged text is redacted when it "involves" pg_kms:
 //!   it mentions `kms_`, `U&` (a Unicode-escaped identifier could spell
 //!   `kms_`) or `execute` (an EXECUTE of a prepared statement carries its
-//!   arguments as literals while the `kms_` call is in the PREPARE).
+//!   arguments as literals while the `kms_` call is in the PREPARE), or
+//!   `decrypted` (the default name of protected columns' decrypted views).
 //! * `all`: every literal of every logged statement, whatever it calls.
 //! * `off`: nothing.
 //!

@@ -5,8 +5,9 @@
 //!
 //! An expression is accepted when it is one expression over the table's
 //! own ordinary columns (no system column, no whole-row reference, no
-//! subquery, aggregate, window function or set-returning function), not
-//! volatile, of type `text` or `varchar`. It is analysed with
+//! subquery, aggregate, window function or set-returning function),
+//! immutable (the same row gives the same text in every session), of type
+//! `text` or `varchar`. It is analysed with
 //! `search_path = pg_catalog, pg_temp`, as it is evaluated everywhere:
 //! functions of other schemas must be schema-qualified. What is stored and
 //! embedded in generated SQL is PostgreSQL's deparsed form, never the text
@@ -31,7 +32,7 @@ fn bad(message: String) -> KmsError {
     KmsError::Protect {
         code: ProtectCode::BadContext,
         message,
-        hint: "A context is one SQL expression of type text over the row's own columns, e.g. 'id::text' or 'tenant_id || '':'' || id'; it may not be volatile, read other tables or protected columns, and functions outside pg_catalog must be schema-qualified.".into(),
+        hint: "A context is one immutable SQL expression of type text over the row's own columns, e.g. 'id::text' or 'tenant_id::text || '':'' || id::text'; it may not read other tables or protected columns, and functions outside pg_catalog must be schema-qualified.".into(),
     }
 }
 
@@ -115,6 +116,14 @@ fn analyze_in_server(
                 "the context must be a single expression over the table's columns".into(),
             ));
         }
+        // The one relation is the table itself (a `) FROM other --` would
+        // otherwise have the checks judge another relation's columns).
+        let rte = rt.get_ptr(0).expect("one relation");
+        if (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION || (*rte).relid != relid || (*rte).inh {
+            return Err(bad(
+                "the context must be a single expression over the table's columns".into(),
+            ));
+        }
         if q.hasSubLinks || q.hasAggs || q.hasWindowFuncs || q.hasTargetSRFs {
             return Err(bad(
                 "the context may not use subqueries, aggregates, window or set-returning functions"
@@ -130,10 +139,27 @@ fn analyze_in_server(
                 "the context expression is of type {tname}, not text (cast it, e.g. id::text)"
             )));
         }
-        if pg_sys::contain_volatile_functions(node) {
+        // Not volatile is not enough: a stable expression (a timestamptz or
+        // date cast to text, `text || integer`) follows settings such as
+        // TimeZone or DateStyle, so another session (or the worker) would
+        // compute another context and fail to open the value.
+        if pg_sys::contain_mutable_functions(node) {
             return Err(bad(
-                "the context expression is volatile: it must give the same text for the same row every time"
+                "the context expression is not immutable: it must give the same text for the same row in every session, whatever its settings (cast each column to text explicitly, e.g. tenant_id::text || ':' || id::text)"
                     .into(),
+            ));
+        }
+        // A function of a temporary schema would be stored as pg_temp_N
+        // and vanish (or change owner) with the session.
+        let mut temp = false;
+        pg_sys::check_functions_in_node(
+            node,
+            Some(function_in_temp_schema),
+            (&mut temp as *mut bool).cast(),
+        );
+        if temp {
+            return Err(bad(
+                "the context calls a function of a temporary schema".into()
             ));
         }
         let mut attrs: *mut pg_sys::Bitmapset = std::ptr::null_mut();
@@ -162,4 +188,22 @@ fn analyze_in_server(
             columns,
         })
     }
+}
+
+/// `check_functions_in_node` callback: records (in `*ctx`, a bool) whether
+/// a function lives in a temporary schema. Never stops the walk early.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn function_in_temp_schema(
+    func: pg_sys::Oid,
+    ctx: *mut std::ffi::c_void,
+) -> bool {
+    // SAFETY: `ctx` is the &mut bool passed by `analyze_in_server`, alive
+    // for the walk; get_func_namespace and isAnyTempNamespace read the
+    // syscache for an existing function's oid.
+    unsafe {
+        if pg_sys::isAnyTempNamespace(pg_sys::get_func_namespace(func)) {
+            *(ctx as *mut bool) = true;
+        }
+    }
+    false
 }

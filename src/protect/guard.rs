@@ -9,6 +9,11 @@ use crate::errors::{KmsError, KmsResult, ProtectCode};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+thread_local! {
+    /// The current DDL command creates a trigger (see `fire_pinned`).
+    static CREATING_TRIGGER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Which event fired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
@@ -30,21 +35,32 @@ fn refused(event: Event, message: String) -> KmsError {
     }
 }
 
-/// The tables the current DDL command touched (by the event's own lists).
+/// The tables the current DDL command touched (by the event's own lists):
+/// tables and their columns, the tables of triggers, the tables of a
+/// schema (ALTER SCHEMA ... RENAME), and the parents of those tables
+/// (CREATE TABLE ... INHERITS, ALTER TABLE ... INHERIT).
 fn touched(event: Event) -> KmsResult<Vec<pg_sys::Oid>> {
     let q = match event {
         Event::DdlCommandEnd => {
-            "SELECT DISTINCT d.objid FROM pg_catalog.pg_event_trigger_ddl_commands() d
-              WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
-                AND d.object_type OPERATOR(pg_catalog.=) ANY ('{table,\"table column\"}'::text[])"
+            "WITH d AS (SELECT * FROM pg_catalog.pg_event_trigger_ddl_commands()),
+                  r AS (SELECT d.objid AS x FROM d
+                         WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+                           AND d.object_type = ANY ('{table,\"table column\"}'::pg_catalog.text[])
+                        UNION SELECT t.tgrelid FROM d JOIN pg_catalog.pg_trigger t ON t.oid = d.objid
+                         WHERE d.classid = 'pg_catalog.pg_trigger'::pg_catalog.regclass
+                        UNION SELECT c.oid FROM d JOIN pg_catalog.pg_class c ON c.relnamespace = d.objid
+                         WHERE d.classid = 'pg_catalog.pg_namespace'::pg_catalog.regclass
+                           AND c.relkind = 'r')
+             SELECT x FROM r
+             UNION SELECT i.inhparent FROM pg_catalog.pg_inherits i WHERE i.inhrelid IN (SELECT x FROM r)"
         }
         Event::SqlDrop => {
-            "SELECT DISTINCT CASE WHEN d.object_type OPERATOR(pg_catalog.=) 'trigger'
+            "SELECT DISTINCT CASE WHEN d.object_type = 'trigger'
                                   THEN pg_catalog.to_regclass(pg_catalog.quote_ident(d.address_names[1])
-                                         OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(d.address_names[2]))::pg_catalog.oid
+                                         || '.' || pg_catalog.quote_ident(d.address_names[2]))::pg_catalog.oid
                                   ELSE d.objid END
                FROM pg_catalog.pg_event_trigger_dropped_objects() d
-              WHERE d.object_type OPERATOR(pg_catalog.=) ANY ('{table,\"table column\",trigger}'::text[])"
+              WHERE d.object_type = ANY ('{table,\"table column\",trigger}'::pg_catalog.text[])"
         }
     };
     Spi::connect(|c| -> Result<Vec<pg_sys::Oid>, pgrx::spi::Error> {
@@ -59,14 +75,68 @@ fn touched(event: Event) -> KmsResult<Vec<pg_sys::Oid>> {
     .map_err(KmsError::spi)
 }
 
+/// Decrypted views dropped by the current command without a column or
+/// the table they show: (schema, view) of each.
+fn dropped_views() -> KmsResult<Vec<(String, String)>> {
+    Spi::connect(|c| -> Result<Vec<(String, String)>, pgrx::spi::Error> {
+        let mut out = Vec::new();
+        for r in c.select(
+            "SELECT d.address_names[1], d.address_names[2]
+               FROM pg_catalog.pg_event_trigger_dropped_objects() d
+              WHERE d.object_type = 'view'
+                AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_dropped_objects() x
+                                 WHERE x.object_type = ANY ('{table,\"table column\"}'::pg_catalog.text[]))",
+            None,
+            &[],
+        )? {
+            out.push((
+                r.get::<String>(1)?.unwrap_or_default(),
+                r.get::<String>(2)?.unwrap_or_default(),
+            ));
+        }
+        Ok(out)
+    })
+    .map_err(KmsError::spi)
+}
+
 /// The body of the event trigger function.
 pub fn fire(event: Event) -> KmsResult<()> {
+    crate::pg::identity::with_pinned_search_path(|| fire_pinned(event))
+}
+
+fn fire_pinned(event: Event) -> KmsResult<()> {
     // SAFETY: a plain read of a backend global (set while an extension
     // script runs).
     if super::internal_ddl() || unsafe { pg_sys::creating_extension } {
         return Ok(());
     }
-    let relids = crate::pg::identity::with_pinned_search_path(|| touched(event))?;
+    if event == Event::SqlDrop {
+        for (schema, view) in dropped_views()? {
+            let kept = match super::view_is_kept(&schema, &view) {
+                Ok(k) => k,
+                Err(KmsError::NotInstalled) | Err(KmsError::ExtensionVersion { .. }) => {
+                    return Ok(())
+                }
+                Err(e) => return Err(e),
+            };
+            if kept {
+                return Err(refused(
+                    event,
+                    format!("view {schema}.{view} is the decrypted view pg_kms keeps for protected columns"),
+                ));
+            }
+        }
+    }
+    // pg_restore creates the conversion trigger (enabled ORIGIN), then
+    // enables it ALWAYS in a later statement.
+    let creating_trigger = event == Event::DdlCommandEnd
+        && crate::pg::spi::read::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() d
+                             WHERE d.command_tag = 'CREATE TRIGGER')",
+            &[],
+        )? == Some(true);
+    CREATING_TRIGGER.set(creating_trigger);
+    let relids = touched(event)?;
     for relid in relids {
         let policies = match policies_of(relid) {
             Ok(p) => p,
@@ -101,6 +171,19 @@ pub fn check(event: Event, table: Option<&Table>, policies: &[Policy]) -> KmsRes
         ));
     };
     let et = crate::pg::datum::encrypted_text_oid()?;
+    let inherits = crate::pg::spi::read::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i WHERE i.inhrelid = $1 OR i.inhparent = $1)",
+        &[t.relid.into()],
+    )?;
+    if inherits == Some(true) {
+        return Err(refused(
+            event,
+            format!(
+                "table {} has protected columns: it cannot take part in inheritance (the rows of other tables would not be protected)",
+                t.qualified
+            ),
+        ));
+    }
     for p in policies {
         if t.name != p.relname || t.schema != p.relnamespace {
             return Err(refused(
@@ -144,23 +227,62 @@ pub fn check(event: Event, table: Option<&Table>, policies: &[Policy]) -> KmsRes
             }
         }
         if p.state == PolicyState::Converting {
-            let enabled = crate::pg::spi::read::<String>(
-                "SELECT t.tgenabled::pg_catalog.text FROM pg_catalog.pg_trigger t
-                  WHERE t.tgrelid OPERATOR(pg_catalog.=) $1 AND t.tgname OPERATOR(pg_catalog.=) $2",
-                &[t.relid.into(), super::sqlgen::CONVERT_TRIGGER.into()],
-            )?;
-            if enabled.as_deref() != Some("A") {
-                return Err(refused(
-                    event,
-                    format!(
-                        "column \"{}\" of table {} is being encrypted online: pg_kms's trigger {} must stay, enabled ALWAYS",
-                        p.attname,
-                        t.qualified,
-                        super::sqlgen::CONVERT_TRIGGER
-                    ),
-                ));
-            }
+            check_convert_trigger(event, t, p)?;
         }
     }
     Ok(())
+}
+
+/// While converting, pg_kms's trigger must stay, enabled ALWAYS, under its
+/// name, and fire after every other BEFORE row trigger that could change
+/// the row. At DDL end a missing trigger is accepted (pg_restore creates
+/// it after the table's constraints); dropping it is caught at sql_drop.
+fn check_convert_trigger(event: Event, t: &Table, p: &Policy) -> KmsResult<()> {
+    let name = super::sqlgen::CONVERT_TRIGGER;
+    let function = format!(
+        "{}.{}()",
+        crate::errors::quote_ident(&t.schema),
+        crate::errors::quote_ident(&super::sqlgen::convert_function_name(&t.name))
+    );
+    let (state, renamed, later) = Spi::connect(|c| {
+        c.select(
+            "SELECT (SELECT tg.tgenabled::pg_catalog.text FROM pg_catalog.pg_trigger tg
+                      WHERE tg.tgrelid = $1 AND tg.tgname = $2),
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_trigger tg
+                             WHERE tg.tgrelid = $1 AND tg.tgname <> $2
+                               AND tg.tgfoid = pg_catalog.to_regprocedure($3)),
+                    (SELECT pg_catalog.string_agg(tg.tgname::pg_catalog.text, ', ') FROM pg_catalog.pg_trigger tg
+                      WHERE tg.tgrelid = $1 AND NOT tg.tgisinternal AND tg.tgname > $2
+                        AND (tg.tgtype::int & 3) = 3 AND (tg.tgtype::int & 20) <> 0)",
+            Some(1),
+            &[t.relid.into(), name.into(), function.as_str().into()],
+        )?
+        .first()
+        .get_three::<String, bool, String>()
+    })
+    .map_err(KmsError::spi)?;
+    let problem = if renamed == Some(true) {
+        Some(format!("pg_kms's trigger {name} must keep its name"))
+    } else if let Some(later) = later {
+        Some(format!(
+            "BEFORE row triggers fire in name order and {later} would fire after pg_kms's {name}: rename it to sort before it"
+        ))
+    } else {
+        let creating = CREATING_TRIGGER.get() && event == Event::DdlCommandEnd;
+        match (state.as_deref(), event) {
+            (Some("A"), _) | (None, Event::DdlCommandEnd) => None,
+            (Some("O"), Event::DdlCommandEnd) if creating => None,
+            _ => Some(format!("pg_kms's trigger {name} must stay, enabled ALWAYS")),
+        }
+    };
+    match problem {
+        Some(why) => Err(refused(
+            event,
+            format!(
+                "column \"{}\" of table {} is being encrypted online: {why}",
+                p.attname, t.qualified
+            ),
+        )),
+        None => Ok(()),
+    }
 }

@@ -243,6 +243,17 @@ pub fn policies_of(relid: pg_sys::Oid) -> KmsResult<Vec<Policy>> {
     read_policies("WHERE p.relid::oid = $1", &[relid.into()])
 }
 
+/// Whether `schema.view` is the decrypted view of a protected table.
+pub fn view_is_kept(schema: &str, view: &str) -> KmsResult<bool> {
+    crate::catalog::as_catalog_owner(|_| {
+        spi::read::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM kms.protected_columns WHERE relnamespace = $1 AND view_name = $2)",
+            &[schema.into(), view.into()],
+        )
+    })
+    .map(|b| b == Some(true))
+}
+
 /// Every policy of this database (the worker's list).
 pub fn all_policies() -> KmsResult<Vec<Policy>> {
     read_policies("", &[])
@@ -382,7 +393,15 @@ pub struct Request<'a> {
 /// qualified name.
 pub fn protect_column_sql(req: Request<'_>) -> String {
     use crate::errors::OrRaise;
-    protect_column(req).or_raise()
+    // Every name pg_kms resolves (types, operators, functions) resolves in
+    // pg_catalog, whatever the caller's search_path.
+    identity::with_pinned_search_path(|| protect_column(req)).or_raise()
+}
+
+/// The body of SQL `kms_unprotect_column()`.
+pub fn unprotect_column_sql(relid: pg_sys::Oid, column: &str) {
+    use crate::errors::OrRaise;
+    identity::with_pinned_search_path(|| unprotect_column(relid, column)).or_raise()
 }
 
 /// Protects a column; returns the decrypted view's qualified name.
@@ -431,6 +450,17 @@ pub fn protect_column(req: Request<'_>) -> KmsResult<String> {
                 col.name
             ),
             "Protect ordinary columns: the decrypted view finds rows by the primary key.",
+        ));
+    }
+    let inherits = spi::read::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i WHERE i.inhrelid = $1 OR i.inhparent = $1)",
+        &[t.relid.into()],
+    )?;
+    if inherits == Some(true) {
+        return Err(refuse(
+            ProtectCode::Unsupported,
+            format!("table {} takes part in inheritance", t.qualified),
+            "Protect the columns of a table without inheritance parents or children: their rows would not be protected.",
         ));
     }
     if t.pk.is_empty() {
@@ -634,6 +664,13 @@ pub fn protect_column(req: Request<'_>) -> KmsResult<String> {
     }
     run_as_owner(&t, &stmts)?;
     regenerate(t.relid, old_view.as_deref(), true)?;
+    // What the DDL guard checks holds from the start (e.g. no BEFORE
+    // trigger of the table fires after the conversion trigger).
+    guard::check(
+        guard::Event::DdlCommandEnd,
+        Table::read(t.relid)?.as_ref(),
+        &policies_of(t.relid)?,
+    )?;
     Ok(format!(
         "{}.{}",
         quote_ident(&t.schema),
@@ -713,6 +750,13 @@ pub fn unprotect_column(relid: pg_sys::Oid, column: &str) -> KmsResult<()> {
         .clone();
     if p.state == PolicyState::Protected && p.context.is_some() {
         let held = identity::as_table_owner(t.owner, || {
+            // Rows hidden by row-level security count too: with it off, a
+            // policy that applies makes the query fail instead of hiding
+            // rows (the scope rolls the setting back).
+            spi::exec(
+                "SELECT pg_catalog.set_config('row_security', 'off', true)",
+                &[],
+            )?;
             spi::read::<bool>(
                 &format!(
                     "SELECT EXISTS (SELECT 1 FROM ONLY {} kms_t WHERE kms_t.{} IS NOT NULL)",
@@ -774,12 +818,28 @@ pub fn unprotect_column(relid: pg_sys::Oid, column: &str) -> KmsResult<()> {
 /// rebuild even if the view's columns are already those expected (the
 /// DDL guard passes false: it only follows added or dropped columns).
 pub fn regenerate(relid: pg_sys::Oid, old_view: Option<&str>, force: bool) -> KmsResult<()> {
+    identity::with_pinned_search_path(|| regenerate_pinned(relid, old_view, force))
+}
+
+fn regenerate_pinned(relid: pg_sys::Oid, old_view: Option<&str>, force: bool) -> KmsResult<()> {
     let Some(t) = Table::read(relid)? else {
         return Ok(());
     };
     let policies = policies_of(relid)?;
     let ext = extension_schema()?;
     let gen = sqlgen::Gen::new(&t, &policies, &ext)?;
+    // Objects pg_kms made for a former owner of the table (after ALTER
+    // TABLE ... OWNER TO) go to the new owner, by the user who changed the
+    // table's owner (who may: they owned it and are a member of the new
+    // owner, or are a superuser); no user code runs in ALTER ... OWNER.
+    // The former owner would otherwise keep the INSTEAD OF function every
+    // writer runs.
+    {
+        let _internal = InternalDdl::enter();
+        for stmt in gen.give_to_table_owner()? {
+            spi::exec(&stmt, &[])?;
+        }
+    }
     if !force && !policies.is_empty() && gen.view_is_current()? {
         return Ok(());
     }

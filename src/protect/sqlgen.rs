@@ -9,6 +9,7 @@
 
 use super::{context, Policy, PolicyState, Table};
 use crate::errors::{quote_ident, KmsResult};
+use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 /// The INSTEAD OF trigger function of a decrypted view.
@@ -127,6 +128,43 @@ impl<'a> Gen<'a> {
         Ok(actual == Some(expected))
     }
 
+    /// `ALTER ... OWNER TO` statements for the view and the trigger
+    /// functions pg_kms made for the table that belong to another role
+    /// than the table's owner now.
+    pub fn give_to_table_owner(&self) -> KmsResult<Vec<String>> {
+        let new = crate::errors::role_display(self.t.owner);
+        let mut out = Vec::new();
+        let mut check = |q: &str, name: String, kind: &str| -> KmsResult<()> {
+            if let Some(owner) = crate::pg::spi::read::<pg_sys::Oid>(q, &[name.as_str().into()])? {
+                if owner != self.t.owner {
+                    out.push(format!("ALTER {kind} {name} OWNER TO {new}"));
+                }
+            }
+            Ok(())
+        };
+        const VIEW: &str =
+            "SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass($1)";
+        const FUNCTION: &str =
+            "SELECT p.proowner FROM pg_catalog.pg_proc p WHERE p.oid = pg_catalog.to_regprocedure($1)";
+        if let Some(v) = self.view_name() {
+            check(VIEW, self.qualified_in_schema(v), "VIEW")?;
+            check(
+                FUNCTION,
+                format!("{}()", self.qualified_in_schema(&write_function_name(v))),
+                "FUNCTION",
+            )?;
+        }
+        check(
+            FUNCTION,
+            format!(
+                "{}()",
+                self.qualified_in_schema(&convert_function_name(&self.t.name))
+            ),
+            "FUNCTION",
+        )?;
+        Ok(out)
+    }
+
     fn decrypt_expr(&self, r: &Rendered<'_>) -> String {
         let c = format!("kms_t.{}", quote_ident(&r.p.attname));
         let ctx = r.on_table.as_deref().unwrap_or("NULL");
@@ -242,7 +280,7 @@ impl<'a> Gen<'a> {
                         a.privilege_type, a.is_grantable
                    FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
                   WHERE c.oid OPERATOR(pg_catalog.=) $1 AND a.grantee OPERATOR(pg_catalog.<>) c.relowner
-                    AND a.privilege_type OPERATOR(pg_catalog.=) ANY ('{SELECT,INSERT,UPDATE,DELETE}'::text[])",
+                    AND a.privilege_type OPERATOR(pg_catalog.=) ANY ('{SELECT,INSERT,UPDATE,DELETE}'::pg_catalog.text[])",
                 None,
                 &[self.t.relid.into()],
             )? {
@@ -273,6 +311,9 @@ impl<'a> Gen<'a> {
         let mut ret = Vec::new();
         let mut overriding = false;
         for c in &t.columns {
+            // RETURNING reads only what the table computes itself
+            // (generated columns): NEW already holds the rest, and a writer
+            // with INSERT but no SELECT can then write through the view.
             if c.generated || self.is_shadow(&c.name) {
                 if c.generated {
                     ret.push(c.name.clone());
@@ -301,7 +342,6 @@ impl<'a> Gen<'a> {
                         self.bidx_expr(r, "new")
                     ));
                 }
-                ret.push(c.name.clone());
                 continue;
             }
             ins_cols.push(q.clone());
@@ -311,7 +351,6 @@ impl<'a> Gen<'a> {
             } else {
                 sets.push(format!("{q} = new.{q}"));
             }
-            ret.push(c.name.clone());
         }
         let returning = if ret.is_empty() {
             String::new()
