@@ -13,6 +13,8 @@ pub mod observability;
 #[cfg(any(test, feature = "pg_test"))]
 mod privileges;
 pub mod protect;
+#[cfg(any(test, feature = "pg_test"))]
+mod protect_attack_tests;
 pub mod reencrypt;
 pub mod secrets;
 pub mod sync;
