@@ -28,7 +28,6 @@ fn protected_people(db: &mut Client) {
 /// default) is redacted. The view is the API protected columns give
 /// applications; the default should cover it.
 #[test]
-#[ignore = "finding: writes through the decrypted view log their plaintext with the default redaction (on): the statement does not mention kms_"]
 fn view_writes_are_redacted_by_default() {
     let c = Cluster::start("pa_log", &["shared_preload_libraries = 'pg_kms'"]);
     let mut db = c.connect();
@@ -158,7 +157,6 @@ fn dump_and_restore_a_protected_table() {
 /// trigger, and the guard refuses the ALTER TABLE ... ADD CONSTRAINT
 /// because the conversion trigger is not there yet.
 #[test]
-#[ignore = "finding: pg_restore of a table being converted fails: the guard refuses ADD CONSTRAINT ... PRIMARY KEY before pg_restore creates zzzz_kms_convert"]
 fn dump_and_restore_a_converting_table() {
     let src = Cluster::start("pa_dumpc_src", &[]);
     let mut db = src.connect();
