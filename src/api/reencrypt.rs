@@ -185,10 +185,12 @@ mod tests {
     }
 
     #[pg_test]
-    fn reencrypt_now_max_rows_and_mixed_rows_of_a_policy_column() {
+    fn reencrypt_now_of_a_policy_column_in_steps_and_as_its_caller() {
         setup_key("pii");
         run("CREATE TABLE pm (id int PRIMARY KEY, c encrypted_text)");
-        run("SELECT kms_protect_column('pm', 'c', 'pii', context => 'id::text')");
+        run("CREATE FUNCTION public.pm_ctx(i int) RETURNS text LANGUAGE sql STABLE AS $$ SELECT 'pm' || i $$");
+        run("REVOKE EXECUTE ON FUNCTION public.pm_ctx(int) FROM PUBLIC");
+        run("SELECT kms_protect_column('pm', 'c', 'pii', context => 'public.pm_ctx(id)')");
         run("INSERT INTO pm_decrypted (id, c) SELECT g, 'v' || g FROM generate_series(1, 30) g");
         run("SELECT kms_rotate_key('pii')");
         assert_eq!(
@@ -201,20 +203,24 @@ mod tests {
             one::<i64>("SELECT count(*) FROM pm_decrypted WHERE c = 'v' || id"),
             Some(30)
         );
-        // A caller who may not read a column the context reads gets 42501.
+        // kms_reencrypt_now evaluates the context as its caller: one who may
+        // not call the context's function gets 42501.
         run("SELECT kms_rotate_key('pii')");
         run("CREATE ROLE pm_writer IN ROLE kms_admin, kms_user");
-        run("GRANT SELECT (c), UPDATE (c) ON pm TO pm_writer");
+        run("GRANT SELECT, UPDATE ON pm TO pm_writer");
         let e =
             full_error_as("pm_writer", "SELECT kms_reencrypt_now('pm', 'c')").unwrap_or_default();
-        assert!(e.starts_with("42501|permission denied for table pm"), "{e}");
-        run("GRANT SELECT (id) ON pm TO pm_writer");
+        assert!(
+            e.starts_with("42501|permission denied for function pm_ctx"),
+            "{e}"
+        );
+        run("GRANT EXECUTE ON FUNCTION public.pm_ctx(int) TO pm_writer");
         assert_eq!(
             as_role("pm_writer", "SELECT kms_reencrypt_now('pm', 'c')"),
             None
         );
         assert_eq!(
-            one::<i64>("SELECT count(*) FROM pm WHERE kms_key_version(c) = 3"),
+            one::<i64>("SELECT count(*) FROM pm WHERE kms_key_version(c) = 3 AND kms_decrypt(c, public.pm_ctx(id)) = 'v' || id"),
             Some(30)
         );
     }
