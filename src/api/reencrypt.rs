@@ -18,7 +18,9 @@ fn kms_key_usage(
 /// Rewraps synchronously, in the caller's transaction and as the caller
 /// (who needs SELECT and UPDATE on the column, and the key's privileges if
 /// it has grants), the rows of `tbl.col` not sealed under their key's
-/// primary version. Returns the number of rows rewrapped.
+/// primary version; values sealed with a context only when the column is
+/// protected with that context (each row's context computed from the
+/// policy, as the caller). Returns the number of rows rewrapped.
 #[pg_extern(volatile, parallel_unsafe)]
 fn kms_reencrypt_now(tbl: RegClass, col: SqlName, max_rows: default!(Option<i32>, "NULL")) -> i64 {
     crate::reencrypt::reencrypt_now(tbl, col, max_rows)
