@@ -63,7 +63,7 @@ SELECT p.relid::pg_catalog.regclass AS table_name,
        p.last_error
   FROM kms.reencryption_progress p
  WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = p.relid);
-COMMENT ON VIEW kms_reencryption_progress IS 'rows_pending is exact when a pass starts (a full count) and decremented as batches commit; rows_needing_context were sealed with a context, which only the application can supply (UPDATE ... SET col = kms_rewrap(col, ctx)).';
+COMMENT ON VIEW kms_reencryption_progress IS 'rows_pending is exact when a pass starts (a full count) and decremented as batches commit; rows_needing_context were sealed with a context that no protected-column policy of the column gives, which only the application can supply (UPDATE ... SET col = kms_rewrap(col, ctx)); a column protected with its context is rewrapped with each row''s context and counts none.';
 
 -- Over a function generated from Rust (kms_stats_counters): src/lib.rs
 -- orders views.sql after it.

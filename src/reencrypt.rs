@@ -12,6 +12,14 @@
 //! grant): rows are selected by their envelope header with built-in bytea
 //! operators only, rewrapped here in Rust, and written back from arrays.
 //! Only `kms.*` is read and written as the catalog owner.
+//!
+//! Values sealed with a context are rewrapped only in a column whose
+//! protected-column policy has a context (`crate::protect`): the pick query
+//! then also evaluates the policy's expression (PostgreSQL's deparse of
+//! it, over alias `kms_t`, never user input here) for each row, in the
+//! same statement run as the table's owner (or the caller), and the row is
+//! rewrapped with that context. Elsewhere only the application knows the
+//! context: such rows are counted, not rewrapped.
 
 use crate::catalog::{self, progress};
 use crate::errors::{KmsError, KmsResult, OrRaise};
@@ -36,6 +44,36 @@ pub struct Column {
     /// pg_kms's own `kms.secrets` (its rows are counted for every
     /// kms_admin, who may list secrets anyway).
     pub internal: bool,
+    /// For a column whose protected-column policy has a context (the
+    /// protected column, or the shadow column of one being converted):
+    /// the context of each row as an expression over alias `kms_t`, or why
+    /// it could not be rendered (the column is then treated as one without
+    /// a policy). None: no policy with a context.
+    pub context: Option<Result<String, String>>,
+}
+
+impl Column {
+    /// The row-context expression over `kms_t`, when the column's policy
+    /// gives one.
+    fn row_context(&self) -> Option<&str> {
+        match &self.context {
+            Some(Ok(e)) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The headers of the values this column's rows can be rewrapped from
+    /// here, and those only the application can rewrap (sealed with a
+    /// context no policy gives).
+    fn headers(&self, targets: &Targets) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        if self.row_context().is_some() {
+            let mut all = targets.rewrap.clone();
+            all.extend(targets.context.iter().cloned());
+            (all, Vec::new())
+        } else {
+            (targets.rewrap.clone(), targets.context.clone())
+        }
+    }
 }
 
 /// Who runs a statement on a user table.
@@ -110,15 +148,47 @@ const DIRECT_TYPES: &str = "WITH RECURSIVE direct(oid) AS (
 /// Every column of type `encrypted_text` or a domain over it in an
 /// ordinary table of this database (partitions included: rows live in the
 /// leaf tables): what the worker rewraps and the usage counts scan. Reads
-/// pg_catalog only; every operator is qualified.
+/// pg_catalog only; every operator is qualified. The protected-column
+/// policies are read once here and each context rendered (parse analysis
+/// as the table's owner, under `SECURITY_RESTRICTED_OPERATION`), so a
+/// pass of the worker reads them once, not per batch.
 pub fn encrypted_columns() -> KmsResult<Vec<Column>> {
+    let mut cols = list_columns()?;
+    let policies = crate::protect::all_policies()?;
+    for (col, relname) in cols.iter_mut() {
+        let Some(expr) = policies
+            .iter()
+            .find(|p| {
+                p.relid == col.relid
+                    && match p.state {
+                        crate::protect::PolicyState::Protected => p.attname == col.attname,
+                        crate::protect::PolicyState::Converting => {
+                            p.shadow_column.as_deref() == Some(col.attname.as_str())
+                        }
+                    }
+            })
+            .and_then(|p| p.context.as_deref())
+        else {
+            continue;
+        };
+        let rendered = identity::as_table_owner(col.owner, || {
+            crate::protect::context::analyze(col.relid, &col.table, relname, expr, Some("kms_t"))
+        });
+        col.context = Some(rendered.map(|a| a.text).map_err(|e| e.message()));
+    }
+    Ok(cols.into_iter().map(|(c, _)| c).collect())
+}
+
+/// [`encrypted_columns`] without their policies' contexts (usage counts
+/// need none), each with its table's bare name.
+fn list_columns() -> KmsResult<Vec<(Column, String)>> {
     let et = crate::pg::datum::encrypted_text_oid()?;
     let q = format!(
         "{DIRECT_TYPES}
          SELECT c.oid, c.relowner, pg_catalog.quote_ident(n.nspname) OPERATOR(pg_catalog.||) '.'
                     OPERATOR(pg_catalog.||) pg_catalog.quote_ident(c.relname),
                 pg_catalog.quote_ident(a.attname), a.attname::pg_catalog.text,
-                n.nspname OPERATOR(pg_catalog.=) 'kms'
+                n.nspname OPERATOR(pg_catalog.=) 'kms', c.relname::pg_catalog.text
            FROM pg_catalog.pg_attribute a
            JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid
            JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
@@ -129,17 +199,21 @@ pub fn encrypted_columns() -> KmsResult<Vec<Column>> {
             AND (n.nspname OPERATOR(pg_catalog.<>) 'kms' OR c.relname OPERATOR(pg_catalog.=) 'secrets')
           ORDER BY c.oid, a.attnum"
     );
-    Spi::connect(|c| -> Result<Vec<Column>, pgrx::spi::Error> {
+    Spi::connect(|c| -> Result<Vec<(Column, String)>, pgrx::spi::Error> {
         let mut out = Vec::new();
         for r in c.select(&q, None, &[et.into()])? {
-            out.push(Column {
-                relid: r.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
-                owner: r.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
-                table: r.get::<String>(3)?.unwrap_or_default(),
-                column: r.get::<String>(4)?.unwrap_or_default(),
-                attname: r.get::<String>(5)?.unwrap_or_default(),
-                internal: r.get::<bool>(6)?.unwrap_or(false),
-            });
+            out.push((
+                Column {
+                    relid: r.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
+                    owner: r.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
+                    table: r.get::<String>(3)?.unwrap_or_default(),
+                    column: r.get::<String>(4)?.unwrap_or_default(),
+                    attname: r.get::<String>(5)?.unwrap_or_default(),
+                    internal: r.get::<bool>(6)?.unwrap_or(false),
+                    context: None,
+                },
+                r.get::<String>(7)?.unwrap_or_default(),
+            ));
         }
         Ok(out)
     })
@@ -207,9 +281,10 @@ fn caller_sees_all(caller: pg_sys::Oid, col: &Column) -> KmsResult<bool> {
 }
 
 /// The envelope headers (first 10 bytes) that the worker may rewrap, and
-/// those that need a rewrap but were sealed with a context (only the
-/// application can rewrap them): one per usable, non-primary version and
-/// flag combination.
+/// those that need a rewrap but were sealed with a context (rewrapped only
+/// in a column whose policy gives the context, see [`Column::headers`];
+/// elsewhere only the application can): one per usable, non-primary
+/// version and flag combination.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Targets {
     pub rewrap: Vec<Vec<u8>>,
@@ -259,11 +334,20 @@ fn header_expr(alias: &str, col: &Column) -> String {
 }
 
 /// (rows needing a rewrap the worker can do, rows needing one that only
-/// the application can do because they were sealed with a context).
+/// the application can do because they were sealed with a context that no
+/// policy of the column gives).
 pub fn pending_counts(col: &Column, who: Runner, targets: &Targets) -> KmsResult<(i64, i64)> {
     if targets.is_empty() {
         return Ok((0, 0));
     }
+    if let Some(Err(why)) = &col.context {
+        warning!(
+            "pg_kms: the context of the policy of column {}.{} cannot be evaluated, so its values sealed with a context are not re-encrypted: {why}",
+            col.table,
+            col.column
+        );
+    }
+    let (rewrap, context) = col.headers(targets);
     let counts = on_table(col, who, pg_sys::AccessShareLock, |col| {
         let q = format!(
             "SELECT pg_catalog.count(*) FILTER (WHERE h OPERATOR(pg_catalog.=) ANY ($1)),
@@ -274,16 +358,9 @@ pub fn pending_counts(col: &Column, who: Runner, targets: &Targets) -> KmsResult
             t = col.table
         );
         Spi::connect(|c| {
-            c.select(
-                &q,
-                Some(1),
-                &[
-                    targets.rewrap.clone().into(),
-                    targets.context.clone().into(),
-                ],
-            )?
-            .first()
-            .get_two::<i64, i64>()
+            c.select(&q, Some(1), &[rewrap.into(), context.into()])?
+                .first()
+                .get_two::<i64, i64>()
         })
         .map(|(a, b)| (a.unwrap_or(0), b.unwrap_or(0)))
         .map_err(KmsError::spi)
@@ -320,6 +397,10 @@ pub struct Batch {
     /// The first row that could not be rewrapped (left as it is), and why.
     pub failed: Option<(Tid, String)>,
 }
+
+/// A row picked for a rewrap: its TID, its value, and its context (as
+/// UTF-8) when the column's policy gives one.
+type Picked = (pg_sys::ItemPointerData, Vec<u8>, Option<Vec<u8>>);
 
 /// An `encrypted_text[]` built from values (its oid given explicitly).
 struct ArrayDatum(pg_sys::Datum);
@@ -362,8 +443,9 @@ fn encrypted_text_array(values: Vec<EncryptedText>) -> KmsResult<DatumWithOid<'s
 /// Rewraps up to `limit` rows (all with None) from `from` on, skipping rows
 /// locked by others. A concurrent UPDATE of the same row always wins: the
 /// row is locked first and its latest version rewrapped. A value that
-/// cannot be opened (forged, altered, or its version disabled meanwhile)
-/// is left as it is and reported in `failed`.
+/// cannot be opened (forged, altered, its version disabled meanwhile, or
+/// sealed with another context than its policy gives the row) or whose
+/// row's context is NULL is left as it is and reported in `failed`.
 pub fn rewrap_batch(
     col: &Column,
     who: Runner,
@@ -377,13 +459,21 @@ pub fn rewrap_batch(
         last: None,
         failed: None,
     };
-    if targets.rewrap.is_empty() {
+    let (headers, _) = col.headers(targets);
+    if headers.is_empty() {
         return Ok(none);
     }
     let start = tid_text(from);
+    // The row's context (as UTF-8, as every context is sealed; NULL when
+    // the column's policy has none), computed in the statement that locks
+    // the row, so it is that of the row version rewrapped.
+    let ctx = match col.row_context() {
+        Some(e) => format!("pg_catalog.convert_to(({e})::pg_catalog.text, 'UTF8')"),
+        None => "NULL::pg_catalog.bytea".to_string(),
+    };
     let rows = on_table(col, who, pg_sys::RowExclusiveLock, |col| {
         let pick = format!(
-            "SELECT kms_t.ctid, kms_t.{c}::pg_catalog.bytea FROM ONLY {t} kms_t
+            "SELECT kms_t.ctid, kms_t.{c}::pg_catalog.bytea, {ctx} FROM ONLY {t} kms_t
               WHERE kms_t.ctid OPERATOR(pg_catalog.>=) $1::pg_catalog.tid
                 AND {h} OPERATOR(pg_catalog.=) ANY ($2)
               LIMIT $3 FOR UPDATE OF kms_t SKIP LOCKED",
@@ -391,39 +481,49 @@ pub fn rewrap_batch(
             c = col.column,
             t = col.table
         );
-        Spi::connect_mut(
-            |c| -> Result<Vec<(pg_sys::ItemPointerData, Vec<u8>)>, pgrx::spi::Error> {
-                let t = c.update(
-                    &pick,
-                    None,
-                    &[
-                        start.as_str().into(),
-                        targets.rewrap.clone().into(),
-                        limit.into(),
-                    ],
-                )?;
-                let mut out = Vec::new();
-                for r in t {
-                    if let (Some(tid), Some(v)) =
-                        (r.get::<pg_sys::ItemPointerData>(1)?, r.get::<Vec<u8>>(2)?)
-                    {
-                        out.push((tid, v));
-                    }
+        Spi::connect_mut(|c| -> Result<Vec<Picked>, pgrx::spi::Error> {
+            let t = c.update(
+                &pick,
+                None,
+                &[start.as_str().into(), headers.into(), limit.into()],
+            )?;
+            let mut out = Vec::new();
+            for r in t {
+                if let (Some(tid), Some(v)) =
+                    (r.get::<pg_sys::ItemPointerData>(1)?, r.get::<Vec<u8>>(2)?)
+                {
+                    out.push((tid, v, r.get::<Vec<u8>>(3)?));
                 }
-                Ok(out)
-            },
-        )
+            }
+            Ok(out)
+        })
         .map_err(KmsError::spi)
     })?
     .unwrap_or_default();
     let mut batch = Batch {
         picked: rows.len() as i64,
-        last: rows.iter().map(|(t, _)| tid_of(*t)).max(),
+        last: rows.iter().map(|(t, _, _)| tid_of(*t)).max(),
         ..none
     };
     let (mut tids, mut values) = (Vec::new(), Vec::new());
-    for (tid, bytes) in rows {
-        match crate::values::rewrap(EncryptedText::from_bytes(&bytes), &[]) {
+    for (tid, bytes, row_ctx) in rows {
+        let sealed_with_context = bytes
+            .get(1)
+            .is_some_and(|f| f & crate::crypto::envelope::FLAG_CONTEXT != 0);
+        let context: &[u8] = match (sealed_with_context, &row_ctx) {
+            (false, _) => &[],
+            (true, Some(c)) => c,
+            (true, None) => {
+                if batch.failed.is_none() {
+                    batch.failed = Some((
+                        tid_of(tid),
+                        "the value was sealed with a context and the policy's context expression is NULL for this row".into(),
+                    ));
+                }
+                continue;
+            }
+        };
+        match crate::values::rewrap(EncryptedText::from_bytes(&bytes), context) {
             Ok(v) => {
                 tids.push(tid);
                 values.push(v);
@@ -479,7 +579,8 @@ pub fn next_candidate(
     targets: &Targets,
     from: Tid,
 ) -> KmsResult<Option<Tid>> {
-    if targets.rewrap.is_empty() {
+    let (headers, _) = col.headers(targets);
+    if headers.is_empty() {
         return Ok(None);
     }
     let start = tid_text(from);
@@ -492,7 +593,7 @@ pub fn next_candidate(
             t = col.table
         );
         Spi::connect(|c| {
-            let t = c.select(&q, Some(1), &[start.as_str().into(), targets.rewrap.clone().into()])?;
+            let t = c.select(&q, Some(1), &[start.as_str().into(), headers.into()])?;
             if t.is_empty() {
                 return Ok(None);
             }
@@ -522,7 +623,7 @@ pub fn usage_by_version(
     // Values inside arrays, composites, materialized views or foreign
     // tables cannot be counted: they are reported as skipped.
     let mut skipped = opaque_columns()?;
-    for col in encrypted_columns()? {
+    for (col, _) in list_columns()? {
         if !col.internal && !caller_sees_all(caller, &col)? {
             skipped.push(format!("{}.{}", col.table, col.column));
             continue;
@@ -655,7 +756,8 @@ pub fn reencrypt_now(tbl: RegClass, col: SqlName, max_rows: Option<i32>) -> i64 
         if ctx > 0 {
             notice!(
                 "{ctx} rows of column \"{col}\" were sealed with a context and were not re-encrypted; \
-                 the application must run UPDATE ... SET {col} = kms_rewrap({col}, <context>)"
+                 the application must run UPDATE ... SET {col} = kms_rewrap({col}, <context>), \
+                 or protect the column with its context (kms_protect_column(..., context => ...))"
             );
         }
         Ok(b.updated)
