@@ -35,9 +35,9 @@ fn view_writes_are_redacted_by_default() {
     protected_people(&mut db);
     // 1. Out of the box: only failing statements are logged.
     let m1 = marker();
-    db.batch_execute(&format!(
-        "INSERT INTO people_decrypted (id, name, email) VALUES (1, 'a', 'ok@example.com')"
-    ))
+    db.batch_execute(
+        "INSERT INTO people_decrypted (id, name, email) VALUES (1, 'a', 'ok@example.com')",
+    )
     .unwrap();
     let e = db.batch_execute(&format!(
         "INSERT INTO people_decrypted (id, name, email) VALUES (1, 'b', '{m1}')"
