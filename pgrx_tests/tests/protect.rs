@@ -265,7 +265,7 @@ fn converts_text_varchar_and_bytea_online_under_concurrent_writes() {
     let (done, errors): (i64, i64) = {
         let r = db
             .query_one(
-                "SELECT min(rows_done), count(*) FILTER (WHERE last_error IS NOT NULL OR finished_at IS NULL)
+                "SELECT sum(rows_done)::bigint, count(*) FILTER (WHERE last_error IS NOT NULL OR finished_at IS NULL)
                    FROM kms_protected_columns",
                 &[],
             )
@@ -297,7 +297,7 @@ fn converts_text_varchar_and_bytea_online_under_concurrent_writes() {
         .collect();
     println!("swap lock hold times (ms): {held:?}");
     assert_eq!(held.len(), 3);
-    assert!(held.iter().all(|&ms| ms < 2000), "{held:?}");
+    assert!(held.iter().all(|&ms| ms < 1000), "{held:?}");
 }
 
 #[test]
@@ -349,9 +349,17 @@ fn conversion_resumes_after_kill_9_of_the_worker() {
     // resumes from resume_at (rows_done never goes back below what was
     // committed, except for the last asynchronous commits).
     let mut seen_after = None;
+    let conninfo = c.conninfo("postgres", "postgres");
     poll("the conversion to finish after kill -9", CONVERGE, || {
-        let mut db = c.connect_as("postgres", "postgres");
-        let (done, _, state) = progress(&mut db);
+        // Connections fail while the postmaster restarts.
+        let mut db = postgres::Client::connect(&conninfo, postgres::NoTls).ok()?;
+        let r = db
+            .query_one(
+                "SELECT p.rows_done, p.state FROM kms.protected_columns p",
+                &[],
+            )
+            .ok()?;
+        let (done, state): (i64, String) = (r.get(0), r.get(1));
         if state == "converting" && done > before_kill.0 {
             seen_after.get_or_insert(done);
         }

@@ -183,7 +183,7 @@ pub fn begin_pass(p: &Policy) -> KmsResult<Option<(Tid, i64)>> {
         return Ok(None);
     };
     let resume = crate::catalog::as_catalog_owner(|_| {
-        spi::read::<String>(
+        spi::one::<String>(
             "UPDATE kms.protected_columns
                 SET rows_total = rows_done + $3, started_at = coalesce(started_at, pg_catalog.now())
               WHERE relid::oid = $1 AND attname = $2 AND state = 'converting'
@@ -495,10 +495,23 @@ pub fn swap(p: &Policy) -> KmsResult<Option<Duration>> {
         "SELECT pg_catalog.set_config('lock_timeout', $1, true)",
         &[SWAP_LOCK_TIMEOUT.into()],
     )?;
+    // The decrypted view first: statements through it lock the view, then
+    // the table; taking the table first would deadlock with them (and wait
+    // deadlock_timeout) when the swap drops the view.
+    let view = spi::read::<pg_sys::Oid>(
+        "SELECT pg_catalog.to_regclass(pg_catalog.quote_ident($1) OPERATOR(pg_catalog.||) '.'
+                OPERATOR(pg_catalog.||) pg_catalog.quote_ident($2))::pg_catalog.oid",
+        &[p.relnamespace.as_str().into(), p.view_name.as_str().into()],
+    )?;
+    if let Some(v) = view.filter(|v| *v != pg_sys::InvalidOid) {
+        // SAFETY: as in target(): inside a transaction, any oid, a valid
+        // mode, held until the end of the transaction.
+        unsafe { pg_sys::LockRelationOid(v, pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE) };
+    }
+    let locked = Instant::now();
     let Some(tg) = target(p, pg_sys::AccessExclusiveLock)? else {
         return Ok(None);
     };
-    let locked = Instant::now();
     let (t, p) = (&tg.t, &tg.p);
     let shadow = p.shadow_column.clone().unwrap_or_default();
     // Every row written since the conversion started was sealed by the
