@@ -3,10 +3,13 @@
 # run, ratios against a baseline measured in the same run):
 #   1. capacity: rows of a ROWS-row text column encrypted per second by the
 #      background worker, unthrottled (protect -> state 'protected', swap
-#      included);
+#      included), and, as a same-run baseline, the worker's rewrap of the same
+#      ROWS values after a rotation;
 #   2. impact: pgbench TPS (built-in TPC-B-like script, its own tables) with
 #      the worker idle vs. converting another ROWS-row column at the default
-#      throttle (pg_kms.reencrypt_max_rows_per_second = 5000).
+#      throttle (pg_kms.reencrypt_max_rows_per_second = 5000): ROUNDS
+#      alternating rounds of each (the conversion paused with
+#      pg_kms.reencrypt_enabled = off), medians compared.
 # Needs the extension installed (cargo pgrx install --release). Run as root
 # on Debian 12: bash scripts/bench_protect.sh
 set -euo pipefail
@@ -16,7 +19,8 @@ source scripts/cluster.sh
 ROWS=${ROWS:-1000000}
 DIR=${DIR:-/tmp/pg_kms_bench_protect}
 PORT=${PORT:-54379}
-PGBENCH_SECONDS=${PGBENCH_SECONDS:-30}
+PGBENCH_SECONDS=${PGBENCH_SECONDS:-15}
+ROUNDS=${ROUNDS:-3}
 KEY=$DIR.keys/master.key
 trap 'cluster_stop "$DIR"' EXIT
 
@@ -59,6 +63,17 @@ awk -v r="$ROWS" -v a="$t0" -v b="$t1" -v h="$held" 'BEGIN {
     printf "   %d rows in %.1f s: %.0f rows/s (goal >= 50000); the swap held its lock %s ms\n", r, b - a, r / (b - a), h }'
 bad=$(psql_q -c "SELECT count(*) FROM people_decrypted WHERE email IS DISTINCT FROM 'user' || id || '@example.com'")
 echo "   rows not decrypting to their original: $bad"
+echo "   baseline: the worker's rewrap of the same $ROWS values after a rotation"
+r0=$(date +%s.%N)
+psql_q -c "SELECT kms_rotate_key('pii')" >/dev/null
+start=$SECONDS
+until [ "$(psql_q -c "SELECT count(*) = 0 FROM people WHERE kms_key_version(email) <> 2")" = t ]; do
+    [ $((SECONDS - start)) -lt 1800 ] || { echo "timeout waiting for the rewrap" >&2; exit 1; }
+    sleep 0.5
+done
+r1=$(date +%s.%N)
+awk -v r="$ROWS" -v a="$t0" -v b="$t1" -v c="$r0" -v d="$r1" 'BEGIN {
+    printf "   rewrap: %.0f rows/s; online encryption / rewrap = %.2f\n", r / (d - c), (b - a) > 0 ? (r / (b - a)) / (r / (d - c)) : 0 }'
 
 echo "== 2. pgbench TPS, worker idle vs. converting at the default throttle (5000 rows/s)"
 "$PG_BIN/pgbench" -h "$DIR" -p "$PORT" -U postgres -i -s 10 -q bench >/dev/null 2>&1
@@ -67,14 +82,23 @@ psql_q -c "ALTER SYSTEM RESET pg_kms.reencrypt_max_rows_per_second" \
 psql_q -c "CHECKPOINT" >/dev/null
 tps() { "$PG_BIN/pgbench" -h "$DIR" -p "$PORT" -U postgres -c 2 -j 2 -T "$PGBENCH_SECONDS" -n bench 2>/dev/null \
         | awk '/^tps/ {print $3; exit}'; }
-idle=$(tps)
+set_enabled() { psql_q -c "ALTER SYSTEM SET pg_kms.reencrypt_enabled = $1" -c "SELECT pg_reload_conf()" >/dev/null; }
 psql_q -c "SELECT kms_protect_column('people2', 'email', 'pii')" >/dev/null
 done_rows() { psql_q -c "SELECT rows_done FROM kms_protected_columns WHERE table_name = 'people2'::regclass"; }
 until [ "$(done_rows)" -gt 0 ]; do sleep 0.1; done
-before=$(done_rows)
-working=$(tps)
-after=$(done_rows)
+idles=(); works=(); converted=0
+for round in $(seq "$ROUNDS"); do
+    set_enabled off; sleep 1
+    idles+=("$(tps)")
+    set_enabled on
+    before=$(done_rows)
+    works+=("$(tps)")
+    after=$(done_rows)
+    converted=$((converted + after - before))
+    echo "   round $round: idle ${idles[-1]} tps, converting ${works[-1]} tps"
+done
 [ "$(state people2)" = converting ] || echo "   (the conversion finished during the run: raise ROWS)"
-awk -v i="$idle" -v w="$working" -v n="$((after - before))" -v s="$PGBENCH_SECONDS" 'BEGIN {
-    printf "   idle: %.0f tps; converting: %.0f tps while encrypting %.0f rows/s\n", i, w, n / s
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+awk -v i="$(median "${idles[@]}")" -v w="$(median "${works[@]}")" -v n="$converted" -v s="$((PGBENCH_SECONDS * ROUNDS))" 'BEGIN {
+    printf "   median idle: %.0f tps; median converting: %.0f tps while encrypting %.0f rows/s\n", i, w, n / s
     printf "   TPS ratio converting/idle = %.3f (goal >= 0.90)\n", w / i }'
