@@ -18,6 +18,7 @@
 //! * this file: policies, protect, unprotect, regenerate.
 
 pub mod context;
+pub mod convert;
 pub mod guard;
 pub mod sqlgen;
 

@@ -149,6 +149,14 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
                 continue;
             }
         };
+        // Online encryption of plaintext columns (kms_protect_column).
+        let converted = match convert_pass(&mut throttle) {
+            Pass::Stop => break 'main,
+            Pass::Disabled => continue 'main,
+            // Rows sealed: come back without the nap (rows skipped as
+            // locked may be left).
+            Pass::Done(worked) => worked,
+        };
         let cols = match xact(|| {
             let _ = progress::gc();
             let cols = reencrypt::encrypted_columns()?;
@@ -166,7 +174,7 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
             Ok(Ok(c)) => c,
             _ => Vec::new(),
         };
-        let mut did_work = false;
+        let mut did_work = converted;
         for col in cols {
             let st = columns
                 .entry((col.relid.to_u32(), col.attname.clone()))
@@ -285,4 +293,121 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
         shmem::unregister_worker(s);
     }
     log!("pg_kms worker for database {db} stopping");
+}
+
+/// How a conversion pass ended.
+enum Pass {
+    /// SIGTERM: the worker stops.
+    Stop,
+    /// pg_kms.reencrypt_enabled was turned off.
+    Disabled,
+    /// Done for now (whether any row was sealed).
+    Done(bool),
+}
+
+/// One pass over every column being encrypted online: the backfill in
+/// throttled batches from where the last pass stopped, then, when nothing
+/// is left, the swap (see `crate::protect::convert`).
+fn convert_pass(throttle: &mut Throttle) -> Pass {
+    use crate::protect::convert;
+    let policies = match xact_kms(convert::converting) {
+        Ok(p) => p,
+        Err(e) => {
+            warning!("pg_kms: could not read the protected columns: {e}");
+            return Pass::Done(false);
+        }
+    };
+    let mut worked = false;
+    for p in policies {
+        let mut cursor = match xact_kms(|| convert::begin_pass(&p)) {
+            Ok(Some((at, _left))) => at,
+            Ok(None) => continue,
+            Err(msg) => {
+                let _ = xact_kms(|| convert::record_error(&p, &msg));
+                continue;
+            }
+        };
+        loop {
+            reload_config_if_asked();
+            throttle.refresh(guc::REENCRYPT_MAX_ROWS_PER_SECOND.get(), Instant::now());
+            if let Some(d) = throttle.delay(Instant::now()) {
+                if !BackgroundWorker::wait_latch(Some(d)) {
+                    return Pass::Stop;
+                }
+                continue;
+            }
+            if BackgroundWorker::sigterm_received() {
+                return Pass::Stop;
+            }
+            if !guc::REENCRYPT_ENABLED.get() {
+                return Pass::Disabled;
+            }
+            let limit = throttle.batch_size(guc::REENCRYPT_BATCH_SIZE.get());
+            match xact_kms(|| convert::backfill_batch(&p, cursor, limit)) {
+                Ok(None) => break, // cancelled, finished or dropped meanwhile
+                Ok(Some(b)) => {
+                    worked |= b.updated > 0;
+                    throttle.rows += b.picked as u64;
+                    match b.last {
+                        Some(last) if b.picked >= limit => cursor = convert::after(last),
+                        _ => {
+                            finish(&p);
+                            break;
+                        }
+                    }
+                }
+                Err(msg) => {
+                    // A batch failed as a whole (e.g. a context expression
+                    // raised an error for one row): find the first row left,
+                    // try it alone, and step over it if it fails too.
+                    match xact_kms(|| convert::next_candidate(&p, cursor)) {
+                        Ok(Some(bad)) => {
+                            if let Err(e) = xact_kms(|| convert::backfill_batch(&p, bad, 1)) {
+                                let note = convert::row_error(bad, &e);
+                                let _ = xact_kms(|| convert::record_error(&p, &note));
+                            }
+                            cursor = convert::after(bad);
+                            let _ = xact_kms(|| convert::set_resume(&p, Some(cursor)));
+                        }
+                        Ok(None) => {
+                            finish(&p);
+                            break;
+                        }
+                        Err(_) => {
+                            let _ = xact_kms(|| convert::record_error(&p, &msg));
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Pass::Done(worked)
+}
+
+/// The end of the table was reached: the swap if no row is left (counted
+/// without the exclusive lock), else the next pass starts over.
+fn finish(p: &crate::protect::Policy) {
+    use crate::protect::convert;
+    match xact_kms(|| convert::pending(p)) {
+        Ok(Some(0)) => match xact_kms(|| convert::swap(p)) {
+            Ok(Some(held)) => log!(
+                "pg_kms: column \"{}\" of table \"{}\" is encrypted; the swap held its lock for {} ms",
+                p.attname,
+                p.relname,
+                held.as_millis()
+            ),
+            Ok(None) => {}
+            Err(msg) => {
+                let _ = xact_kms(|| convert::record_error(p, &msg));
+            }
+        },
+        Ok(Some(_)) => {
+            let _ = xact_kms(|| convert::set_resume(p, None));
+        }
+        Ok(None) => {}
+        Err(msg) => {
+            let _ = xact_kms(|| convert::record_error(p, &msg));
+        }
+    }
 }
