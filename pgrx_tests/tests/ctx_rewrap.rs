@@ -150,7 +150,7 @@ fn a_context_function_runs_as_the_table_owner_and_gains_nothing() {
     ))
     .unwrap();
     let mut own = c.connect_as("owner1", "postgres");
-    // The context calls a STABLE function of the owner's that calls a
+    // The context calls an IMMUTABLE (so it claims) function of the owner's that calls a
     // volatile probe: it tries to make owner1 superuser, to read the master
     // key file, and to leave a search_path behind for what runs next (an
     // operator in its schema would then record it), and records who ran it.
@@ -166,7 +166,7 @@ fn a_context_function_runs_as_the_table_owner_and_gains_nothing() {
                 (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user), esc, rk);
             RETURN true;
         END $f$;
-        CREATE FUNCTION o.ctx_of(i bigint) RETURNS text LANGUAGE plpgsql STABLE AS $f$
+        CREATE FUNCTION o.ctx_of(i bigint) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $f$
         BEGIN PERFORM o.probe('ctx'); RETURN 'c' || i; END $f$;
         CREATE FUNCTION o.eq_bytea(a bytea, b bytea) RETURNS boolean LANGUAGE plpgsql AS $f$
         BEGIN PERFORM o.probe('operator'); RETURN a OPERATOR(pg_catalog.=) b; END $f$;

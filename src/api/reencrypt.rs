@@ -190,7 +190,7 @@ mod tests {
     fn reencrypt_now_of_a_policy_column_in_steps_and_as_its_caller() {
         setup_key("pii");
         run("CREATE TABLE pm (id int PRIMARY KEY, c encrypted_text)");
-        run("CREATE FUNCTION public.pm_ctx(i int) RETURNS text LANGUAGE sql STABLE AS $$ SELECT 'pm' || i $$");
+        run("CREATE FUNCTION public.pm_ctx(i int) RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT 'pm' || i $$");
         run("REVOKE EXECUTE ON FUNCTION public.pm_ctx(int) FROM PUBLIC");
         run("SELECT kms_protect_column('pm', 'c', 'pii', context => 'public.pm_ctx(id)')");
         run("INSERT INTO pm_decrypted (id, c) SELECT g, 'v' || g FROM generate_series(1, 30) g");
