@@ -287,7 +287,7 @@ fn encrypted_text_array(
 /// Seals up to `limit` rows from `from` on (skipping rows locked by
 /// others), writes them back and records the progress, in the caller's
 /// transaction. None: the conversion is gone. A row that cannot be sealed
-/// (its context is NULL) is left as it is and reported in `failed`.
+/// is left as it is and reported in `failed`.
 pub fn backfill_batch(p: &Policy, from: Tid, limit: i64) -> KmsResult<Option<Batch>> {
     // The key, loaded (as the catalog owner) before any identity switch.
     let key = keys::key_by_id(p.key_id as u32)?;
@@ -362,18 +362,11 @@ pub fn backfill_batch(p: &Policy, from: Tid, limit: i64) -> KmsResult<Option<Bat
     };
     let (mut tids, mut values, mut bidx) = (Vec::new(), Vec::new(), Vec::new());
     for (tid, plain, ctx) in &rows {
-        let ctx_utf8 = match (ctx, p.context.is_some()) {
-            (Some(c), _) => text_to_utf8(c),
-            (None, false) => crate::pg::encoding::Utf8::Borrowed(&[]),
-            (None, true) => {
-                if batch.failed.is_none() {
-                    batch.failed = Some((
-                        tid_of(*tid),
-                        "its context expression is NULL (the row was left unencrypted; give it a context, e.g. by updating the columns the context reads)".into(),
-                    ));
-                }
-                continue;
-            }
+        // A NULL context seals without one, as kms_encrypt does and as the
+        // view's trigger and the conversion trigger do for that row.
+        let ctx_utf8 = match ctx {
+            Some(c) => text_to_utf8(c),
+            None => crate::pg::encoding::Utf8::Borrowed(&[]),
         };
         let sealed = if bytea {
             seal(&key, plain, &ctx_utf8, flags)
