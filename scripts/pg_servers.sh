@@ -101,7 +101,7 @@ ensure_pkgs() {
     done
     if [ ${#missing[@]} -gt 0 ]; then
         echo "== installing (bookworm): ${missing[*]}"
-        apt-get install -y -qq -t bookworm "${missing[@]}" >/dev/null 2>&1 || {
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm "${missing[@]}" >/dev/null 2>&1 || {
             apt-get update -qq
             DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm "${missing[@]}" >/dev/null
         }
