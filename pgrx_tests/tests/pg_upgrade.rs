@@ -9,8 +9,11 @@
 //! no pg_kms background process may start (it would hold the `postgres`
 //! database that pg_upgrade recreates).
 //!
-//! Needs pg_kms installed into both servers (`scripts/test.sh` does it,
-//! and runs it from 17 to 18: see the note in `upgrade()` about 15.20).
+//! Needs pg_kms installed into both servers, built from the same commit.
+//! `scripts/test.sh` runs it from an upstream PostgreSQL 15.18
+//! (`PG_KMS_PG_CONFIG=/opt/pg_kms/pg15up/bin/pg_config`, built by
+//! `scripts/pg_servers.sh 15up`) to 18: see the note in `upgrade()` about
+//! Debian's 15.20.
 
 use pg_kms_integration::*;
 use std::path::{Path, PathBuf};
@@ -170,14 +173,15 @@ fn upgrade(mode: &str) {
         .unwrap()
         .get(0);
     assert!(ok_before);
-    // Debian's PostgreSQL 15.20 stores an attribute option `pg_attver` on
-    // every column; servers of an earlier minor release (18.6 and 17.11,
-    // the newest sources the package registry serves here) do not know it,
-    // and pg_upgrade from 15.20 to them fails on any database, pg_kms or
-    // not ("unrecognized parameter"; resetting the option does not help,
-    // the server sets it again). Say so and stop, rather than fail on
-    // something pg_kms cannot change; scripts/test.sh runs this test from
-    // 17 to 18.
+    // PostgreSQL 15.20 (an upstream back-branch change, so Debian's 15.20
+    // too) stores an attribute option `pg_attver` on every column of a user
+    // table; 18.6, the newest 18 whose source the package registry serves
+    // here, does not know it (18.7 and later do), and pg_upgrade from 15.20
+    // to 18.6 fails on a database with user tables, pg_kms or not
+    // ("unrecognized parameter"; resetting the option does not help, the
+    // server sets it again). An empty database upgrades. Say so and stop,
+    // rather than fail on something pg_kms cannot change; scripts/test.sh
+    // runs this test from upstream 15.18, which has no pg_attver.
     let stamped: i64 = db
         .query_one(
             "SELECT count(*) FROM pg_attribute WHERE attoptions::text LIKE '%pg_attver=%'",
@@ -193,8 +197,9 @@ fn upgrade(mode: &str) {
         .unwrap_or(false);
     if stamped > 0 && !new_knows {
         println!(
-            "SKIPPED pg_upgrade --{mode} {} -> {to}: the old server stamps columns with pg_attver, which this {to} build does not know (a newer minor of {to} is needed)",
-            pg_major()
+            "SKIPPED pg_upgrade --{mode} {} -> {to}: this {} stamps the columns of user tables with the attribute option pg_attver (PostgreSQL 15.20 and later), which this {to} build does not know (a newer minor release is needed: 18.7 or later for 18); an empty database would upgrade. Run it from an older 15 (PG_KMS_PG_CONFIG=/opt/pg_kms/pg15up/bin/pg_config: upstream 15.18, scripts/pg_servers.sh 15up)",
+            pg_major(),
+            pg_config("--version")
         );
         return;
     }
