@@ -372,7 +372,7 @@ pub fn pending_counts(col: &Column, who: Runner, targets: &Targets) -> KmsResult
 /// A position in a table: (block, line pointer), as in `ctid`.
 pub type Tid = (u32, u16);
 
-fn parse_tid(s: &str) -> Option<Tid> {
+pub(crate) fn parse_tid(s: &str) -> Option<Tid> {
     let (b, o) = s
         .trim()
         .strip_prefix('(')?
@@ -381,11 +381,11 @@ fn parse_tid(s: &str) -> Option<Tid> {
     Some((b.trim().parse().ok()?, o.trim().parse().ok()?))
 }
 
-fn tid_of(ip: pg_sys::ItemPointerData) -> Tid {
+pub(crate) fn tid_of(ip: pg_sys::ItemPointerData) -> Tid {
     pgrx::itemptr::item_pointer_get_both(ip)
 }
 
-fn tid_text(t: Tid) -> String {
+pub(crate) fn tid_text(t: Tid) -> String {
     format!("({},{})", t.0, t.1)
 }
 
@@ -414,7 +414,7 @@ impl IntoDatum for ArrayDatum {
     }
 }
 
-fn encrypted_text_array(values: Vec<EncryptedText>) -> KmsResult<DatumWithOid<'static>> {
+pub(crate) fn encrypted_text_array(values: Vec<EncryptedText>) -> KmsResult<DatumWithOid<'static>> {
     let elem = crate::pg::datum::encrypted_text_oid()?;
     let mut datums: Vec<pg_sys::Datum> =
         values.into_iter().filter_map(|v| v.into_datum()).collect();

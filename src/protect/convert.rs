@@ -39,26 +39,7 @@ use pgrx::prelude::*;
 use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
 
-/// A position in a table: (block, line pointer), as in `ctid`.
-pub type Tid = (u32, u16);
-
-// Minimal copies of reencrypt.rs's private TID helpers.
-fn parse_tid(s: &str) -> Option<Tid> {
-    let (b, o) = s
-        .trim()
-        .strip_prefix('(')?
-        .strip_suffix(')')?
-        .split_once(',')?;
-    Some((b.trim().parse().ok()?, o.trim().parse().ok()?))
-}
-
-fn tid_of(ip: pg_sys::ItemPointerData) -> Tid {
-    pgrx::itemptr::item_pointer_get_both(ip)
-}
-
-pub fn tid_text(t: Tid) -> String {
-    format!("({},{})", t.0, t.1)
-}
+use crate::reencrypt::{encrypted_text_array, parse_tid, tid_of, tid_text, Tid};
 
 /// The TID just after `t`.
 pub fn after(t: Tid) -> Tid {
@@ -240,48 +221,6 @@ fn seal(
     };
     v.count_encryption();
     Ok(out)
-}
-
-/// An `encrypted_text[]` datum built from values (a minimal copy of
-/// reencrypt.rs's).
-struct ArrayDatum(pg_sys::Datum);
-
-impl pgrx::IntoDatum for ArrayDatum {
-    fn into_datum(self) -> Option<pg_sys::Datum> {
-        Some(self.0)
-    }
-    fn type_oid() -> pg_sys::Oid {
-        pg_sys::InvalidOid
-    }
-}
-
-fn encrypted_text_array(
-    values: Vec<EncryptedText>,
-) -> KmsResult<pgrx::datum::DatumWithOid<'static>> {
-    use pgrx::IntoDatum;
-    let elem = crate::pg::datum::encrypted_text_oid()?;
-    let mut datums: Vec<pg_sys::Datum> =
-        values.into_iter().filter_map(|v| v.into_datum()).collect();
-    // SAFETY: `elem` is the oid of encrypted_text (a varlena, int4-aligned,
-    // not by value); `datums` are palloc'd varlenas of that type that live
-    // in the current memory context; construct_array copies them.
-    unsafe {
-        let (mut len, mut byval, mut align) = (0i16, false, 0 as std::ffi::c_char);
-        pg_sys::get_typlenbyvalalign(elem, &mut len, &mut byval, &mut align);
-        let arr = pg_sys::construct_array(
-            datums.as_mut_ptr(),
-            datums.len() as i32,
-            elem,
-            len as i32,
-            byval,
-            align,
-        );
-        let array_oid = pg_sys::get_array_type(elem);
-        Ok(pgrx::datum::DatumWithOid::new(
-            ArrayDatum(pg_sys::Datum::from(arr)),
-            array_oid,
-        ))
-    }
 }
 
 /// Seals up to `limit` rows from `from` on (skipping rows locked by
