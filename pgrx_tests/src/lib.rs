@@ -389,6 +389,18 @@ impl Cluster {
     /// cluster's socket; panics with its stderr if it fails. Returns its
     /// standard output.
     pub fn client(&self, tool: &str, db: &str, args: &[&str]) -> Vec<u8> {
+        let o = self.client_output(tool, db, args);
+        assert!(
+            o.status.success(),
+            "{tool} {db}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o.stdout
+    }
+
+    /// [`Cluster::client`] that returns the program's output whether or not
+    /// it succeeded (for tests that expect a failure).
+    pub fn client_output(&self, tool: &str, db: &str, args: &[&str]) -> std::process::Output {
         let port = self.port.to_string();
         let conn = [
             "-h",
@@ -400,13 +412,7 @@ impl Cluster {
             "-d",
             db,
         ];
-        let o = as_postgres(&format!("{PG_BIN}/{tool}"), &[&conn[..], args].concat());
-        assert!(
-            o.status.success(),
-            "{tool} {db}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        o.stdout
+        as_postgres(&format!("{PG_BIN}/{tool}"), &[&conn[..], args].concat())
     }
 
     /// [`Cluster::client`] for `pg_dump`.

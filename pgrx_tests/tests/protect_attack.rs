@@ -4,7 +4,7 @@
 //! effect on unrelated DDL, other extensions and DROP EXTENSION.
 //! Only counts and SQLSTATEs are printed, never a marker.
 
-use pg_kms_integration::{as_postgres, pg_bin, poll, random_key_hex, sqlstate, Cluster};
+use pg_kms_integration::{poll, random_key_hex, sqlstate, Cluster};
 use postgres::Client;
 use std::time::Duration;
 
@@ -77,21 +77,7 @@ fn view_writes_are_redacted_by_default() {
 }
 
 fn restore_output(c: &Cluster, db: &str, tool: &str, args: &[&str]) -> (bool, String) {
-    let port = c.port.to_string();
-    let conn = [
-        "-h",
-        c.dir.to_str().unwrap(),
-        "-p",
-        &port,
-        "-U",
-        "postgres",
-        "-d",
-        db,
-    ];
-    let o = as_postgres(
-        pg_bin().join(tool).to_str().unwrap(),
-        &[&conn[..], args].concat(),
-    );
+    let o = c.client_output(tool, db, args);
     (
         o.status.success(),
         String::from_utf8_lossy(&o.stderr).into_owned(),
