@@ -86,6 +86,13 @@ CREATE TABLE kms.reencryption_progress (
     last_batch_at        timestamptz,
     finished_at          timestamptz,
     last_error           text,
+    -- Failed attempts in a row (reset by a batch that rewraps a row) and,
+    -- while backing off after them, when the worker tries the column again.
+    failures             integer NOT NULL DEFAULT 0,
+    backoff_until        timestamptz,
+    -- Rows sealed under a disabled version, which nothing can decrypt or
+    -- rewrap until it is enabled again (counted when a pass starts).
+    rows_under_disabled  bigint,
     PRIMARY KEY (relid, attname)
 );
 

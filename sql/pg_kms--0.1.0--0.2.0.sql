@@ -108,6 +108,15 @@ CREATE INDEX audit_log_keyring_wide ON kms.audit_log (id)
     WHERE operation IN ('rotate_master_key', 'adopt_integrity');
 ALTER TABLE kms.audit_head ADD COLUMN last_mac bytea;
 
+-- Re-encryption progress (issue 16): the worker's backoff per column and
+-- the rows sealed under a disabled version.
+ALTER TABLE kms.reencryption_progress ADD COLUMN failures integer;
+ALTER TABLE kms.reencryption_progress ADD COLUMN backoff_until timestamptz;
+ALTER TABLE kms.reencryption_progress ADD COLUMN rows_under_disabled bigint;
+UPDATE kms.reencryption_progress SET failures = 0;
+ALTER TABLE kms.reencryption_progress ALTER COLUMN failures SET DEFAULT 0;
+ALTER TABLE kms.reencryption_progress ALTER COLUMN failures SET NOT NULL;
+
 -- 2. Functions of 0.1.0 that 0.2.0 no longer has. The chain is appended in
 -- Rust (keyed); the worker's helpers are gone (it rewraps as the table's
 -- owner). The library keeps stubs under their C symbols that only raise
@@ -348,8 +357,26 @@ SELECT k.key_name, g.grantee, g.privilege, g.granted_at,
   LEFT JOIN pg_catalog.pg_roles r ON r.oid = g.grantee_oid;
 COMMENT ON VIEW kms_key_grants IS 'Per-key grants. Only status = ''valid'' grants let a role use the key; any grant, valid or not, closes the key to roles without one.';
 
+-- Re-encryption progress (issue 16): backoff and rows under a disabled
+-- version.
+CREATE OR REPLACE VIEW kms_reencryption_progress AS
+SELECT p.relid::pg_catalog.regclass AS table_name,
+       p.attname AS column_name,
+       p.rows_rewrapped,
+       p.rows_pending,
+       p.rows_needing_context,
+       p.started_at,
+       p.last_batch_at,
+       p.finished_at,
+       p.last_error,
+       p.failures,
+       p.backoff_until,
+       p.rows_under_disabled
+  FROM kms.reencryption_progress p
+ WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = p.relid);
+
 -- 6. Comments.
-COMMENT ON VIEW kms_reencryption_progress IS 'rows_pending is exact when a pass starts (a full count) and decremented as batches commit; rows_needing_context were sealed with a context that no protected-column policy of the column gives, which only the application can supply (UPDATE ... SET col = kms_rewrap(col, ctx)); a column protected with its context is rewrapped with each row''s context and counts none.';
+COMMENT ON VIEW kms_reencryption_progress IS 'rows_pending is exact when a pass starts (a full count) and decremented as batches commit; rows_needing_context were sealed with a context that no protected-column policy of the column gives, which only the application can supply (UPDATE ... SET col = kms_rewrap(col, ctx)); a column protected with its context is rewrapped with each row''s context and counts none. failures counts failed attempts in a row; while backoff_until is in the future the worker leaves the column alone (it doubles each time, up to an hour). rows_under_disabled were sealed under a disabled version: nothing can read or rewrap them until it is enabled again.';
 COMMENT ON TYPE encrypted_text IS 'AES-256-GCM envelope (format, key id, key version, nonce, ciphertext, tag) produced by kms_encrypt(), or AES-256-SIV (header, synthetic IV, ciphertext) from kms_encrypt_deterministic(); text form kms:<base64>';
 
 -- 7. Privileges of every function and view, as a fresh install of 0.2.0

@@ -60,10 +60,13 @@ SELECT p.relid::pg_catalog.regclass AS table_name,
        p.started_at,
        p.last_batch_at,
        p.finished_at,
-       p.last_error
+       p.last_error,
+       p.failures,
+       p.backoff_until,
+       p.rows_under_disabled
   FROM kms.reencryption_progress p
  WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = p.relid);
-COMMENT ON VIEW kms_reencryption_progress IS 'rows_pending is exact when a pass starts (a full count) and decremented as batches commit; rows_needing_context were sealed with a context that no protected-column policy of the column gives, which only the application can supply (UPDATE ... SET col = kms_rewrap(col, ctx)); a column protected with its context is rewrapped with each row''s context and counts none.';
+COMMENT ON VIEW kms_reencryption_progress IS 'rows_pending is exact when a pass starts (a full count) and decremented as batches commit; rows_needing_context were sealed with a context that no protected-column policy of the column gives, which only the application can supply (UPDATE ... SET col = kms_rewrap(col, ctx)); a column protected with its context is rewrapped with each row''s context and counts none. failures counts failed attempts in a row; while backoff_until is in the future the worker leaves the column alone (it doubles each time, up to an hour). rows_under_disabled were sealed under a disabled version: nothing can read or rewrap them until it is enabled again.';
 
 -- Over a function generated from Rust (kms_stats_counters): src/lib.rs
 -- orders views.sql after it.

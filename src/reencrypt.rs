@@ -289,6 +289,8 @@ fn caller_sees_all(caller: pg_sys::Oid, col: &Column) -> KmsResult<bool> {
 pub struct Targets {
     pub rewrap: Vec<Vec<u8>>,
     pub context: Vec<Vec<u8>>,
+    /// Headers of disabled versions (counted, never rewrapped).
+    pub disabled: Vec<Vec<u8>>,
 }
 
 impl Targets {
@@ -299,29 +301,47 @@ impl Targets {
 
 /// Reads the keyring (as the catalog owner) for [`Targets`].
 pub fn targets() -> KmsResult<Targets> {
-    use crate::crypto::envelope::{Header, FLAG_BYTES, FLAG_CONTEXT, FLAG_DETERMINISTIC};
-    let versions = catalog::as_catalog_owner(|_| catalog::rows::versions_to_rewrap())?;
+    let (versions, disabled) = catalog::as_catalog_owner(|_| {
+        Ok((
+            catalog::rows::versions_to_rewrap()?,
+            catalog::rows::disabled_versions()?,
+        ))
+    })?;
     let mut t = Targets::default();
     for (key_id, version) in versions {
-        for bytes in [0, FLAG_BYTES] {
-            for det in [0, FLAG_DETERMINISTIC] {
-                for ctx in [0, FLAG_CONTEXT] {
-                    let h = Header {
-                        flags: bytes | det | ctx,
-                        key_id: key_id as u32,
-                        key_version: version as u32,
-                    };
-                    let list = if ctx == 0 {
-                        &mut t.rewrap
-                    } else {
-                        &mut t.context
-                    };
-                    list.push(h.encode().to_vec());
-                }
+        for (ctx, h) in headers_of(key_id, version) {
+            if ctx {
+                t.context.push(h);
+            } else {
+                t.rewrap.push(h);
             }
         }
     }
+    for (key_id, version) in disabled {
+        t.disabled
+            .extend(headers_of(key_id, version).into_iter().map(|(_, h)| h));
+    }
     Ok(t)
+}
+
+/// Every envelope header a value of (key id, version) may carry, and
+/// whether it says the value was sealed with a context.
+fn headers_of(key_id: i32, version: i32) -> Vec<(bool, Vec<u8>)> {
+    use crate::crypto::envelope::{Header, FLAG_BYTES, FLAG_CONTEXT, FLAG_DETERMINISTIC};
+    let mut out = Vec::with_capacity(8);
+    for bytes in [0, FLAG_BYTES] {
+        for det in [0, FLAG_DETERMINISTIC] {
+            for ctx in [0, FLAG_CONTEXT] {
+                let h = Header {
+                    flags: bytes | det | ctx,
+                    key_id: key_id as u32,
+                    key_version: version as u32,
+                };
+                out.push((ctx != 0, h.encode().to_vec()));
+            }
+        }
+    }
+    out
 }
 
 /// `col`'s first 10 bytes (the envelope header), with built-in functions
@@ -333,12 +353,23 @@ fn header_expr(alias: &str, col: &Column) -> String {
     )
 }
 
-/// (rows needing a rewrap the worker can do, rows needing one that only
-/// the application can do because they were sealed with a context that no
-/// policy of the column gives).
-pub fn pending_counts(col: &Column, who: Runner, targets: &Targets) -> KmsResult<(i64, i64)> {
-    if targets.is_empty() {
-        return Ok((0, 0));
+/// What a count of a column finds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pending {
+    /// Rows the worker can rewrap.
+    pub rewrap: i64,
+    /// Rows needing a rewrap only the application can do: sealed with a
+    /// context that no policy of the column gives.
+    pub context: i64,
+    /// Rows sealed under a disabled version (neither readable nor
+    /// rewrappable until it is enabled again).
+    pub disabled: i64,
+}
+
+/// Counts the rows of `col` that need a rewrap, or cannot have one.
+pub fn pending_counts(col: &Column, who: Runner, targets: &Targets) -> KmsResult<Pending> {
+    if targets.is_empty() && targets.disabled.is_empty() {
+        return Ok(Pending::default());
     }
     if let Some(Err(why)) = &col.context {
         warning!(
@@ -351,22 +382,34 @@ pub fn pending_counts(col: &Column, who: Runner, targets: &Targets) -> KmsResult
     let counts = on_table(col, who, pg_sys::AccessShareLock, |col| {
         let q = format!(
             "SELECT pg_catalog.count(*) FILTER (WHERE h OPERATOR(pg_catalog.=) ANY ($1)),
-                    pg_catalog.count(*) FILTER (WHERE h OPERATOR(pg_catalog.=) ANY ($2))
+                    pg_catalog.count(*) FILTER (WHERE h OPERATOR(pg_catalog.=) ANY ($2)),
+                    pg_catalog.count(*) FILTER (WHERE h OPERATOR(pg_catalog.=) ANY ($3))
                FROM (SELECT {h} AS h FROM ONLY {t} kms_t WHERE kms_t.{c} IS NOT NULL) x",
             h = header_expr("kms_t", col),
             c = col.column,
             t = col.table
         );
         Spi::connect(|c| {
-            c.select(&q, Some(1), &[rewrap.into(), context.into()])?
-                .first()
-                .get_two::<i64, i64>()
+            let t = c.select(
+                &q,
+                Some(1),
+                &[
+                    rewrap.into(),
+                    context.into(),
+                    targets.disabled.clone().into(),
+                ],
+            )?;
+            let r = t.first();
+            Ok(Pending {
+                rewrap: r.get::<i64>(1)?.unwrap_or(0),
+                context: r.get::<i64>(2)?.unwrap_or(0),
+                disabled: r.get::<i64>(3)?.unwrap_or(0),
+            })
         })
-        .map(|(a, b)| (a.unwrap_or(0), b.unwrap_or(0)))
         .map_err(KmsError::spi)
     })?;
     // A table dropped meanwhile has nothing pending.
-    Ok(counts.unwrap_or((0, 0)))
+    Ok(counts.unwrap_or_default())
 }
 
 /// A position in a table: (block, line pointer), as in `ctid`.
@@ -733,9 +776,16 @@ pub fn reencrypt_now(tbl: RegClass, col: SqlName, max_rows: Option<i32>) -> i64 
         // caller sees every row (no row-level security applies to it):
         // otherwise its partial view must not mark the column clean.
         let shared = caller_sees_all(identity::current_user(), &column)?;
-        let (pending, ctx) = pending_counts(&column, Runner::Caller, &targets)?;
+        let pending = pending_counts(&column, Runner::Caller, &targets)?;
+        let ctx = pending.context;
         if shared {
-            progress::start(column.relid, &column.attname, pending, ctx)?;
+            progress::start(
+                column.relid,
+                &column.attname,
+                pending.rewrap,
+                ctx,
+                pending.disabled,
+            )?;
         }
         let b = rewrap_batch(
             &column,

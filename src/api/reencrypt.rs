@@ -92,6 +92,40 @@ mod tests {
         run("RESET ROLE");
     }
 
+    #[pg_test]
+    fn progress_says_finished_at_once_and_counts_rows_under_a_disabled_version() {
+        setup_key("pii");
+        run("CREATE TABLE fin (id int PRIMARY KEY, v encrypted_text)");
+        run("INSERT INTO fin SELECT g, kms_encrypt('v' || g, 'pii') FROM generate_series(1, 12) g");
+        run("SELECT kms_rotate_key('pii')");
+        let row = || {
+            one::<String>(
+                "SELECT rows_rewrapped || '/' || rows_pending || '/' || (finished_at IS NOT NULL)
+                        || '/' || coalesce(rows_under_disabled::text, '-') || '/' || failures
+                        || '/' || (backoff_until IS NULL)
+                   FROM kms_reencryption_progress WHERE table_name = 'fin'::regclass",
+            )
+            .unwrap_or_default()
+        };
+        // Part of the rows: not finished.
+        assert_eq!(
+            one::<i64>("SELECT kms_reencrypt_now('fin', 'v', 5)"),
+            Some(5)
+        );
+        assert_eq!(row(), "5/7/false/0/0/true");
+        // The batch that rewraps the last pending row sets finished_at.
+        assert_eq!(one::<i64>("SELECT kms_reencrypt_now('fin', 'v')"), Some(7));
+        assert_eq!(row(), "12/0/true/0/0/true");
+        // Rows sealed under a version that is then disabled: counted, and
+        // not pending (nothing can rewrap them).
+        run("SELECT kms_rotate_key('pii')");
+        run("UPDATE fin SET v = kms_encrypt('w' || id, 'pii') WHERE id <= 4");
+        run("SELECT kms_set_primary('pii', 2)");
+        run("SELECT kms_disable_key_version('pii', 3)");
+        assert_eq!(one::<i64>("SELECT kms_reencrypt_now('fin', 'v')"), Some(0));
+        assert_eq!(row(), "0/0/true/4/0/true");
+    }
+
     /// (rows_rewrapped, rows_pending, rows_needing_context, last_error) of
     /// `tbl.col` in kms_reencryption_progress.
     fn progress_of(tbl: &str, col: &str) -> String {

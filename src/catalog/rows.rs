@@ -208,12 +208,23 @@ pub fn secret_row(name: &str, version: Option<i32>) -> KmsResult<Option<SecretRo
 /// (key id, version) of every usable version that is not its key's
 /// primary: the versions whose values the worker rewraps.
 pub fn versions_to_rewrap() -> KmsResult<Vec<(i32, i32)>> {
+    versions_where("v.version <> k.primary_version AND v.state IN ('active', 'decrypt_only')")
+}
+
+/// (key id, version) of every disabled version: values sealed under one
+/// can be neither read nor rewrapped until it is enabled again.
+pub fn disabled_versions() -> KmsResult<Vec<(i32, i32)>> {
+    versions_where("v.state = 'disabled'")
+}
+
+fn versions_where(cond: &'static str) -> KmsResult<Vec<(i32, i32)>> {
     Spi::connect(|c| -> Result<Vec<(i32, i32)>, pgrx::spi::Error> {
         let mut out = Vec::new();
         for r in c.select(
-            "SELECT v.key_id, v.version FROM kms.keys k JOIN kms.key_versions v ON v.key_id = k.key_id
-              WHERE v.version <> k.primary_version AND v.state IN ('active', 'decrypt_only')
-              ORDER BY 1, 2",
+            &format!(
+                "SELECT v.key_id, v.version FROM kms.keys k JOIN kms.key_versions v ON v.key_id = k.key_id
+                  WHERE {cond} ORDER BY 1, 2"
+            ),
             None,
             &[],
         )? {

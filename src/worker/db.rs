@@ -11,7 +11,7 @@ use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// What the worker remembers between passes (lost on restart, harmlessly).
 #[derive(Default)]
@@ -19,13 +19,112 @@ struct ColumnState {
     /// Keyring signature under which the column was last found clean.
     clean_under: Option<String>,
     clean_at: Option<Instant>,
+    /// Whether that count ran after every transaction older than the
+    /// keyring had ended (else rows sealed under a former primary by such
+    /// a transaction may commit after it: it is counted again soon).
+    clean_trusted: bool,
+    /// Failed attempts in a row, and while backing off, until when.
+    failures: u32,
+    backoff_until: Option<Instant>,
+}
+
+/// Failures in a row before the worker backs a column off.
+const FAILURES_BEFORE_BACKOFF: u32 = 3;
+/// The longest backoff.
+const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+
+impl ColumnState {
+    fn mark_clean(&mut self, signature: &str, trusted: bool) {
+        self.clean_under = Some(signature.to_owned());
+        self.clean_at = Some(Instant::now());
+        self.clean_trusted = trusted;
+        self.succeeded();
+    }
+
+    fn succeeded(&mut self) {
+        self.failures = 0;
+        self.backoff_until = None;
+    }
+
+    /// Records a failure on `col` (in the server log, without the
+    /// message when it may quote data) and, after several in a row, backs
+    /// the column off: naptime, doubled at each further failure, at most an
+    /// hour. True when the column is now backed off.
+    fn failed(&mut self, col: &reencrypt::Column, what: &str, why: &Failure) -> bool {
+        self.failures = self.failures.saturating_add(1);
+        let backoff = (self.failures >= FAILURES_BEFORE_BACKOFF).then(|| {
+            let doublings = (self.failures - FAILURES_BEFORE_BACKOFF).min(20);
+            naptime()
+                .max(Duration::from_secs(1))
+                .saturating_mul(1 << doublings)
+                .min(MAX_BACKOFF)
+        });
+        match backoff {
+            Some(d) => {
+                warning!(
+                    "pg_kms worker: column {} of table {}: {what}: {}; {} failures in a row, trying again in {} s",
+                    col.column,
+                    col.table,
+                    why.loggable(),
+                    self.failures,
+                    d.as_secs()
+                );
+                self.backoff_until = Some(Instant::now() + d);
+                let failures = self.failures.min(i32::MAX as u32) as i32;
+                let _ =
+                    xact(|| progress::backoff(col.relid, &col.attname, failures, d.as_secs_f64()));
+            }
+            None => warning!(
+                "pg_kms worker: column {} of table {}: {what}: {}",
+                col.column,
+                col.table,
+                why.loggable()
+            ),
+        }
+        backoff.is_some()
+    }
+}
+
+/// Counts what `col` has to rewrap (as its owner) and records it in the
+/// progress row: the rows the worker can rewrap.
+fn count_column(col: &reencrypt::Column, targets: &reencrypt::Targets) -> Result<i64, Failure> {
+    let r = xact_kms(|| {
+        // Every statement on the table runs as its owner, under
+        // SECURITY_RESTRICTED_OPERATION (see reencrypt::Runner).
+        let p = reencrypt::pending_counts(col, Runner::Owner, targets)?;
+        progress::start(col.relid, &col.attname, p.rewrap, p.context, p.disabled)?;
+        Ok(p.rewrap)
+    });
+    if let Err(msg) = &r {
+        let _ = xact(|| progress::error(col.relid, &col.attname, msg));
+    }
+    r
+}
+
+/// Whether no transaction of this database that began before `since_us`
+/// (microseconds since the epoch) is still running, prepared ones
+/// included: one that is could still seal rows under a former primary
+/// (its key cache learns of a rotation only at its next lock).
+fn no_transaction_older_than(since_us: i64) -> crate::errors::KmsResult<bool> {
+    crate::pg::spi::first::<bool>(
+        "SELECT NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
+                             WHERE a.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()
+                               AND a.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid()
+                               AND a.backend_type OPERATOR(pg_catalog.=) ANY ('{client backend,parallel worker,background worker}')
+                               AND a.xact_start OPERATOR(pg_catalog.<) pg_catalog.to_timestamp($1::float8 / 1000000))
+            AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_prepared_xacts p
+                             WHERE p.database OPERATOR(pg_catalog.=) pg_catalog.current_database())",
+        &[since_us.into()],
+        false,
+    )
+    .map(|b| b.unwrap_or(false))
 }
 
 /// The keyring as the worker sees it, read in one transaction (one
 /// snapshot): a signature of every key's primary and version states (a
 /// column found clean under it stays clean until it changes), and the
 /// headers to rewrap.
-fn keyring_state() -> Result<(String, reencrypt::Targets), String> {
+fn keyring_state() -> Result<(String, reencrypt::Targets, i64), Failure> {
     xact_kms(|| {
         let signature = crate::catalog::as_catalog_owner(|_| {
             crate::pg::spi::first::<String>(
@@ -37,7 +136,16 @@ fn keyring_state() -> Result<(String, reencrypt::Targets), String> {
                 false,
             )
         })?;
-        Ok((signature.unwrap_or_default(), reencrypt::targets()?))
+        let now_us = crate::pg::spi::first::<i64>(
+            "SELECT (EXTRACT(epoch FROM pg_catalog.now()) * 1000000)::pg_catalog.int8",
+            &[],
+            false,
+        )?;
+        Ok((
+            signature.unwrap_or_default(),
+            reencrypt::targets()?,
+            now_us.unwrap_or(0),
+        ))
     })
 }
 
@@ -112,6 +220,8 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
     };
     log!("pg_kms worker started for database {db}");
     let mut columns: HashMap<(u32, String), ColumnState> = HashMap::new();
+    // The keyring signature last seen, and when it was first seen.
+    let mut sig_seen: Option<(String, i64)> = None;
     let mut throttle = Throttle::new(guc::REENCRYPT_MAX_ROWS_PER_SECOND.get(), Instant::now());
     'main: loop {
         reload_config_if_asked();
@@ -139,7 +249,7 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
         }) {
             warning!("pg_kms: scheduled rotation failed: {e}");
         }
-        let (signature, targets) = match keyring_state() {
+        let (signature, targets, seen_at_us) = match keyring_state() {
             Ok(state) => state,
             Err(e) => {
                 warning!("pg_kms: could not read the keyring: {e}");
@@ -175,37 +285,56 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
             _ => Vec::new(),
         };
         let mut did_work = converted;
+        if sig_seen.as_ref().map(|(s, _)| s) != Some(&signature) {
+            sig_seen = Some((signature.clone(), seen_at_us));
+        }
+        let since_us = sig_seen.as_ref().map_or(seen_at_us, |(_, t)| *t);
+        // Whether a transaction that began before this keyring was first
+        // seen may still be running (it may still seal rows under a former
+        // primary): asked at most once per loop, when a verdict needs it.
+        let mut old_xacts: Option<bool> = None;
+        let mut old_xacts_running = || {
+            *old_xacts.get_or_insert_with(|| {
+                !matches!(xact_kms(|| no_transaction_older_than(since_us)), Ok(true))
+            })
+        };
         for col in cols {
             let st = columns
                 .entry((col.relid.to_u32(), col.attname.clone()))
                 .or_default();
-            // Clean under this keyring: re-verify only now and then.
-            let fresh = st.clean_at.is_some_and(|t| t.elapsed() < naptime() * 30);
-            if st.clean_under.as_deref() == Some(signature.as_str()) && fresh {
+            if st.backoff_until.is_some_and(|t| Instant::now() < t) {
                 continue;
             }
-            match xact_kms(|| {
-                // Every statement on the table runs as its owner, under
-                // SECURITY_RESTRICTED_OPERATION (see reencrypt::Runner).
-                let (pending, ctx) = reencrypt::pending_counts(&col, Runner::Owner, &targets)?;
-                progress::start(col.relid, &col.attname, pending, ctx)?;
-                Ok(pending)
-            }) {
+            // Clean under this keyring: re-verify only now and then. A
+            // verdict reached while older transactions still ran is
+            // re-verified as soon as they are gone (or after 3 naptimes).
+            if st.clean_under.as_deref() == Some(signature.as_str()) {
+                let age = st.clean_at.map_or(Duration::MAX, |t| t.elapsed());
+                let fresh = if st.clean_trusted {
+                    age < naptime() * 30
+                } else {
+                    age < naptime() * 3 && old_xacts_running()
+                };
+                if fresh {
+                    continue;
+                }
+            }
+            let trusted = !old_xacts_running();
+            match count_column(&col, &targets) {
                 Ok(0) => {
-                    st.clean_under = Some(signature.clone());
-                    st.clean_at = Some(Instant::now());
+                    st.mark_clean(&signature, trusted);
                     continue;
                 }
                 Ok(_) => {}
                 Err(msg) => {
-                    let _ = xact(|| progress::error(col.relid, &col.attname, &msg));
+                    st.failed(&col, "could not count the rows to re-encrypt", &msg);
                     continue;
                 }
             }
             st.clean_under = None;
             // One pass over the table, in batches.
             let mut cursor: reencrypt::Tid = (0, 0);
-            loop {
+            let finished = loop {
                 reload_config_if_asked();
                 throttle.refresh(guc::REENCRYPT_MAX_ROWS_PER_SECOND.get(), Instant::now());
                 if let Some(d) = throttle.delay(Instant::now()) {
@@ -238,6 +367,9 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
                 match r {
                     Ok(b) => {
                         did_work |= b.updated > 0;
+                        if b.updated > 0 {
+                            st.succeeded();
+                        }
                         throttle.rows += b.picked as u64;
                         match b.last {
                             // Past the last row picked: it was rewrapped, or it
@@ -245,7 +377,7 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
                             Some(last) if b.picked >= limit => {
                                 cursor = (last.0, last.1.saturating_add(1))
                             }
-                            _ => break, // reached the end of the table
+                            _ => break true, // reached the end of the table
                         }
                     }
                     Err(msg) => {
@@ -254,6 +386,8 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
                         // it; the rest of the table goes on. (The batch's own
                         // error is recorded only when no row is to blame, so
                         // last_error never goes back to the vaguer message.)
+                        // Failures in a row back the column off.
+                        throttle.rows += 1;
                         match xact_kms(|| {
                             reencrypt::next_candidate(&col, Runner::Owner, &targets, cursor)
                         }) {
@@ -269,19 +403,45 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
                                     progress::batch(col.relid, &col.attname, b.updated)?;
                                     Ok(b)
                                 });
-                                if let Err(e) = alone {
-                                    let note = reencrypt::row_error(bad, &e);
-                                    let _ =
-                                        xact(|| progress::error(col.relid, &col.attname, &note));
-                                }
                                 cursor = (bad.0, bad.1.saturating_add(1));
+                                match alone {
+                                    Ok(b) if b.updated > 0 => st.succeeded(),
+                                    Ok(_) => {}
+                                    Err(e) => {
+                                        let note = reencrypt::row_error(bad, &e);
+                                        let _ = xact(|| {
+                                            progress::error(col.relid, &col.attname, &note)
+                                        });
+                                        let failure = Failure {
+                                            message: note,
+                                            sqlstate: e.sqlstate.clone(),
+                                        };
+                                        if st.failed(
+                                            &col,
+                                            "a row could not be re-encrypted",
+                                            &failure,
+                                        ) {
+                                            break false;
+                                        }
+                                    }
+                                }
                             }
                             _ => {
                                 let _ = xact(|| progress::error(col.relid, &col.attname, &msg));
-                                break;
+                                st.failed(&col, "a batch failed", &msg);
+                                break false;
                             }
                         }
                     }
+                }
+            };
+            if finished {
+                // The pass is over: count again, so that the progress row
+                // says at once whether the column is done (finished_at) or
+                // what is left (rows skipped as locked, or failing).
+                let trusted = !old_xacts_running();
+                if let Ok(0) = count_column(&col, &targets) {
+                    st.mark_clean(&signature, trusted);
                 }
             }
         }
@@ -323,7 +483,7 @@ fn convert_pass(throttle: &mut Throttle) -> Pass {
             Ok(Some((at, _left))) => at,
             Ok(None) => continue,
             Err(msg) => {
-                let _ = xact_kms(|| convert::record_error(&p, &msg));
+                convert_failed(&p, "could not start a pass", &msg);
                 continue;
             }
         };
@@ -363,8 +523,11 @@ fn convert_pass(throttle: &mut Throttle) -> Pass {
                     match xact_kms(|| convert::next_candidate(&p, cursor)) {
                         Ok(Some(bad)) => {
                             if let Err(e) = xact_kms(|| convert::backfill_batch(&p, bad, 1)) {
-                                let note = convert::row_error(bad, &e);
-                                let _ = xact_kms(|| convert::record_error(&p, &note));
+                                let note = Failure {
+                                    message: convert::row_error(bad, &e),
+                                    sqlstate: e.sqlstate.clone(),
+                                };
+                                convert_failed(&p, "a row could not be encrypted", &note);
                             }
                             cursor = convert::after(bad);
                             let _ = xact_kms(|| convert::set_resume(&p, Some(cursor)));
@@ -374,7 +537,7 @@ fn convert_pass(throttle: &mut Throttle) -> Pass {
                             break;
                         }
                         Err(_) => {
-                            let _ = xact_kms(|| convert::record_error(&p, &msg));
+                            convert_failed(&p, "a batch failed", &msg);
                             break;
                         }
                     }
@@ -398,16 +561,25 @@ fn finish(p: &crate::protect::Policy) {
                 held.as_millis()
             ),
             Ok(None) => {}
-            Err(msg) => {
-                let _ = xact_kms(|| convert::record_error(p, &msg));
-            }
+            Err(msg) => convert_failed(p, "the swap failed", &msg),
         },
         Ok(Some(_)) => {
             let _ = xact_kms(|| convert::set_resume(p, None));
         }
         Ok(None) => {}
-        Err(msg) => {
-            let _ = xact_kms(|| convert::record_error(p, &msg));
-        }
+        Err(msg) => convert_failed(p, "could not count the rows left", &msg),
     }
+}
+
+/// Records a failure of the online encryption of `p`'s column in its
+/// policy's last_error, and in the server log (without the message when it
+/// may quote data).
+fn convert_failed(p: &crate::protect::Policy, what: &str, why: &Failure) {
+    let _ = xact_kms(|| crate::protect::convert::record_error(p, why));
+    warning!(
+        "pg_kms worker: online encryption of column \"{}\" of table \"{}\": {what}: {}",
+        p.attname,
+        p.relname,
+        why.loggable()
+    );
 }

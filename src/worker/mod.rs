@@ -68,10 +68,62 @@ extern "C-unwind" {
     fn disable_timeout(id: std::ffi::c_int, keep_indicator: bool);
 }
 
+/// Why a worker transaction failed: the error's message (what
+/// `last_error` shows), and what may go to the server log.
+#[derive(Debug, Clone)]
+pub(super) struct Failure {
+    pub message: String,
+    /// The SQLSTATE, when PostgreSQL raised the error.
+    pub sqlstate: Option<String>,
+}
+
+impl Failure {
+    /// The failure as the server log may show it. pg_kms's own messages
+    /// never carry a value; of PostgreSQL's, only classes whose messages
+    /// name objects and never quote data are logged in full (an input
+    /// syntax error, say, quotes the value, and a user function may raise
+    /// anything): the others are logged by SQLSTATE, their message is in
+    /// `last_error` only (readable by kms_admin and kms_auditor).
+    pub fn loggable(&self) -> String {
+        match &self.sqlstate {
+            None => self.message.clone(),
+            Some(code) if message_is_loggable(code) => {
+                format!("{} (SQLSTATE {code})", self.message)
+            }
+            Some(code) => format!(
+                "SQLSTATE {code} (the message may quote data: see last_error in kms_reencryption_progress or kms_protected_columns)"
+            ),
+        }
+    }
+}
+
+/// SQLSTATE classes whose messages name objects, never data: transaction
+/// rollback (40), insufficient resources (53), program limits (54), object
+/// not in prerequisite state (55: lock timeouts), operator intervention
+/// (57: cancels, statement timeouts), insufficient privilege (42501),
+/// undefined or dropped objects (42P01, 42703, 42883).
+fn message_is_loggable(code: &str) -> bool {
+    matches!(code.get(..2), Some("40" | "53" | "54" | "55" | "57"))
+        || matches!(code, "42501" | "42P01" | "42703" | "42883")
+}
+
+impl std::ops::Deref for Failure {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.message
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// Runs `f` in its own transaction, cancelled after
 /// `pg_kms.reencrypt_statement_timeout`. An ERROR aborts that transaction
 /// and comes back as its message, so one bad table never stops the worker.
-pub(super) fn xact<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<R, String> {
+pub(super) fn xact<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<R, Failure> {
     let limit = guc::REENCRYPT_STATEMENT_TIMEOUT_MS.get();
     // SAFETY: a transaction is started and ended below on every path; the
     // timer is armed only inside it and disarmed on both exits.
@@ -88,9 +140,10 @@ pub(super) fn xact<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<
             Err(match e {
                 pg_sys::panic::CaughtError::PostgresError(r)
                 | pg_sys::panic::CaughtError::ErrorReport(r)
-                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
-                    r.message().to_string()
-                }
+                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => Failure {
+                    message: r.message().to_string(),
+                    sqlstate: Some(sqlstate_text(r.sql_error_code())),
+                },
             })
         })
         .execute();
@@ -115,6 +168,23 @@ pub(super) fn xact<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<
 /// [`xact`] for bodies returning a `KmsResult`: any failure as its message.
 pub(super) fn xact_kms<R>(
     f: impl FnOnce() -> crate::errors::KmsResult<R> + std::panic::UnwindSafe,
-) -> Result<R, String> {
-    xact(f).and_then(|r| r.map_err(|e| e.message()))
+) -> Result<R, Failure> {
+    xact(f).and_then(|r| {
+        r.map_err(|e| Failure {
+            message: e.message(),
+            sqlstate: None,
+        })
+    })
+}
+
+/// The five-character SQLSTATE of an error code (PostgreSQL's
+/// MAKE_SQLSTATE packing: six bits per character, from '0').
+fn sqlstate_text(code: pg_sys::errcodes::PgSqlErrorCode) -> String {
+    let mut n = code as isize as i32;
+    let mut out = String::with_capacity(5);
+    for _ in 0..5 {
+        out.push(char::from(b'0' + (n & 0x3f) as u8));
+        n >>= 6;
+    }
+    out
 }
