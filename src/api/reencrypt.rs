@@ -123,7 +123,7 @@ mod tests {
         run("SELECT kms_set_primary('pii', 2)");
         run("SELECT kms_disable_key_version('pii', 3)");
         assert_eq!(one::<i64>("SELECT kms_reencrypt_now('fin', 'v')"), Some(0));
-        assert_eq!(row(), "0/0/true/4/0/true");
+        assert_eq!(row(), "12/0/true/4/0/true");
     }
 
     /// (rows_rewrapped, rows_pending, rows_needing_context, last_error) of

@@ -32,7 +32,11 @@ pub fn start(
               rows_pending = excluded.rows_pending,
               rows_needing_context = excluded.rows_needing_context,
               rows_under_disabled = excluded.rows_under_disabled,
-              rows_rewrapped = CASE WHEN p.finished_at IS NULL THEN p.rows_rewrapped ELSE 0 END,
+              -- A new pass (rows pending after a finished one) starts from 0;
+              -- a count that finds the column still clean keeps the last
+              -- pass's figures.
+              rows_rewrapped = CASE WHEN p.finished_at IS NULL OR excluded.rows_pending = 0
+                                    THEN p.rows_rewrapped ELSE 0 END,
               started_at = CASE WHEN p.finished_at IS NULL THEN coalesce(p.started_at, pg_catalog.now())
                                 WHEN excluded.rows_pending > 0 THEN pg_catalog.now()
                                 ELSE p.started_at END,
