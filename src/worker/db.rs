@@ -74,6 +74,13 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
     if !matches!(installed, Ok(Ok(Some(true)))) {
         return; // not installed here: the launcher will look again later
     }
+    // Log lines name the database, not its oid.
+    let db_name = match xact(|| {
+        Spi::get_one::<String>("SELECT pg_catalog.quote_ident(pg_catalog.current_database())")
+    }) {
+        Ok(Ok(Some(n))) => n,
+        _ => db.to_string(),
+    };
     // SAFETY: both names and values are NUL-terminated literals naming
     // existing GUCs with valid values; SetConfigOption copies them. The
     // worker runs as the bootstrap superuser, so PGC_SUSET applies, and
@@ -106,11 +113,11 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
     let slot = match shmem::register_worker(db) {
         Ok(slot) => slot,
         Err(other) => {
-            log!("pg_kms worker for database {db} exits: worker {other} already serves it");
+            log!("pg_kms worker for database {db_name} exits: worker {other} already serves it");
             return;
         }
     };
-    log!("pg_kms worker started for database {db}");
+    log!("pg_kms worker started for database {db_name}");
     let mut columns: HashMap<(u32, String), ColumnState> = HashMap::new();
     let mut throttle = Throttle::new(guc::REENCRYPT_MAX_ROWS_PER_SECOND.get(), Instant::now());
     'main: loop {
@@ -292,7 +299,7 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
     if let Some(s) = slot {
         shmem::unregister_worker(s);
     }
-    log!("pg_kms worker for database {db} stopping");
+    log!("pg_kms worker for database {db_name} stopping");
 }
 
 /// How a conversion pass ended.
