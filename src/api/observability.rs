@@ -356,4 +356,50 @@ mod tests {
             restore();
         }
     }
+
+    /// Rows made before the chain was keyed (0.1.0) have no role: one there
+    /// was added. A secret read is an act: on such a keyring it adopts MACs
+    /// first, as any act does.
+    #[pg_test]
+    fn unkeyed_rows_carry_no_role_and_a_secret_read_adopts() {
+        setup_key("u1");
+        run("SELECT kms_secret_set('u/s', 'uval', key_name => 'u1')");
+        // Make it look like a 0.1.0 keyring with one unkeyed audit row.
+        run("ALTER TABLE kms.audit_log DISABLE TRIGGER USER");
+        run("DELETE FROM kms.audit_log");
+        run("DELETE FROM kms.audit_head");
+        run("UPDATE kms.keys SET row_mac = NULL, generation = 0");
+        run("UPDATE kms.key_versions SET row_mac = NULL");
+        run("UPDATE kms.keyring SET integrity_since = NULL, row_mac = NULL");
+        run(
+            r#"INSERT INTO kms.audit_log (id, at, actor, operation, key_name, version, reason, prev_hash, hash)
+               SELECT 1, t, 'dba', 'create_key', 'u1', 1, NULL, z, kms.audit_row_hash(z, 1, t, 'dba', 'create_key', 'u1', 1, NULL)
+                 FROM (SELECT now() AS t, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea AS z) s"#,
+        );
+        assert_eq!(
+            one::<bool>("SELECT ok FROM kms_audit_log_check()"),
+            Some(true)
+        );
+        run("UPDATE kms.audit_log SET role = 'someone' WHERE id = 1");
+        assert_eq!(
+            one::<String>("SELECT first_bad_id || ' ' || problem FROM kms_audit_log_check()").as_deref(),
+            Some("1 row 1: an unkeyed row records a role (rows made before the chain was keyed have none)")
+        );
+        assert_eq!(one::<bool>("SELECT kms_verify_audit_log()"), Some(false));
+        run("UPDATE kms.audit_log SET role = NULL WHERE id = 1");
+        run("ALTER TABLE kms.audit_log ENABLE TRIGGER USER");
+        assert_eq!(
+            one::<String>("SELECT kms_secret_get('u/s')").as_deref(),
+            Some("uval")
+        );
+        let me = one::<String>("SELECT session_user::text").unwrap();
+        assert_eq!(
+            one::<String>("SELECT string_agg(operation || ':' || coalesce(role, '-'), ',' ORDER BY id) FROM kms_audit_log").as_deref(),
+            Some(format!("create_key:-,adopt_integrity:{me},secret_read:{me}").as_str())
+        );
+        assert_eq!(
+            one::<bool>("SELECT ok FROM kms_audit_log_check()"),
+            Some(true)
+        );
+    }
 }
