@@ -285,6 +285,14 @@ mod tests {
         );
         run("UPDATE kms.audit_log SET role = 'kt_sec_admin' WHERE id = 2");
         assert_eq!(one::<bool>("SELECT kms_verify_audit_log()"), Some(true));
+        run("ALTER TABLE kms.audit_log ENABLE TRIGGER USER");
+        // A reason longer than a NOTIFY payload may be: the act still works,
+        // the row keeps the whole reason (the payload a cut one).
+        run("SELECT kms_rotate_key('ra', repeat('long reason ', 2000))");
+        assert_eq!(
+            one::<i32>("SELECT length(reason) FROM kms_audit_log ORDER BY id DESC LIMIT 1"),
+            Some(24000)
+        );
     }
 
     /// kms_audit_log_check() names the first bad row and why, for each way

@@ -151,7 +151,8 @@ pub(crate) fn append(
     )?;
     // Anyone in the database may LISTEN: the reason of a secrets-store act
     // names the secret, which kms_secret_get hides from who may not read
-    // it, so it stays in the audit log only.
+    // it, so it stays in the audit log only. A long reason is cut to 500
+    // characters (a payload is at most 8000 bytes; the row keeps it whole).
     let notify_reason = if operation.starts_with("secret_") {
         None
     } else {
@@ -160,7 +161,9 @@ pub(crate) fn append(
     spi::exec(
         "SELECT pg_catalog.pg_notify('kms_events', pg_catalog.jsonb_build_object(
                 'operation', $1::text, 'key_name', $2::text, 'version', $3::integer,
-                'reason', $4::text, 'actor', session_user::text, 'role', $5::text, 'id', $6::int8)::text)",
+                'reason', CASE WHEN pg_catalog.char_length($4::text) > 500
+                               THEN pg_catalog.left($4::text, 500) || '...' ELSE $4::text END,
+                'actor', session_user::text, 'role', $5::text, 'id', $6::int8)::text)",
         &[
             operation.into(),
             key_name.into(),
