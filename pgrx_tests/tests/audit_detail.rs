@@ -218,3 +218,32 @@ fn secret_reads_are_audited_one_by_one() {
     assert!(ok);
     println!("secret reads: 3 reads by app -> 3 secret_read audit rows (actor, role, key version, secret version, explicit or not), notified without name or value; read-only read refused (25006); purge audited");
 }
+
+#[test]
+fn worker_log_lines_name_the_database() {
+    let c = Cluster::start(
+        "ad_worker",
+        &[
+            "shared_preload_libraries = 'pg_kms'",
+            "pg_kms.reencrypt_naptime = '200ms'",
+        ],
+    );
+    let mut db = c.connect();
+    db.batch_execute("CREATE EXTENSION pg_kms").unwrap();
+    db.batch_execute("CREATE DATABASE \"KmsDb\"").unwrap();
+    let mut other = c.connect_as("postgres", "KmsDb");
+    other.batch_execute("CREATE EXTENSION pg_kms").unwrap();
+    poll("both workers' start lines", Duration::from_secs(30), || {
+        let log = c.server_log();
+        (log.contains("pg_kms worker started for database postgres")
+            && log.contains("pg_kms worker started for database \"KmsDb\""))
+        .then_some(())
+    });
+    let log = c.server_log();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("pg_kms worker") && l.contains("for database 1")),
+        "a worker line names a database by oid"
+    );
+    println!("worker log lines: \"pg_kms worker started for database postgres\" and for \"KmsDb\", no oid");
+}

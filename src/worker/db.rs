@@ -74,11 +74,13 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
     if !matches!(installed, Ok(Ok(Some(true)))) {
         return; // not installed here: the launcher will look again later
     }
-    // Log lines name the database, not its oid.
+    // Log lines name the database, not its oid (as bytes: any encoding).
     let db_name = match xact(|| {
-        Spi::get_one::<String>("SELECT pg_catalog.quote_ident(pg_catalog.current_database())")
+        Spi::get_one::<Vec<u8>>(
+            "SELECT pg_catalog.textsend(pg_catalog.quote_ident(pg_catalog.current_database()))",
+        )
     }) {
-        Ok(Ok(Some(n))) => n,
+        Ok(Ok(Some(n))) => String::from_utf8_lossy(&n).into_owned(),
         _ => db.to_string(),
     };
     // SAFETY: both names and values are NUL-terminated literals naming
