@@ -7,6 +7,9 @@
 -- derived from the master key, hash); key_fp names that master key.
 -- Rows with mac NULL come from a keyring made before the chain was keyed
 -- (hash = kms.audit_row_hash) and may only precede keyed rows.
+-- actor is session_user, role the current_user of the act (the role whose
+-- privileges it used, e.g. after SET ROLE; NULL in rows made before it was
+-- recorded, whose hashes do not cover it).
 CREATE TABLE kms.audit_log (
     id        bigint PRIMARY KEY,
     at        timestamptz NOT NULL,
@@ -19,7 +22,8 @@ CREATE TABLE kms.audit_log (
     hash      bytea NOT NULL,
     detail    text,
     key_fp    bytea,
-    mac       bytea
+    mac       bytea,
+    role      text
 );
 -- Cold-path lookups of a key's latest change (see kms.keys.generation).
 CREATE INDEX audit_log_key_name ON kms.audit_log (key_name, id);

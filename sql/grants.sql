@@ -51,6 +51,7 @@ BEGIN
             ('function', 'kms_reencrypt_now',         '{kms_admin}'),
             ('function', 'kms_secret_set',            '{kms_admin}'),
             ('function', 'kms_secret_delete',         '{kms_admin}'),
+            ('function', 'kms_secret_purge_expired',  '{kms_admin}'),
             -- One keyring across clusters (logical replication, Citus nodes).
             ('function', 'kms_keyring_export',        '{kms_admin}'),
             ('function', 'kms_keyring_import',        '{kms_admin}'),

@@ -379,6 +379,36 @@ SELECT p.relid::pg_catalog.regclass AS table_name,
 COMMENT ON VIEW kms_reencryption_progress IS 'rows_pending is exact when a pass starts (a full count) and decremented as batches commit; rows_needing_context were sealed with a context that no protected-column policy of the column gives, which only the application can supply (UPDATE ... SET col = kms_rewrap(col, ctx)); a column protected with its context is rewrapped with each row''s context and counts none. failures counts failed attempts in a row; while backoff_until is in the future the worker leaves the column alone (it doubles each time, up to an hour). rows_under_disabled were sealed under a disabled version: nothing can read or rewrap them until it is enabled again.';
 COMMENT ON TYPE encrypted_text IS 'AES-256-GCM envelope (format, key id, key version, nonce, ciphertext, tag) produced by kms_encrypt(), or AES-256-SIV (header, synthetic IV, ciphertext) from kms_encrypt_deterministic(); text form kms:<base64>';
 
+-- Issue 16, helper C ("audit"): current_user of each act in the audit
+-- log, audited secret reads, secrets that keep their ttl and tags, purge of
+-- expired secret versions. (Before section 7, which grants every function.)
+ALTER TABLE kms.audit_log ADD COLUMN role text;
+
+CREATE OR REPLACE VIEW kms_audit_log AS
+SELECT id, at, actor, operation, key_name, version, reason, pg_catalog.encode(hash, 'hex') AS hash,
+       detail, pg_catalog.encode(mac, 'hex') AS mac, role
+  FROM kms.audit_log;
+
+-- Now VOLATILE: every read appends an audit row.
+ALTER FUNCTION "kms_secret_get"(text, integer) VOLATILE;
+
+-- tags now DEFAULT NULL: a new version keeps the previous version's tags.
+CREATE OR REPLACE FUNCTION "kms_secret_set"(
+	"name" text,
+	"value" text,
+	"key_name" text DEFAULT NULL,
+	"ttl" interval DEFAULT NULL,
+	"tags" jsonb DEFAULT NULL
+) RETURNS INT
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'kms_secret_set_wrapper';
+
+CREATE FUNCTION "kms_secret_purge_expired"() RETURNS bigint
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'kms_secret_purge_expired_wrapper';
+
 -- 7. Privileges of every function and view, as a fresh install of 0.2.0
 -- sets them: a verbatim copy of sql/grants.sql's DO block, between the
 -- BEGIN and END lines (pgrx_tests/tests/upgrade.rs checks it; after a
@@ -421,6 +451,7 @@ BEGIN
             ('function', 'kms_reencrypt_now',         '{kms_admin}'),
             ('function', 'kms_secret_set',            '{kms_admin}'),
             ('function', 'kms_secret_delete',         '{kms_admin}'),
+            ('function', 'kms_secret_purge_expired',  '{kms_admin}'),
             -- One keyring across clusters (logical replication, Citus nodes).
             ('function', 'kms_keyring_export',        '{kms_admin}'),
             ('function', 'kms_keyring_import',        '{kms_admin}'),

@@ -18,7 +18,7 @@ SELECT k.key_name,
 
 CREATE VIEW kms_audit_log AS
 SELECT id, at, actor, operation, key_name, version, reason, pg_catalog.encode(hash, 'hex') AS hash,
-       detail, pg_catalog.encode(mac, 'hex') AS mac
+       detail, pg_catalog.encode(mac, 'hex') AS mac, role
   FROM kms.audit_log;
 
 -- Destruction receipts (kms_destroy_key_version, kms_destroy_key): key,

@@ -82,6 +82,9 @@ pub enum KmsError {
     KeyDestroyed { key: String, action: &'static str },
     /// 25006: a lifecycle act on a standby or in a read-only transaction.
     ReadOnly,
+    /// 25006: kms_secret_get on a standby or in a read-only transaction
+    /// (every read of a secret appends an audit row).
+    SecretReadOnly,
     /// 42501: the caller lacks SELECT and UPDATE on a column it asked pg_kms
     /// to rewrite (`kms_reencrypt_now`). Names as they print in SQL.
     NotAllowed {
@@ -419,6 +422,12 @@ impl KmsError {
                 "key lifecycle functions cannot run in a read-only transaction".into(),
                 None,
                 Some("Run them on the primary server, outside a read-only transaction.".into()),
+            ),
+            KmsError::SecretReadOnly => (
+                ERRCODE_READ_ONLY_SQL_TRANSACTION,
+                "kms_secret_get() cannot run in a read-only transaction".into(),
+                None,
+                Some("Every read of a secret is written to the audit log: read secrets on the primary server, outside a read-only transaction.".into()),
             ),
         }
     }

@@ -6,7 +6,7 @@
 
 use crate::catalog;
 use crate::errors::{KmsError, KmsResult, OrRaise};
-use crate::keys::audit::audit;
+use crate::keys::audit::{append, audit, begin_act};
 use crate::lifecycle::lifecycle;
 use crate::pg::datum::{EncryptedText, OutText, RawText};
 use crate::pg::spi;
@@ -51,10 +51,10 @@ pub fn secret_set(
             }
         };
         if let Some(t) = ttl {
-            if spi::one::<bool>("SELECT $1 > interval '0'", &[t.into()])? != Some(true) {
+            if spi::one::<bool>("SELECT $1 >= interval '0'", &[t.into()])? != Some(true) {
                 return Err(KmsError::BadArgument {
-                    message: "ttl must be a positive interval".into(),
-                    hint: "Pass NULL for a secret that does not expire.",
+                    message: "ttl must not be a negative interval".into(),
+                    hint: "Pass NULL to keep the previous version's ttl (none for a new secret), or interval '0' for a version that does not expire.",
                 });
             }
         }
@@ -66,9 +66,16 @@ pub fn secret_set(
         )?
         .unwrap_or(1);
         let type_oid = crate::pg::datum::encrypted_text_oid()?;
+        // ttl and tags not given (NULL): the previous version's (its ttl is
+        // expires_at - created_at); ttl interval '0': no expiry.
         spi::exec(
             "INSERT INTO kms.secrets (name, version, value, created_at, expires_at, tags)
-             VALUES ($1, $2, $3, pg_catalog.now(), pg_catalog.now() + $4, coalesce($5, '{}'::jsonb))",
+             SELECT $1, $2, $3, pg_catalog.now(),
+                    CASE WHEN $4 = interval '0' THEN NULL ELSE pg_catalog.now() + coalesce($4, p.ttl) END,
+                    coalesce($5, p.tags, '{}'::jsonb)
+               FROM (SELECT 1) one
+               LEFT JOIN (SELECT s.expires_at - s.created_at AS ttl, s.tags FROM kms.secrets s
+                           WHERE s.name = $1 ORDER BY s.version DESC LIMIT 1) p ON true",
             &[
                 name.as_str().into(),
                 version.into(),
@@ -95,6 +102,13 @@ pub fn secret_set(
 
 /// The body of SQL `kms_secret_get()`.
 pub fn secret_get(name: Option<RawText>, version: Option<i32>) -> Option<OutText> {
+    // Every read is audited: it needs a read-write transaction (the same
+    // error for every caller, before anything about the secret is looked at).
+    // SAFETY: as in lifecycle::lifecycle: a spinlock-protected shared read
+    // and a plain read of a backend global.
+    if unsafe { pg_sys::RecoveryInProgress() || pg_sys::XactReadOnly } {
+        KmsError::SecretReadOnly.raise();
+    }
     let caller = crate::pg::identity::current_user();
     let r = catalog::as_catalog_owner(|_| {
         let name = secret_name(&name)?;
@@ -138,9 +152,56 @@ pub fn secret_get(name: Option<RawText>, version: Option<i32>) -> Option<OutText
                 at,
             });
         }
-        crate::values::decrypt_text(&value, &[])
+        let out = crate::values::decrypt_text(&value, &[])?;
+        audit_read(&name, v, version.is_some(), &value)?;
+        Ok(out)
     });
     Some(r.or_raise())
+}
+
+/// Appends the lifecycle-audit row of one secret read (`secret_read`: the
+/// key and key version that opened it, the secret's name and version, and
+/// whether that version was asked for by number). Caller is the catalog
+/// owner.
+fn audit_read(name: &str, version: i32, explicit: bool, value: &EncryptedText) -> KmsResult<()> {
+    let h = value.envelope().header;
+    let key = spi::read::<String>(
+        "SELECT key_name FROM kms.keys WHERE key_id = $1",
+        &[(h.key_id as i32).into()],
+    )?;
+    let newest = spi::read::<i32>(
+        "SELECT max(version) FROM kms.secrets WHERE name = $1",
+        &[name.into()],
+    )?;
+    let newest = newest.unwrap_or(version);
+    let how = match (explicit, version == newest) {
+        (false, _) => String::new(),
+        (true, true) => " (asked for by number)".into(),
+        (true, false) => format!(" (asked for by number; the newest is {newest})"),
+    };
+    let detail = serde_json::json!({
+        "secret": name,
+        "secret_version": version,
+        "newest_version": newest,
+        "explicit_version": explicit,
+    })
+    .to_string();
+    // A read is an act: the same guard as the others (a keyring from before
+    // MACs adopts them here as it would at any act).
+    crate::lifecycle::guard_catalog()?;
+    let act = begin_act()?;
+    append(
+        &act.keys,
+        &act.fp,
+        "secret_read",
+        key.as_deref(),
+        Some(h.key_version as i32),
+        Some(RawText::from_ascii(&format!(
+            "secret {name} version {version}{how}"
+        ))),
+        Some(&detail),
+    )?;
+    Ok(())
 }
 
 /// Whether `role` holds (directly or through membership) a valid 'decrypt'
@@ -176,6 +237,37 @@ pub fn secret_delete(name: Option<RawText>) -> i64 {
             None,
             None,
             Some(RawText::from_ascii(&format!("secret {name}, {n} versions"))),
+        )?;
+        Ok(n)
+    })
+}
+
+/// The body of SQL `kms_secret_purge_expired()`: deletes every expired
+/// version of every secret, audited (which versions, in the detail), and
+/// returns how many.
+pub fn secret_purge_expired() -> i64 {
+    lifecycle(|| {
+        spi::exec("LOCK TABLE kms.secrets IN SHARE ROW EXCLUSIVE MODE", &[])?;
+        let purged = spi::one::<pgrx::JsonB>(
+            "WITH d AS (DELETE FROM kms.secrets WHERE expires_at <= pg_catalog.now() RETURNING name, version)
+             SELECT coalesce(pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object('secret', name, 'version', version)
+                                                  ORDER BY name, version), '[]')
+               FROM d",
+            &[],
+        )?
+        .map(|j| j.0)
+        .unwrap_or_default();
+        let n = purged.as_array().map_or(0, Vec::len) as i64;
+        let detail = purged.to_string();
+        let act = begin_act()?;
+        append(
+            &act.keys,
+            &act.fp,
+            "secret_purge_expired",
+            None,
+            None,
+            Some(RawText::from_ascii(&format!("{n} expired secret versions"))),
+            Some(&detail),
         )?;
         Ok(n)
     })

@@ -217,6 +217,10 @@ fn canon_audit(row: &postgres::Row, reason: Option<&[u8]>) -> Vec<u8> {
             .map(str::as_bytes),
     );
     b(&mut out, Some(&row.get::<_, Vec<u8>>("key_fp")));
+    // current_user at the act: a last field, only in rows that record it.
+    if let Some(role) = row.get::<_, Option<String>>("role") {
+        b(&mut out, Some(role.as_bytes()));
+    }
     out
 }
 
@@ -308,7 +312,7 @@ fn audit_chain_head_is_logged_and_forgeries_are_caught() {
         .unwrap();
     let rows = other
         .query(
-            "SELECT id, (EXTRACT(epoch FROM at) * 1000000)::int8 AS at_us, actor, operation, key_name, version, reason, detail, key_fp, prev_hash
+            "SELECT id, (EXTRACT(epoch FROM at) * 1000000)::int8 AS at_us, actor, operation, key_name, version, reason, detail, key_fp, prev_hash, role
                FROM kms.audit_log ORDER BY id",
             &[],
         )

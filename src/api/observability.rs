@@ -244,4 +244,170 @@ mod tests {
         );
         assert_eq!(one::<bool>("SELECT kms_verify_audit_log()"), Some(false));
     }
+
+    /// `actor` is session_user, `role` current_user (after SET ROLE, in a
+    /// SECURITY DEFINER function), and the chain covers `role`.
+    #[pg_test]
+    fn audit_records_current_user() {
+        setup_key("ra");
+        run("CREATE ROLE kt_sec_admin IN ROLE kms_admin");
+        run("SET LOCAL ROLE kt_sec_admin");
+        run("SELECT kms_rotate_key('ra', 'as sec admin')");
+        run("RESET ROLE");
+        run("CREATE ROLE kt_definer IN ROLE kms_admin");
+        run("CREATE ROLE kt_caller");
+        run("CREATE FUNCTION public.kt_rotate_ra() RETURNS int LANGUAGE sql SECURITY DEFINER AS $$ SELECT kms_rotate_key('ra', 'definer') $$");
+        run("ALTER FUNCTION public.kt_rotate_ra() OWNER TO kt_definer");
+        run("SET LOCAL ROLE kt_caller");
+        run("SELECT public.kt_rotate_ra()");
+        run("RESET ROLE");
+        let me = one::<String>("SELECT session_user::text").unwrap();
+        assert_eq!(
+            one::<String>("SELECT string_agg(operation || ':' || actor || ':' || role, ',' ORDER BY id) FROM kms_audit_log").as_deref(),
+            Some(format!("create_key:{me}:{me},rotate_key:{me}:kt_sec_admin,rotate_key:{me}:kt_definer").as_str())
+        );
+        assert_eq!(
+            one::<bool>("SELECT ok FROM kms_audit_log_check()"),
+            Some(true)
+        );
+        // Editing or removing the role of a row breaks its hash.
+        run("ALTER TABLE kms.audit_log DISABLE TRIGGER USER");
+        run("UPDATE kms.audit_log SET role = 'someone_else' WHERE id = 2");
+        assert_eq!(
+            one::<String>("SELECT first_bad_id || ' ' || problem FROM kms_audit_log_check()")
+                .as_deref(),
+            Some("2 row 2: hash does not match the row's content")
+        );
+        run("UPDATE kms.audit_log SET role = NULL WHERE id = 2");
+        assert_eq!(
+            one::<i64>("SELECT first_bad_id FROM kms_audit_log_check()"),
+            Some(2)
+        );
+        run("UPDATE kms.audit_log SET role = 'kt_sec_admin' WHERE id = 2");
+        assert_eq!(one::<bool>("SELECT kms_verify_audit_log()"), Some(true));
+        run("ALTER TABLE kms.audit_log ENABLE TRIGGER USER");
+        // A reason longer than a NOTIFY payload may be: the act still works,
+        // the row keeps the whole reason (the payload a cut one).
+        run("SELECT kms_rotate_key('ra', repeat('long reason ', 2000))");
+        assert_eq!(
+            one::<i32>("SELECT length(reason) FROM kms_audit_log ORDER BY id DESC LIMIT 1"),
+            Some(24000)
+        );
+    }
+
+    /// kms_audit_log_check() names the first bad row and why, for each way
+    /// of tampering with the chain that leaves the catalog rows alone.
+    #[pg_test]
+    fn audit_log_check_names_each_tamper_kind() {
+        setup_key("tk");
+        for _ in 0..4 {
+            run("SELECT kms_rotate_key('tk', 'r')");
+        }
+        run("CREATE TEMP TABLE saved_log AS SELECT * FROM kms.audit_log");
+        run("CREATE TEMP TABLE saved_head AS SELECT * FROM kms.audit_head");
+        run("ALTER TABLE kms.audit_log DISABLE TRIGGER USER");
+        let restore = || {
+            run("DELETE FROM kms.audit_log");
+            run("INSERT INTO kms.audit_log SELECT * FROM saved_log");
+            run("DELETE FROM kms.audit_head");
+            run("INSERT INTO kms.audit_head SELECT * FROM saved_head");
+            assert_eq!(
+                one::<bool>("SELECT ok FROM kms_audit_log_check()"),
+                Some(true)
+            );
+        };
+        let check = || {
+            one::<String>("SELECT ok || ' ' || coalesce(first_bad_id::text, '-') || ' ' || problem FROM kms_audit_log_check()")
+                .unwrap_or_default()
+        };
+        restore();
+        for (tamper, expect) in [
+            (
+                "UPDATE kms.audit_log SET reason = 'other' WHERE id = 3",
+                "false 3 row 3: hash does not match the row's content",
+            ),
+            (
+                "UPDATE kms.audit_log SET role = 'intruder' WHERE id = 4",
+                "false 4 row 4: hash does not match the row's content",
+            ),
+            (
+                "DELETE FROM kms.audit_log WHERE id = 2",
+                "false 2 row 2: missing (the next row is 3)",
+            ),
+            (
+                "UPDATE kms.audit_log SET id = -id WHERE id IN (2, 3); UPDATE kms.audit_log SET id = CASE id WHEN -2 THEN 3 ELSE 2 END WHERE id < 0",
+                "false 2 row 2: prev_hash is not the hash of the row before it: rows were removed, inserted or reordered",
+            ),
+            (
+                "UPDATE kms.audit_log SET mac = NULL WHERE id = 3",
+                "false 3 row 3: an unkeyed row after keyed rows",
+            ),
+            (
+                "UPDATE kms.audit_log SET key_fp = NULL WHERE id = 3",
+                "false 3 row 3: a keyed row without the fingerprint of its master key",
+            ),
+            (
+                "UPDATE kms.audit_log SET mac = sha256(mac) WHERE id = 3",
+                "false 3 row 3: its MAC does not verify under the master key: the row was altered or forged",
+            ),
+            (
+                "DELETE FROM kms.audit_log WHERE id = 5",
+                "false 5 row 5: kms.audit_head names row 5 but the log ends at row 4",
+            ),
+            (
+                "DELETE FROM kms.audit_log; DELETE FROM kms.audit_head",
+                "false 1 row 1: the audit log is empty although the keyring's rows carry MACs: rows were removed",
+            ),
+        ] {
+            run(tamper);
+            assert_eq!(check(), expect, "{tamper}");
+            restore();
+        }
+    }
+
+    /// Rows made before the chain was keyed (0.1.0) have no role: one there
+    /// was added. A secret read is an act: on such a keyring it adopts MACs
+    /// first, as any act does.
+    #[pg_test]
+    fn unkeyed_rows_carry_no_role_and_a_secret_read_adopts() {
+        setup_key("u1");
+        run("SELECT kms_secret_set('u/s', 'uval', key_name => 'u1')");
+        // Make it look like a 0.1.0 keyring with one unkeyed audit row.
+        run("ALTER TABLE kms.audit_log DISABLE TRIGGER USER");
+        run("DELETE FROM kms.audit_log");
+        run("DELETE FROM kms.audit_head");
+        run("UPDATE kms.keys SET row_mac = NULL, generation = 0");
+        run("UPDATE kms.key_versions SET row_mac = NULL");
+        run("UPDATE kms.keyring SET integrity_since = NULL, row_mac = NULL");
+        run(
+            r#"INSERT INTO kms.audit_log (id, at, actor, operation, key_name, version, reason, prev_hash, hash)
+               SELECT 1, t, 'dba', 'create_key', 'u1', 1, NULL, z, kms.audit_row_hash(z, 1, t, 'dba', 'create_key', 'u1', 1, NULL)
+                 FROM (SELECT now() AS t, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea AS z) s"#,
+        );
+        assert_eq!(
+            one::<bool>("SELECT ok FROM kms_audit_log_check()"),
+            Some(true)
+        );
+        run("UPDATE kms.audit_log SET role = 'someone' WHERE id = 1");
+        assert_eq!(
+            one::<String>("SELECT first_bad_id || ' ' || problem FROM kms_audit_log_check()").as_deref(),
+            Some("1 row 1: an unkeyed row records a role (rows made before the chain was keyed have none)")
+        );
+        assert_eq!(one::<bool>("SELECT kms_verify_audit_log()"), Some(false));
+        run("UPDATE kms.audit_log SET role = NULL WHERE id = 1");
+        run("ALTER TABLE kms.audit_log ENABLE TRIGGER USER");
+        assert_eq!(
+            one::<String>("SELECT kms_secret_get('u/s')").as_deref(),
+            Some("uval")
+        );
+        let me = one::<String>("SELECT session_user::text").unwrap();
+        assert_eq!(
+            one::<String>("SELECT string_agg(operation || ':' || coalesce(role, '-'), ',' ORDER BY id) FROM kms_audit_log").as_deref(),
+            Some(format!("create_key:-,adopt_integrity:{me},secret_read:{me}").as_str())
+        );
+        assert_eq!(
+            one::<bool>("SELECT ok FROM kms_audit_log_check()"),
+            Some(true)
+        );
+    }
 }

@@ -51,6 +51,7 @@ mod tests {
         ("function", "kms_reencrypt_now", ADMIN),
         ("function", "kms_secret_set", ADMIN),
         ("function", "kms_secret_delete", ADMIN),
+        ("function", "kms_secret_purge_expired", ADMIN),
         ("function", "kms_keyring_export", ADMIN),
         ("function", "kms_keyring_import", ADMIN),
         ("function", "kms_protect_column", ADMIN),
@@ -248,7 +249,8 @@ mod tests {
             "SELECT kms_reencrypt_now('t', 'v')",
             "SELECT kms_secret_set('s1', 'v')",
             "SELECT kms_secret_delete('nope')", // 42704, not 42501
-            "SELECT kms_rotate_master_key()",   // 55000 (no previous key), not 42501
+            "SELECT kms_secret_purge_expired()",
+            "SELECT kms_rotate_master_key()", // 55000 (no previous key), not 42501
         ];
         let read_ok = [
             "SELECT * FROM kms_keys",

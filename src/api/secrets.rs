@@ -1,4 +1,4 @@
-//! The secrets store in SQL: `kms_secret_set/get/delete`.
+//! The secrets store in SQL: `kms_secret_set/get/delete/purge_expired`.
 
 use crate::pg::datum::{OutText, RawText};
 use pgrx::datum::Interval;
@@ -10,7 +10,7 @@ fn kms_secret_set(
     value: Option<RawText>,
     key_name: default!(Option<RawText>, "NULL"),
     ttl: default!(Option<Interval>, "NULL"),
-    tags: default!(Option<pgrx::JsonB>, "'{}'"),
+    tags: default!(Option<pgrx::JsonB>, "NULL"),
 ) -> i32 {
     crate::secrets::secret_set(name, value, key_name, ttl, tags)
 }
@@ -19,7 +19,9 @@ fn kms_secret_set(
 /// kms_admin member nor granted 'decrypt' on the secret's key, an unknown
 /// secret (or version), an expired one and a forbidden one give the same
 /// error, so nothing about a secret is revealed to who may not read it.
-#[pg_extern(stable, parallel_unsafe)]
+/// Without `version`, the newest version; an older one only when asked for
+/// by number. Every read appends a `secret_read` row to the audit log.
+#[pg_extern(volatile, parallel_unsafe)]
 fn kms_secret_get(
     name: Option<RawText>,
     version: default!(Option<i32>, "NULL"),
@@ -30,6 +32,13 @@ fn kms_secret_get(
 #[pg_extern(volatile, parallel_unsafe)]
 fn kms_secret_delete(name: Option<RawText>) -> i64 {
     crate::secrets::secret_delete(name)
+}
+
+/// Deletes every expired version of every secret (kms_admin), audited;
+/// returns how many.
+#[pg_extern(volatile, parallel_unsafe)]
+fn kms_secret_purge_expired() -> i64 {
+    crate::secrets::secret_purge_expired()
 }
 
 #[cfg(any(test, feature = "pg_test"))]
@@ -147,5 +156,139 @@ mod tests {
             Some(expect("absent"))
         );
         assert_sqlstate("SELECT kms_secret_get('absent')", "42704");
+    }
+
+    #[pg_test]
+    fn secret_versions_keep_ttl_and_tags() {
+        run("SELECT kms_secret_set('cfg', 'a', ttl => interval '1 hour', tags => '{\"env\": \"prod\"}')");
+        // Not given: the previous version's ttl and tags.
+        run("SELECT kms_secret_set('cfg', 'b')");
+        assert_eq!(
+            one::<String>("SELECT (expires_at - created_at)::text || ' ' || (tags->>'env') FROM kms.secrets WHERE name = 'cfg' AND version = 2").as_deref(),
+            Some("01:00:00 prod")
+        );
+        // Given: replaced; interval '0' means no expiry, '{}' no tags.
+        run("SELECT kms_secret_set('cfg', 'c', ttl => interval '0', tags => '{}')");
+        assert_eq!(
+            one::<String>("SELECT coalesce(expires_at::text, 'never') || ' ' || tags::text FROM kms.secrets WHERE name = 'cfg' AND version = 3").as_deref(),
+            Some("never {}")
+        );
+        run("SELECT kms_secret_set('cfg', 'd', ttl => interval '2 days')");
+        assert_eq!(
+            one::<String>("SELECT (expires_at - created_at)::text || ' ' || tags::text FROM kms.secrets WHERE name = 'cfg' AND version = 4").as_deref(),
+            Some("2 days {}")
+        );
+        // A new secret starts with neither.
+        run("SELECT kms_secret_set('fresh', 'x')");
+        assert_eq!(
+            one::<String>("SELECT coalesce(expires_at::text, 'never') || ' ' || tags::text FROM kms.secrets WHERE name = 'fresh'").as_deref(),
+            Some("never {}")
+        );
+        assert_sqlstate(
+            "SELECT kms_secret_set('cfg', 'e', ttl => interval '-1 second')",
+            "22023",
+        );
+        assert_eq!(
+            one::<String>("SELECT kms_secret_get('cfg')").as_deref(),
+            Some("d")
+        );
+    }
+
+    #[pg_test]
+    fn secret_reads_are_audited() {
+        setup_key("rk");
+        run("SELECT kms_secret_set('api', 'v1value', key_name => 'rk')");
+        run("SELECT kms_rotate_key('rk')");
+        run("SELECT kms_secret_set('api', 'v2value', key_name => 'rk')");
+        let reads = || {
+            one::<String>("SELECT string_agg(key_name || ':' || version || ':' || reason || ':' || (detail::jsonb->>'explicit_version') || ':' || actor || ':' || role, ',' ORDER BY id) FROM kms_audit_log WHERE operation = 'secret_read'")
+        };
+        assert_eq!(reads(), None);
+        // The newest version by default ...
+        assert_eq!(
+            one::<String>("SELECT kms_secret_get('api')").as_deref(),
+            Some("v2value")
+        );
+        // ... an older one only by number, audited as such.
+        assert_eq!(
+            one::<String>("SELECT kms_secret_get('api', 1)").as_deref(),
+            Some("v1value")
+        );
+        assert_eq!(
+            one::<String>("SELECT kms_secret_get('api', 2)").as_deref(),
+            Some("v2value")
+        );
+        let me = one::<String>("SELECT session_user::text").unwrap();
+        assert_eq!(
+            reads().as_deref(),
+            Some(
+                format!(
+                    "rk:2:secret api version 2:false:{me}:{me},\
+                     rk:1:secret api version 1 (asked for by number; the newest is 2):true:{me}:{me},\
+                     rk:2:secret api version 2 (asked for by number):true:{me}:{me}"
+                )
+                .as_str()
+            )
+        );
+        // A role granted decrypt: actor is the session user, role the role.
+        run("CREATE ROLE kt_reader IN ROLE kms_user");
+        run("SELECT kms_grant_key('rk', 'kt_reader', 'decrypt')");
+        assert_eq!(as_role("kt_reader", "SELECT kms_secret_get('api')"), None);
+        assert_eq!(
+            one::<String>("SELECT actor || ':' || role FROM kms_audit_log WHERE operation = 'secret_read' ORDER BY id DESC LIMIT 1"),
+            Some(format!("{me}:kt_reader"))
+        );
+        // Refused reads leave no row (and no value anywhere in the log).
+        run("CREATE ROLE kt_nosy IN ROLE kms_user");
+        let before = one::<i64>("SELECT count(*) FROM kms.audit_log");
+        assert_eq!(
+            as_role("kt_nosy", "SELECT kms_secret_get('api')").as_deref(),
+            Some("42501")
+        );
+        assert_eq!(one::<i64>("SELECT count(*) FROM kms.audit_log"), before);
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM kms_audit_log WHERE reason ~ 'value' OR detail ~ 'value'"
+            ),
+            Some(0)
+        );
+        assert_eq!(
+            one::<bool>("SELECT ok FROM kms_audit_log_check()"),
+            Some(true)
+        );
+        // Unauditable: refused in a read-only transaction (last: it stays read-only).
+        run("SET transaction_read_only = on");
+        assert_sqlstate("SELECT kms_secret_get('api')", "25006");
+    }
+
+    #[pg_test]
+    fn expired_secret_versions_are_purged() {
+        run("SELECT kms_secret_set('t1', 'a', ttl => interval '1 hour')");
+        run("SELECT kms_secret_set('t1', 'b')");
+        run("SELECT kms_secret_set('t2', 'c', ttl => interval '1 hour')");
+        run("SELECT kms_secret_set('keep', 'd')");
+        run("UPDATE kms.secrets SET expires_at = now() - interval '1 second' WHERE (name, version) IN (('t1', 1), ('t2', 1))");
+        assert_eq!(one::<i64>("SELECT kms_secret_purge_expired()"), Some(2));
+        assert_eq!(
+            one::<String>("SELECT string_agg(name || ':' || version, ',' ORDER BY name, version) FROM kms_secrets").as_deref(),
+            Some("keep:1,t1:2")
+        );
+        assert_eq!(
+            one::<String>("SELECT reason || ' ' || detail FROM kms_audit_log WHERE operation = 'secret_purge_expired'").as_deref(),
+            Some(r#"2 expired secret versions [{"secret":"t1","version":1},{"secret":"t2","version":1}]"#)
+        );
+        // Nothing left to purge: 0, still audited.
+        assert_eq!(one::<i64>("SELECT kms_secret_purge_expired()"), Some(0));
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM kms_audit_log WHERE operation = 'secret_purge_expired'"
+            ),
+            Some(2)
+        );
+        run("CREATE ROLE kt_user9 IN ROLE kms_user");
+        assert_eq!(
+            as_role("kt_user9", "SELECT kms_secret_purge_expired()").as_deref(),
+            Some("42501")
+        );
     }
 }

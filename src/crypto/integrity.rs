@@ -90,11 +90,15 @@ pub struct AuditRow<'a> {
     pub reason: Option<&'a [u8]>,
     pub detail: Option<&'a [u8]>,
     pub key_fp: &'a [u8],
+    /// `current_user` at the act (the role whose privileges it used; `actor`
+    /// is `session_user`). Encoded only when present, as a last field, so
+    /// rows written before the column existed keep their hashes.
+    pub role: Option<&'a [u8]>,
 }
 
 impl AuditRow<'_> {
     pub fn canonical(&self) -> Vec<u8> {
-        Canon::new(LABEL_AUDIT_ROW)
+        let c = Canon::new(LABEL_AUDIT_ROW)
             .int(self.id)
             .int(self.at_us)
             .bytes(Some(self.actor))
@@ -103,8 +107,11 @@ impl AuditRow<'_> {
             .opt_int(self.version.map(i64::from))
             .bytes(self.reason)
             .bytes(self.detail)
-            .bytes(Some(self.key_fp))
-            .finish()
+            .bytes(Some(self.key_fp));
+        match self.role {
+            Some(role) => c.bytes(Some(role)).finish(),
+            None => c.finish(),
+        }
     }
 
     /// `SHA-256(prev_hash || canonical(row))`.
@@ -206,6 +213,7 @@ mod tests {
             reason: None,
             detail: Some(b"{}"),
             key_fp: &[0xAB; 32],
+            role: None,
         }
     }
 
@@ -228,6 +236,15 @@ mod tests {
             !keys.row.verify(&hash, &hex::decode(KA_MAC).unwrap()),
             "row and audit keys differ"
         );
+        // With the role (current_user) recorded: pinned the same way.
+        let with_role = AuditRow {
+            role: Some(b"sec_admin"),
+            ..sample()
+        };
+        assert_eq!(hex::encode(with_role.canonical()), KA_ROLE_CANON);
+        let role_hash = with_role.chain_hash(&prev);
+        assert_eq!(hex::encode(role_hash), KA_ROLE_HASH);
+        assert_eq!(hex::encode(keys.audit.hmac(&role_hash)), KA_ROLE_MAC);
         assert_eq!(
             hex::encode(version_row(7, 3, b"destroyed", None, 9)),
             KA_VERSION_ROW
@@ -261,6 +278,19 @@ mod tests {
             ..sample()
         };
         assert_ne!(c.canonical(), d.canonical());
+        // No role, an empty role and a role all differ; a role cannot pass
+        // for a longer fingerprint.
+        let e = AuditRow {
+            role: Some(b""),
+            ..sample()
+        };
+        let f = AuditRow {
+            role: Some(b"x"),
+            ..sample()
+        };
+        assert_ne!(sample().canonical(), e.canonical());
+        assert_ne!(e.canonical(), f.canonical());
+        assert_ne!(sample().chain_hash(&[0; 32]), f.chain_hash(&[0; 32]));
         assert_ne!(
             version_row(1, 2, b"active", Some(b"w"), 3),
             version_row(1, 2, b"active", Some(b"w"), 4)
@@ -279,6 +309,9 @@ mod tests {
     const KA_CANON: &str = "620000001370675f6b6d7320763120617564697420726f776900000000000000026900060a24182022406200000005616c696365620000000a726f746174655f6b657962000000037069696900000000000000026e62000000027b7d6200000020abababababababababababababababababababababababababababababababab";
     const KA_HASH: &str = "e0375a5644f59b138a55b1d0ab9270765e9c5bf014e938be2a0e4fd8c23b6a9d";
     const KA_MAC: &str = "201c79a6415b90b4c67f0b3cde4dc2f695cfc5e238d5ac797a97803d4c52da9b";
+    const KA_ROLE_CANON: &str = "620000001370675f6b6d7320763120617564697420726f776900000000000000026900060a24182022406200000005616c696365620000000a726f746174655f6b657962000000037069696900000000000000026e62000000027b7d6200000020abababababababababababababababababababababababababababababababab62000000097365635f61646d696e";
+    const KA_ROLE_HASH: &str = "0680bfdf73ebfa747c6284f92de975e48ac8c0a8444ece9f68c434e27eb4a4e0";
+    const KA_ROLE_MAC: &str = "742dec40d1a9e4618af696b70603f4375adab08c37d8ed98aaf2f96ae7245673";
     const KA_VERSION_ROW: &str = "620000001970675f6b6d73207631206b65792076657273696f6e20726f77690000000000000007690000000000000003620000000964657374726f7965646e690000000000000009";
     const KA_KEY_ROW_MAC: &str = "f99e25f8c8d3f8ef490b0880af514ad68cd884b0eac9fd25b22aa284f994c7e2";
 }

@@ -88,14 +88,15 @@
 //! ```text
 //! audit row:     b"pg_kms v1 audit row" i(id) i(at, µs since 1970) b(actor)
 //!                b(operation) b?(key name) i?(version) b?(reason) b?(detail)
-//!                b(master-key fingerprint)
+//!                b(master-key fingerprint) [b(role)]
 //! keyring row:   b"pg_kms v1 keyring row" b(fingerprint) i(integrity since, µs)
 //! key row:       b"pg_kms v1 key row" i(key id) b(name) i(primary version)
 //!                i?(destroyed at, µs) b?(wrapped index root) i(generation)
 //! version row:   b"pg_kms v1 key version row" i(key id) i(version) b(state)
 //!                b?(wrapped data key) i(generation)
 //! destroyed:     b"pg_kms v1 destroyed material" i(key id) i(version) b(wrapped)
-//! (? = may be NULL, encoded as n)
+//! (? = may be NULL, encoded as n; [role] = current_user at the act, present
+//! only in rows that record it: a row without it encodes as before)
 //! ```
 
 #![cfg(test)]
@@ -177,6 +178,11 @@ const KA_ROW_KEY: &str = "08f94fb087c825c80bfd62ae909b1992b9264f7ce732abf2bad6c4
 const KA_AUDIT_CANON: &str = "620000001370675f6b6d7320763120617564697420726f776900000000000000076900060a24182022406200000005616c696365620000000a6372656174655f6b657962000000037069696900000000000000016e62000000077b2261223a317d62000000206879158fd8ffe31f756cc189956e059eb394e11e07a281387e3dd793725d3b55";
 const KA_AUDIT_HASH: &str = "c2080bb26d1b3685c99bb492c59c3f9e33bae652c88ad995c2ded9cca1d2e5aa";
 const KA_AUDIT_MAC: &str = "7b33ef2a2968281f132c017640d93b51aa7f65d30bf35cc7703f934203352fd9";
+/// [`KA_AUDIT_CANON`] with `role` "sec_admin" appended (Python: canon +
+/// b'b' + len.to_bytes(4, 'big') + b'sec_admin'; hash and MAC as above).
+const KA_AUDIT_ROLE_CANON: &str = "620000001370675f6b6d7320763120617564697420726f776900000000000000076900060a24182022406200000005616c696365620000000a6372656174655f6b657962000000037069696900000000000000016e62000000077b2261223a317d62000000206879158fd8ffe31f756cc189956e059eb394e11e07a281387e3dd793725d3b5562000000097365635f61646d696e";
+const KA_AUDIT_ROLE_HASH: &str = "4ae7f33633e7c3907bda571c688690c241f0d86c7417a61372adf11677ed9dac";
+const KA_AUDIT_ROLE_MAC: &str = "c445d2f88cb34febcdc795be831accef628cdcb8c88a236baa9ed50682a22c68";
 const KA_KEYRING_ROW_MAC: &str = "a74e97be7fc18d52eef2114c56cb4f41d9d69ba3b806d1ccfd64a1988c757d2a";
 const KA_KEY_ROW_MAC: &str = "1e3840cf7e1dd2254b59732dd0050f155cfd4db73123fc61601c96b843a54333";
 const KA_VERSION_ROW_MAC: &str = "37af29c0b18620b68aacc9a5f62fde3a211eed32bf9a87233e033a32258bf6e6";
@@ -506,6 +512,7 @@ fn integrity_macs() {
         reason: None,
         detail: Some(br#"{"a":1}"#),
         key_fp: &fp,
+        role: None,
     };
     check("audit canonical row", &row.canonical(), KA_AUDIT_CANON);
     let hash = row.chain_hash(&PREV_HASH);
@@ -513,6 +520,28 @@ fn integrity_macs() {
     check("audit MAC", &keys.audit.hmac(&hash), KA_AUDIT_MAC);
     assert!(keys.audit.verify(&hash, &h(KA_AUDIT_MAC)));
     assert!(!keys.row.verify(&hash, &h(KA_AUDIT_MAC)));
+    // The same row recording current_user: one more field at the end, so
+    // the row without it (above) keeps its encoding, hash and MAC.
+    let with_role = AuditRow {
+        role: Some(b"sec_admin"),
+        ..row.clone()
+    };
+    check(
+        "audit canonical row with role",
+        &with_role.canonical(),
+        KA_AUDIT_ROLE_CANON,
+    );
+    assert_eq!(
+        with_role.canonical()[..row.canonical().len()],
+        row.canonical()[..]
+    );
+    let role_hash = with_role.chain_hash(&PREV_HASH);
+    check("audit hash with role", &role_hash, KA_AUDIT_ROLE_HASH);
+    check(
+        "audit MAC with role",
+        &keys.audit.hmac(&role_hash),
+        KA_AUDIT_ROLE_MAC,
+    );
 
     let row_mac = |msg: Vec<u8>| keys.row.hmac(&msg);
     let id = KEY_ID as i32;

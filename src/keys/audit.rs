@@ -86,14 +86,20 @@ pub(crate) fn append(
         Vec<u8>,
         Option<Vec<u8>>,
         String,
+        Option<String>,
     );
-    let (at, at_us, actor, reason_utf8, db) = Spi::connect(|c| -> Result<Now, pgrx::spi::Error> {
+    // actor: session_user; role: current_user of the caller (the role whose
+    // privileges the act used, e.g. after SET ROLE or in a SECURITY DEFINER
+    // function), not the catalog owner pg_kms switched to.
+    let acting = crate::pg::identity::acting_user();
+    let (at, at_us, actor, reason_utf8, db, role) = Spi::connect(|c| -> Result<Now, pgrx::spi::Error> {
         let t = c.select(
             "SELECT t, (EXTRACT(epoch FROM t) * 1000000)::int8, pg_catalog.convert_to(session_user::text, 'UTF8'),
-                    pg_catalog.convert_to($1, 'UTF8'), pg_catalog.quote_ident(pg_catalog.current_database())
+                    pg_catalog.convert_to($1, 'UTF8'), pg_catalog.quote_ident(pg_catalog.current_database()),
+                    (SELECT r.rolname::text FROM pg_catalog.pg_roles r WHERE r.oid = $2)
                FROM (SELECT pg_catalog.clock_timestamp() AS t) s",
             Some(1),
-            &[reason.into()],
+            &[reason.into(), acting.into()],
         )?;
         let r = t.first();
         Ok((
@@ -102,6 +108,7 @@ pub(crate) fn append(
             r.get::<Vec<u8>>(3)?.unwrap_or_default(),
             r.get::<Vec<u8>>(4)?,
             r.get::<String>(5)?.unwrap_or_default(),
+            r.get::<String>(6)?,
         ))
     })
     .map_err(KmsError::spi)?;
@@ -115,12 +122,13 @@ pub(crate) fn append(
         reason: reason_utf8.as_deref(),
         detail: detail.map(str::as_bytes),
         key_fp: fp,
+        role: role.as_deref().map(str::as_bytes),
     };
     let hash = row.chain_hash(&prev);
     let mac = keys.audit.hmac(&hash);
     spi::exec(
-        "INSERT INTO kms.audit_log (id, at, actor, operation, key_name, version, reason, prev_hash, hash, detail, key_fp, mac)
-         VALUES ($1, $2, session_user, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        "INSERT INTO kms.audit_log (id, at, actor, operation, key_name, version, reason, prev_hash, hash, detail, key_fp, mac, role)
+         VALUES ($1, $2, session_user, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         &[
             id.into(),
             at.into(),
@@ -133,6 +141,7 @@ pub(crate) fn append(
             detail.into(),
             fp.to_vec().into(),
             mac.to_vec().into(),
+            role.as_deref().into(),
         ],
     )?;
     spi::exec(
@@ -140,10 +149,29 @@ pub(crate) fn append(
          ON CONFLICT (singleton) DO UPDATE SET last_id = excluded.last_id, last_hash = excluded.last_hash, last_mac = excluded.last_mac",
         &[id.into(), hash.to_vec().into(), mac.to_vec().into()],
     )?;
+    // Anyone in the database may LISTEN: the reason of a secrets-store act
+    // names the secret, which kms_secret_get hides from who may not read
+    // it, so it stays in the audit log only. A long reason is cut to 500
+    // characters (a payload is at most 8000 bytes; the row keeps it whole).
+    let notify_reason = if operation.starts_with("secret_") {
+        None
+    } else {
+        reason
+    };
     spi::exec(
         "SELECT pg_catalog.pg_notify('kms_events', pg_catalog.jsonb_build_object(
-                'operation', $1::text, 'key_name', $2::text, 'version', $3::integer)::text)",
-        &[operation.into(), key_name.into(), version.into()],
+                'operation', $1::text, 'key_name', $2::text, 'version', $3::integer,
+                'reason', CASE WHEN pg_catalog.char_length($4::text) > 500
+                               THEN pg_catalog.left($4::text, 500) || '...' ELSE $4::text END,
+                'actor', session_user::text, 'role', $5::text, 'id', $6::int8)::text)",
+        &[
+            operation.into(),
+            key_name.into(),
+            version.into(),
+            notify_reason.into(),
+            role.as_deref().into(),
+            id.into(),
+        ],
     )?;
     let line = format!(
         "pg_kms: audit chain head of database {db}: id={id} mac={}",
@@ -171,6 +199,8 @@ pub(crate) struct AuditRecord {
     pub(crate) detail: Option<Vec<u8>>,
     /// kms.audit_row_hash of an unkeyed row (made before the chain was keyed).
     pub(crate) legacy_hash: Option<Vec<u8>>,
+    /// current_user at the act (NULL in rows made before it was recorded).
+    pub(crate) role: Option<Vec<u8>>,
 }
 
 impl AuditRecord {
@@ -189,6 +219,7 @@ impl AuditRecord {
             reason: r.get::<Vec<u8>>(11)?,
             detail: r.get::<Vec<u8>>(12)?,
             legacy_hash: r.get::<Vec<u8>>(13)?,
+            role: r.get::<Vec<u8>>(14)?,
         })
     }
 
@@ -204,6 +235,7 @@ impl AuditRecord {
             reason: self.reason.as_deref(),
             detail: self.detail.as_deref(),
             key_fp: self.key_fp.as_deref().unwrap_or(&[]),
+            role: self.role.as_deref(),
         };
         row.chain_hash(&self.prev).as_slice() == self.hash.as_slice()
     }
@@ -286,6 +318,10 @@ pub(crate) fn find_problem(
                 }
                 if r.legacy_hash.as_deref() != Some(r.hash.as_slice()) {
                     return bad(r.id, "hash does not match the row's content");
+                }
+                if r.role.is_some() {
+                    // Unkeyed rows predate the column: a role there was added.
+                    return bad(r.id, "an unkeyed row records a role (rows made before the chain was keyed have none)");
                 }
             }
             (Some(mac), Some(fp)) => {

@@ -43,7 +43,8 @@ pub(crate) const AUDIT_SQL: &str = "SELECT id, prev_hash, hash, mac, key_fp, (EX
         pg_catalog.convert_to(actor, 'UTF8'), pg_catalog.convert_to(operation, 'UTF8'),
         pg_catalog.convert_to(key_name, 'UTF8'), version, pg_catalog.convert_to(reason, 'UTF8'),
         pg_catalog.convert_to(detail, 'UTF8'),
-        CASE WHEN mac IS NULL THEN kms.audit_row_hash(prev_hash, id, at, actor, operation, key_name, version, reason) END
+        CASE WHEN mac IS NULL THEN kms.audit_row_hash(prev_hash, id, at, actor, operation, key_name, version, reason) END,
+        pg_catalog.convert_to(role, 'UTF8')
    FROM kms.audit_log";
 
 pub(crate) fn altered(what: String, why: &'static str) -> KmsError {

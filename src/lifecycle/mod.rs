@@ -68,7 +68,7 @@ pub(crate) fn lifecycle<R>(f: impl FnOnce() -> KmsResult<R>) -> R {
 /// act as genuine once it commits), and no trigger or rule on `kms.*` may
 /// run inside the act (it could change rows between the check and the
 /// re-MAC). Loads (AccessShare) are not blocked; acts run one at a time.
-fn guard_catalog() -> KmsResult<()> {
+pub(crate) fn guard_catalog() -> KmsResult<()> {
     spi::exec("LOCK TABLE kms.keyring, kms.keys, kms.key_versions, kms.key_grants IN SHARE ROW EXCLUSIVE MODE", &[])?;
     let foreign = spi::one::<String>(
         "SELECT x FROM (

@@ -49,10 +49,23 @@ pub fn current_user() -> pg_sys::Oid {
     unsafe { pg_sys::GetUserId() }
 }
 
+thread_local! {
+    /// The current user when the outermost switch above was entered (None
+    /// outside any): the role an act is audited under (`kms.audit_log.role`).
+    static ACTING: std::cell::Cell<Option<pg_sys::Oid>> = const { std::cell::Cell::new(None) };
+}
+
+/// The role pg_kms acts for (SQL `current_user` of the caller), also inside
+/// a switch to the catalog or a table owner.
+pub fn acting_user() -> pg_sys::Oid {
+    ACTING.get().unwrap_or_else(current_user)
+}
+
 struct IdentityScope {
     saved_user: pg_sys::Oid,
     saved_sec: i32,
     nest_level: i32,
+    saved_acting: Option<pg_sys::Oid>,
 }
 
 impl IdentityScope {
@@ -81,10 +94,12 @@ impl IdentityScope {
                 0,
                 false,
             );
+            let saved_acting = ACTING.replace(Some(ACTING.get().unwrap_or(saved_user)));
             IdentityScope {
                 saved_user,
                 saved_sec,
                 nest_level,
+                saved_acting,
             }
         }
     }
@@ -92,6 +107,8 @@ impl IdentityScope {
 
 impl Drop for IdentityScope {
     fn drop(&mut self) {
+        // A Rust value only: restored on unwinding too.
+        ACTING.set(self.saved_acting);
         if std::thread::panicking() {
             // An ERROR is propagating: (sub)transaction abort restores the
             // user id and the GUC nest level, as for SECURITY DEFINER.

@@ -182,6 +182,15 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
     if !matches!(installed, Ok(Ok(Some(true)))) {
         return; // not installed here: the launcher will look again later
     }
+    // Log lines name the database, not its oid (as bytes: any encoding).
+    let db_name = match xact(|| {
+        Spi::get_one::<Vec<u8>>(
+            "SELECT pg_catalog.textsend(pg_catalog.quote_ident(pg_catalog.current_database()))",
+        )
+    }) {
+        Ok(Ok(Some(n))) => String::from_utf8_lossy(&n).into_owned(),
+        _ => db.to_string(),
+    };
     // SAFETY: both names and values are NUL-terminated literals naming
     // existing GUCs with valid values; SetConfigOption copies them. The
     // worker runs as the bootstrap superuser, so PGC_SUSET applies, and
@@ -214,11 +223,11 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
     let slot = match shmem::register_worker(db) {
         Ok(slot) => slot,
         Err(other) => {
-            log!("pg_kms worker for database {db} exits: worker {other} already serves it");
+            log!("pg_kms worker for database {db_name} exits: worker {other} already serves it");
             return;
         }
     };
-    log!("pg_kms worker started for database {db}");
+    log!("pg_kms worker started for database {db_name}");
     let mut columns: HashMap<(u32, String), ColumnState> = HashMap::new();
     // The keyring signature last seen, and when it was first seen.
     let mut sig_seen: Option<(String, i64)> = None;
@@ -452,7 +461,7 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
     if let Some(s) = slot {
         shmem::unregister_worker(s);
     }
-    log!("pg_kms worker for database {db} stopping");
+    log!("pg_kms worker for database {db_name} stopping");
 }
 
 /// How a conversion pass ended.

@@ -28,29 +28,37 @@ pub extern "C-unwind" fn pg_kms_launcher_main(_arg: pg_sys::Datum) {
         reload_config_if_asked();
         shmem::forget_dead_workers();
         let dbs = xact(|| {
-            Spi::connect(|c| -> Result<Vec<u32>, pgrx::spi::Error> {
+            // (oid, what the worker's name shows: the database's name when it
+            // is printable ASCII, so that it fits any encoding, else the oid).
+            Spi::connect(|c| -> Result<Vec<(u32, String)>, pgrx::spi::Error> {
                 let mut v = Vec::new();
-                for r in c.select("SELECT oid FROM pg_catalog.pg_database WHERE datallowconn AND NOT datistemplate", None, &[])? {
-                    v.push(r.get::<pg_sys::Oid>(1)?.map(|o| o.to_u32()).unwrap_or(0));
+                for r in c.select("SELECT oid, pg_catalog.textsend(datname::pg_catalog.text) FROM pg_catalog.pg_database WHERE datallowconn AND NOT datistemplate", None, &[])? {
+                    let oid = r.get::<pg_sys::Oid>(1)?.map(|o| o.to_u32()).unwrap_or(0);
+                    let name = r.get::<Vec<u8>>(2)?.unwrap_or_default();
+                    let label = match std::str::from_utf8(&name) {
+                        Ok(n) if n.bytes().all(|b| (b' '..=b'~').contains(&b)) => n.to_string(),
+                        _ => oid.to_string(),
+                    };
+                    v.push((oid, label));
                 }
                 Ok(v)
             })
         });
         if let Ok(Ok(dbs)) = dbs {
             workers.retain(|db, w| {
-                dbs.contains(db)
+                dbs.iter().any(|(d, _)| d == db)
                     && !matches!(
                         w.pid(),
                         Err(BackgroundWorkerStatus::Stopped
                             | BackgroundWorkerStatus::PostmasterDied)
                     )
             });
-            for db in dbs {
+            for (db, label) in dbs {
                 if workers.contains_key(&db) {
                     continue;
                 }
                 let started =
-                    BackgroundWorkerBuilder::new(&format!("pg_kms worker for database {db}"))
+                    BackgroundWorkerBuilder::new(&format!("pg_kms worker for database {label}"))
                         .set_type(WORKER_TYPE)
                         .set_library("pg_kms")
                         .set_function("pg_kms_db_worker_main")
