@@ -305,12 +305,15 @@ mod tests {
         }
         run("CREATE TEMP TABLE saved_log AS SELECT * FROM kms.audit_log");
         run("CREATE TEMP TABLE saved_head AS SELECT * FROM kms.audit_head");
+        run("CREATE TEMP TABLE saved_keyring AS SELECT * FROM kms.keyring");
         run("ALTER TABLE kms.audit_log DISABLE TRIGGER USER");
         let restore = || {
             run("DELETE FROM kms.audit_log");
             run("INSERT INTO kms.audit_log SELECT * FROM saved_log");
             run("DELETE FROM kms.audit_head");
             run("INSERT INTO kms.audit_head SELECT * FROM saved_head");
+            run("DELETE FROM kms.keyring");
+            run("INSERT INTO kms.keyring SELECT * FROM saved_keyring");
             assert_eq!(
                 one::<bool>("SELECT ok FROM kms_audit_log_check()"),
                 Some(true)
@@ -353,6 +356,10 @@ mod tests {
             (
                 "DELETE FROM kms.audit_log WHERE id = 5",
                 "false 5 row 5: kms.audit_head names row 5 but the log ends at row 4",
+            ),
+            (
+                "UPDATE kms.keyring SET integrity_since = NULL, row_mac = NULL",
+                "false 5 row 5: the chain is keyed but the kms.keyring row says rows carry no MACs: the keyring row was edited",
             ),
             (
                 "DELETE FROM kms.audit_log; DELETE FROM kms.audit_head",
