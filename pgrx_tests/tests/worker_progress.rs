@@ -178,3 +178,63 @@ fn a_table_where_every_row_fails_is_backed_off_and_logged_without_data() {
     });
     drop(c);
 }
+
+/// Table code that calls a pg_kms act while the worker runs it as the
+/// table's owner is audited under the owner's name (role), never under
+/// the worker's or another caller's.
+#[test]
+fn an_act_by_table_code_is_audited_as_the_table_owner() {
+    let (c, mut db) = preloaded("wp_owner_act", &["pg_kms.reencrypt_naptime = '200ms'"]);
+    db.batch_execute(
+        "CREATE ROLE bob LOGIN IN ROLE kms_admin, kms_user;
+         SELECT kms_create_key('bobkey');
+         CREATE TABLE bt (id int PRIMARY KEY, v encrypted_text);
+         INSERT INTO bt SELECT g, kms_encrypt('v' || g, 'pii') FROM generate_series(1, 3) g;
+         CREATE FUNCTION bob_act() RETURNS trigger LANGUAGE plpgsql AS
+           $$BEGIN PERFORM public.kms_rotate_key('bobkey', 'from table code'); RETURN NEW; END$$;
+         CREATE TRIGGER bob_act BEFORE UPDATE ON bt FOR EACH ROW EXECUTE FUNCTION bob_act();
+         ALTER TABLE bt ENABLE ALWAYS TRIGGER bob_act;
+         ALTER FUNCTION bob_act() OWNER TO bob;
+         ALTER TABLE bt OWNER TO bob;
+         SELECT kms_rotate_key('pii');",
+    )
+    .unwrap();
+    // The act is either audited under the owner's name, or it fails (and
+    // the worker says so); never audited as anyone else.
+    let outcome = poll(
+        "the act of the table code audited or refused",
+        Duration::from_secs(60),
+        || {
+            if let Some(r) = db
+                .query_opt(
+                    "SELECT actor, role FROM kms_audit_log
+                      WHERE key_name = 'bobkey' AND reason = 'from table code' ORDER BY id LIMIT 1",
+                    &[],
+                )
+                .ok()?
+            {
+                return Some(Ok::<(String, Option<String>), String>((r.get(0), r.get(1))));
+            }
+            let log = c.server_log();
+            log.lines()
+                .find(|l| l.contains("pg_kms worker: column v of table") && l.contains("bt"))
+                .map(|l| Err(l.to_owned()))
+        },
+    );
+    println!("act of the table code: {outcome:?}");
+    if let Ok((_, role)) = &outcome {
+        assert_eq!(role.as_deref(), Some("bob"));
+    }
+    let others: i64 = db
+        .query_one(
+            "SELECT count(*) FROM kms_audit_log WHERE key_name = 'bobkey' AND role IS DISTINCT FROM 'bob' AND operation = 'rotate_key'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        others, 0,
+        "an act of bob's table code recorded under another role"
+    );
+    drop(c);
+}

@@ -86,7 +86,7 @@ pub(crate) fn append(
         Vec<u8>,
         Option<Vec<u8>>,
         String,
-        Option<String>,
+        Option<Vec<u8>>,
     );
     // actor: session_user; role: current_user of the caller (the role whose
     // privileges the act used, e.g. after SET ROLE or in a SECURITY DEFINER
@@ -96,7 +96,7 @@ pub(crate) fn append(
         let t = c.select(
             "SELECT t, (EXTRACT(epoch FROM t) * 1000000)::int8, pg_catalog.convert_to(session_user::text, 'UTF8'),
                     pg_catalog.convert_to($1, 'UTF8'), pg_catalog.quote_ident(pg_catalog.current_database()),
-                    (SELECT r.rolname::text FROM pg_catalog.pg_roles r WHERE r.oid = $2)
+                    (SELECT pg_catalog.convert_to(r.rolname::text, 'UTF8') FROM pg_catalog.pg_roles r WHERE r.oid = $2)
                FROM (SELECT pg_catalog.clock_timestamp() AS t) s",
             Some(1),
             &[reason.into(), acting.into()],
@@ -108,7 +108,8 @@ pub(crate) fn append(
             r.get::<Vec<u8>>(3)?.unwrap_or_default(),
             r.get::<Vec<u8>>(4)?,
             r.get::<String>(5)?.unwrap_or_default(),
-            r.get::<String>(6)?,
+            // As bytes: a role name need not be ASCII, nor the database UTF-8.
+            r.get::<Vec<u8>>(6)?,
         ))
     })
     .map_err(KmsError::spi)?;
@@ -122,13 +123,14 @@ pub(crate) fn append(
         reason: reason_utf8.as_deref(),
         detail: detail.map(str::as_bytes),
         key_fp: fp,
-        role: role.as_deref().map(str::as_bytes),
+        role: role.as_deref(),
     };
     let hash = row.chain_hash(&prev);
     let mac = keys.audit.hmac(&hash);
     spi::exec(
         "INSERT INTO kms.audit_log (id, at, actor, operation, key_name, version, reason, prev_hash, hash, detail, key_fp, mac, role)
-         VALUES ($1, $2, session_user, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+         VALUES ($1, $2, session_user, $3, $4, $5, $6, $7, $8, $9, $10, $11,
+                 (SELECT r.rolname::text FROM pg_catalog.pg_roles r WHERE r.oid = $12))",
         &[
             id.into(),
             at.into(),
@@ -141,7 +143,7 @@ pub(crate) fn append(
             detail.into(),
             fp.to_vec().into(),
             mac.to_vec().into(),
-            role.as_deref().into(),
+            acting.into(),
         ],
     )?;
     spi::exec(
@@ -163,13 +165,15 @@ pub(crate) fn append(
                 'operation', $1::text, 'key_name', $2::text, 'version', $3::integer,
                 'reason', CASE WHEN pg_catalog.char_length($4::text) > 500
                                THEN pg_catalog.left($4::text, 500) || '...' ELSE $4::text END,
-                'actor', session_user::text, 'role', $5::text, 'id', $6::int8)::text)",
+                'actor', session_user::text,
+                'role', (SELECT r.rolname::text FROM pg_catalog.pg_roles r WHERE r.oid = $5),
+                'id', $6::int8)::text)",
         &[
             operation.into(),
             key_name.into(),
             version.into(),
             notify_reason.into(),
-            role.as_deref().into(),
+            acting.into(),
             id.into(),
         ],
     )?;

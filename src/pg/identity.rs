@@ -94,7 +94,16 @@ impl IdentityScope {
                 0,
                 false,
             );
-            let saved_acting = ACTING.replace(Some(ACTING.get().unwrap_or(saved_user)));
+            // Inside a table owner's scope, whatever acts is the owner's own
+            // table code (a policy, an index expression, a trigger calling
+            // a pg_kms function): its acts are the owner's, never recorded
+            // under the caller who made pg_kms touch the table.
+            let acting = if restricted {
+                user
+            } else {
+                ACTING.get().unwrap_or(saved_user)
+            };
+            let saved_acting = ACTING.replace(Some(acting));
             IdentityScope {
                 saved_user,
                 saved_sec,
