@@ -196,8 +196,11 @@ pub struct Candidate {
     pub action: Action,
 }
 
+/// (key id, version, action): what the rate limit remembers.
+type Slot = (i32, i32, Action);
+
 impl Candidate {
-    fn slot(&self) -> (i32, i32, Action) {
+    fn slot(&self) -> Slot {
         (self.key_id, self.version, self.action)
     }
 }
@@ -224,7 +227,7 @@ fn action_name(a: Action) -> &'static str {
 thread_local! {
     /// Per candidate: when it was last found referenced, and the progress
     /// signature then (the worker is one process with one thread).
-    static CHECKED: RefCell<HashMap<(i32, i32, Action), (Instant, String)>> = RefCell::new(HashMap::new());
+    static CHECKED: RefCell<HashMap<Slot, (Instant, String)>> = RefCell::new(HashMap::new());
 }
 
 /// A signature of the re-encryption progress: it changes when a pass
