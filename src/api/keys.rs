@@ -1121,6 +1121,13 @@ mod tests {
         run("SET pg_kms.rotation_warning = '7d'");
         run("SELECT kms_alter_key('w_due', rotation_period => '60 days')");
         run("SELECT kms_rotate_key('w_over')");
+        // Rotated: no longer overdue, but a 1-day period is always due
+        // within a 7-day threshold.
+        assert_eq!(
+            one::<String>("SELECT string_agg(kind || ':' || key_name || ':' || version, ',') FROM kms_warnings WHERE kind LIKE 'rotation%'").as_deref(),
+            Some("rotation_due:w_over:2")
+        );
+        run("SELECT kms_alter_key('w_over', clear => ARRAY['rotation_period'])");
         assert_eq!(
             one::<i64>("SELECT count(*) FROM kms_warnings WHERE kind LIKE 'rotation%'"),
             Some(0)
