@@ -231,11 +231,13 @@ thread_local! {
 }
 
 /// A signature of the re-encryption progress: it changes when a pass
-/// starts, rewraps rows or finishes.
+/// rewraps rows or finishes, or a recount finds other pending or
+/// context-bound rows.
 fn progress_signature() -> KmsResult<String> {
     Ok(spi::read::<String>(
         "SELECT coalesce(pg_catalog.string_agg(relid::pg_catalog.text || ':' || attname || ':' || rows_rewrapped
-                 || ':' || coalesce(rows_pending::pg_catalog.text, '') || ':' || coalesce(finished_at::pg_catalog.text, ''),
+                 || ':' || coalesce(rows_pending::pg_catalog.text, '') || ':' || coalesce(rows_needing_context::pg_catalog.text, '')
+                 || ':' || coalesce(finished_at::pg_catalog.text, ''),
                  ',' ORDER BY relid, attname), '')
            FROM kms.reencryption_progress",
         &[],
