@@ -336,3 +336,38 @@ fn scheduled_rotation_warnings_appear_and_clear() {
         Some("rotate_key:2:scheduled")
     );
 }
+
+/// A worker that makes no progress while rows are pending is reported
+/// (after max(60 s, 6 x naptime) without a batch), and the warning clears
+/// once a batch is recorded.
+#[test]
+fn stalled_worker_is_reported() {
+    let (c, mut db) = preloaded("kp_stall");
+    // A progress row the worker never updates (the column is not
+    // encrypted_text, so no pass runs on it): pending rows, no batch for
+    // five minutes.
+    db.batch_execute(
+        "CREATE TABLE stuck (a text);
+         INSERT INTO kms.reencryption_progress (relid, attname, rows_pending, started_at)
+              VALUES ('stuck'::regclass, 'a', 10, now() - interval '5 minutes');",
+    )
+    .unwrap();
+    let stalled = |db: &mut Client| -> Vec<(String, String)> {
+        pairs(
+            db,
+            "SELECT table_name || '.' || column_name, message FROM kms_warnings WHERE kind = 'worker_stalled'",
+        )
+    };
+    let w = stalled(&mut db);
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert_eq!(w[0].0, "stuck.a");
+    assert!(w[0].1.contains("while 10 rows are pending"), "{}", w[0].1);
+    poll("kms_health() to list the stall", CONVERGE, || {
+        (health(&mut c.connect()) == "true|-|1").then_some(())
+    });
+    db.batch_execute(
+        "UPDATE kms.reencryption_progress SET last_batch_at = now() WHERE relid = 'stuck'::regclass",
+    )
+    .unwrap();
+    assert!(stalled(&mut db).is_empty());
+}

@@ -155,6 +155,12 @@ pub fn set_primary(key_name: RawText, version: i32) {
         }
         set_state(&key, key.primary, State::DecryptOnly)?;
         set_state(&key, version, State::Active)?;
+        // Made primary again by hand: an emergency rotation's mark is undone.
+        spi::exec(
+            "UPDATE kms.key_versions SET retire_when_unreferenced = false
+              WHERE key_id = $1 AND version = $2",
+            &[key.id.into(), version.into()],
+        )?;
         spi::exec(
             "UPDATE kms.keys SET primary_version = $2 WHERE key_id = $1",
             &[key.id.into(), version.into()],
