@@ -360,7 +360,7 @@ fn stalled_worker_is_reported() {
     };
     let w = stalled(&mut db);
     assert_eq!(w.len(), 1, "{w:?}");
-    assert_eq!(w[0].0, "stuck.a");
+    assert_eq!(w[0].0, "public.stuck.a");
     assert!(w[0].1.contains("while 10 rows are pending"), "{}", w[0].1);
     poll("kms_health() to list the stall", CONVERGE, || {
         (health(&mut c.connect()) == "true|-|1").then_some(())
