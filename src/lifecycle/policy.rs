@@ -228,7 +228,14 @@ thread_local! {
     /// Per candidate: when it was last found referenced, and the progress
     /// signature then (the worker is one process with one thread).
     static CHECKED: RefCell<HashMap<Slot, (Instant, String)>> = RefCell::new(HashMap::new());
+    /// Per key, the first count of this policy pass (cleared by [`due`]):
+    /// one scan per key and pass, however many of its versions are due.
+    /// Only the count before the act uses it; the act counts again.
+    static PASS_COUNTS: RefCell<HashMap<i32, Usage>> = RefCell::new(HashMap::new());
 }
+
+/// Rows per version of a key, and the columns that could not be counted.
+type Usage = (std::collections::BTreeMap<i32, i64>, Vec<String>);
 
 /// A signature of the re-encryption progress: it changes when a pass
 /// rewraps rows or finishes, or a recount finds other pending or
@@ -250,6 +257,7 @@ fn progress_signature() -> KmsResult<String> {
 /// by this process, and those found referenced before only once the
 /// re-encryption progress changed or [`RECHECK`] passed.
 pub fn due() -> KmsResult<Vec<Candidate>> {
+    PASS_COUNTS.with(|p| p.borrow_mut().clear());
     let (all, sig) = catalog::as_catalog_owner(|_| {
         let mut all = Vec::new();
         for a in [Action::Emergency, Action::Retire, Action::Destroy] {
@@ -331,8 +339,21 @@ fn still_due(c: &Candidate) -> KmsResult<bool> {
 /// The exact count of rows sealed under `c`'s version (every encrypted
 /// column, each scanned as its table's owner under
 /// `SECURITY_RESTRICTED_OPERATION`): None when none is.
-fn referenced(c: &Candidate, caller: pg_sys::Oid) -> KmsResult<Option<Outcome>> {
-    let (counts, skipped) = crate::reencrypt::usage_by_version(c.key_id, caller)?;
+/// `reuse`: the count of this pass may serve (the first count only).
+fn referenced(c: &Candidate, caller: pg_sys::Oid, reuse: bool) -> KmsResult<Option<Outcome>> {
+    let cached = reuse
+        .then(|| PASS_COUNTS.with(|p| p.borrow().get(&c.key_id).cloned()))
+        .flatten();
+    let (counts, skipped) = match cached {
+        Some(u) => u,
+        None => {
+            let u = crate::reencrypt::usage_by_version(c.key_id, caller)?;
+            if reuse {
+                PASS_COUNTS.with(|p| p.borrow_mut().insert(c.key_id, u.clone()));
+            }
+            u
+        }
+    };
     let rows = counts.get(&c.version).copied().unwrap_or(0);
     if rows > 0 {
         return Ok(Some(Outcome::Referenced(rows)));
@@ -362,7 +383,7 @@ pub fn apply(c: &Candidate) -> Outcome {
         if !still_due(c)? {
             return Ok(Some(Outcome::NotDue));
         }
-        referenced(c, caller)
+        referenced(c, caller, true)
     })
     .or_raise();
     let outcome = match pre {
@@ -402,7 +423,7 @@ fn act(c: &Candidate, caller: pg_sys::Oid) -> Outcome {
         if key.destroyed || key.id != c.key_id || !still_due(c)? {
             return Ok(Outcome::NotDue);
         }
-        if let Some(o) = referenced(c, caller)? {
+        if let Some(o) = referenced(c, caller, false)? {
             return Ok(o);
         }
         let reason = Some(RawText::from_ascii(c.action.reason()));
