@@ -36,7 +36,18 @@ CREATE TABLE kms.keys (
     generation      bigint NOT NULL DEFAULT 0,
     -- MAC (catalog-row key) of key_id, key_name, primary_version,
     -- destroyed_at, index_key, generation.
-    row_mac         bytea
+    row_mac         bytea,
+    -- Key policy (kms_alter_key). Not covered by row_mac, like
+    -- rotation_period: they only schedule acts an admin may do anyway, each
+    -- audited, and the worker's retire/destroy keep the destroy guard.
+    -- metadata: free-form (owner, purpose, tags...), shown in kms_keys.
+    metadata        jsonb NOT NULL DEFAULT '{}',
+    -- A decrypt_only version this long past state_changed_at that no row
+    -- references is disabled by the worker (audited, reason 'policy').
+    retire_after    interval CHECK (retire_after >= interval '0'),
+    -- A disabled version this long past state_changed_at that no row
+    -- references is destroyed by the worker (audited, reason 'policy').
+    destroy_after   interval CHECK (destroy_after >= interval '0')
 );
 
 -- Per-key grants: once a key has grants, only grantees may use it for that
@@ -69,6 +80,10 @@ CREATE TABLE kms.key_versions (
     -- MAC (catalog-row key) of key_id, version, state, wrapped_key and the
     -- key's generation.
     row_mac          bytea,
+    -- Set by kms_rotate_key(..., emergency => true) on the version it
+    -- replaced: the worker disables it as soon as no row references it
+    -- (audited, reason 'emergency'), then clears the mark.
+    retire_when_unreferenced boolean NOT NULL DEFAULT false,
     PRIMARY KEY (key_id, version),
     CHECK ((state = 'destroyed') = (wrapped_key IS NULL))
 );

@@ -58,11 +58,14 @@ BEGIN
             -- Protected columns (the table's owner, checked inside).
             ('function', 'kms_protect_column',        '{kms_admin}'),
             ('function', 'kms_unprotect_column',      '{kms_admin}'),
+            -- Key policy after creation (issue 16).
+            ('function', 'kms_alter_key',             '{kms_admin}'),
             -- kms_admin and kms_auditor
             ('function', 'kms_health',                '{kms_admin,kms_auditor}'),
             ('function', 'kms_verify_audit_log',      '{kms_admin,kms_auditor}'),
             ('function', 'kms_audit_log_check',       '{kms_admin,kms_auditor}'),
             ('function', 'kms_stats_counters',        '{kms_admin,kms_auditor}'),
+            ('function', 'kms_warnings_list',         '{kms_admin,kms_auditor}'),
             ('view',     'kms_keys',                  '{kms_admin,kms_auditor}'),
             ('view',     'kms_audit_log',             '{kms_admin,kms_auditor}'),
             ('view',     'kms_destruction_receipts',  '{kms_admin,kms_auditor}'),
@@ -71,6 +74,7 @@ BEGIN
             ('view',     'kms_secrets',               '{kms_admin,kms_auditor}'),
             ('view',     'kms_key_grants',            '{kms_admin,kms_auditor}'),
             ('view',     'kms_protected_columns',     '{kms_admin,kms_auditor}'),
+            ('view',     'kms_warnings',              '{kms_admin,kms_auditor}'),
             -- PUBLIC by design: the type's I/O and its operators' functions.
             ('function', 'encrypted_text_in',         '{PUBLIC}'),
             ('function', 'encrypted_text_out',        '{PUBLIC}'),

@@ -409,6 +409,81 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'kms_secret_purge_expired_wrapper';
 
+-- Helper B "policy" (issue 16 sections 2-4): key policy after creation,
+-- versions that retire themselves, emergency rotation, warnings. Placed
+-- before section 7 (the privileges block names these objects).
+ALTER TABLE kms.keys ADD COLUMN metadata jsonb;
+ALTER TABLE kms.keys ADD COLUMN retire_after interval CHECK (retire_after >= interval '0');
+ALTER TABLE kms.keys ADD COLUMN destroy_after interval CHECK (destroy_after >= interval '0');
+UPDATE kms.keys SET metadata = '{}';
+ALTER TABLE kms.keys ALTER COLUMN metadata SET DEFAULT '{}';
+ALTER TABLE kms.keys ALTER COLUMN metadata SET NOT NULL;
+ALTER TABLE kms.key_versions ADD COLUMN retire_when_unreferenced boolean;
+UPDATE kms.key_versions SET retire_when_unreferenced = false;
+ALTER TABLE kms.key_versions ALTER COLUMN retire_when_unreferenced SET DEFAULT false;
+ALTER TABLE kms.key_versions ALTER COLUMN retire_when_unreferenced SET NOT NULL;
+
+-- kms_rotate_key gained emergency (a new signature: the old one goes).
+DROP FUNCTION "kms_rotate_key"(text, text);
+CREATE FUNCTION "kms_rotate_key"(
+	"key_name" text,
+	"reason" text DEFAULT NULL,
+	"emergency" bool DEFAULT false
+) RETURNS INT
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'kms_rotate_key_wrapper';
+
+CREATE FUNCTION "kms_alter_key"(
+	"key_name" text,
+	"rotation_period" interval DEFAULT NULL,
+	"retire_after" interval DEFAULT NULL,
+	"destroy_after" interval DEFAULT NULL,
+	"metadata" jsonb DEFAULT NULL,
+	"clear" TEXT[] DEFAULT NULL
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'kms_alter_key_wrapper';
+
+CREATE FUNCTION "kms_warnings_list"() RETURNS TABLE (
+	"severity" TEXT,
+	"kind" TEXT,
+	"key_name" TEXT,
+	"version" INT,
+	"table_name" TEXT,
+	"column_name" TEXT,
+	"message" TEXT,
+	"hint" TEXT
+)
+STRICT VOLATILE PARALLEL RESTRICTED
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'kms_warnings_list_wrapper';
+
+CREATE OR REPLACE VIEW kms_keys AS
+SELECT k.key_name,
+       v.version,
+       v.state,
+       (v.version = k.primary_version) AS is_primary,
+       v.created_at,
+       v.state_changed_at,
+       k.rotation_period,
+       CASE WHEN k.rotation_period IS NOT NULL AND k.destroyed_at IS NULL
+            THEN p.created_at + k.rotation_period END AS next_rotation_at,
+       k.destroyed_at AS key_destroyed_at,
+       k.retire_after,
+       k.destroy_after,
+       k.metadata
+  FROM kms.keys k
+  JOIN kms.key_versions v ON v.key_id = k.key_id
+  JOIN kms.key_versions p ON p.key_id = k.key_id AND p.version = k.primary_version;
+
+CREATE VIEW kms_warnings AS
+SELECT w.severity, w.kind, w.key_name, w.version, w.table_name, w.column_name, w.message, w.hint
+  FROM kms_warnings_list() w;
+COMMENT ON VIEW kms_warnings IS 'What needs attention now: rotations due within pg_kms.rotation_warning or overdue, rows still sealed under a disabled version, a paused, stalled or backing-off worker, nonce budgets of active versions.';
+-- End of helper B's block.
+
 -- 7. Privileges of every function and view, as a fresh install of 0.2.0
 -- sets them: a verbatim copy of sql/grants.sql's DO block, between the
 -- BEGIN and END lines (pgrx_tests/tests/upgrade.rs checks it; after a
@@ -458,11 +533,14 @@ BEGIN
             -- Protected columns (the table's owner, checked inside).
             ('function', 'kms_protect_column',        '{kms_admin}'),
             ('function', 'kms_unprotect_column',      '{kms_admin}'),
+            -- Key policy after creation (issue 16).
+            ('function', 'kms_alter_key',             '{kms_admin}'),
             -- kms_admin and kms_auditor
             ('function', 'kms_health',                '{kms_admin,kms_auditor}'),
             ('function', 'kms_verify_audit_log',      '{kms_admin,kms_auditor}'),
             ('function', 'kms_audit_log_check',       '{kms_admin,kms_auditor}'),
             ('function', 'kms_stats_counters',        '{kms_admin,kms_auditor}'),
+            ('function', 'kms_warnings_list',         '{kms_admin,kms_auditor}'),
             ('view',     'kms_keys',                  '{kms_admin,kms_auditor}'),
             ('view',     'kms_audit_log',             '{kms_admin,kms_auditor}'),
             ('view',     'kms_destruction_receipts',  '{kms_admin,kms_auditor}'),
@@ -471,6 +549,7 @@ BEGIN
             ('view',     'kms_secrets',               '{kms_admin,kms_auditor}'),
             ('view',     'kms_key_grants',            '{kms_admin,kms_auditor}'),
             ('view',     'kms_protected_columns',     '{kms_admin,kms_auditor}'),
+            ('view',     'kms_warnings',              '{kms_admin,kms_auditor}'),
             -- PUBLIC by design: the type's I/O and its operators' functions.
             ('function', 'encrypted_text_in',         '{PUBLIC}'),
             ('function', 'encrypted_text_out',        '{PUBLIC}'),

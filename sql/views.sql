@@ -11,7 +11,10 @@ SELECT k.key_name,
        k.rotation_period,
        CASE WHEN k.rotation_period IS NOT NULL AND k.destroyed_at IS NULL
             THEN p.created_at + k.rotation_period END AS next_rotation_at,
-       k.destroyed_at AS key_destroyed_at
+       k.destroyed_at AS key_destroyed_at,
+       k.retire_after,
+       k.destroy_after,
+       k.metadata
   FROM kms.keys k
   JOIN kms.key_versions v ON v.key_id = k.key_id
   JOIN kms.key_versions p ON p.key_id = k.key_id AND p.version = k.primary_version;
@@ -76,3 +79,10 @@ SELECT k.key_name, s.version, s.encryptions, s.decryptions,
   FROM kms_stats_counters() s
   JOIN kms.keys k ON k.key_id = s.key_id;
 COMMENT ON VIEW kms_stats IS 'Encryptions and decryptions per key version since server start (shared memory; empty unless pg_kms is in shared_preload_libraries). nonce_budget_used is encryptions / 2^32.';
+
+-- Over a function generated from Rust (kms_warnings_list): src/lib.rs
+-- orders views.sql after it. The same list is kms_health()->'warnings'.
+CREATE VIEW kms_warnings AS
+SELECT w.severity, w.kind, w.key_name, w.version, w.table_name, w.column_name, w.message, w.hint
+  FROM kms_warnings_list() w;
+COMMENT ON VIEW kms_warnings IS 'What needs attention now: rotations due within pg_kms.rotation_warning or overdue, rows still sealed under a disabled version, a paused, stalled or backing-off worker, nonce budgets of active versions.';

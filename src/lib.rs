@@ -42,7 +42,13 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/views.sql",
     name = "views",
-    requires = ["catalog", "audit", "secrets", kms_stats_counters]
+    requires = [
+        "catalog",
+        "audit",
+        "secrets",
+        kms_stats_counters,
+        kms_warnings_list
+    ]
 );
 extension_sql_file!(
     "../sql/protect.sql",

@@ -12,9 +12,45 @@ fn kms_create_key(key_name: RawText, rotation_period: default!(Option<Interval>,
     crate::lifecycle::create_key_sql(key_name, rotation_period)
 }
 
+/// Adds a new primary version. `emergency => true` (a suspected
+/// compromise): the version replaced is also marked to be disabled by the
+/// worker as soon as no row references it (audited, reason `emergency`),
+/// and the worker rewraps the key's rows at once.
 #[pg_extern(volatile, parallel_unsafe)]
-fn kms_rotate_key(key_name: RawText, reason: default!(Option<RawText>, "NULL")) -> i32 {
-    crate::lifecycle::rotate_key_sql(key_name, reason)
+fn kms_rotate_key(
+    key_name: RawText,
+    reason: default!(Option<RawText>, "NULL"),
+    emergency: default!(bool, false),
+) -> i32 {
+    crate::lifecycle::rotate_key_sql(key_name, reason, emergency)
+}
+
+/// Changes a key's policy after creation: its rotation period, how long a
+/// decrypt_only version may stay before the worker disables it once no row
+/// references it (`retire_after`), how long a disabled version may stay
+/// before the worker destroys it once no row references it
+/// (`destroy_after`), and its metadata (a JSON object). NULL leaves a field
+/// as it is; `clear` names fields to reset (`metadata` to `{}`). Audited
+/// (`alter_key`) with the old and new values.
+#[pg_extern(volatile, parallel_unsafe)]
+fn kms_alter_key(
+    key_name: RawText,
+    rotation_period: default!(Option<Interval>, "NULL"),
+    retire_after: default!(Option<Interval>, "NULL"),
+    destroy_after: default!(Option<Interval>, "NULL"),
+    metadata: default!(Option<pgrx::JsonB>, "NULL"),
+    clear: default!(Option<Vec<Option<String>>>, "NULL"),
+) {
+    crate::lifecycle::alter_key_sql(
+        key_name,
+        crate::lifecycle::policy::Alter {
+            rotation_period,
+            retire_after,
+            destroy_after,
+            metadata: metadata.map(|j| j.0),
+            clear: clear.unwrap_or_default(),
+        },
+    )
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
@@ -817,5 +853,303 @@ mod tests {
         );
         run("DROP RULE sneaky ON kms.audit_head");
         assert_eq!(one::<i32>("SELECT kms_rotate_key('tg')"), Some(2));
+    }
+
+    /// kms_alter_key changes and clears a key's policy and metadata, audited
+    /// with the old and new values; the key rows' MACs and generation are
+    /// untouched (the chain and the key still verify and load).
+    #[pg_test]
+    fn alter_key_is_audited_with_old_and_new_values() {
+        setup_key("ak");
+        run("CREATE TEMP TABLE t AS SELECT kms_encrypt('secret', 'ak') AS v");
+        run(
+            r#"SELECT kms_alter_key('ak', rotation_period => '30 days', retire_after => '7 days',
+                                    destroy_after => '90 days', metadata => '{"owner": "billing"}')"#,
+        );
+        assert_eq!(
+            one::<String>("SELECT rotation_period || '/' || retire_after || '/' || destroy_after || '/' || (metadata->>'owner') FROM kms_keys WHERE key_name = 'ak'").as_deref(),
+            Some("30 days/7 days/90 days/billing")
+        );
+        assert_eq!(
+            one::<bool>("SELECT next_rotation_at = created_at + interval '30 days' FROM kms_keys WHERE key_name = 'ak'"),
+            Some(true)
+        );
+        let d = one::<pgrx::JsonB>("SELECT detail::jsonb FROM kms_audit_log WHERE operation = 'alter_key' ORDER BY id DESC LIMIT 1").unwrap().0;
+        assert_eq!(
+            d,
+            serde_json::json!({
+                "old": {"rotation_period": null, "retire_after": null, "destroy_after": null, "metadata": {}},
+                "new": {"rotation_period": "30 days", "retire_after": "7 days", "destroy_after": "90 days", "metadata": {"owner": "billing"}},
+            })
+        );
+        assert_eq!(
+            one::<bool>("SELECT key_name = 'ak' AND version IS NULL AND actor = session_user::text FROM kms_audit_log WHERE operation = 'alter_key'"),
+            Some(true)
+        );
+        // Only what is given changes; clear resets fields.
+        run("SELECT kms_alter_key('ak', retire_after => '1 day', clear => ARRAY['rotation_period', 'metadata'])");
+        assert_eq!(
+            one::<String>("SELECT coalesce(rotation_period::text, '-') || '/' || retire_after || '/' || destroy_after || '/' || metadata::text || '/' || coalesce(next_rotation_at::text, '-') FROM kms_keys WHERE key_name = 'ak'").as_deref(),
+            Some("-/1 day/90 days/{}/-")
+        );
+        let d = one::<pgrx::JsonB>("SELECT detail::jsonb FROM kms_audit_log WHERE operation = 'alter_key' ORDER BY id DESC LIMIT 1").unwrap().0;
+        assert_eq!(d["old"]["rotation_period"], serde_json::json!("30 days"));
+        assert_eq!(d["new"]["rotation_period"], serde_json::Value::Null);
+        assert_eq!(d["new"]["metadata"], serde_json::json!({}));
+        // Nothing changed: nothing audited.
+        let n = one::<i64>("SELECT count(*) FROM kms_audit_log");
+        run("SELECT kms_alter_key('ak', retire_after => '1 day')");
+        run("SELECT kms_alter_key('ak')");
+        assert_eq!(one::<i64>("SELECT count(*) FROM kms_audit_log"), n);
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM kms_audit_log WHERE operation = 'alter_key'"),
+            Some(2)
+        );
+        // The chain, the key rows and the key itself still verify.
+        assert_eq!(
+            one::<bool>("SELECT ok FROM kms_audit_log_check()"),
+            Some(true)
+        );
+        drop_key_cache();
+        assert_eq!(
+            one::<String>("SELECT kms_decrypt(v) FROM t").as_deref(),
+            Some("secret")
+        );
+        assert_eq!(one::<i32>("SELECT kms_rotate_key('ak')"), Some(2));
+        assert_eq!(
+            one::<bool>("SELECT ok FROM kms_audit_log_check()"),
+            Some(true)
+        );
+    }
+
+    #[pg_test]
+    fn alter_key_argument_errors() {
+        setup_key("ae");
+        for (sql, code) in [
+            ("SELECT kms_alter_key('ae', clear => ARRAY['primary_version'])", "22023"),
+            ("SELECT kms_alter_key('ae', clear => ARRAY[NULL::text])", "22023"),
+            ("SELECT kms_alter_key('ae', retire_after => '-1 day')", "22023"),
+            ("SELECT kms_alter_key('ae', destroy_after => '-1 second')", "22023"),
+            ("SELECT kms_alter_key('ae', rotation_period => '0')", "22023"),
+            ("SELECT kms_alter_key('ae', rotation_period => '-5 days')", "22023"),
+            ("SELECT kms_alter_key('ae', metadata => '[1, 2]')", "22023"),
+            ("SELECT kms_alter_key('ae', retire_after => '1 day', clear => ARRAY['retire_after'])", "22023"),
+            ("SELECT kms_alter_key('nope', retire_after => '1 day')", "42704"),
+            ("SELECT kms_alter_key('bad name', retire_after => '1 day')", "22023"),
+        ] {
+            assert_sqlstate(sql, code);
+        }
+        let e = error_with_hint("SELECT kms_alter_key('ae', clear => ARRAY['primary_version'])")
+            .unwrap();
+        assert!(
+            e.contains("cannot clear \"primary_version\"") && e.contains("| clear names fields to reset: rotation_period, retire_after, destroy_after, metadata."),
+            "{e}"
+        );
+        // retire_after and destroy_after may be zero (act once unreferenced).
+        run("SELECT kms_alter_key('ae', retire_after => '0', destroy_after => '0')");
+        // Nothing was audited by the failures.
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM kms_audit_log WHERE operation = 'alter_key'"),
+            Some(1)
+        );
+        run("SELECT kms_destroy_key('ae')");
+        assert_sqlstate(
+            "SELECT kms_alter_key('ae', retire_after => '1 day')",
+            "55000",
+        );
+        // kms_admin only.
+        run("CREATE ROLE ak_user IN ROLE kms_user");
+        run("CREATE ROLE ak_aud IN ROLE kms_auditor");
+        setup_key("ae2");
+        for r in ["ak_user", "ak_aud"] {
+            assert_eq!(
+                as_role(r, "SELECT kms_alter_key('ae2', retire_after => '1 day')").as_deref(),
+                Some("42501")
+            );
+        }
+    }
+
+    /// An emergency rotation marks the version it replaced; the policy
+    /// disables it once no row references it (reason 'emergency') and
+    /// clears the mark. retire_after and destroy_after do the same for old
+    /// versions (reason 'policy'), never for a referenced one.
+    #[pg_test]
+    fn policy_retires_and_destroys_only_unreferenced_versions() {
+        use crate::lifecycle::policy::{apply, due, Action, Outcome};
+        setup_key("em");
+        run("CREATE TABLE em_t AS SELECT kms_encrypt('a' || g, 'em') AS v FROM generate_series(1, 3) g");
+        assert_eq!(
+            one::<i32>("SELECT kms_rotate_key('em', 'suspected compromise', emergency => true)"),
+            Some(2)
+        );
+        assert_eq!(
+            one::<String>("SELECT string_agg(version || ':' || state || ':' || retire_when_unreferenced, ',' ORDER BY version) FROM kms.key_versions").as_deref(),
+            Some("1:decrypt_only:true,2:active:false")
+        );
+        let d = one::<pgrx::JsonB>(
+            "SELECT detail::jsonb FROM kms_audit_log WHERE operation = 'rotate_key'",
+        )
+        .unwrap()
+        .0;
+        assert_eq!(
+            d,
+            serde_json::json!({"emergency": true, "retire_when_unreferenced": 1})
+        );
+        assert_eq!(crate::lifecycle::policy::emergency_keys().len(), 1);
+        let cands = due().unwrap();
+        assert_eq!(cands.len(), 1);
+        assert_eq!((cands[0].version, cands[0].action), (1, Action::Emergency));
+        assert_eq!(apply(&cands[0]), Outcome::Referenced(3));
+        // Still referenced, progress unchanged: not counted again at once.
+        assert!(due().unwrap().is_empty());
+        run("UPDATE em_t SET v = kms_rewrap(v)");
+        // A new policy pass (the worker calls due() first: it forgets the
+        // pass's counts).
+        assert!(
+            due().unwrap().is_empty(),
+            "rate-limited: progress unchanged"
+        );
+        assert_eq!(apply(&cands[0]), Outcome::Done);
+        assert_eq!(
+            one::<String>("SELECT state || ':' || retire_when_unreferenced FROM kms.key_versions WHERE version = 1").as_deref(),
+            Some("disabled:false")
+        );
+        assert_eq!(
+            one::<String>("SELECT operation || ':' || version || ':' || reason || ':' || (detail::jsonb->>'policy') FROM kms_audit_log ORDER BY id DESC LIMIT 1").as_deref(),
+            Some("disable_key_version:1:emergency:emergency")
+        );
+        assert!(crate::lifecycle::policy::emergency_keys().is_empty());
+        assert!(due().unwrap().is_empty());
+        // retire_after: a decrypt_only version, old enough, unreferenced.
+        run("SELECT kms_rotate_key('em')");
+        run("INSERT INTO em_t SELECT kms_encrypt('b', 'em')");
+        run("SELECT kms_rotate_key('em')");
+        run("SELECT kms_alter_key('em', retire_after => '1 hour')");
+        assert!(due().unwrap().is_empty(), "version 2 is not old enough yet");
+        run("UPDATE kms.key_versions SET state_changed_at = now() - interval '2 hours' WHERE version IN (2, 3)");
+        let c = due().unwrap();
+        assert_eq!(
+            c.iter().map(|c| (c.version, c.action)).collect::<Vec<_>>(),
+            vec![(2, Action::Retire), (3, Action::Retire)]
+        );
+        // Version 2 seals the three rows rewrapped above, version 3 the
+        // newest.
+        assert_eq!(apply(&c[0]), Outcome::Referenced(3));
+        assert_eq!(apply(&c[1]), Outcome::Referenced(1));
+        run("UPDATE em_t SET v = kms_rewrap(v) WHERE kms_key_version(v) = 3");
+        let _ = due();
+        assert_eq!(apply(&c[1]), Outcome::Done);
+        assert_eq!(
+            one::<String>("SELECT string_agg(version || ':' || state, ',' ORDER BY version) FROM kms_keys WHERE key_name = 'em'").as_deref(),
+            Some("1:disabled,2:decrypt_only,3:disabled,4:active")
+        );
+        assert_eq!(
+            one::<String>("SELECT reason || ':' || (detail::jsonb->>'policy') || ':' || (detail::jsonb->>'retire_after') FROM kms_audit_log ORDER BY id DESC LIMIT 1").as_deref(),
+            Some("policy:retire_after:01:00:00")
+        );
+        // destroy_after: disabled versions, never a referenced one.
+        run("SELECT kms_alter_key('em', destroy_after => '0')");
+        let c = due().unwrap();
+        assert_eq!(
+            c.iter().map(|c| (c.version, c.action)).collect::<Vec<_>>(),
+            vec![(1, Action::Destroy), (3, Action::Destroy)]
+        );
+        for c in &c {
+            assert_eq!(apply(c), Outcome::Done);
+        }
+        assert_eq!(
+            one::<String>("SELECT string_agg(version || ':' || state, ',' ORDER BY version) FROM kms_keys WHERE key_name = 'em'").as_deref(),
+            Some("1:destroyed,2:decrypt_only,3:destroyed,4:active")
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM kms_destruction_receipts WHERE reason = 'policy'"),
+            Some(2)
+        );
+        // Version 2 is still referenced: disabling it by hand leaves it to
+        // destroy_after, which never destroys it while rows need it.
+        run("SELECT kms_disable_key_version('em', 2)");
+        let c = due().unwrap();
+        assert_eq!(c.len(), 1);
+        assert_eq!(apply(&c[0]), Outcome::Referenced(3));
+        assert_eq!(
+            one::<String>("SELECT state FROM kms_keys WHERE key_name = 'em' AND version = 2")
+                .as_deref(),
+            Some("disabled")
+        );
+        assert_eq!(
+            one::<bool>("SELECT ok FROM kms_audit_log_check()"),
+            Some(true)
+        );
+    }
+
+    #[pg_test]
+    fn warnings_for_rotations_due_and_overdue() {
+        run("SET pg_kms.rotation_warning = '7d'");
+        assert_eq!(
+            one::<i32>("SELECT kms_create_key('w_due', '5 days')"),
+            Some(1)
+        );
+        assert_eq!(
+            one::<i32>("SELECT kms_create_key('w_later', '30 days')"),
+            Some(1)
+        );
+        assert_eq!(
+            one::<i32>("SELECT kms_create_key('w_over', '1 day')"),
+            Some(1)
+        );
+        setup_key("w_none");
+        run("UPDATE kms.key_versions v SET created_at = now() - interval '2 days' FROM kms.keys k WHERE k.key_id = v.key_id AND k.key_name = 'w_over'");
+        assert_eq!(
+            one::<String>("SELECT string_agg(severity || ':' || kind || ':' || key_name || ':' || version, ',' ORDER BY key_name) FROM kms_warnings WHERE kind LIKE 'rotation%'").as_deref(),
+            Some("notice:rotation_due:w_due:1,warning:rotation_overdue:w_over:1")
+        );
+        assert!(
+            one::<String>("SELECT message FROM kms_warnings WHERE kind = 'rotation_overdue'")
+                .unwrap()
+                .contains("key \"w_over\" is overdue")
+        );
+        let h = one::<pgrx::JsonB>("SELECT kms_health()->'warnings'")
+            .unwrap()
+            .0;
+        assert_eq!(
+            h.as_array()
+                .unwrap()
+                .iter()
+                .filter(|w| w["kind"].as_str().unwrap().starts_with("rotation"))
+                .count(),
+            2
+        );
+        // A shorter threshold, a longer period: the notice goes away.
+        run("SET pg_kms.rotation_warning = '1d'");
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM kms_warnings WHERE kind = 'rotation_due'"),
+            Some(0)
+        );
+        run("SET pg_kms.rotation_warning = '7d'");
+        run("SELECT kms_alter_key('w_due', rotation_period => '60 days')");
+        run("SELECT kms_rotate_key('w_over')");
+        // Rotated: no longer overdue, but a 1-day period is always due
+        // within a 7-day threshold.
+        assert_eq!(
+            one::<String>("SELECT string_agg(kind || ':' || key_name || ':' || version, ',') FROM kms_warnings WHERE kind LIKE 'rotation%'").as_deref(),
+            Some("rotation_due:w_over:2")
+        );
+        run("SELECT kms_alter_key('w_over', clear => ARRAY['rotation_period'])");
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM kms_warnings WHERE kind LIKE 'rotation%'"),
+            Some(0)
+        );
+        // Destroyed keys are not counted in kms_health().
+        run("SELECT kms_destroy_key('w_none')");
+        assert_eq!(one::<i64>("SELECT (kms_health()->>'keys')::int8"), Some(3));
+        assert_eq!(
+            one::<i64>("SELECT (kms_health()->>'destroyed_keys')::int8"),
+            Some(1)
+        );
+        run("CREATE ROLE w_user IN ROLE kms_user");
+        assert_eq!(
+            as_role("w_user", "SELECT * FROM kms_warnings").as_deref(),
+            Some("42501")
+        );
     }
 }

@@ -60,6 +60,37 @@ fn kms_stats_counters() -> TableIterator<
     TableIterator::new(crate::keys::usage::counters_of_this_db())
 }
 
+/// What needs attention now, one row per warning; read through the
+/// `kms_warnings` view (the same list is `kms_health()->'warnings'`).
+#[allow(clippy::type_complexity)]
+#[pg_extern(volatile, parallel_restricted)]
+fn kms_warnings_list() -> TableIterator<
+    'static,
+    (
+        name!(severity, String),
+        name!(kind, String),
+        name!(key_name, Option<String>),
+        name!(version, Option<i32>),
+        name!(table_name, Option<String>),
+        name!(column_name, Option<String>),
+        name!(message, String),
+        name!(hint, Option<String>),
+    ),
+> {
+    TableIterator::new(crate::lifecycle::warnings().into_iter().map(|w| {
+        (
+            w.severity.to_string(),
+            w.kind.to_string(),
+            w.key_name,
+            w.version,
+            w.table_name,
+            w.column_name,
+            w.message,
+            w.hint,
+        )
+    }))
+}
+
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]
 mod tests {

@@ -14,18 +14,22 @@
 //! * [`versions`]: keys and versions (create, rotate, set primary,
 //!   disable, enable, destroy);
 //! * [`grants`]: per-key grants; [`master`]: master-key rotation;
+//! * [`policy`]: key policy after creation (`kms_alter_key`) and what the
+//!   worker does with it (retire_after, destroy_after, emergency rotation);
 //! * [`sync`]: one keyring across clusters (export, import);
 //! * [`health`](mod@health): `kms_health()` and the audit log checks.
 
 mod grants;
 mod health;
 mod master;
+pub mod policy;
 mod sync;
 mod versions;
 
 pub use grants::*;
 pub use health::*;
 pub use master::*;
+pub use policy::alter_key_sql;
 pub use sync::*;
 pub use versions::*;
 
@@ -257,7 +261,7 @@ pub fn rotate_due_keys() -> Vec<String> {
     }
     lifecycle(|| {
         for name in &due {
-            rotate_key(name, Some(RawText::from_ascii("scheduled")))?;
+            rotate_key(name, Some(RawText::from_ascii("scheduled")), false)?;
         }
         Ok(())
     });

@@ -83,7 +83,10 @@ pub fn create_key(name: &str, rotation_period: Option<Interval>) -> KmsResult<i3
 
 /// Adds a new primary version (the catalog part of `kms_rotate_key`, also
 /// used by the worker's scheduled rotation). Caller is the catalog owner.
-pub fn rotate_key(name: &str, reason: Option<RawText>) -> KmsResult<i32> {
+/// `emergency`: the version replaced is marked `retire_when_unreferenced`
+/// (the worker rewraps the key's rows at once and disables that version as
+/// soon as no row references it, see [`super::policy`]).
+pub fn rotate_key(name: &str, reason: Option<RawText>, emergency: bool) -> KmsResult<i32> {
     let act = begin_act()?;
     let key = lock_key(name)?;
     refuse_destroyed(&key, "rotate it")?;
@@ -102,13 +105,32 @@ pub fn rotate_key(name: &str, reason: Option<RawText>) -> KmsResult<i32> {
         "UPDATE kms.keys SET primary_version = $2 WHERE key_id = $1",
         &[key.id.into(), new_version.into()],
     )?;
-    record(&act, "rotate_key", &key, Some(new_version), reason, None)?;
+    let detail = if emergency {
+        // The replaced version, if it is decrypt_only now (set_primary may
+        // have left the primary elsewhere: nothing else is marked).
+        let marked = spi::one::<i32>(
+            "UPDATE kms.key_versions SET retire_when_unreferenced = true
+              WHERE key_id = $1 AND version = $2 AND state = 'decrypt_only' RETURNING version",
+            &[key.id.into(), key.primary.into()],
+        )?;
+        Some(json!({ "emergency": true, "retire_when_unreferenced": marked }).to_string())
+    } else {
+        None
+    };
+    record(
+        &act,
+        "rotate_key",
+        &key,
+        Some(new_version),
+        reason,
+        detail.as_deref(),
+    )?;
     Ok(new_version)
 }
 
 /// The body of SQL `kms_rotate_key()`.
-pub fn rotate_key_sql(key_name: RawText, reason: Option<RawText>) -> i32 {
-    lifecycle(|| rotate_key(name_arg(&key_name)?, reason))
+pub fn rotate_key_sql(key_name: RawText, reason: Option<RawText>, emergency: bool) -> i32 {
+    lifecycle(|| rotate_key(name_arg(&key_name)?, reason, emergency))
 }
 
 /// The body of SQL `kms_set_primary()`.
@@ -133,6 +155,12 @@ pub fn set_primary(key_name: RawText, version: i32) {
         }
         set_state(&key, key.primary, State::DecryptOnly)?;
         set_state(&key, version, State::Active)?;
+        // Made primary again by hand: an emergency rotation's mark is undone.
+        spi::exec(
+            "UPDATE kms.key_versions SET retire_when_unreferenced = false
+              WHERE key_id = $1 AND version = $2",
+            &[key.id.into(), version.into()],
+        )?;
         spi::exec(
             "UPDATE kms.keys SET primary_version = $2 WHERE key_id = $1",
             &[key.id.into(), version.into()],
@@ -279,30 +307,43 @@ pub fn destroy_key_version(
                 });
             }
         }
-        let wrapped = spi::one::<Vec<u8>>(
-            "SELECT wrapped_key FROM kms.key_versions WHERE key_id = $1 AND version = $2",
-            &[key.id.into(), version.into()],
-        )?
-        .unwrap_or_default();
-        let receipt = json!({
-            "receipt": "pg_kms destruction",
-            "key_name": name,
-            "key_id": key.id,
-            "version": version,
-            "destroyed_at": now_utc_text()?,
-            "material_mac": material_mac(&act, key.id, version, &wrapped),
-        });
-        set_state(&key, version, State::Destroyed)?;
-        record(
-            &act,
-            "destroy_key_version",
-            &key,
-            Some(version),
-            reason,
-            Some(&receipt.to_string()),
-        )
-        .map(|_| ())
+        destroy_version_row(&act, name, &key, version, reason)
     })
+}
+
+/// Erases a version's wrapped material and appends its audit row with the
+/// destruction receipt (callers checked the guard). Also the worker's
+/// `destroy_after` policy.
+pub(super) fn destroy_version_row(
+    act: &Act,
+    name: &str,
+    key: &KeyRow,
+    version: i32,
+    reason: Option<RawText>,
+) -> KmsResult<()> {
+    let wrapped = spi::one::<Vec<u8>>(
+        "SELECT wrapped_key FROM kms.key_versions WHERE key_id = $1 AND version = $2",
+        &[key.id.into(), version.into()],
+    )?
+    .unwrap_or_default();
+    let receipt = json!({
+        "receipt": "pg_kms destruction",
+        "key_name": name,
+        "key_id": key.id,
+        "version": version,
+        "destroyed_at": now_utc_text()?,
+        "material_mac": material_mac(act, key.id, version, &wrapped),
+    });
+    set_state(key, version, State::Destroyed)?;
+    record(
+        act,
+        "destroy_key_version",
+        key,
+        Some(version),
+        reason,
+        Some(&receipt.to_string()),
+    )
+    .map(|_| ())
 }
 
 /// The body of SQL `kms_destroy_key()`.

@@ -21,6 +21,8 @@ pub static REENCRYPT_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static REENCRYPT_MAX_ROWS_PER_SECOND: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 pub static REENCRYPT_NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static REENCRYPT_STATEMENT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(300_000);
+/// `pg_kms.rotation_warning`, in seconds (default 7 days).
+pub static ROTATION_WARNING_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 86_400);
 
 /// `pg_kms.redact_statement_logs`. The hidden spellings keep the boolean
 /// values of earlier versions working.
@@ -184,6 +186,16 @@ pub fn init() {
         i32::MAX,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_kms.rotation_warning",
+        c"How long before a key's scheduled rotation kms_warnings and kms_health() warn that it is due.",
+        c"0 warns only once a rotation is overdue.",
+        &ROTATION_WARNING_S,
+        0,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
     );
 }
 

@@ -454,6 +454,10 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
                 }
             }
         }
+        // Key policy: retire_after, destroy_after, emergency (lifecycle::policy).
+        for c in xact_kms(lifecycle::policy::due).unwrap_or_default() {
+            let _ = xact(|| lifecycle::policy::apply(&c));
+        }
         if !did_work && !BackgroundWorker::wait_latch(Some(naptime())) {
             break;
         }
