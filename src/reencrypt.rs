@@ -265,15 +265,20 @@ pub fn opaque_columns() -> KmsResult<Vec<String>> {
 /// Whether `caller` may read every row of `col` that its owner's scan
 /// counts: SELECT on the column, USAGE on the schema, and no row-level
 /// security that applies to the caller (the owner's scan would count rows
-/// the caller's policies hide).
+/// the caller's policies hide); and whether that scan counts every row at
+/// all: row-level security forced on the table hides rows from its owner
+/// too, unless the owner bypasses it (a count that missed them could let a
+/// destroy or a retirement strand them).
 fn caller_sees_all(caller: pg_sys::Oid, col: &Column) -> KmsResult<bool> {
     crate::pg::spi::first::<bool>(
         "SELECT pg_catalog.has_column_privilege($1, c.oid, $3::pg_catalog.text, 'SELECT')
             AND pg_catalog.has_schema_privilege($1, c.relnamespace, 'USAGE')
             AND (NOT c.relrowsecurity OR r.rolsuper OR r.rolbypassrls
                  OR (c.relowner OPERATOR(pg_catalog.=) r.oid AND NOT c.relforcerowsecurity))
-           FROM pg_catalog.pg_class c, pg_catalog.pg_roles r
-          WHERE c.oid OPERATOR(pg_catalog.=) $2 AND r.oid OPERATOR(pg_catalog.=) $1",
+            AND (NOT (c.relrowsecurity AND c.relforcerowsecurity) OR o.rolsuper OR o.rolbypassrls)
+           FROM pg_catalog.pg_class c, pg_catalog.pg_roles r, pg_catalog.pg_roles o
+          WHERE c.oid OPERATOR(pg_catalog.=) $2 AND r.oid OPERATOR(pg_catalog.=) $1
+            AND o.oid OPERATOR(pg_catalog.=) c.relowner",
         &[caller.into(), col.relid.into(), col.attname.as_str().into()],
         false,
     )

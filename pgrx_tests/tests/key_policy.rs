@@ -371,3 +371,139 @@ fn stalled_worker_is_reported() {
     .unwrap();
     assert!(stalled(&mut db).is_empty());
 }
+
+/// A statement that began before an emergency rotation keeps sealing under
+/// the version it replaced (its key cache is refreshed only at its next
+/// statement) and commits after the worker has rewrapped everything else:
+/// the worker waits for it before retiring the version, so no row is left
+/// under a disabled version.
+#[test]
+fn retirement_waits_for_transactions_older_than_the_rotation() {
+    let (c, mut db) = preloaded("kp_old_xact");
+    db.batch_execute(
+        "SELECT kms_create_key('em');
+         CREATE TABLE t (id int PRIMARY KEY, v encrypted_text);
+         INSERT INTO t SELECT g, kms_encrypt('v' || g, 'em') FROM generate_series(1, 50) g;",
+    )
+    .unwrap();
+    let mut app = c.connect();
+    app.batch_execute("BEGIN; SELECT kms_encrypt('warm', 'em')")
+        .unwrap();
+    let app = std::thread::spawn(move || {
+        app.batch_execute(
+            "INSERT INTO t SELECT g, kms_encrypt('late' || g || pg_sleep(0.1)::text, 'em')
+               FROM generate_series(1000, 1029) g;
+             COMMIT;",
+        )
+        .unwrap();
+    });
+    poll(
+        "the long statement running",
+        Duration::from_secs(30),
+        || {
+            let n: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'INSERT INTO t SELECT%'",
+                &[],
+            )
+            .ok()?
+            .get(0);
+            (n == 1).then_some(())
+        },
+    );
+    db.batch_execute("SELECT kms_rotate_key('em', 'suspected compromise', emergency => true)")
+        .unwrap();
+    // While the statement runs, version 1 stays decrypt_only although every
+    // committed row has been rewrapped.
+    poll("the committed rows rewrapped", CONVERGE, || {
+        let n: i64 = db
+            .query_one("SELECT count(*) FROM t WHERE kms_key_version(v) = 1", &[])
+            .ok()?
+            .get(0);
+        (n == 0).then_some(())
+    });
+    let during = states(&mut db, "em");
+    app.join().unwrap();
+    assert_eq!(
+        during, "1:decrypt_only,2:active",
+        "retired under a running statement"
+    );
+    poll(
+        "version 1 retired once nothing references it",
+        CONVERGE,
+        || {
+            let n: i64 = db
+                .query_one("SELECT count(*) FROM t WHERE kms_key_version(v) = 1", &[])
+                .ok()?
+                .get(0);
+            (n == 0 && states(&mut db, "em") == "1:disabled,2:active").then_some(())
+        },
+    );
+    let readable: i64 = db
+        .query_one(
+            "SELECT count(*) FROM t WHERE kms_decrypt(v) IS NOT NULL",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(readable, 80, "every row readable after the retirement");
+    drop(c);
+}
+
+/// Rows that row-level security forced on a table hides from its owner
+/// (who does not bypass it) cannot be counted by the owner's scan: the
+/// version they use is neither retired by the worker nor destroyed by a
+/// superuser's kms_destroy_key_version.
+#[test]
+fn forced_row_level_security_does_not_hide_rows_from_the_guard() {
+    let (c, mut db) = preloaded("kp_rls");
+    db.batch_execute(
+        "SELECT kms_create_key('rl');
+         CREATE ROLE tenant_owner;
+         CREATE TABLE tt (id int PRIMARY KEY, tenant text, v encrypted_text);
+         INSERT INTO tt SELECT g, 't' || (g % 2), kms_encrypt('v' || g, 'rl') FROM generate_series(1, 20) g;
+         ALTER TABLE tt OWNER TO tenant_owner;
+         ALTER TABLE tt ENABLE ROW LEVEL SECURITY;
+         ALTER TABLE tt FORCE ROW LEVEL SECURITY;
+         CREATE POLICY only_t0 ON tt USING (tenant = 't0');
+         ALTER TABLE tt OWNER TO tenant_owner;
+         SELECT kms_rotate_key('rl');
+         SELECT kms_alter_key('rl', retire_after => '0', destroy_after => '0');",
+    )
+    .unwrap();
+    let err = db
+        .batch_execute("SELECT kms_destroy_key_version('rl', 1)")
+        .err()
+        .and_then(|e| {
+            e.as_db_error()
+                .map(|d| format!("{} {}", d.code().code(), d.message()))
+        });
+    println!("destroy: {err:?}");
+    assert!(
+        err.as_deref().is_some_and(|e| e.starts_with("42501 cannot verify")),
+        "the destroy guard counted past RLS: {err:?}"
+    );
+    // The worker's passes never retire version 1 (rows hidden from the
+    // owner's rewrap stay under it).
+    poll("a worker pass", CONVERGE, || {
+        let n: i64 = db
+            .query_one(
+                "SELECT count(*) FROM kms_reencryption_progress WHERE table_name = 'tt'::regclass AND finished_at IS NOT NULL",
+                &[],
+            )
+            .ok()?
+            .get(0);
+        (n == 1).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(states(&mut db, "rl"), "1:decrypt_only,2:active");
+    let hidden: i64 = db
+        .query_one("SELECT count(*) FROM tt WHERE kms_key_version(v) = 1", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        hidden, 10,
+        "the rows hidden from the owner are still under version 1"
+    );
+    drop(c);
+}

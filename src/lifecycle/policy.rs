@@ -375,6 +375,22 @@ fn referenced(c: &Candidate, caller: pg_sys::Oid, reuse: bool) -> KmsResult<Opti
 pub fn apply(c: &Candidate) -> Outcome {
     // The worker's own role (a superuser): every column is counted.
     let caller = identity::current_user();
+    // A transaction older than the version's last change (when it stopped
+    // being the primary, or was disabled) may still seal rows under it and
+    // commit after the count: wait until none is left (tried again at the
+    // next pass, not rate-limited).
+    let since = catalog::as_catalog_owner(|_| {
+        spi::first::<i64>(
+            "SELECT (EXTRACT(epoch FROM state_changed_at) * 1000000)::pg_catalog.int8
+               FROM kms.key_versions WHERE key_id = $1 AND version = $2",
+            &[c.key_id.into(), c.version.into()],
+            false,
+        )
+    });
+    match since.map(|s| s.map(crate::pg::activity::no_transaction_older_than)) {
+        Ok(Some(Ok(true))) => {}
+        _ => return Outcome::NotDue,
+    }
     let sig = catalog::as_catalog_owner(|_| progress_signature()).unwrap_or_default();
     // Counted now unless it is acted on (also if this transaction fails:
     // a failing candidate waits for the next progress change or RECHECK).
@@ -467,8 +483,6 @@ fn act(c: &Candidate, caller: pg_sys::Oid) -> Outcome {
 /// Keys with a version marked by an emergency rotation that is still
 /// decrypt_only: the worker rewraps their columns without its throttle.
 /// Call inside a transaction; empty on any error.
-// The lead wires it into the worker's throttle (issue 16 section 5).
-#[allow(dead_code)]
 pub fn emergency_keys() -> Vec<i32> {
     catalog::as_catalog_owner(|_| {
         Spi::connect(|c| -> Result<Vec<i32>, pgrx::spi::Error> {

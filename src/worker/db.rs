@@ -101,25 +101,6 @@ fn count_column(col: &reencrypt::Column, targets: &reencrypt::Targets) -> Result
     r
 }
 
-/// Whether no transaction of this database that began before `since_us`
-/// (microseconds since the epoch) is still running, prepared ones
-/// included: one that is could still seal rows under a former primary
-/// (its key cache learns of a rotation only at its next lock).
-fn no_transaction_older_than(since_us: i64) -> crate::errors::KmsResult<bool> {
-    crate::pg::spi::first::<bool>(
-        "SELECT NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
-                             WHERE a.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()
-                               AND a.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid()
-                               AND a.backend_type OPERATOR(pg_catalog.=) ANY ('{client backend,parallel worker,background worker}')
-                               AND a.xact_start OPERATOR(pg_catalog.<) pg_catalog.to_timestamp($1::float8 / 1000000))
-            AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_prepared_xacts p
-                             WHERE p.database OPERATOR(pg_catalog.=) pg_catalog.current_database())",
-        &[since_us.into()],
-        false,
-    )
-    .map(|b| b.unwrap_or(false))
-}
-
 /// The keyring as the worker sees it, read in one transaction (one
 /// snapshot): a signature of every key's primary and version states (a
 /// column found clean under it stays clean until it changes), and the
@@ -304,9 +285,18 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
         let mut old_xacts: Option<bool> = None;
         let mut old_xacts_running = || {
             *old_xacts.get_or_insert_with(|| {
-                !matches!(xact_kms(|| no_transaction_older_than(since_us)), Ok(true))
+                !matches!(
+                    xact_kms(|| crate::pg::activity::no_transaction_older_than(since_us)),
+                    Ok(true)
+                )
             })
         };
+        // After an emergency rotation (kms_rotate_key(..., emergency =>
+        // true)) the rewrap runs without the throttle until the marked
+        // version is retired.
+        let unthrottled = xact(lifecycle::policy::emergency_keys)
+            .map(|k| !k.is_empty())
+            .unwrap_or(false);
         for col in cols {
             let st = columns
                 .entry((col.relid.to_u32(), col.attname.clone()))
@@ -346,7 +336,7 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
             let finished = loop {
                 reload_config_if_asked();
                 throttle.refresh(guc::REENCRYPT_MAX_ROWS_PER_SECOND.get(), Instant::now());
-                if let Some(d) = throttle.delay(Instant::now()) {
+                if let Some(d) = throttle.delay(Instant::now()).filter(|_| !unthrottled) {
                     if !BackgroundWorker::wait_latch(Some(d)) {
                         break 'main;
                     }
