@@ -186,8 +186,18 @@ fn audit_read(name: &str, version: i32, explicit: bool, value: &EncryptedText) -
         "explicit_version": explicit,
     })
     .to_string();
+    // The audit row exists only if the reader's transaction commits: the
+    // server log gets a line at once, so a read rolled back is not
+    // unrecorded (no value; the secret's name, as the audit row has it).
+    pgrx::log!(
+        "pg_kms: secret read: {} version {version}{how} by role {}",
+        crate::errors::quote_ident(name),
+        crate::errors::role_display(crate::pg::identity::acting_user())
+    );
     // A read is an act: the same guard as the others (a keyring from before
-    // MACs adopts them here as it would at any act).
+    // MACs adopts them here as it would at any act). Like every act it holds
+    // the audit chain's lock until the reader's transaction ends: read
+    // secrets in short transactions.
     crate::lifecycle::guard_catalog()?;
     let act = begin_act()?;
     append(

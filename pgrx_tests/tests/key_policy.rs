@@ -480,7 +480,8 @@ fn forced_row_level_security_does_not_hide_rows_from_the_guard() {
         });
     println!("destroy: {err:?}");
     assert!(
-        err.as_deref().is_some_and(|e| e.starts_with("42501 cannot verify")),
+        err.as_deref()
+            .is_some_and(|e| e.starts_with("42501 cannot verify")),
         "the destroy guard counted past RLS: {err:?}"
     );
     // The worker's passes never retire version 1 (rows hidden from the

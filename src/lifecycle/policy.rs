@@ -404,7 +404,12 @@ pub fn apply(c: &Candidate) -> Outcome {
     .or_raise();
     let outcome = match pre {
         Some(o) => o,
-        None => act(c, caller),
+        None => {
+            // The worker commits asynchronously; an act is durable before
+            // its audit head reaches the server log.
+            let _ = spi::exec("SET LOCAL synchronous_commit = on", &[]);
+            act(c, caller)
+        }
     };
     if matches!(outcome, Outcome::Done | Outcome::NotDue) {
         CHECKED.with(|m| m.borrow_mut().remove(&c.slot()));

@@ -232,7 +232,12 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
             }
             continue;
         }
-        if let Err(e) = xact(lifecycle::rotate_due_keys).map(|rotated| {
+        if let Err(e) = xact(|| {
+            // An act is durable before its audit head reaches the log.
+            let _ = crate::pg::spi::exec("SET LOCAL synchronous_commit = on", &[]);
+            lifecycle::rotate_due_keys()
+        })
+        .map(|rotated| {
             for name in rotated {
                 log!("pg_kms: rotated key \"{name}\" (scheduled)");
             }
