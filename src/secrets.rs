@@ -138,7 +138,7 @@ pub fn secret_get(name: Option<RawText>, version: Option<i32>) -> Option<OutText
                 at,
             });
         }
-        crate::values::decrypt_text(&value, &[])
+        crate::values::decrypt_secret_text(&value, caller)
     });
     Some(r.or_raise())
 }

@@ -4,6 +4,7 @@
 //! above (catalog, keys, logic, API) reaches the server through here or
 //! through pgrx directly for typed row reads.
 
+pub mod access_shmem;
 pub mod datum;
 pub mod encoding;
 pub mod guc;
