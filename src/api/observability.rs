@@ -38,6 +38,34 @@ fn kms_audit_log_check() -> TableIterator<
     ))
 }
 
+/// The access log's chain checked under the master key configured now
+/// (kms.access_log: who used which key; see `kms_access_log`).
+#[allow(clippy::type_complexity)]
+#[pg_extern(stable, parallel_restricted)]
+fn kms_access_log_check() -> TableIterator<
+    'static,
+    (
+        name!(ok, bool),
+        name!(rows_checked, i64),
+        name!(first_bad_id, Option<i64>),
+        name!(problem, Option<String>),
+        name!(head_id, Option<i64>),
+        name!(head_mac, Option<String>),
+    ),
+> {
+    use crate::errors::OrRaise;
+    let c = crate::catalog::as_catalog_owner(|_| crate::keys::access_log::check_access_log())
+        .or_raise();
+    TableIterator::once((
+        c.problem.is_none(),
+        c.rows,
+        c.first_bad,
+        c.problem,
+        c.head_id,
+        c.head_mac,
+    ))
+}
+
 /// Configuration and keyring health, without any key material.
 #[pg_extern(volatile, parallel_safe)]
 fn kms_health() -> pgrx::JsonB {

@@ -13,6 +13,7 @@
 //!   chained audit log they are bound to.
 
 pub mod access;
+pub mod access_log;
 pub mod audit;
 pub mod cache;
 pub mod grants;

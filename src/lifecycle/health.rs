@@ -103,6 +103,7 @@ pub fn health() -> pgrx::JsonB {
             "preloaded": crate::pg::preloaded(),
             "worker": worker_status()?,
             "nonce_warnings": nonce_warnings()?,
+            "access_audit": keys::access_log::health_status()?,
         });
         if let (Some(obj), serde_json::Value::Object(c)) = (v.as_object_mut(), counts) {
             obj.extend(c);

@@ -113,11 +113,13 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
     log!("pg_kms worker started for database {db}");
     let mut columns: HashMap<(u32, String), ColumnState> = HashMap::new();
     let mut throttle = Throttle::new(guc::REENCRYPT_MAX_ROWS_PER_SECOND.get(), Instant::now());
+    let mut harvest = access::Harvest::default();
     'main: loop {
         reload_config_if_asked();
         if BackgroundWorker::sigterm_received() {
             break;
         }
+        harvest.tick(false);
         let still_installed = xact(|| {
             Spi::get_one::<bool>(
                 "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_kms')",
@@ -285,10 +287,11 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
                 }
             }
         }
-        if !did_work && !BackgroundWorker::wait_latch(Some(naptime())) {
+        if !did_work && !BackgroundWorker::wait_latch(Some(naptime().min(harvest.until_next()))) {
             break;
         }
     }
+    harvest.tick(true);
     if let Some(s) = slot {
         shmem::unregister_worker(s);
     }
