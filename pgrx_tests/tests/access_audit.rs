@@ -29,7 +29,10 @@ fn logged(db: &mut Client, actors: &[&str]) -> Counts {
     .collect()
 }
 
-fn expect(rows: &[(&str, &str, &str, Option<i32>, &str, i64)]) -> Counts {
+/// (actor, role, key, version, operation, uses).
+type Row<'a> = (&'a str, &'a str, &'a str, Option<i32>, &'a str, i64);
+
+fn expect(rows: &[Row<'_>]) -> Counts {
     rows.iter()
         .map(|&(a, r, k, v, op, n)| ((a.into(), r.into(), k.into(), v, op.into()), n))
         .collect()
@@ -206,12 +209,10 @@ fn uses_are_counted_exactly_per_role_key_version_and_operation() {
         .query("SELECT * FROM kms_access_log", &[])
         .unwrap()
         .is_empty());
-    assert_eq!(
-        eve.query_one("SELECT ok FROM kms_access_log_check()", &[])
-            .unwrap()
-            .get::<_, bool>(0),
-        true
-    );
+    assert!(eve
+        .query_one("SELECT ok FROM kms_access_log_check()", &[])
+        .unwrap()
+        .get::<_, bool>(0));
     // Health.
     let r = pg
         .query_one(
