@@ -96,6 +96,8 @@ mod tests {
         ("table", "kms.reencryption_progress", NOBODY),
         ("table", "kms.secrets", NOBODY),
         ("table", "kms.protected_columns", NOBODY),
+        ("table", "kms.access_log", NOBODY),
+        ("table", "kms.access_head", NOBODY),
     ];
 
     /// One row per function or relation of the extension (not the
