@@ -291,7 +291,7 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
             break;
         }
     }
-    harvest.tick(true);
+    harvest.tick(true); // append what is pending before stopping
     if let Some(s) = slot {
         shmem::unregister_worker(s);
     }
