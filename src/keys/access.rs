@@ -85,16 +85,22 @@ pub fn enabled() -> bool {
     unsafe { *ACCESS_AUDIT.as_ptr() }
 }
 
+// Declared here rather than called through pgrx's bindings, which wrap
+// every call in a sigsetjmp guard (for functions that may raise an ERROR):
+// these three only return a backend global and never raise one, and two
+// of them run for every value.
+extern "C-unwind" {
+    fn GetUserId() -> pg_sys::Oid;
+    fn GetSessionUserId() -> pg_sys::Oid;
+    fn GetCurrentStatementStartTimestamp() -> pg_sys::TimestampTz;
+}
+
 #[inline]
 fn roles_now() -> (u32, u32) {
-    // SAFETY: both read backend globals set once the backend is connected
-    // (always, when SQL or the worker's transactions run).
-    unsafe {
-        (
-            pg_sys::GetSessionUserId().to_u32(),
-            pg_sys::GetUserId().to_u32(),
-        )
-    }
+    // SAFETY: both only return a backend global (set once the backend is
+    // connected: always, when SQL or the worker's transactions run); they
+    // take no argument and cannot raise an ERROR.
+    unsafe { (GetSessionUserId().to_u32(), GetUserId().to_u32()) }
 }
 
 /// Makes the role pair of the pending counts the current one, moving the
@@ -119,8 +125,9 @@ fn switch_roles(now: (u32, u32)) {
 
 #[inline]
 fn statement_start() -> i64 {
-    // SAFETY: reads a backend global (no clock call), valid in a transaction.
-    unsafe { pg_sys::GetCurrentStatementStartTimestamp() }
+    // SAFETY: only returns a backend global (no clock call) and cannot
+    // raise an ERROR.
+    unsafe { GetCurrentStatementStartTimestamp() }
 }
 
 fn add(pair: (u32, u32), key_id: u32, version: u32, op: Op, n: u64) {
@@ -128,7 +135,9 @@ fn add(pair: (u32, u32), key_id: u32, version: u32, op: Op, n: u64) {
         return;
     }
     super::usage::ensure_xact_hook();
-    LOCAL.with(|l| {
+    // try_with: a version dropped while the process exits (thread-local
+    // destructors) has nothing pending, but must not panic if it had.
+    let _ = LOCAL.try_with(|l| {
         let mut l = l.borrow_mut();
         let e = l
             .entry((pair.0, pair.1, key_id, version, op as u32))

@@ -82,7 +82,12 @@ impl CachedVersion {
 
 impl Drop for CachedVersion {
     fn drop(&mut self) {
-        self.flush_counts();
+        // Only with counts pending: a process that exits drops its cache
+        // after a standalone backend (postgres --single) has detached
+        // shared memory, which flush_counts would read.
+        if self.pending_enc.get() > 0 || self.pending_dec.get() > 0 {
+            self.flush_counts();
+        }
     }
 }
 
