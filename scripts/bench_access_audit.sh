@@ -87,8 +87,14 @@ pgb() {  # pgb on|off: one pgbench run, its tps
 # both see the same load from the rest of the machine (the most robust
 # ratio on a shared machine: the two compete for the cores equally).
 for round in $(seq 1 "$ROUNDS"); do
-    pgb on >"$DIR/side.on" & a=$!
-    pgb off >"$DIR/side.off" & b=$!
+    # Alternate which starts first.
+    if [ $((round % 2)) = 1 ]; then
+        pgb on >"$DIR/side.on" & a=$!
+        pgb off >"$DIR/side.off" & b=$!
+    else
+        pgb off >"$DIR/side.off" & b=$!
+        pgb on >"$DIR/side.on" & a=$!
+    fi
     wait $a $b
     SIDE[on]="${SIDE[on]:-} $(cat "$DIR/side.on")"; SIDE[off]="${SIDE[off]:-} $(cat "$DIR/side.off")"
     echo "   side by side, round $round (tps): on=$(cat "$DIR/side.on") off=$(cat "$DIR/side.off")"
