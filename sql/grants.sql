@@ -75,6 +75,9 @@ BEGIN
             ('view',     'kms_key_grants',            '{kms_admin,kms_auditor}'),
             ('view',     'kms_protected_columns',     '{kms_admin,kms_auditor}'),
             ('view',     'kms_warnings',              '{kms_admin,kms_auditor}'),
+            -- The access audit (issue 16): who used which key.
+            ('function', 'kms_access_log_check',      '{kms_admin,kms_auditor}'),
+            ('view',     'kms_access_log',            '{kms_admin,kms_auditor}'),
             -- PUBLIC by design: the type's I/O and its operators' functions.
             ('function', 'encrypted_text_in',         '{PUBLIC}'),
             ('function', 'encrypted_text_out',        '{PUBLIC}'),
@@ -97,6 +100,8 @@ BEGIN
             ('function', 'kms.audit_log_reject',      '{}'),
             -- The DDL guard's event trigger function.
             ('function', 'kms.protect_ddl_guard',     '{}'),
+            -- The access log's append-only trigger function.
+            ('function', 'kms.access_log_reject',     '{}'),
             ('function', 'tests.*',                   '{}')
         ),
         ext AS (

@@ -55,6 +55,13 @@ extension_sql_file!(
     name = "protect",
     requires = ["catalog", "views"]
 );
+// The access audit's log (issue 16), after every other table so that the
+// config-dump list of a fresh install is that of an upgraded database.
+extension_sql_file!(
+    "../sql/access.sql",
+    name = "access",
+    requires = ["catalog", "protect"]
+);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 #[pg_guard]

@@ -152,7 +152,7 @@ pub fn secret_get(name: Option<RawText>, version: Option<i32>) -> Option<OutText
                 at,
             });
         }
-        let out = crate::values::decrypt_text(&value, &[])?;
+        let out = crate::values::decrypt_secret_text(&value, caller)?;
         audit_read(&name, v, version.is_some(), &value)?;
         Ok(out)
     });

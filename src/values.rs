@@ -9,6 +9,7 @@ use crate::crypto::envelope::{
 };
 use crate::crypto::{open_into, seal_into, AuthError};
 use crate::errors::{KmsError, KmsResult, OrRaise};
+use crate::keys::access::Op;
 use crate::keys::{self, Privilege};
 use crate::pg::datum::{EncryptedText, OutBytea, OutText, RawText};
 use crate::pg::encoding::{db_encoding, text_to_utf8, Utf8, PG_SQL_ASCII, PG_UTF8};
@@ -44,6 +45,16 @@ fn require_key_name(key_name: &Option<RawText>) -> &[u8] {
     }
 }
 
+/// How a use is counted in the access audit: as what it is (an encryption
+/// or a decryption), or as another operation (`Instead(op, for_user)`: a
+/// rewrap, a secret read for the user calling; `op` None: not at all,
+/// the sealing half of a rewrap). Each value is counted once.
+#[derive(Clone, Copy)]
+enum Counted {
+    AsIs,
+    Instead(Option<Op>, Option<pg_sys::Oid>),
+}
+
 /// Seals `plaintext` under the primary version of `key_name`.
 #[inline]
 fn seal_value(
@@ -52,7 +63,9 @@ fn seal_value(
     context: &[u8],
     flags: u8,
 ) -> KmsResult<EncryptedText> {
-    keys::with_primary(key_name, |v| seal_with(v, plaintext, context, flags))
+    keys::with_primary(key_name, |v| {
+        seal_with(v, plaintext, context, flags, Counted::AsIs)
+    })
 }
 
 #[inline]
@@ -61,6 +74,7 @@ fn seal_with(
     plaintext: &[u8],
     context: &[u8],
     flags: u8,
+    how: Counted,
 ) -> KmsResult<EncryptedText> {
     v.check(Privilege::Encrypt)?;
     let header = Header {
@@ -72,14 +86,22 @@ fn seal_with(
         // AES-SIV under the version's SIV key: no nonce, same input, same value.
         let (out, buf) = EncryptedText::alloc(plaintext.len() + DET_OVERHEAD);
         v.det.seal_into(header, context, plaintext, buf);
-        v.count_encryption();
+        count_seal(v, how);
         return Ok(out);
     }
     let nonce = keys::nonce()?;
     let (out, buf) = EncryptedText::alloc(plaintext.len() + OVERHEAD);
     seal_into(v.data_key(), header, &nonce, context, plaintext, buf);
-    v.count_encryption();
+    count_seal(v, how);
     Ok(out)
+}
+
+#[inline]
+fn count_seal(v: &keys::CachedVersion, how: Counted) {
+    match how {
+        Counted::AsIs => v.count_encryption(),
+        Counted::Instead(op, user) => v.count_as(false, op, user),
+    }
 }
 
 /// Opens `value` into `out`, which must be `plaintext_len(value)` bytes.
@@ -88,7 +110,12 @@ fn seal_with(
 /// returns its header and the plaintext's length, which is shorter than
 /// `out` only for a deterministic value sealed by pg_kms 0.1.0 (AES-GCM,
 /// read after the AES-SIV reading failed).
-fn open_value(value: &EncryptedText, context: &[u8], out: &mut [u8]) -> KmsResult<(Header, usize)> {
+fn open_value(
+    value: &EncryptedText,
+    context: &[u8],
+    out: &mut [u8],
+    how: Counted,
+) -> KmsResult<(Header, usize)> {
     let env = value.envelope();
     keys::with_version(env.header.key_id, env.header.key_version, |v| {
         v.check(Privilege::Decrypt)?;
@@ -106,7 +133,10 @@ fn open_value(value: &EncryptedText, context: &[u8], out: &mut [u8]) -> KmsResul
             }
         }
         .map_err(|_| KmsError::AuthFailed)?;
-        v.count_decryption();
+        match how {
+            Counted::AsIs => v.count_decryption(),
+            Counted::Instead(op, user) => v.count_as(true, op, user),
+        }
         Ok((env.header, len))
     })
 }
@@ -117,9 +147,13 @@ fn plaintext_len(value: &EncryptedText) -> usize {
 }
 
 /// Opens into a zeroized-on-drop temporary (cold paths).
-fn open_to_vec(value: &EncryptedText, context: &[u8]) -> KmsResult<Zeroizing<Vec<u8>>> {
+fn open_to_vec(
+    value: &EncryptedText,
+    context: &[u8],
+    how: Counted,
+) -> KmsResult<Zeroizing<Vec<u8>>> {
     let mut tmp = Zeroizing::new(vec![0u8; plaintext_len(value)]);
-    let (_, len) = open_value(value, context, &mut tmp)?;
+    let (_, len) = open_value(value, context, &mut tmp, how)?;
     tmp.truncate(len);
     Ok(tmp)
 }
@@ -203,7 +237,7 @@ pub fn deterministic_candidates(
         let ctx = ctx_bytes(&context);
         std::iter::once(primary)
             .chain(others)
-            .map(|v| seal_with(v, &plain, &ctx, FLAG_DETERMINISTIC))
+            .map(|v| seal_with(v, &plain, &ctx, FLAG_DETERMINISTIC, Counted::AsIs))
             .collect()
     })();
     Some(EncryptedTextArray(r.or_raise()))
@@ -292,6 +326,8 @@ pub fn blind_index(
         let mac = index
             .blind_index(&ctx_bytes(&context), &text_to_utf8(pt.bytes()), bits as u32)
             .expect("bits checked");
+        // The index key is the key's, not a version's: version 0.
+        keys::access::record(key.id, 0, Op::BlindIndex);
         let (out, buf) = OutBytea::alloc(mac.len());
         buf.copy_from_slice(&mac);
         Ok(out)
@@ -317,11 +353,26 @@ pub fn decrypt(value: Option<EncryptedText>, context: Option<RawText>) -> Option
 
 /// Opens a value as text in the database encoding.
 pub fn decrypt_text(value: &EncryptedText, ctx: &[u8]) -> KmsResult<OutText> {
+    decrypt_text_counted(value, ctx, Counted::AsIs)
+}
+
+/// Opens a secret's value (sealed without context) for `caller`: counted
+/// in the access audit as a `secret_read` by the caller, not as a
+/// decryption by the catalog owner that reads it.
+pub fn decrypt_secret_text(value: &EncryptedText, caller: pg_sys::Oid) -> KmsResult<OutText> {
+    decrypt_text_counted(
+        value,
+        &[],
+        Counted::Instead(Some(Op::SecretRead), Some(caller)),
+    )
+}
+
+fn decrypt_text_counted(value: &EncryptedText, ctx: &[u8], how: Counted) -> KmsResult<OutText> {
     let enc = db_encoding();
     let is_text = !value.envelope().header.is_bytes();
     if is_text && enc != PG_UTF8 && enc != PG_SQL_ASCII {
         // Sealed as UTF-8: decrypt aside, then convert to the database encoding.
-        let tmp = open_to_vec(value, ctx)?;
+        let tmp = open_to_vec(value, ctx, how)?;
         if tmp.is_empty() {
             return Ok(OutText::alloc(0).0);
         }
@@ -352,7 +403,7 @@ pub fn decrypt_text(value: &EncryptedText, ctx: &[u8]) -> KmsResult<OutText> {
         }
     }
     let (mut out, buf) = OutText::alloc(plaintext_len(value));
-    let (_, len) = open_value(value, ctx, buf)?;
+    let (_, len) = open_value(value, ctx, buf, how)?;
     out.truncate(len);
     let buf = &mut buf[..len];
     // Never hand back bytes that are not valid text in this database.
@@ -375,7 +426,7 @@ pub fn decrypt_text(value: &EncryptedText, ctx: &[u8]) -> KmsResult<OutText> {
 pub fn decrypt_bytea(value: Option<EncryptedText>, context: Option<RawText>) -> Option<OutBytea> {
     let value = value?;
     let (mut out, buf) = OutBytea::alloc(plaintext_len(&value));
-    let (_, len) = open_value(&value, &ctx_bytes(&context), buf).or_raise();
+    let (_, len) = open_value(&value, &ctx_bytes(&context), buf, Counted::AsIs).or_raise();
     out.truncate(len);
     Some(out)
 }
@@ -388,9 +439,16 @@ pub fn rewrap(value: EncryptedText, context: &[u8]) -> KmsResult<EncryptedText> 
     if header.key_version == key.primary {
         return Ok(value);
     }
-    let plaintext = open_to_vec(&value, context)?;
+    // Counted once, as a rewrap of the version it was sealed under.
+    let plaintext = open_to_vec(&value, context, Counted::Instead(Some(Op::Rewrap), None))?;
     key.check(Privilege::Encrypt)?;
-    seal_with(key.primary_version()?, &plaintext, context, header.flags)
+    seal_with(
+        key.primary_version()?,
+        &plaintext,
+        context,
+        header.flags,
+        Counted::Instead(None, None),
+    )
 }
 
 /// The body of SQL `kms_rewrap()`.

@@ -38,6 +38,34 @@ fn kms_audit_log_check() -> TableIterator<
     ))
 }
 
+/// The access log's chain checked under the master key configured now
+/// (kms.access_log: who used which key; see `kms_access_log`).
+#[allow(clippy::type_complexity)]
+#[pg_extern(stable, parallel_restricted)]
+fn kms_access_log_check() -> TableIterator<
+    'static,
+    (
+        name!(ok, bool),
+        name!(rows_checked, i64),
+        name!(first_bad_id, Option<i64>),
+        name!(problem, Option<String>),
+        name!(head_id, Option<i64>),
+        name!(head_mac, Option<String>),
+    ),
+> {
+    use crate::errors::OrRaise;
+    let c = crate::catalog::as_catalog_owner(|_| crate::keys::access_log::check_access_log())
+        .or_raise();
+    TableIterator::once((
+        c.problem.is_none(),
+        c.rows,
+        c.first_bad,
+        c.problem,
+        c.head_id,
+        c.head_mac,
+    ))
+}
+
 /// Configuration and keyring health, without any key material.
 #[pg_extern(volatile, parallel_safe)]
 fn kms_health() -> pgrx::JsonB {
@@ -96,6 +124,53 @@ fn kms_warnings_list() -> TableIterator<
 mod tests {
     use crate::api::test_support::*;
     use pgrx::prelude::*;
+
+    /// The access log within one transaction (the counts themselves reach
+    /// the log only across transactions, through shared memory and the
+    /// worker: pgrx_tests/tests/access_audit.rs): its check, its
+    /// append-only trigger, and kms_health's account of it.
+    #[pg_test]
+    fn access_log_check_and_append_only() {
+        setup_key("pii");
+        run("SELECT kms_decrypt(kms_encrypt('x', 'pii'))");
+        assert_eq!(
+            one::<String>("SELECT ok || ':' || rows_checked || ':' || coalesce(first_bad_id::text, '-') FROM kms_access_log_check()").as_deref(),
+            Some("true:0:-")
+        );
+        assert_eq!(
+            one::<bool>("SELECT (h->>'enabled')::bool = (h->>'preloaded')::bool AND (h->>'preloaded')::bool = (kms_health()->>'preloaded')::bool
+                           FROM (SELECT kms_health()->'access_audit' AS h) s"),
+            Some(true)
+        );
+        if one::<bool>("SELECT (kms_health()->>'preloaded')::bool") == Some(false) {
+            assert!(
+                one::<String>("SELECT kms_health()->'access_audit'->>'reason'")
+                    .unwrap()
+                    .contains("shared_preload_libraries")
+            );
+        }
+        // A row written behind pg_kms's back does not chain.
+        run(
+            r"INSERT INTO kms.access_log VALUES (1, now(), 10, 'postgres', 10, 'postgres', 1, 'pii', 1,
+                 'decrypt', 5, now(), now(), '\x00', '\x00', '\x00', '\x00')",
+        );
+        assert_eq!(
+            one::<String>("SELECT ok || ':' || first_bad_id FROM kms_access_log_check()")
+                .as_deref(),
+            Some("false:1")
+        );
+        for q in [
+            "UPDATE kms.access_log SET count = 6",
+            "DELETE FROM kms.access_log",
+            "TRUNCATE kms.access_log",
+        ] {
+            let e = error_of(q).unwrap_or_default();
+            assert!(
+                e.starts_with("42501 the pg_kms access log is append-only"),
+                "{q}: {e}"
+            );
+        }
+    }
 
     #[pg_test]
     fn audit_log_is_chained_and_append_only() {

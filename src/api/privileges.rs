@@ -88,6 +88,9 @@ mod tests {
         ("view", "kms_key_grants", ADMIN_AUDITOR),
         ("view", "kms_protected_columns", ADMIN_AUDITOR),
         ("view", "kms_warnings", ADMIN_AUDITOR),
+        ("function", "kms_access_log_check", ADMIN_AUDITOR),
+        ("view", "kms_access_log", ADMIN_AUDITOR),
+        ("function", "kms.access_log_reject", NOBODY),
         ("table", "kms.keyring", NOBODY),
         ("table", "kms.keys", NOBODY),
         ("table", "kms.key_grants", NOBODY),
@@ -97,6 +100,8 @@ mod tests {
         ("table", "kms.reencryption_progress", NOBODY),
         ("table", "kms.secrets", NOBODY),
         ("table", "kms.protected_columns", NOBODY),
+        ("table", "kms.access_log", NOBODY),
+        ("table", "kms.access_head", NOBODY),
     ];
 
     /// One row per function or relation of the extension (not the

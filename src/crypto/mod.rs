@@ -10,6 +10,7 @@
 //! No error type in this module carries plaintext or key bytes: every error
 //! is a fieldless or length-only value so it can be shown to a user.
 
+pub mod access;
 pub mod aead;
 pub mod derive;
 pub mod envelope;

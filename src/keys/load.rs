@@ -137,6 +137,8 @@ pub(super) fn load(lookup: Lookup<'_>) -> KmsResult<Rc<CachedKey>> {
                     name_len: name_len as u8,
                     name,
                     stat,
+                    unaudited_enc: Cell::new(0),
+                    unaudited_dec: Cell::new(0),
                     grants: key.grants.clone(),
                     det: SivKey::derive(raw.as_ref()),
                 }))

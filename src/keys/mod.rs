@@ -12,6 +12,8 @@
 //! * [`integrity`], [`audit`]: the MACs on key-state rows and the keyed,
 //!   chained audit log they are bound to.
 
+pub mod access;
+pub mod access_log;
 pub mod audit;
 pub mod cache;
 pub mod grants;

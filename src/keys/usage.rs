@@ -35,6 +35,7 @@ impl CachedVersion {
         if !self.counted {
             return;
         }
+        super::access::sync_roles();
         let n = pending.get() + 1;
         pending.set(n);
         mark_dirty(self);
@@ -48,6 +49,12 @@ impl CachedVersion {
         let (e, d) = (
             self.pending_enc.replace(0) as u64,
             self.pending_dec.replace(0) as u64,
+        );
+        super::access::add_pending(
+            self.key_id,
+            self.number,
+            e.saturating_sub(self.unaudited_enc.replace(0) as u64),
+            d.saturating_sub(self.unaudited_dec.replace(0) as u64),
         );
         if d > 0 {
             s.decryptions.fetch_add(d, Ordering::Relaxed);
@@ -75,7 +82,12 @@ impl CachedVersion {
 
 impl Drop for CachedVersion {
     fn drop(&mut self) {
-        self.flush_counts();
+        // Only with counts pending: a process that exits drops its cache
+        // after a standalone backend (postgres --single) has detached
+        // shared memory, which flush_counts would read.
+        if self.pending_enc.get() > 0 || self.pending_dec.get() > 0 {
+            self.flush_counts();
+        }
     }
 }
 
@@ -97,6 +109,12 @@ fn mark_dirty(v: &CachedVersion) {
 }
 
 fn list_dirty(v: &CachedVersion) {
+    ensure_xact_hook();
+    DIRTY.with(|d| d.borrow_mut().push(v.slot()));
+}
+
+/// Registers the end-of-transaction flush (once per backend).
+pub(super) fn ensure_xact_hook() {
     if !XACT_HOOKED.swap(true, Ordering::Relaxed) {
         // SAFETY: registered once per backend (XACT_HOOKED), from its only
         // thread; flush_at_xact_end has the XactCallback signature, is
@@ -104,7 +122,6 @@ fn list_dirty(v: &CachedVersion) {
         // (null) argument.
         unsafe { pg_sys::RegisterXactCallback(Some(flush_at_xact_end), std::ptr::null_mut()) };
     }
-    DIRTY.with(|d| d.borrow_mut().push(v.slot()));
 }
 
 /// # Safety
@@ -128,12 +145,34 @@ unsafe extern "C-unwind" fn flush_at_xact_end(
         return;
     }
     let slots = DIRTY.with(|d| std::mem::take(&mut *d.borrow_mut()));
-    if slots.is_empty() {
-        return;
+    if !slots.is_empty() {
+        let left = flush_slots(&slots, true);
+        if !left {
+            DIRTY.with(|d| d.borrow_mut().extend(slots));
+        }
     }
+    // The access counts of this transaction (the versions' pending counts
+    // were just added to them) go to shared memory in one short lock.
+    super::access::hand_over();
+}
+
+/// Flushes the counts of the versions listed dirty, which stay listed
+/// (the access audit's role pair changes: the pending counts belong to
+/// the previous one).
+pub(super) fn flush_dirty_versions() {
+    let slots = DIRTY.with(|d| d.borrow().clone());
+    if !slots.is_empty() {
+        flush_slots(&slots, false);
+    }
+}
+
+/// Flushes the counts of the cached versions in `slots` (`done`: they are
+/// no longer listed dirty). False when the cache is borrowed mutably (the
+/// caller keeps them listed).
+fn flush_slots(slots: &[u64], done: bool) -> bool {
     CACHE.with(|c| match c.try_borrow() {
         Ok(c) => {
-            for slot in &slots {
+            for slot in slots {
                 // Hot pointers are to versions of cached keys.
                 if let Some(p) = c
                     .hot_versions
@@ -147,13 +186,16 @@ unsafe extern "C-unwind" fn flush_at_xact_end(
                     // SAFETY: as just above; `v` is used only while `c` is
                     // borrowed.
                     let v = unsafe { p.as_ref() };
-                    v.dirty.set(false);
+                    if done {
+                        v.dirty.set(false);
+                    }
                     v.flush_counts();
                 }
             }
+            true
         }
-        Err(_) => DIRTY.with(|d| d.borrow_mut().extend(slots)),
-    });
+        Err(_) => false,
+    })
 }
 
 /// The usage counters of this database since server start: (key id,

@@ -54,6 +54,11 @@ pub struct CachedVersion {
     // Slow paths only.
     /// Shared-memory counters (None without preload).
     pub(super) stat: Option<&'static crate::pg::shmem::StatSlot>,
+    /// Of the pending counts, those that were a rewrap or a secret read
+    /// (counted as that in the access audit, not as a decryption or an
+    /// encryption; see [`CachedVersion::count_as`]).
+    pub(super) unaudited_enc: Cell<u32>,
+    pub(super) unaudited_dec: Cell<u32>,
     pub(super) grants: Rc<Grants>,
     /// AES-SIV key for deterministic encryption under this version.
     pub det: SivKey,

@@ -354,6 +354,7 @@ pub fn health() -> pgrx::JsonB {
             "worker": worker_status()?,
             "nonce_warnings": nonce_warnings()?,
             "warnings": collect_warnings()?.iter().map(Warning::json).collect::<Vec<_>>(),
+            "access_audit": keys::access_log::health_status()?,
         });
         if let (Some(obj), serde_json::Value::Object(c)) = (v.as_object_mut(), counts) {
             obj.extend(c);

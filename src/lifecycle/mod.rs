@@ -82,6 +82,7 @@ pub(crate) fn guard_catalog() -> KmsResult<()> {
                JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
               WHERE n.nspname = 'kms' AND NOT t.tgisinternal
                 AND NOT (c.relname = 'audit_log' AND t.tgname IN ('audit_log_no_update_delete', 'audit_log_no_truncate'))
+                AND NOT (c.relname = 'access_log' AND t.tgname IN ('access_log_no_update_delete', 'access_log_no_truncate'))
              UNION ALL
              SELECT r.ev_class::pg_catalog.regclass::pg_catalog.text || ' rule ' || r.rulename
                FROM pg_catalog.pg_rewrite r

@@ -23,6 +23,8 @@ pub static REENCRYPT_NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000
 pub static REENCRYPT_STATEMENT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(300_000);
 /// `pg_kms.rotation_warning`, in seconds (default 7 days).
 pub static ROTATION_WARNING_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 86_400);
+pub static ACCESS_AUDIT: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static ACCESS_AUDIT_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
 /// `pg_kms.redact_statement_logs`. The hidden spellings keep the boolean
 /// values of earlier versions working.
@@ -196,6 +198,24 @@ pub fn init() {
         i32::MAX,
         GucContext::Suset,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_kms.access_audit",
+        c"Whether every use of a key version is counted per role, key, version and operation in kms.access_log.",
+        c"Counts gather in each backend and reach shared memory at transaction end (needs shared_preload_libraries = 'pg_kms'); the worker appends them to kms.access_log.",
+        &ACCESS_AUDIT,
+        GucContext::Suset,
+        GucFlags::empty(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_kms.access_audit_interval",
+        c"How often each database's worker appends the access counts to kms.access_log.",
+        c"A crash loses at most the counts of the last interval.",
+        &ACCESS_AUDIT_INTERVAL_MS,
+        100,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
     );
 }
 

@@ -5,6 +5,7 @@
 //! through pgrx directly for typed row reads.
 
 pub mod activity;
+pub mod access_shmem;
 pub mod datum;
 pub mod encoding;
 pub mod guc;

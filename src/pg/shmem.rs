@@ -75,6 +75,7 @@ static SHARED: PgAtomic<KmsShared> = unsafe { PgAtomic::new(c"pg_kms shared stat
 /// Called from `_PG_init` only while preloading.
 pub fn init() {
     pg_shmem_init!(SHARED);
+    crate::pg::access_shmem::init();
 }
 
 fn shared() -> Option<&'static KmsShared> {

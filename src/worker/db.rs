@@ -213,11 +213,13 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
     // The keyring signature last seen, and when it was first seen.
     let mut sig_seen: Option<(String, i64)> = None;
     let mut throttle = Throttle::new(guc::REENCRYPT_MAX_ROWS_PER_SECOND.get(), Instant::now());
+    let mut harvest = access::Harvest::default();
     'main: loop {
         reload_config_if_asked();
         if BackgroundWorker::sigterm_received() {
             break;
         }
+        harvest.tick(false);
         let still_installed = xact(|| {
             Spi::get_one::<bool>(
                 "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_kms')",
@@ -453,10 +455,11 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
         for c in xact_kms(lifecycle::policy::due).unwrap_or_default() {
             let _ = xact(|| lifecycle::policy::apply(&c));
         }
-        if !did_work && !BackgroundWorker::wait_latch(Some(naptime())) {
+        if !did_work && !BackgroundWorker::wait_latch(Some(naptime().min(harvest.until_next()))) {
             break;
         }
     }
+    harvest.tick(true); // append what is pending before stopping
     if let Some(s) = slot {
         shmem::unregister_worker(s);
     }

@@ -16,6 +16,7 @@
 //! This file: registration and the transaction wrapper both use;
 //! [`launcher`] and [`db`] are the two kinds of process.
 
+mod access;
 mod db;
 mod launcher;
 
