@@ -4,8 +4,8 @@
 //! above (catalog, keys, logic, API) reaches the server through here or
 //! through pgrx directly for typed row reads.
 
-pub mod activity;
 pub mod access_shmem;
+pub mod activity;
 pub mod datum;
 pub mod encoding;
 pub mod guc;
