@@ -26,7 +26,13 @@ impl Harvest {
             return;
         }
         self.last = Some(Instant::now());
-        match xact_kms(crate::keys::access_log::append_counts) {
+        match xact_kms(|| {
+            // The counts leave shared memory once this commits: make it
+            // durable first (the worker otherwise commits asynchronously),
+            // so that a crash loses at most the current interval.
+            crate::pg::spi::exec("SET LOCAL synchronous_commit = on", &[])?;
+            crate::keys::access_log::append_counts()
+        }) {
             // Committed: take what was written off shared memory.
             Ok(written) => access_shmem::subtract(&written),
             Err(e) => warning!("pg_kms: could not append to the access log: {e}"),

@@ -257,7 +257,7 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
             }
         };
         // Online encryption of plaintext columns (kms_protect_column).
-        let converted = match convert_pass(&mut throttle) {
+        let converted = match convert_pass(&mut throttle, &mut harvest) {
             Pass::Stop => break 'main,
             Pass::Disabled => continue 'main,
             // Rows sealed: come back without the nap (rows skipped as
@@ -355,6 +355,8 @@ pub extern "C-unwind" fn pg_kms_db_worker_main(arg: pg_sys::Datum) {
                 if !guc::REENCRYPT_ENABLED.get() {
                     continue 'main;
                 }
+                // A long pass still hands the access counts over on time.
+                harvest.tick(false);
                 let limit = throttle.batch_size(guc::REENCRYPT_BATCH_SIZE.get());
                 let r = xact_kms(|| {
                     let b = reencrypt::rewrap_batch(
@@ -479,7 +481,7 @@ enum Pass {
 /// One pass over every column being encrypted online: the backfill in
 /// throttled batches from where the last pass stopped, then, when nothing
 /// is left, the swap (see `crate::protect::convert`).
-fn convert_pass(throttle: &mut Throttle) -> Pass {
+fn convert_pass(throttle: &mut Throttle, harvest: &mut access::Harvest) -> Pass {
     use crate::protect::convert;
     let policies = match xact_kms(convert::converting) {
         Ok(p) => p,
@@ -513,6 +515,7 @@ fn convert_pass(throttle: &mut Throttle) -> Pass {
             if !guc::REENCRYPT_ENABLED.get() {
                 return Pass::Disabled;
             }
+            harvest.tick(false);
             let limit = throttle.batch_size(guc::REENCRYPT_BATCH_SIZE.get());
             match xact_kms(|| convert::backfill_batch(&p, cursor, limit)) {
                 Ok(None) => break, // cancelled, finished or dropped meanwhile
