@@ -18,9 +18,11 @@
 # which the postmaster collects when they exit). The loss printed is
 # 1 - median TPS(on) / median TPS(off).
 # First, ROUNDS side-by-side runs: an "on" and an "off" pgbench at the
-# same time, each with CLIENTS clients, so both see the same load from the
-# rest of the machine; their median TPS ratio is the robust figure on a
-# shared machine.
+# same time (the start order alternating), each with CLIENTS clients. On a
+# 2-core machine shared with other work they are at the mercy of the
+# scheduler (ratios from 0.86 to 1.35 were seen with the same build): the
+# figure immune to load is the instruction count of
+# scripts/bench_access_audit_instructions.sh.
 # Needs the extension installed (release build: `cargo pgrx install
 # --release`). Run as root on Debian 12: bash scripts/bench_access_audit.sh
 set -euo pipefail
