@@ -132,7 +132,9 @@ pub(super) fn load(lookup: Lookup<'_>) -> KmsResult<Rc<CachedKey>> {
                     pending_dec: Cell::new(0),
                     enc_budget: Cell::new(0),
                     has_grants: key.has_grants(),
-                    counted: stat.is_some(),
+                    // Counted whenever preloaded: the access audit does not
+                    // depend on a usage-counter slot being free.
+                    counted: crate::pg::preloaded(),
                     dirty: Cell::new(false),
                     name_len: name_len as u8,
                     name,

@@ -45,7 +45,6 @@ impl CachedVersion {
     }
 
     pub(super) fn flush_counts(&self) {
-        let Some(s) = self.stat else { return };
         let (e, d) = (
             self.pending_enc.replace(0) as u64,
             self.pending_dec.replace(0) as u64,
@@ -56,6 +55,11 @@ impl CachedVersion {
             e.saturating_sub(self.unaudited_enc.replace(0) as u64),
             d.saturating_sub(self.unaudited_dec.replace(0) as u64),
         );
+        // All usage-counter slots taken: the access audit still counts.
+        let Some(s) = self.stat else {
+            self.enc_budget.set(FLUSH_EVERY);
+            return;
+        };
         if d > 0 {
             s.decryptions.fetch_add(d, Ordering::Relaxed);
         }

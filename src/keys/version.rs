@@ -44,7 +44,7 @@ pub struct CachedVersion {
     pub(super) enc_budget: Cell<u32>,
     /// Whether the key has grants (else any kms_user may use it).
     pub(super) has_grants: bool,
-    /// Whether uses are counted (`stat` is set: the library is preloaded).
+    /// Whether uses are counted (the library is preloaded).
     pub(super) counted: bool,
     /// Listed for the end-of-transaction flush.
     pub(super) dirty: Cell<bool>,
