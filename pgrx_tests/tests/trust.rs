@@ -334,11 +334,15 @@ fn key_usage_and_destroy_guard_count_only_what_the_caller_may_read() {
         .unwrap()
         .get(0);
     assert_eq!(sp, "\"$user\", public");
+    // A superuser counts every table except o.shared: row-level security
+    // forced on it hides rows from its owner's scan (the owner does not
+    // bypass it), so its 7 rows cannot be counted and it is reported as
+    // skipped, its table code not even run.
     let all: Vec<(i32, i64)> = pairs(&mut db, "SELECT version, rows FROM kms_key_usage('pii')");
-    assert_eq!(all, vec![(1, 21), (2, 0)]);
+    assert_eq!(all, vec![(1, 14), (2, 0)]);
     let got = seen(&mut db);
     println!("kms_key_usage: table code ran as {:?}", got);
-    assert_eq!(got, vec![("rls".to_string(), "owner".to_string())]);
+    assert_eq!(got, vec![]);
     assert_nothing_gained(&mut db, "kms_key_usage");
     // The destroy guard: rows adm can see block it (55000); once they are
     // rewrapped, columns adm cannot read in full make the check impossible
