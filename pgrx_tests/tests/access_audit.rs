@@ -226,18 +226,28 @@ fn uses_are_counted_exactly_per_role_key_version_and_operation() {
     assert!(r.get::<_, bool>(1), "{h}");
     assert_eq!(r.get::<_, i64>(2), 0, "{h}");
 
-    // A forged count is caught (the MAC is keyed by the master key).
-    pg.batch_execute(
+    // A forged count is caught (the MAC is keyed by the master key). The
+    // row forged is one of postgres's (the setup's), outside the counts
+    // compared below: which row has which id depends on when the worker
+    // appended.
+    let forged: i64 = pg
+        .query_one(
+            "SELECT min(id) FROM kms.access_log WHERE actor = 'postgres'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    pg.batch_execute(&format!(
         "ALTER TABLE kms.access_log DISABLE TRIGGER USER;
-         UPDATE kms.access_log SET count = count + 1 WHERE id = 2;
-         ALTER TABLE kms.access_log ENABLE TRIGGER USER;",
-    )
+         UPDATE kms.access_log SET count = count + 1 WHERE id = {forged};
+         ALTER TABLE kms.access_log ENABLE TRIGGER USER;"
+    ))
     .unwrap();
     let r = pg
         .query_one("SELECT ok, first_bad_id FROM kms_access_log_check()", &[])
         .unwrap();
     assert!(!r.get::<_, bool>(0));
-    assert_eq!(r.get::<_, Option<i64>>(1), Some(2));
+    assert_eq!(r.get::<_, Option<i64>>(1), Some(forged));
 
     // Off: nothing more is counted.
     pg.batch_execute("ALTER SYSTEM SET pg_kms.access_audit = off")
