@@ -68,9 +68,9 @@ pub fn append_counts() -> KmsResult<Vec<AccessCount>> {
                 id,
                 logged_at_us: now_us,
                 session_user_oid: c.key.session_user,
-                session_user: actor.as_deref().map(str::as_bytes),
+                session_user: actor.as_deref(),
                 current_user_oid: c.key.current_user,
-                current_user: role.as_deref().map(str::as_bytes),
+                current_user: role.as_deref(),
                 key_id: c.key.key_id as i32,
                 key_name: key_name.as_deref().map(str::as_bytes),
                 version,
@@ -85,16 +85,16 @@ pub fn append_counts() -> KmsResult<Vec<AccessCount>> {
             spi::exec(
                 "INSERT INTO kms.access_log (id, logged_at, actor_oid, actor, role_oid, role, key_id, key_name,
                                              version, operation, count, first_at, last_at, key_fp, prev_hash, hash, mac)
-                 VALUES ($1, 'epoch'::timestamptz + $2 * interval '1 microsecond', $3, $4, $5, $6, $7, $8,
-                         $9, $10, $11, 'epoch'::timestamptz + $12 * interval '1 microsecond',
-                         'epoch'::timestamptz + $13 * interval '1 microsecond', $14, $15, $16, $17)",
+                 VALUES ($1, 'epoch'::timestamptz + $2 * interval '1 microsecond',
+                         $3, (SELECT r.rolname::text FROM pg_catalog.pg_roles r WHERE r.oid = $3),
+                         $4, (SELECT r.rolname::text FROM pg_catalog.pg_roles r WHERE r.oid = $4),
+                         $5, $6, $7, $8, $9, 'epoch'::timestamptz + $10 * interval '1 microsecond',
+                         'epoch'::timestamptz + $11 * interval '1 microsecond', $12, $13, $14, $15)",
                 &[
                     id.into(),
                     now_us.into(),
                     pg_sys::Oid::from(c.key.session_user).into(),
-                    actor.clone().into(),
                     pg_sys::Oid::from(c.key.current_user).into(),
-                    role.clone().into(),
                     (c.key.key_id as i32).into(),
                     key_name.clone().into(),
                     version.into(),
@@ -127,29 +127,14 @@ pub fn append_counts() -> KmsResult<Vec<AccessCount>> {
 
 /// (id, hash) of the chain's last row.
 fn last_row() -> KmsResult<Option<(i64, Vec<u8>)>> {
-    Spi::connect(|c| -> Result<Option<(i64, Vec<u8>)>, pgrx::spi::Error> {
-        let Some(r) = c
-            .select(
-                "SELECT id, hash FROM kms.access_log ORDER BY id DESC LIMIT 1",
-                Some(1),
-                &[],
-            )?
-            .next()
-        else {
-            return Ok(None);
-        };
-        Ok(Some((
-            r.get::<i64>(1)?.unwrap_or(0),
-            r.get::<Vec<u8>>(2)?.unwrap_or_default(),
-        )))
-    })
-    .map_err(KmsError::spi)
+    super::audit::id_and_hash("SELECT id, hash FROM kms.access_log ORDER BY id DESC LIMIT 1")
 }
 
-type Context = (i64, HashMap<u32, Option<String>>, HashMap<i32, String>);
+type Context = (i64, HashMap<u32, Option<Vec<u8>>>, HashMap<i32, String>);
 
 /// The time of this append (microseconds since 1970), the names of the
-/// roles counted (None: dropped), and the key names.
+/// roles counted as UTF-8 bytes (None: dropped; a name need not be ASCII
+/// nor the database UTF-8), and the key names.
 fn context(counts: &[AccessCount]) -> KmsResult<Context> {
     let mut oids: Vec<u32> = counts
         .iter()
@@ -171,12 +156,12 @@ fn context(counts: &[AccessCount]) -> KmsResult<Context> {
         for oid in oids {
             let name = c
                 .select(
-                    "SELECT rolname::text FROM pg_catalog.pg_roles WHERE oid = $1",
+                    "SELECT pg_catalog.convert_to(rolname::text, 'UTF8') FROM pg_catalog.pg_roles WHERE oid = $1",
                     Some(1),
                     &[pg_sys::Oid::from(oid).into()],
                 )?
                 .next()
-                .map(|r| r.get::<String>(1))
+                .map(|r| r.get::<Vec<u8>>(1))
                 .transpose()?
                 .flatten();
             roles.insert(oid, name);
@@ -278,23 +263,7 @@ pub fn check_access_log() -> KmsResult<AccessCheck> {
         }
     }
     let n = rows.len() as i64;
-    let head = Spi::connect(|c| -> Result<Option<(i64, Vec<u8>)>, pgrx::spi::Error> {
-        let Some(r) = c
-            .select(
-                "SELECT last_id, last_hash FROM kms.access_head",
-                Some(1),
-                &[],
-            )?
-            .next()
-        else {
-            return Ok(None);
-        };
-        Ok(Some((
-            r.get::<i64>(1)?.unwrap_or(0),
-            r.get::<Vec<u8>>(2)?.unwrap_or_default(),
-        )))
-    })
-    .map_err(KmsError::spi)?;
+    let head = super::audit::id_and_hash("SELECT last_id, last_hash FROM kms.access_head")?;
     match head {
         Some((hid, hhash)) if hid != n || hhash != prev => bad(
             if hid > n { n + 1 } else { hid },

@@ -453,7 +453,7 @@ pub(crate) fn find_problem(
 
 /// (id, hash) of the first row of `q` (the chain's last row, or its
 /// recorded head), read-only.
-fn id_and_hash(q: &str) -> KmsResult<Option<(i64, Vec<u8>)>> {
+pub(crate) fn id_and_hash(q: &str) -> KmsResult<Option<(i64, Vec<u8>)>> {
     Spi::connect(|c| -> Result<Option<(i64, Vec<u8>)>, pgrx::spi::Error> {
         let Some(r) = c.select(q, Some(1), &[])?.next() else {
             return Ok(None);
