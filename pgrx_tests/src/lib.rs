@@ -600,3 +600,47 @@ impl Cluster {
         );
     }
 }
+
+/// Starts, in a thread, a transaction that caches `key` (one encryption)
+/// and then runs one slow statement inserting rows `ids` into `table (id,
+/// v)`, each sealed with `key` after a pause of `pause_s` seconds, then
+/// commits. Returns once that statement is running: a rotation made now
+/// happens while the statement still seals under the version it had
+/// cached (a statement takes in invalidations only when it opens a
+/// relation). Join the handle to wait for its commit.
+pub fn slow_insert_from_before(
+    c: &Cluster,
+    table: &str,
+    key: &str,
+    ids: std::ops::RangeInclusive<i32>,
+    pause_s: f64,
+) -> std::thread::JoinHandle<()> {
+    let mut app = c.connect();
+    app.batch_execute(&format!("BEGIN; SELECT kms_encrypt('warm', '{key}')"))
+        .unwrap();
+    let sql = format!(
+        "INSERT INTO {table} SELECT g, kms_encrypt('late' || g || pg_sleep({pause_s})::text, '{key}')
+           FROM generate_series({}, {}) g;
+         COMMIT;",
+        ids.start(),
+        ids.end()
+    );
+    let handle = std::thread::spawn(move || app.batch_execute(&sql).unwrap());
+    let mut db = c.connect();
+    let like = format!("INSERT INTO {table} SELECT%");
+    poll(
+        "the slow statement running",
+        Duration::from_secs(30),
+        || {
+            let n: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE $1",
+                &[&like],
+            )
+            .ok()?
+            .get(0);
+            (n == 1).then_some(())
+        },
+    );
+    handle
+}

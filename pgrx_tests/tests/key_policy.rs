@@ -7,7 +7,7 @@
 //! and overdue rotations and a paused worker, and clear. Waiting is polling
 //! with deadlines.
 
-use pg_kms_integration::{pairs, poll, Cluster};
+use pg_kms_integration::{pairs, poll, slow_insert_from_before, Cluster};
 use postgres::Client;
 use std::time::Duration;
 
@@ -386,31 +386,7 @@ fn retirement_waits_for_transactions_older_than_the_rotation() {
          INSERT INTO t SELECT g, kms_encrypt('v' || g, 'em') FROM generate_series(1, 50) g;",
     )
     .unwrap();
-    let mut app = c.connect();
-    app.batch_execute("BEGIN; SELECT kms_encrypt('warm', 'em')")
-        .unwrap();
-    let app = std::thread::spawn(move || {
-        app.batch_execute(
-            "INSERT INTO t SELECT g, kms_encrypt('late' || g || pg_sleep(0.1)::text, 'em')
-               FROM generate_series(1000, 1029) g;
-             COMMIT;",
-        )
-        .unwrap();
-    });
-    poll(
-        "the long statement running",
-        Duration::from_secs(30),
-        || {
-            let n: i64 = db
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'INSERT INTO t SELECT%'",
-                &[],
-            )
-            .ok()?
-            .get(0);
-            (n == 1).then_some(())
-        },
-    );
+    let app = slow_insert_from_before(&c, "t", "em", 1000..=1029, 0.1);
     db.batch_execute("SELECT kms_rotate_key('em', 'suspected compromise', emergency => true)")
         .unwrap();
     // While the statement runs, version 1 stays decrypt_only although every

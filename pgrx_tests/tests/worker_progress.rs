@@ -5,7 +5,7 @@
 //! exponentially, the failures are in the server log without the data, and
 //! the column resumes once it can. Waiting is polling with deadlines.
 
-use pg_kms_integration::{poll, Cluster};
+use pg_kms_integration::{poll, slow_insert_from_before, Cluster};
 use postgres::Client;
 use std::time::{Duration, Instant};
 
@@ -45,31 +45,7 @@ fn rows_sealed_by_a_transaction_older_than_the_rotation_are_rewrapped_at_its_com
     // statement that runs for a few seconds: a statement accepts
     // invalidations only when it opens a relation, so it keeps sealing under
     // the primary it had cached when it began.
-    let mut app = c.connect();
-    app.batch_execute("BEGIN; SELECT kms_encrypt('warm', 'pii')")
-        .unwrap();
-    let app = std::thread::spawn(move || {
-        app.batch_execute(
-            "INSERT INTO t SELECT g, kms_encrypt('late' || g || pg_sleep(0.15)::text, 'pii')
-               FROM generate_series(1000, 1019) g;
-             COMMIT;",
-        )
-        .unwrap();
-    });
-    poll(
-        "the long statement running",
-        Duration::from_secs(30),
-        || {
-            let n: i64 = db
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'INSERT INTO t SELECT%'",
-                &[],
-            )
-            .ok()?
-            .get(0);
-            (n == 1).then_some(())
-        },
-    );
+    let app = slow_insert_from_before(&c, "t", "pii", 1000..=1019, 0.15);
     db.batch_execute("SELECT kms_rotate_key('pii')").unwrap();
     poll(
         "the worker's pass after the rotation",
