@@ -769,17 +769,7 @@ mod tests {
         run("SELECT kms_rotate_key('old')");
         run("CREATE TEMP TABLE t AS SELECT kms_encrypt('v', 'old') AS v");
         // Make it look like a 0.1.0 keyring.
-        run("ALTER TABLE kms.audit_log DISABLE TRIGGER USER");
-        run("DELETE FROM kms.audit_log");
-        run("DELETE FROM kms.audit_head");
-        run("UPDATE kms.keys SET row_mac = NULL, generation = 0");
-        run("UPDATE kms.key_versions SET row_mac = NULL");
-        run("UPDATE kms.keyring SET integrity_since = NULL, row_mac = NULL");
-        run(
-            r#"INSERT INTO kms.audit_log (id, at, actor, operation, key_name, version, reason, prev_hash, hash)
-               SELECT 1, t, 'dba', 'create_key', 'old', 1, NULL, z, kms.audit_row_hash(z, 1, t, 'dba', 'create_key', 'old', 1, NULL)
-                 FROM (SELECT now() AS t, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea AS z) s"#,
-        );
+        make_keyring_unkeyed(Some("old"));
         run("ALTER TABLE kms.audit_log ENABLE TRIGGER USER");
         drop_key_cache_expect_adoption();
         assert_eq!(
@@ -815,12 +805,7 @@ mod tests {
     fn unkeyed_keyring_with_swapped_material_is_not_blessed() {
         setup_key("sw");
         run("SELECT kms_rotate_key('sw')");
-        run("ALTER TABLE kms.audit_log DISABLE TRIGGER USER");
-        run("DELETE FROM kms.audit_log");
-        run("DELETE FROM kms.audit_head");
-        run("UPDATE kms.keys SET row_mac = NULL, generation = 0");
-        run("UPDATE kms.key_versions SET row_mac = NULL");
-        run("UPDATE kms.keyring SET integrity_since = NULL, row_mac = NULL");
+        make_keyring_unkeyed(None);
         run(
             "UPDATE kms.key_versions v SET wrapped_key = o.wrapped_key FROM kms.key_versions o
               WHERE v.key_id = o.key_id AND v.version + o.version = 3",

@@ -486,17 +486,7 @@ mod tests {
         setup_key("u1");
         run("SELECT kms_secret_set('u/s', 'uval', key_name => 'u1')");
         // Make it look like a 0.1.0 keyring with one unkeyed audit row.
-        run("ALTER TABLE kms.audit_log DISABLE TRIGGER USER");
-        run("DELETE FROM kms.audit_log");
-        run("DELETE FROM kms.audit_head");
-        run("UPDATE kms.keys SET row_mac = NULL, generation = 0");
-        run("UPDATE kms.key_versions SET row_mac = NULL");
-        run("UPDATE kms.keyring SET integrity_since = NULL, row_mac = NULL");
-        run(
-            r#"INSERT INTO kms.audit_log (id, at, actor, operation, key_name, version, reason, prev_hash, hash)
-               SELECT 1, t, 'dba', 'create_key', 'u1', 1, NULL, z, kms.audit_row_hash(z, 1, t, 'dba', 'create_key', 'u1', 1, NULL)
-                 FROM (SELECT now() AS t, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea AS z) s"#,
-        );
+        make_keyring_unkeyed(Some("u1"));
         assert_eq!(
             one::<bool>("SELECT ok FROM kms_audit_log_check()"),
             Some(true)

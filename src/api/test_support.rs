@@ -130,3 +130,24 @@ pub fn drop_key_cache_expect_altered() {
 pub fn drop_key_cache_expect_adoption() {
     drop_key_cache();
 }
+
+/// Makes the keyring look like one from 0.1.0 (before rows carried MACs):
+/// no audit rows, no row MACs, generation 0, a keyring without
+/// `integrity_since`; with `created_key`, one unkeyed `create_key` row of
+/// that key (hashed by `kms.audit_row_hash`). Leaves the append-only
+/// triggers of `kms.audit_log` disabled: the caller enables them again.
+pub fn make_keyring_unkeyed(created_key: Option<&str>) {
+    run("ALTER TABLE kms.audit_log DISABLE TRIGGER USER");
+    run("DELETE FROM kms.audit_log");
+    run("DELETE FROM kms.audit_head");
+    run("UPDATE kms.keys SET row_mac = NULL, generation = 0");
+    run("UPDATE kms.key_versions SET row_mac = NULL");
+    run("UPDATE kms.keyring SET integrity_since = NULL, row_mac = NULL");
+    if let Some(k) = created_key {
+        run(&format!(
+            r#"INSERT INTO kms.audit_log (id, at, actor, operation, key_name, version, reason, prev_hash, hash)
+               SELECT 1, t, 'dba', 'create_key', '{k}', 1, NULL, z, kms.audit_row_hash(z, 1, t, 'dba', 'create_key', '{k}', 1, NULL)
+                 FROM (SELECT now() AS t, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea AS z) s"#
+        ));
+    }
+}
