@@ -106,18 +106,6 @@ impl Warning {
     }
 }
 
-/// Whether kms.reencryption_progress has `column` (the worker's backoff
-/// and disabled-row counts: read only where they exist).
-fn progress_has(column: &str) -> KmsResult<bool> {
-    Ok(spi::read::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
-                         WHERE attrelid = 'kms.reencryption_progress'::pg_catalog.regclass
-                           AND attname = $1 AND NOT attisdropped)",
-        &[column.into()],
-    )?
-    .unwrap_or(false))
-}
-
 type Row = (
     Option<String>,
     Option<i32>,
@@ -204,24 +192,22 @@ fn collect_warnings() -> KmsResult<Vec<Warning>> {
         )?,
     );
     // Rows sealed under a disabled version (counted by the worker's passes).
-    if progress_has("rows_under_disabled")? {
-        add(
-            &mut out,
-            "warning",
-            "rows_under_disabled",
-            "They cannot be decrypted or rewrapped: see kms_key_usage(); enable the version (kms_enable_key_version) for the worker to rewrap them, or rewrite or delete those rows.",
-            rows(
-                "SELECT NULL, NULL, p.relid::pg_catalog.regclass::pg_catalog.text, p.attname::pg_catalog.text,
-                        pg_catalog.format('%s rows of %s.%s are sealed under a disabled key version',
-                                          p.rows_under_disabled, p.relid::pg_catalog.regclass, pg_catalog.quote_ident(p.attname))
-                   FROM kms.reencryption_progress p
-                  WHERE p.rows_under_disabled > 0
-                    AND EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = p.relid)
-                  ORDER BY 3, 4",
-                &[],
-            )?,
-        );
-    }
+    add(
+        &mut out,
+        "warning",
+        "rows_under_disabled",
+        "They cannot be decrypted or rewrapped: see kms_key_usage(); enable the version (kms_enable_key_version) for the worker to rewrap them, or rewrite or delete those rows.",
+        rows(
+            "SELECT NULL, NULL, p.relid::pg_catalog.regclass::pg_catalog.text, p.attname::pg_catalog.text,
+                    pg_catalog.format('%s rows of %s.%s are sealed under a disabled key version',
+                                      p.rows_under_disabled, p.relid::pg_catalog.regclass, pg_catalog.quote_ident(p.attname))
+               FROM kms.reencryption_progress p
+              WHERE p.rows_under_disabled > 0
+                AND EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = p.relid)
+              ORDER BY 3, 4",
+            &[],
+        )?,
+    );
     // The worker.
     let paused = !crate::pg::guc::REENCRYPT_ENABLED.get();
     if paused {
@@ -236,22 +222,15 @@ fn collect_warnings() -> KmsResult<Vec<Warning>> {
             hint: Some("ALTER SYSTEM SET pg_kms.reencrypt_enabled = on; SELECT pg_reload_conf();".into()),
         });
     }
-    let backoff = progress_has("backoff_until")? && progress_has("failures")?;
     if crate::pg::preloaded() && !paused {
         let naptime_s = (crate::pg::guc::REENCRYPT_NAPTIME_MS.get() as f64) / 1000.0;
         let limit = (naptime_s * 6.0).max(60.0);
-        let not_backing_off = if backoff {
-            "AND (p.backoff_until IS NULL OR p.backoff_until <= pg_catalog.now())"
-        } else {
-            ""
-        };
         add(
             &mut out,
             "warning",
             "worker_stalled",
             "Check the server log and last_error in kms_reencryption_progress; kms_reencrypt_now() rewraps a column at once.",
             rows(
-                &format!(
                     "SELECT NULL, NULL, p.relid::pg_catalog.regclass::pg_catalog.text, p.attname::pg_catalog.text,
                             pg_catalog.format('the worker made no progress on %s.%s since %s while %s rows are pending%s',
                                               p.relid::pg_catalog.regclass, pg_catalog.quote_ident(p.attname),
@@ -261,33 +240,30 @@ fn collect_warnings() -> KmsResult<Vec<Warning>> {
                       WHERE p.rows_pending > 0
                         AND coalesce(p.last_batch_at, p.started_at) < pg_catalog.now() - pg_catalog.make_interval(secs => $1)
                         AND EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = p.relid)
-                        {not_backing_off}
-                      ORDER BY 3, 4"
-                ),
+                        AND (p.backoff_until IS NULL OR p.backoff_until <= pg_catalog.now())
+                      ORDER BY 3, 4",
                 &[limit.into()],
             )?,
         );
     }
-    if backoff {
-        add(
-            &mut out,
-            "warning",
-            "worker_backoff",
-            "The worker retries the table when the backoff ends; fix the cause named in last_error (kms_reencryption_progress).",
-            rows(
-                "SELECT NULL, NULL, p.relid::pg_catalog.regclass::pg_catalog.text, p.attname::pg_catalog.text,
-                        pg_catalog.format('the worker backs off %s.%s after %s failed attempts, until %s%s',
-                                          p.relid::pg_catalog.regclass, pg_catalog.quote_ident(p.attname),
-                                          p.failures, p.backoff_until,
-                                          coalesce(' (last error: ' || p.last_error || ')', ''))
-                   FROM kms.reencryption_progress p
-                  WHERE p.failures > 0 AND p.backoff_until > pg_catalog.now()
-                    AND EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = p.relid)
-                  ORDER BY 3, 4",
-                &[],
-            )?,
-        );
-    }
+    add(
+        &mut out,
+        "warning",
+        "worker_backoff",
+        "The worker retries the table when the backoff ends; fix the cause named in last_error (kms_reencryption_progress).",
+        rows(
+            "SELECT NULL, NULL, p.relid::pg_catalog.regclass::pg_catalog.text, p.attname::pg_catalog.text,
+                    pg_catalog.format('the worker backs off %s.%s after %s failed attempts, until %s%s',
+                                      p.relid::pg_catalog.regclass, pg_catalog.quote_ident(p.attname),
+                                      p.failures, p.backoff_until,
+                                      coalesce(' (last error: ' || p.last_error || ')', ''))
+               FROM kms.reencryption_progress p
+              WHERE p.failures > 0 AND p.backoff_until > pg_catalog.now()
+                AND EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = p.relid)
+              ORDER BY 3, 4",
+            &[],
+        )?,
+    );
     for (name, version, enc) in nonce_budget()? {
         out.push(Warning {
             severity: "warning",
