@@ -4,6 +4,7 @@
 //! catalog read and no system call. A cache miss reads the catalog under a
 //! temporary switch to the catalog owner (see `catalog::as_catalog_owner`).
 
+use crate::core::text::is_valid_utf8_text;
 use crate::crypto::envelope::{
     Envelope, Header, DET_OVERHEAD, FLAG_BYTES, FLAG_DETERMINISTIC, OVERHEAD,
 };
@@ -104,24 +105,23 @@ fn count_seal(v: &keys::CachedVersion, how: Counted) {
     }
 }
 
-/// Opens `value` into `out`, which must be `plaintext_len(value)` bytes.
+/// Opens `env` (the envelope of `value`) into `out`, which must be
+/// `env.ciphertext.len()` bytes; returns its header and the plaintext's
+/// length, which is shorter than `out` only for a deterministic value
+/// sealed by pg_kms 0.1.0 (AES-GCM, read after the AES-SIV reading failed).
 #[inline]
-/// Opens `value` into `out`, which must be `plaintext_len(value)` bytes;
-/// returns its header and the plaintext's length, which is shorter than
-/// `out` only for a deterministic value sealed by pg_kms 0.1.0 (AES-GCM,
-/// read after the AES-SIV reading failed).
 fn open_value(
     value: &EncryptedText,
+    env: &Envelope<'_>,
     context: &[u8],
     out: &mut [u8],
     how: Counted,
 ) -> KmsResult<(Header, usize)> {
-    let env = value.envelope();
     keys::with_version(env.header.key_id, env.header.key_version, |v| {
         v.check(Privilege::Decrypt)?;
         let len = if !env.header.is_deterministic() {
-            open_into(v.data_key(), &env, context, out).map(|_| out.len())
-        } else if v.det.open_into(&env, context, out).is_ok() {
+            open_into(v.data_key(), env, context, out).map(|_| out.len())
+        } else if v.det.open_into(env, context, out).is_ok() {
             Ok(out.len())
         } else {
             match Envelope::parse_v010_deterministic(value.bytes()) {
@@ -141,19 +141,15 @@ fn open_value(
     })
 }
 
-#[inline]
-fn plaintext_len(value: &EncryptedText) -> usize {
-    value.envelope().ciphertext.len()
-}
-
 /// Opens into a zeroized-on-drop temporary (cold paths).
 fn open_to_vec(
     value: &EncryptedText,
     context: &[u8],
     how: Counted,
 ) -> KmsResult<Zeroizing<Vec<u8>>> {
-    let mut tmp = Zeroizing::new(vec![0u8; plaintext_len(value)]);
-    let (_, len) = open_value(value, context, &mut tmp, how)?;
+    let env = value.envelope();
+    let mut tmp = Zeroizing::new(vec![0u8; env.ciphertext.len()]);
+    let (_, len) = open_value(value, &env, context, &mut tmp, how)?;
     tmp.truncate(len);
     Ok(tmp)
 }
@@ -369,7 +365,8 @@ pub fn decrypt_secret_text(value: &EncryptedText, caller: pg_sys::Oid) -> KmsRes
 
 fn decrypt_text_counted(value: &EncryptedText, ctx: &[u8], how: Counted) -> KmsResult<OutText> {
     let enc = db_encoding();
-    let is_text = !value.envelope().header.is_bytes();
+    let env = value.envelope();
+    let is_text = !env.header.is_bytes();
     if is_text && enc != PG_UTF8 && enc != PG_SQL_ASCII {
         // Sealed as UTF-8: decrypt aside, then convert to the database encoding.
         let tmp = open_to_vec(value, ctx, how)?;
@@ -402,20 +399,23 @@ fn decrypt_text_counted(value: &EncryptedText, ctx: &[u8], how: Counted) -> KmsR
             return Ok(out);
         }
     }
-    let (mut out, buf) = OutText::alloc(plaintext_len(value));
-    let (_, len) = open_value(value, ctx, buf, how)?;
+    let (mut out, buf) = OutText::alloc(env.ciphertext.len());
+    let (_, len) = open_value(value, &env, ctx, buf, how)?;
     out.truncate(len);
     let buf = &mut buf[..len];
-    // Never hand back bytes that are not valid text in this database.
-    let verify_enc = if is_text { PG_UTF8 } else { enc };
-    if enc != PG_SQL_ASCII
+    // Never hand back bytes that are not valid text in this database (text
+    // is sealed as UTF-8: checked in Rust, the same rule as the server's).
+    let valid = if enc == PG_SQL_ASCII {
+        true
+    } else if is_text || enc == PG_UTF8 {
+        is_valid_utf8_text(buf)
+    } else {
         // SAFETY: pg_verify_mbstr reads exactly buf.len() bytes of `buf`,
         // which open_value has just filled; with noError = true it reports
         // invalid text by returning false instead of raising an ERROR.
-        && !unsafe {
-            pg_sys::pg_verify_mbstr(verify_enc, buf.as_ptr() as *const _, buf.len() as i32, true)
-        }
-    {
+        unsafe { pg_sys::pg_verify_mbstr(enc, buf.as_ptr() as *const _, buf.len() as i32, true) }
+    };
+    if !valid {
         buf.iter_mut().for_each(|b| *b = 0);
         return Err(KmsError::NotText);
     }
@@ -425,8 +425,9 @@ fn decrypt_text_counted(value: &EncryptedText, ctx: &[u8], how: Counted) -> KmsR
 /// The body of SQL `kms_decrypt_bytea()`.
 pub fn decrypt_bytea(value: Option<EncryptedText>, context: Option<RawText>) -> Option<OutBytea> {
     let value = value?;
-    let (mut out, buf) = OutBytea::alloc(plaintext_len(&value));
-    let (_, len) = open_value(&value, &ctx_bytes(&context), buf, Counted::AsIs).or_raise();
+    let env = value.envelope();
+    let (mut out, buf) = OutBytea::alloc(env.ciphertext.len());
+    let (_, len) = open_value(&value, &env, &ctx_bytes(&context), buf, Counted::AsIs).or_raise();
     out.truncate(len);
     Some(out)
 }

@@ -6,6 +6,7 @@
 //!   from hashes to cached key versions.
 //! * [`states`]: key-version states and key privileges by name.
 //! * [`throttle`]: the re-encryption worker's rate limit.
+//! * [`text`]: which bytes are text in a UTF-8 database.
 //! * [`sqlscan`]: the model of PostgreSQL's SQL scanner used by log
 //!   redaction, and the rewriting of statements, CONTEXT lines and messages.
 
@@ -13,4 +14,5 @@ pub mod hash;
 pub mod hotindex;
 pub mod sqlscan;
 pub mod states;
+pub mod text;
 pub mod throttle;

@@ -85,22 +85,10 @@ pub fn enabled() -> bool {
     unsafe { *ACCESS_AUDIT.as_ptr() }
 }
 
-// Declared here rather than called through pgrx's bindings, which wrap
-// every call in a sigsetjmp guard (for functions that may raise an ERROR):
-// these three only return a backend global and never raise one, and two
-// of them run for every value.
-extern "C-unwind" {
-    fn GetUserId() -> pg_sys::Oid;
-    fn GetSessionUserId() -> pg_sys::Oid;
-    fn GetCurrentStatementStartTimestamp() -> pg_sys::TimestampTz;
-}
-
 #[inline]
 fn roles_now() -> (u32, u32) {
-    // SAFETY: both only return a backend global (set once the backend is
-    // connected: always, when SQL or the worker's transactions run); they
-    // take no argument and cannot raise an ERROR.
-    unsafe { (GetSessionUserId().to_u32(), GetUserId().to_u32()) }
+    use crate::pg::fast;
+    (fast::session_user().to_u32(), fast::current_user().to_u32())
 }
 
 /// Makes the role pair of the pending counts the current one, moving the
@@ -123,13 +111,6 @@ fn switch_roles(now: (u32, u32)) {
     PAIR.with(|p| p.set(now));
 }
 
-#[inline]
-fn statement_start() -> i64 {
-    // SAFETY: only returns a backend global (no clock call) and cannot
-    // raise an ERROR.
-    unsafe { GetCurrentStatementStartTimestamp() }
-}
-
 fn add(pair: (u32, u32), key_id: u32, version: u32, op: Op, n: u64) {
     if n == 0 {
         return;
@@ -141,7 +122,7 @@ fn add(pair: (u32, u32), key_id: u32, version: u32, op: Op, n: u64) {
         let mut l = l.borrow_mut();
         let e = l
             .entry((pair.0, pair.1, key_id, version, op as u32))
-            .or_insert_with(|| (0, statement_start()));
+            .or_insert_with(|| (0, crate::pg::fast::statement_start()));
         e.0 = e.0.saturating_add(n);
     });
 }
@@ -211,7 +192,7 @@ fn drain_counts() -> Vec<AccessCount> {
             return Vec::new();
         }
         let db = access_shmem::my_db();
-        let last = statement_start();
+        let last = crate::pg::fast::statement_start();
         l.drain()
             .map(|((s, c, k, v, op), (n, first))| AccessCount {
                 key: AccessKey {
@@ -231,28 +212,41 @@ fn drain_counts() -> Vec<AccessCount> {
 }
 
 /// Hands this backend's counts to shared memory (at transaction end,
-/// after the versions' pending counts were added).
+/// after the versions' pending counts were added), in place: what fits
+/// leaves the map, what does not (the table is full) stays for the next
+/// transaction end.
 pub(super) fn hand_over() {
-    let counts = drain_counts();
-    if counts.is_empty() {
-        return;
-    }
-    let left = access_shmem::hand_over(counts);
-    if left.is_empty() {
-        return;
-    }
-    LOCAL.with(|l| {
+    let all_fit = LOCAL.with(|l| {
         let mut l = l.borrow_mut();
-        for c in left {
-            let k = c.key;
-            let e = l
-                .entry((k.session_user, k.current_user, k.key_id, k.version, k.op))
-                .or_insert((0, c.first_at));
-            e.0 = e.0.saturating_add(c.count);
-            e.1 = e.1.min(c.first_at);
+        if l.is_empty() {
+            return true;
         }
+        let db = access_shmem::my_db();
+        let last = crate::pg::fast::statement_start();
+        access_shmem::with_table(|t| {
+            l.retain(|&(s, c, k, v, op), &mut (n, first)| {
+                !t.add(&AccessCount {
+                    key: AccessKey {
+                        db,
+                        session_user: s,
+                        current_user: c,
+                        key_id: k,
+                        version: v,
+                        op,
+                    },
+                    count: n,
+                    first_at: first,
+                    last_at: last.max(first),
+                })
+            });
+            if !l.is_empty() {
+                t.note_deferred();
+            }
+            l.is_empty()
+        })
+        .unwrap_or(false)
     });
-    if !EXIT_HOOKED.with(|h| h.replace(true)) {
+    if !all_fit && !EXIT_HOOKED.with(|h| h.replace(true)) {
         // SAFETY: registered once per backend (EXIT_HOOKED), from its only
         // thread; count_lost_at_exit has the pg_on_exit_callback signature,
         // is #[pg_guard]ed and ignores its argument.

@@ -68,10 +68,7 @@ impl CachedVersion {
         if !self.has_grants {
             return Ok(());
         }
-        // SAFETY: GetUserId reads the backend's current user id, set once the
-        // backend is connected (always, when SQL runs); it has no other
-        // precondition.
-        let user = unsafe { pg_sys::GetUserId() };
+        let user = crate::pg::fast::current_user();
         let (known, allowed) = bits(p);
         let (seen_user, mut bits) = self.seen.get();
         if seen_user != user {
@@ -102,9 +99,7 @@ impl CachedKey {
         if !self.grants.restricted {
             return Ok(());
         }
-        // SAFETY: GetUserId reads the backend's current user id, set once the
-        // backend is connected (always, when SQL runs).
-        self.check_user(unsafe { pg_sys::GetUserId() }, p)
+        self.check_user(crate::pg::fast::current_user(), p)
     }
 
     pub fn check_user(&self, user: pg_sys::Oid, p: Privilege) -> KmsResult<()> {

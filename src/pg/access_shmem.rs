@@ -129,6 +129,11 @@ impl AccessTable {
         }
     }
 
+    /// Counts a hand-over that found the table full.
+    pub fn note_deferred(&mut self) {
+        self.deferred += 1;
+    }
+
     /// Empties slot `i` (linear probing with backward-shift deletion: the
     /// entries after it that would no longer be found move back).
     fn remove_at(&mut self, mut i: usize) {
@@ -181,6 +186,16 @@ impl AccessTable {
     }
 }
 
+/// Runs `f` on the table under its exclusive lock (the transaction-end
+/// hand-over adds its counts in place, with no copy); None without
+/// preload.
+pub fn with_table<R>(f: impl FnOnce(&mut AccessTable) -> R) -> Option<R> {
+    if !crate::pg::preloaded() {
+        return None;
+    }
+    Some(f(&mut ACCESS.exclusive()))
+}
+
 /// Hands `counts` over; returns those that did not fit (the table is
 /// full), which the caller keeps for its next transaction end. One
 /// exclusive lock. Without preload, nothing is taken.
@@ -191,7 +206,7 @@ pub fn hand_over(counts: Vec<AccessCount>) -> Vec<AccessCount> {
     let mut t = ACCESS.exclusive();
     let left: Vec<AccessCount> = counts.into_iter().filter(|c| !t.add(c)).collect();
     if !left.is_empty() {
-        t.deferred += 1;
+        t.note_deferred();
     }
     left
 }

@@ -32,6 +32,28 @@ unsafe fn varlena_bytes<'a>(v: *const pg_sys::varlena) -> &'a [u8] {
     pgrx::varlena::varlena_to_byte_slice(v)
 }
 
+/// `pg_detoast_datum_packed`: an out-of-line or compressed value is
+/// fetched and expanded (a guarded call into the server); an inline one
+/// (1- or 4-byte header), the usual case for short values, is returned as
+/// it is without a call, as pg_detoast_datum_packed itself would.
+///
+/// # Safety
+///
+/// `v` points to a valid, non-null varlena datum.
+#[inline]
+unsafe fn detoast_packed(v: *mut pg_sys::varlena) -> *mut pg_sys::varlena {
+    // SAFETY: the caller passes a valid varlena, whose first header byte
+    // these two read.
+    let extended = unsafe { pgrx::varlena::varatt_is_1b_e(v) || pgrx::varlena::varatt_is_4b_c(v) };
+    if extended {
+        // SAFETY: as above; an ERROR (e.g. a missing TOAST chunk) is raised
+        // through pgrx's guard.
+        unsafe { pg_sys::pg_detoast_datum_packed(v) }
+    } else {
+        v
+    }
+}
+
 /// A palloc'd varlena with `len` payload bytes in CurrentMemoryContext.
 #[inline]
 fn alloc_varlena(len: usize) -> (*mut pg_sys::varlena, &'static mut [u8]) {
@@ -47,7 +69,12 @@ fn alloc_varlena(len: usize) -> (*mut pg_sys::varlena, &'static mut [u8]) {
     // slice. The payload bytes are uninitialised until the caller fills them.
     unsafe {
         let total = len + pg_sys::VARHDRSZ;
-        let ptr = pg_sys::palloc(total) as *mut pg_sys::varlena;
+        // Unguarded first (see crate::pg::fast); the guarded palloc only
+        // when that fails, to raise its ERROR.
+        let ptr = match super::fast::try_palloc(total) {
+            Some(p) => p as *mut pg_sys::varlena,
+            None => pg_sys::palloc(total) as *mut pg_sys::varlena,
+        };
         pgrx::varlena::set_varsize_4b(ptr, total as i32);
         let data = (ptr as *mut u8).add(pg_sys::VARHDRSZ);
         (ptr, std::slice::from_raw_parts_mut(data, len))
@@ -83,7 +110,7 @@ macro_rules! varlena_arg {
                 if is_null || datum.is_null() {
                     None
                 } else {
-                    Some($ty(pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr())))
+                    Some($ty(detoast_packed(datum.cast_mut_ptr())))
                 }
             }
         }
@@ -94,7 +121,7 @@ macro_rules! varlena_arg {
             /// The payload, valid for the duration of the current call.
             #[inline]
             pub fn bytes(&self) -> &[u8] {
-                // SAFETY: self.0 comes from pg_detoast_datum_packed in
+                // SAFETY: self.0 comes from detoast_packed in
                 // from_polymorphic_datum (an inline varlena: the argument
                 // itself or a copy in the call's memory context) or from
                 // alloc_varlena (palloc'd, header set); the field is private,

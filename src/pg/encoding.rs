@@ -6,9 +6,7 @@ use zeroize::Zeroizing;
 
 #[inline]
 pub fn db_encoding() -> i32 {
-    // SAFETY: GetDatabaseEncoding reads a backend global set when the
-    // backend connects; no other precondition.
-    unsafe { pg_sys::GetDatabaseEncoding() }
+    super::fast::database_encoding()
 }
 
 pub const PG_UTF8: i32 = pg_sys::pg_enc::PG_UTF8 as i32;

@@ -8,6 +8,7 @@ pub mod access_shmem;
 pub mod activity;
 pub mod datum;
 pub mod encoding;
+pub mod fast;
 pub mod guc;
 pub mod identity;
 pub mod shmem;
