@@ -156,6 +156,12 @@ cat >"$W/read_kms.sql" <<'SQL'
 \set id random(1, :rows)
 SELECT kms_decrypt(email), kms_decrypt(phone), kms_decrypt(ssn) FROM e WHERE id = :id;
 SQL
+# The context passed as NULL: no default argument for the parser and the
+# planner to read and expand (what the simple protocol pays per call).
+cat >"$W/read_kms_null.sql" <<'SQL'
+\set id random(1, :rows)
+SELECT kms_decrypt(email, NULL), kms_decrypt(phone, NULL), kms_decrypt(ssn, NULL) FROM e WHERE id = :id;
+SQL
 # (:id)::int gives the parameter its type under -M prepared.
 cat >"$W/write_plain.sql" <<'SQL'
 \set id random(1, :rows)
@@ -181,7 +187,7 @@ median() {  # median of the numbers in $1 (space-separated)
         { v[NR] = $1 } END { if (NR == 0) print "nan"; else print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'
 }
 # Groups of variants (plaintext first, pg_kms last; reversed in even rounds).
-GROUPS_=("read prepared:read_plain read_ref read_kms" "read simple:read_plain read_ref read_kms"
+GROUPS_=("read prepared:read_plain read_ref read_kms" "read simple:read_plain read_ref read_kms read_kms_null"
          "write prepared:write_plain write_kms" "write simple:write_plain write_kms")
 echo
 echo "== pgbench: $ROUNDS rounds, every variant once per round (TPS of each run)"
@@ -277,7 +283,7 @@ LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 echo
 echo "== medians"
 for k in "read_plain prepared" "read_ref prepared" "read_kms prepared" "read_plain simple" "read_ref simple" \
-         "read_kms simple" "write_plain prepared" "write_kms prepared" "write_plain simple" "write_kms simple"; do
+         "read_kms simple" "read_kms_null simple" "write_plain prepared" "write_kms prepared" "write_plain simple" "write_kms simple"; do
     printf '   %-22s median %9.0f TPS   (runs:%s)\n' "$k" "$(median "${TPS[$k]}")" "${TPS[$k]}"
 done
 printf '   %-22s median %9.1f ms\n' "bulk plaintext" "$BULK_PLAIN" "bulk pg_kms" "$BULK_KMS"
@@ -307,6 +313,7 @@ row --- --- --- --- --- ---
 tps_row "point read, 3 columns, -M prepared (pgbench -c $CLIENTS -j $JOBS, $ROWS rows)" read_kms prepared 0.95
 tps_row "point read, -M prepared: 3 × reverse() reference (ceiling for any function-based approach)" read_ref prepared -
 tps_row "point read, 3 columns, -M simple" read_kms simple 0.90
+tps_row "point read, -M simple, written kms_decrypt(col, NULL) (no default argument)" read_kms_null simple -
 tps_row "point read, -M simple: 3 × reverse() reference (ceiling for any function-based approach)" read_ref simple -
 tps_row "point write, UPDATE of 2 columns, -M prepared (synchronous_commit = off)" write_kms prepared 0.95
 tps_row "point write, UPDATE of 2 columns, -M simple" write_kms simple 0.95

@@ -105,6 +105,7 @@ declare -A STMT=(
     [read_plain]="SELECT email, phone, ssn FROM p WHERE id = ID"
     [read_ref]="SELECT reverse(email), reverse(phone), reverse(ssn) FROM p WHERE id = ID"
     [read_kms]="SELECT kms_decrypt(email), kms_decrypt(phone), kms_decrypt(ssn) FROM e WHERE id = ID"
+    [read_kms_null]="SELECT kms_decrypt(email, NULL), kms_decrypt(phone, NULL), kms_decrypt(ssn, NULL) FROM e WHERE id = ID"
     [write_plain]="UPDATE p SET email = 'u' || ID || '@example.com', phone = '+1' || ID WHERE id = ID"
     [write_kms]="UPDATE e SET email = kms_encrypt('u' || ID || '@example.com', 'pii'), phone = kms_encrypt('+1' || ID, 'pii') WHERE id = ID"
 )
@@ -112,6 +113,7 @@ declare -A WARMUP=(
     [read_plain]="SELECT email FROM p WHERE id = 1"
     [read_ref]="SELECT reverse(email) FROM p WHERE id = 1"
     [read_kms]="SELECT kms_decrypt(email) FROM e WHERE id = 1"
+    [read_kms_null]="SELECT kms_decrypt(email) FROM e WHERE id = 1"
     [write_plain]="SELECT email FROM p WHERE id = 1"
     [write_kms]="SELECT kms_decrypt(email), kms_encrypt('warm-up', 'pii') FROM e WHERE id = 1"
 )
@@ -149,7 +151,7 @@ declare -A PER
 echo
 echo "== instructions (small run: prefix + 1 statement; big run: prefix + 1+$N statements)"
 # (Each run starts from the same copy of the data directory.)
-for v in read_plain read_ref read_kms write_plain write_kms; do
+for v in read_plain read_ref read_kms read_kms_null write_plain write_kms; do
     for proto in simple prepared; do
         small=$(run "$v" "$proto" 1)
         big=$(run "$v" "$proto" $((1 + N)))
@@ -172,6 +174,7 @@ line() {  # line LABEL PLAIN_KEY OTHER_KEY GOAL
 }
 line "point read, pg_kms, simple" "read_plain simple" "read_kms simple" ">= 0.90x"
 line "point read, pg_kms, prepared" "read_plain prepared" "read_kms prepared" ">= 0.95x"
+line "point read, pg_kms, kms_decrypt(col, NULL), simple" "read_plain simple" "read_kms_null simple" "- (no default argument to expand)"
 line "point read, 3 × reverse() reference, simple" "read_plain simple" "read_ref simple" "- (ceiling for any function-based approach)"
 line "point read, 3 × reverse() reference, prepared" "read_plain prepared" "read_ref prepared" "- (ceiling for any function-based approach)"
 line "point write (UPDATE 2 columns), pg_kms, simple" "write_plain simple" "write_kms simple" ">= 0.95x"

@@ -214,8 +214,8 @@ fn drain_counts() -> Vec<AccessCount> {
 /// Hands this backend's counts to shared memory (at transaction end,
 /// after the versions' pending counts were added), in place: what fits
 /// leaves the map, what does not (the table is full) stays for the next
-/// transaction end.
-pub(super) fn hand_over() {
+/// transaction end. False when some stayed.
+pub(super) fn hand_over() -> bool {
     let all_fit = LOCAL.with(|l| {
         let mut l = l.borrow_mut();
         if l.is_empty() {
@@ -246,12 +246,16 @@ pub(super) fn hand_over() {
         })
         .unwrap_or(false)
     });
-    if !all_fit && !EXIT_HOOKED.with(|h| h.replace(true)) {
+    if all_fit {
+        return true;
+    }
+    if !EXIT_HOOKED.with(|h| h.replace(true)) {
         // SAFETY: registered once per backend (EXIT_HOOKED), from its only
         // thread; count_lost_at_exit has the pg_on_exit_callback signature,
         // is #[pg_guard]ed and ignores its argument.
         unsafe { pg_sys::before_shmem_exit(Some(count_lost_at_exit), pg_sys::Datum::from(0)) };
     }
+    false
 }
 
 /// # Safety

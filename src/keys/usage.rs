@@ -104,6 +104,9 @@ thread_local! {
     static DIRTY: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
 }
 static XACT_HOOKED: AtomicBool = AtomicBool::new(false);
+/// Whether the next transaction end has counts to flush or hand over (a
+/// plain process global, read by the unguarded transaction callback).
+static PENDING: AtomicBool = AtomicBool::new(false);
 
 #[inline]
 fn mark_dirty(v: &CachedVersion) {
@@ -117,47 +120,72 @@ fn list_dirty(v: &CachedVersion) {
     DIRTY.with(|d| d.borrow_mut().push(v.slot()));
 }
 
-/// Registers the end-of-transaction flush (once per backend).
+/// Registers the end-of-transaction flush (once per backend) and marks
+/// this transaction's end as having counts to flush or hand over.
 pub(super) fn ensure_xact_hook() {
+    PENDING.store(true, Ordering::Relaxed);
     if !XACT_HOOKED.swap(true, Ordering::Relaxed) {
         // SAFETY: registered once per backend (XACT_HOOKED), from its only
-        // thread; flush_at_xact_end has the XactCallback signature, is
-        // #[pg_guard]ed, lives as long as the process and ignores its
-        // (null) argument.
+        // thread; flush_at_xact_end has the XactCallback signature, cannot
+        // panic (its work is in the #[pg_guard]ed flush_guarded), lives as
+        // long as the process and ignores its (null) argument.
         unsafe { pg_sys::RegisterXactCallback(Some(flush_at_xact_end), std::ptr::null_mut()) };
     }
 }
 
+/// The transaction callback. Not `#[pg_guard]`ed itself: it only
+/// compares the event (nothing here can panic or raise an ERROR), so the
+/// guard's cost is paid once per transaction, by [`flush_guarded`], and
+/// not for every other event (COMMIT, PRE_COMMIT of transactions that
+/// used no key, ...).
+///
 /// # Safety
 ///
 /// Called only by Postgres at transaction events (registered in
-/// `list_dirty`), in the backend's only thread; `_arg` is never read.
-#[pg_guard]
+/// `ensure_xact_hook`), in the backend's only thread; `arg` is never read.
 unsafe extern "C-unwind" fn flush_at_xact_end(
     event: pg_sys::XactEvent::Type,
-    _arg: *mut std::ffi::c_void,
+    arg: *mut std::ffi::c_void,
 ) {
     use pg_sys::XactEvent::*;
-    if !matches!(
-        event,
-        XACT_EVENT_PRE_COMMIT
-            | XACT_EVENT_PARALLEL_PRE_COMMIT
-            | XACT_EVENT_PRE_PREPARE
-            | XACT_EVENT_ABORT
-            | XACT_EVENT_PARALLEL_ABORT
-    ) {
-        return;
+    if PENDING.load(Ordering::Relaxed)
+        && matches!(
+            event,
+            XACT_EVENT_PRE_COMMIT
+                | XACT_EVENT_PARALLEL_PRE_COMMIT
+                | XACT_EVENT_PRE_PREPARE
+                | XACT_EVENT_ABORT
+                | XACT_EVENT_PARALLEL_ABORT
+        )
+    {
+        // SAFETY: same caller, same thread, same argument (never read).
+        unsafe { flush_guarded(event, arg) }
     }
+}
+
+/// Flushes the versions' counts and hands the access counts over; what
+/// cannot go now (cache borrowed, shared table full) marks the next
+/// transaction end as pending again.
+///
+/// # Safety
+///
+/// Called only by `flush_at_xact_end`, in the backend's only thread;
+/// `_arg` is never read.
+#[pg_guard]
+unsafe extern "C-unwind" fn flush_guarded(
+    _event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
     let slots = DIRTY.with(|d| std::mem::take(&mut *d.borrow_mut()));
-    if !slots.is_empty() {
-        let left = flush_slots(&slots, true);
-        if !left {
-            DIRTY.with(|d| d.borrow_mut().extend(slots));
-        }
+    let mut left = false;
+    if !slots.is_empty() && !flush_slots(&slots, true) {
+        DIRTY.with(|d| d.borrow_mut().extend(slots));
+        left = true;
     }
     // The access counts of this transaction (the versions' pending counts
     // were just added to them) go to shared memory in one short lock.
-    super::access::hand_over();
+    let all_handed_over = super::access::hand_over();
+    PENDING.store(left || !all_handed_over, Ordering::Relaxed);
 }
 
 /// Flushes the counts of the versions listed dirty, which stay listed
