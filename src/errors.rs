@@ -67,6 +67,8 @@ pub enum KmsError {
     MasterKeyMismatch { previous: bool },
     /// 55000: the extension's catalog is not there (not installed in this database).
     NotInstalled,
+    /// 0A000: this build needs CPU instructions (AES-NI, PCLMULQDQ) the CPU lacks.
+    CpuUnsupported,
     /// 39000: AEAD authentication failed.
     AuthFailed,
     /// 22021: decrypted bytes are not valid text in the database encoding.
@@ -287,6 +289,12 @@ impl KmsError {
                 "the pg_kms catalog is not available in this database".into(),
                 None,
                 Some("Run CREATE EXTENSION pg_kms in this database.".into()),
+            ),
+            KmsError::CpuUnsupported => (
+                ERRCODE_FEATURE_NOT_SUPPORTED,
+                "this pg_kms build needs a CPU with AES-NI and PCLMULQDQ".into(),
+                Some("It was compiled with -C target-feature=+aes,+pclmulqdq (.cargo/config.toml), and this CPU, or the virtual CPU model it is given, lacks one of them.".into()),
+                Some("Build pg_kms for this machine with RUSTFLAGS=\"\" cargo pgrx install --release (a portable build that picks the instructions at run time), or expose AES-NI to the virtual machine.".into()),
             ),
             KmsError::AuthFailed => (
                 ERRCODE_EXTERNAL_ROUTINE_INVOCATION_EXCEPTION,

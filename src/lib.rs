@@ -66,6 +66,11 @@ extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    // Before anything could run an AES instruction.
+    if !crypto::cpu_supports_this_build() {
+        use crate::errors::OrRaise;
+        Err::<(), _>(errors::KmsError::CpuUnsupported).or_raise();
+    }
     pg::init();
     pg::guc::init();
     catalog::init();

@@ -33,3 +33,19 @@ pub use kdf::{Kek, WrapError};
 pub use master::{MasterKey, MasterKeyError};
 pub use nonce::NonceSource;
 pub use siv::SivKey;
+
+/// Whether this CPU has the instructions this build was compiled to use
+/// without checking (x86_64 builds use AES-NI and PCLMULQDQ directly, see
+/// `.cargo/config.toml`; a build without those target features picks them
+/// at run time and runs anywhere).
+pub fn cpu_supports_this_build() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_feature = "aes"))]
+    if !std::arch::is_x86_feature_detected!("aes") {
+        return false;
+    }
+    #[cfg(all(target_arch = "x86_64", target_feature = "pclmulqdq"))]
+    if !std::arch::is_x86_feature_detected!("pclmulqdq") {
+        return false;
+    }
+    true
+}

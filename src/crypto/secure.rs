@@ -7,7 +7,7 @@
 //! Values are built in place or moved in once; a constructor that may have
 //! left a stack temporary behind calls [`wipe_stack`] afterwards.
 
-use std::mem::{align_of, size_of};
+use std::mem::{align_of, size_of, ManuallyDrop};
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 use zeroize::Zeroize;
@@ -119,6 +119,51 @@ impl<T> Drop for Locked<T> {
     }
 }
 
+/// A value whose whole memory is zeroed once it has been dropped: for key
+/// schedules of crates that do not wipe every part of themselves. aes-gcm's
+/// cipher wipes its AES round keys but not the GHASH key H (polyval's
+/// run-time-dispatched state sits in a `ManuallyDrop` that is never
+/// dropped), and H with one sealed value forges tags under that nonce.
+#[repr(transparent)]
+pub struct Wiped<T>(ManuallyDrop<T>);
+
+impl<T> Wiped<T> {
+    pub fn new(value: T) -> Wiped<T> {
+        Wiped(ManuallyDrop::new(value))
+    }
+}
+
+impl<T> Deref for Wiped<T> {
+    type Target = T;
+    #[inline]
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> DerefMut for Wiped<T> {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.0
+    }
+}
+
+impl<T> Drop for Wiped<T> {
+    fn drop(&mut self) {
+        // SAFETY: the value is dropped exactly once, here (Wiped never hands
+        // it out by value), and never read again.
+        unsafe { ManuallyDrop::drop(&mut self.0) };
+        let p = (&mut self.0 as *mut ManuallyDrop<T>).cast::<u8>();
+        for i in 0..size_of::<T>() {
+            // SAFETY: p..p + size_of::<T>() is the storage of self.0, owned
+            // by self, no longer holding a live T; plain bytes may be written
+            // there (volatile, so the stores are not elided).
+            unsafe { std::ptr::write_volatile(p.add(i), 0) };
+        }
+        std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Overwrites the 32 KiB of stack below the caller's frame, where the
 /// frames of functions it just called (HKDF, HMAC and SHA-256 states, AES
 /// key expansion, moved-from temporaries) left copies of key material.
@@ -132,6 +177,33 @@ pub fn wipe_stack() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// After a drop in place, every byte of a Wiped value's storage is zero
+    /// (whatever the type's own Drop left), and that Drop did run.
+    #[test]
+    fn wiped_zeroes_its_storage_after_the_drop() {
+        use std::cell::Cell;
+        use std::mem::MaybeUninit;
+        struct Leaky<'a>([u8; 200], &'a Cell<bool>);
+        impl Drop for Leaky<'_> {
+            fn drop(&mut self) {
+                // Leaves its bytes in place.
+                self.1.set(self.0.iter().all(|&b| b == 0xa5));
+            }
+        }
+        let dropped = Cell::new(false);
+        let mut slot: Box<MaybeUninit<Wiped<Leaky<'_>>>> = Box::new(MaybeUninit::uninit());
+        slot.write(Wiped::new(Leaky([0xa5; 200], &dropped)));
+        let p = slot.as_mut_ptr();
+        // SAFETY: the slot was just initialised; it is dropped once here and
+        // its bytes are only read afterwards (MaybeUninit never drops).
+        let bytes = unsafe {
+            std::ptr::drop_in_place(p);
+            std::slice::from_raw_parts(p as *const u8, size_of::<Wiped<Leaky<'_>>>())
+        };
+        assert!(dropped.get());
+        assert!(bytes.iter().all(|&b| b == 0), "{bytes:x?}");
+    }
 
     #[test]
     fn holds_drops_and_is_page_aligned() {

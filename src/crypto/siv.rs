@@ -16,6 +16,7 @@
 
 use super::aead::{with_aad, AuthError};
 use super::envelope::{Envelope, Header, DET_OVERHEAD, FLAG_DETERMINISTIC, HEADER_LEN, SIV_LEN};
+use super::secure::Wiped;
 use aes_siv::aead::generic_array::GenericArray;
 use aes_siv::siv::Aes256Siv;
 use aes_siv::{KeyInit, Tag};
@@ -36,7 +37,7 @@ pub const INFO_SIV: &[u8] = b"pg_kms v1 deterministic AES-SIV key";
 /// `aes` (with their `zeroize` features) the CMAC state and schedule.
 pub struct SivKey {
     key: Zeroizing<[u8; 64]>,
-    siv: OnceCell<Box<RefCell<Aes256Siv>>>,
+    siv: OnceCell<Box<RefCell<Wiped<Aes256Siv>>>>,
 }
 
 impl fmt::Debug for SivKey {
@@ -67,13 +68,15 @@ impl SivKey {
     }
 
     fn cipher(&self) -> std::cell::RefMut<'_, Aes256Siv> {
-        self.siv
+        let siv = self
+            .siv
             .get_or_init(|| {
-                Box::new(RefCell::new(Aes256Siv::new(GenericArray::from_slice(
-                    self.key.as_ref(),
+                Box::new(RefCell::new(Wiped::new(Aes256Siv::new(
+                    GenericArray::from_slice(self.key.as_ref()),
                 ))))
             })
-            .borrow_mut()
+            .borrow_mut();
+        std::cell::RefMut::map(siv, |w| &mut **w)
     }
 
     /// Seals `plaintext` into `out`, exactly `plaintext.len() + DET_OVERHEAD`
