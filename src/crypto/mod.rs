@@ -49,3 +49,12 @@ pub fn cpu_supports_this_build() -> bool {
     }
     true
 }
+
+#[cfg(test)]
+mod cpu_tests {
+    /// The machine that builds and tests this has what the build uses.
+    #[test]
+    fn this_cpu_runs_this_build() {
+        assert!(super::cpu_supports_this_build());
+    }
+}
