@@ -406,7 +406,8 @@ fn decrypt_text_counted(value: &EncryptedText, ctx: &[u8], how: Counted) -> KmsR
     // Never hand back bytes that are not valid text in this database (text
     // is sealed as UTF-8: checked in Rust, the same rule as the server's).
     let valid = if enc == PG_SQL_ASCII {
-        true
+        // SQL_ASCII takes any byte but NUL (pg_ascii_verifystr).
+        !buf.contains(&0)
     } else if is_text || enc == PG_UTF8 {
         is_valid_utf8_text(buf)
     } else {

@@ -37,17 +37,40 @@ pub use siv::SivKey;
 /// Whether this CPU has the instructions this build was compiled to use
 /// without checking (x86_64 builds use AES-NI and PCLMULQDQ directly, see
 /// `.cargo/config.toml`; a build without those target features picks them
-/// at run time and runs anywhere).
+/// at run time and runs anywhere). Asks CPUID itself:
+/// `is_x86_feature_detected!` answers `true` without looking for a feature
+/// enabled at compile time, and so do the crates' own checks.
 pub fn cpu_supports_this_build() -> bool {
-    #[cfg(all(target_arch = "x86_64", target_feature = "aes"))]
-    if !std::arch::is_x86_feature_detected!("aes") {
-        return false;
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[allow(unused_unsafe)]
+        // SAFETY: CPUID leaf 1 exists on every x86_64 CPU; the instruction
+        // only reads identification registers.
+        let ecx = unsafe { std::arch::x86_64::__cpuid(1) }.ecx;
+        supports(ecx)
     }
-    #[cfg(all(target_arch = "x86_64", target_feature = "pclmulqdq"))]
-    if !std::arch::is_x86_feature_detected!("pclmulqdq") {
-        return false;
-    }
+    #[cfg(not(target_arch = "x86_64"))]
     true
+}
+
+/// CPUID leaf 1 ECX bits: PCLMULQDQ and AES-NI.
+#[cfg(target_arch = "x86_64")]
+const CPUID_PCLMULQDQ: u32 = 1 << 1;
+#[cfg(target_arch = "x86_64")]
+const CPUID_AES: u32 = 1 << 25;
+
+/// Whether a CPU whose CPUID leaf 1 ECX is `ecx` has every instruction
+/// set this build was compiled to use.
+#[cfg(target_arch = "x86_64")]
+fn supports(ecx: u32) -> bool {
+    let mut needed = 0;
+    if cfg!(target_feature = "aes") {
+        needed |= CPUID_AES;
+    }
+    if cfg!(target_feature = "pclmulqdq") {
+        needed |= CPUID_PCLMULQDQ;
+    }
+    ecx & needed == needed
 }
 
 #[cfg(test)]
@@ -56,5 +79,21 @@ mod cpu_tests {
     #[test]
     fn this_cpu_runs_this_build() {
         assert!(super::cpu_supports_this_build());
+    }
+
+    /// A CPU without AES-NI or PCLMULQDQ is refused by a build that uses
+    /// them (the check reads CPUID's bits, not a compile-time constant).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn a_cpu_without_the_instructions_is_refused() {
+        use super::{supports, CPUID_AES, CPUID_PCLMULQDQ};
+        let both = CPUID_AES | CPUID_PCLMULQDQ;
+        assert!(supports(both | 0x1234_0000));
+        assert_eq!(supports(CPUID_PCLMULQDQ), !cfg!(target_feature = "aes"));
+        assert_eq!(supports(CPUID_AES), !cfg!(target_feature = "pclmulqdq"));
+        assert_eq!(
+            supports(0),
+            !cfg!(any(target_feature = "aes", target_feature = "pclmulqdq"))
+        );
     }
 }

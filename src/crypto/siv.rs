@@ -68,15 +68,21 @@ impl SivKey {
     }
 
     fn cipher(&self) -> std::cell::RefMut<'_, Aes256Siv> {
-        let siv = self
-            .siv
-            .get_or_init(|| {
-                Box::new(RefCell::new(Wiped::new(Aes256Siv::new(
-                    GenericArray::from_slice(self.key.as_ref()),
-                ))))
-            })
-            .borrow_mut();
+        if self.siv.get().is_none() {
+            // Built once, in frames below this one (see `build`), whose
+            // leftovers (the key, the CMAC schedule) are then wiped.
+            let _ = self.siv.set(Self::build(&self.key));
+            super::secure::wipe_stack();
+        }
+        let siv = self.siv.get().expect("set above").borrow_mut();
         std::cell::RefMut::map(siv, |w| &mut **w)
+    }
+
+    #[inline(never)]
+    fn build(key: &Zeroizing<[u8; 64]>) -> Box<RefCell<Wiped<Aes256Siv>>> {
+        Box::new(RefCell::new(Wiped::new(Aes256Siv::new(
+            GenericArray::from_slice(key.as_ref()),
+        ))))
     }
 
     /// Seals `plaintext` into `out`, exactly `plaintext.len() + DET_OVERHEAD`

@@ -59,6 +59,42 @@ fn load_grants(key_id: i32) -> KmsResult<Grants> {
     })
 }
 
+/// A usable version with its key schedules, built in a frame of its own
+/// (never inlined) so that the stack copies the build leaves (round keys,
+/// H, the struct before its move into the box) lie below `load`'s frame,
+/// where `load` wipes them.
+#[inline(never)]
+fn new_version(
+    key: &CachedKey,
+    version: u32,
+    raw: &zeroize::Zeroizing<[u8; 32]>,
+    name_len: usize,
+    name: [u8; NAME_MAX],
+) -> Box<CachedVersion> {
+    let stat = crate::pg::shmem::stat_slot(key.id, version);
+    Box::new(CachedVersion {
+        key: DataKey::new(raw),
+        key_id: key.id,
+        number: version,
+        seen: Cell::new((pg_sys::InvalidOid, 0)),
+        pending_enc: Cell::new(0),
+        pending_dec: Cell::new(0),
+        enc_budget: Cell::new(0),
+        has_grants: key.has_grants(),
+        // Counted whenever preloaded: the access audit does not
+        // depend on a usage-counter slot being free.
+        counted: crate::pg::preloaded(),
+        dirty: Cell::new(false),
+        name_len: name_len as u8,
+        name,
+        stat,
+        unaudited_enc: Cell::new(0),
+        unaudited_dec: Cell::new(0),
+        grants: key.grants.clone(),
+        det: SivKey::derive(raw.as_ref()),
+    })
+}
+
 pub(super) fn load(lookup: Lookup<'_>) -> KmsResult<Rc<CachedKey>> {
     let gen_before = catalog::generation();
     let (rows, stored_fp, grants) = catalog::as_catalog_owner(|_| {
@@ -122,28 +158,7 @@ pub(super) fn load(lookup: Lookup<'_>) -> KmsResult<Rc<CachedKey>> {
                 let raw = kek
                     .unwrap_raw(key.id, r.version as u32, w)
                     .map_err(|_| corrupt(r.version))?;
-                let stat = crate::pg::shmem::stat_slot(key.id, r.version as u32);
-                Some(Box::new(CachedVersion {
-                    key: DataKey::new(&raw),
-                    key_id: key.id,
-                    number: r.version as u32,
-                    seen: Cell::new((pg_sys::InvalidOid, 0)),
-                    pending_enc: Cell::new(0),
-                    pending_dec: Cell::new(0),
-                    enc_budget: Cell::new(0),
-                    has_grants: key.has_grants(),
-                    // Counted whenever preloaded: the access audit does not
-                    // depend on a usage-counter slot being free.
-                    counted: crate::pg::preloaded(),
-                    dirty: Cell::new(false),
-                    name_len: name_len as u8,
-                    name,
-                    stat,
-                    unaudited_enc: Cell::new(0),
-                    unaudited_dec: Cell::new(0),
-                    grants: key.grants.clone(),
-                    det: SivKey::derive(raw.as_ref()),
-                }))
+                Some(new_version(&key, r.version as u32, &raw, name_len, name))
             }
             _ => None,
         };
@@ -153,6 +168,9 @@ pub(super) fn load(lookup: Lookup<'_>) -> KmsResult<Rc<CachedKey>> {
         }
         key.versions[slot] = Some(VersionInfo { state, usable });
     }
+    // The key schedules were built, and moved into their boxes, in frames
+    // below this one (new_version and what it calls): wipe what they left.
+    crate::crypto::secure::wipe_stack();
     let key = Rc::new(key);
     if catalog::generation() == gen_before {
         CACHE.with(|c| {
