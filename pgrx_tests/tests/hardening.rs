@@ -236,6 +236,31 @@ fn awkward_values_and_a_latin1_database() {
         "LATIN1 database: round trip ok; emoji sealed as bytea -> {}",
         sqlstate(r)
     );
+
+    // SQL_ASCII takes any byte as text but NUL, as the server does.
+    db.batch_execute(
+        "CREATE DATABASE sa ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+    )
+    .unwrap();
+    let mut sa = c.connect_as("postgres", "sa");
+    sa.batch_execute("CREATE EXTENSION pg_kms; SELECT kms_create_key('pii')")
+        .unwrap();
+    let ok: bool = sa
+        .query_one(
+            "SELECT kms_decrypt(kms_encrypt('plain ascii', 'pii')) = 'plain ascii' \
+               AND octet_length(kms_decrypt(kms_encrypt_bytea('\\x61ff62'::bytea, 'pii'))) = 3",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(ok);
+    assert_eq!(
+        sqlstate(sa.query_one(
+            "SELECT kms_decrypt(kms_encrypt_bytea('\\x610062'::bytea, 'pii'))",
+            &[],
+        )),
+        "22021"
+    );
 }
 
 #[test]
