@@ -126,13 +126,7 @@ echo "   bulk:     $BULK_ROWS rows, scans: $SCAN_ROWS rows, $REPS repetitions ea
 echo
 echo "== setup: $ROWS rows in p (plaintext) and e (encrypted)"
 psql_q -v rows="$ROWS" <<'SQL'
-CREATE EXTENSION pg_kms;
-SELECT kms_create_key('pii') \gset
-CREATE TABLE p (id int PRIMARY KEY, email text, phone text, ssn text);
-INSERT INTO p SELECT g, 'user' || g || '@example.com', '+1555' || lpad(g::text, 7, '0'), lpad(g::text, 9, '0')
-  FROM generate_series(1, :rows) g;
-CREATE TABLE e (id int PRIMARY KEY, email encrypted_text, phone encrypted_text, ssn encrypted_text);
-INSERT INTO e SELECT id, kms_encrypt(email, 'pii'), kms_encrypt(phone, 'pii'), kms_encrypt(ssn, 'pii') FROM p;
+\ir scripts/bench/oltp_tables.sql
 -- The bulk-load targets: heap tables without indexes.
 CREATE TABLE p2 (id int, email text, phone text, ssn text);
 CREATE TABLE e2 (id int, email encrypted_text, phone encrypted_text, ssn encrypted_text);

@@ -80,13 +80,7 @@ cluster_start "$DIR" "$PORT" "pg_kms.master_key_file = '$KEY'" "shared_preload_l
     "jit = off" "max_parallel_workers_per_gather = 0" "autovacuum = off" "shared_buffers = '256MB'" \
     "synchronous_commit = off"
 cluster_psql "$DIR" "$PORT" -d postgres -qAtX -v ON_ERROR_STOP=1 -v rows="$ROWS" <<'SQL'
-CREATE EXTENSION pg_kms;
-SELECT kms_create_key('pii') \gset
-CREATE TABLE p (id int PRIMARY KEY, email text, phone text, ssn text);
-INSERT INTO p SELECT g, 'user' || g || '@example.com', '+1555' || lpad(g::text, 7, '0'), lpad(g::text, 9, '0')
-  FROM generate_series(1, :rows) g;
-CREATE TABLE e (id int PRIMARY KEY, email encrypted_text, phone encrypted_text, ssn encrypted_text);
-INSERT INTO e SELECT id, kms_encrypt(email, 'pii'), kms_encrypt(phone, 'pii'), kms_encrypt(ssn, 'pii') FROM p;
+\ir scripts/bench/oltp_tables.sql
 VACUUM ANALYZE;
 CHECKPOINT;
 SQL

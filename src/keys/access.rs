@@ -184,6 +184,26 @@ impl CachedVersion {
     }
 }
 
+/// One of this backend's counts as a shared aggregate of database `db`,
+/// last used at `last` (the statement handing it over).
+fn aggregate(db: u32, last: i64, key: &LocalKey, val: &(u64, i64)) -> AccessCount {
+    let &(session_user, current_user, key_id, version, op) = key;
+    let &(count, first_at) = val;
+    AccessCount {
+        key: AccessKey {
+            db,
+            session_user,
+            current_user,
+            key_id,
+            version,
+            op,
+        },
+        count,
+        first_at,
+        last_at: last.max(first_at),
+    }
+}
+
 /// This backend's counts, taken out of the map.
 fn drain_counts() -> Vec<AccessCount> {
     LOCAL.with(|l| {
@@ -194,19 +214,7 @@ fn drain_counts() -> Vec<AccessCount> {
         let db = access_shmem::my_db();
         let last = crate::pg::fast::statement_start();
         l.drain()
-            .map(|((s, c, k, v, op), (n, first))| AccessCount {
-                key: AccessKey {
-                    db,
-                    session_user: s,
-                    current_user: c,
-                    key_id: k,
-                    version: v,
-                    op,
-                },
-                count: n,
-                first_at: first,
-                last_at: last.max(first),
-            })
+            .map(|(key, val)| aggregate(db, last, &key, &val))
             .collect()
     })
 }
@@ -224,21 +232,7 @@ pub(super) fn hand_over() -> bool {
         let db = access_shmem::my_db();
         let last = crate::pg::fast::statement_start();
         access_shmem::with_table(|t| {
-            l.retain(|&(s, c, k, v, op), &mut (n, first)| {
-                !t.add(&AccessCount {
-                    key: AccessKey {
-                        db,
-                        session_user: s,
-                        current_user: c,
-                        key_id: k,
-                        version: v,
-                        op,
-                    },
-                    count: n,
-                    first_at: first,
-                    last_at: last.max(first),
-                })
-            });
+            l.retain(|key, val| !t.add(&aggregate(db, last, key, val)));
             if !l.is_empty() {
                 t.note_deferred();
             }
