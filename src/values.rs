@@ -141,15 +141,16 @@ fn open_value(
     })
 }
 
-/// Opens into a zeroized-on-drop temporary (cold paths).
+/// Opens `env` (the envelope of `value`) into a zeroized-on-drop
+/// temporary (cold paths).
 fn open_to_vec(
     value: &EncryptedText,
+    env: &Envelope<'_>,
     context: &[u8],
     how: Counted,
 ) -> KmsResult<Zeroizing<Vec<u8>>> {
-    let env = value.envelope();
     let mut tmp = Zeroizing::new(vec![0u8; env.ciphertext.len()]);
-    let (_, len) = open_value(value, &env, context, &mut tmp, how)?;
+    let (_, len) = open_value(value, env, context, &mut tmp, how)?;
     tmp.truncate(len);
     Ok(tmp)
 }
@@ -369,7 +370,7 @@ fn decrypt_text_counted(value: &EncryptedText, ctx: &[u8], how: Counted) -> KmsR
     let is_text = !env.header.is_bytes();
     if is_text && enc != PG_UTF8 && enc != PG_SQL_ASCII {
         // Sealed as UTF-8: decrypt aside, then convert to the database encoding.
-        let tmp = open_to_vec(value, ctx, how)?;
+        let tmp = open_to_vec(value, &env, ctx, how)?;
         if tmp.is_empty() {
             return Ok(OutText::alloc(0).0);
         }
@@ -436,13 +437,19 @@ pub fn decrypt_bytea(value: Option<EncryptedText>, context: Option<RawText>) -> 
 /// Re-seals under the key's current primary version. A value already
 /// under the primary is returned unchanged (not opened).
 pub fn rewrap(value: EncryptedText, context: &[u8]) -> KmsResult<EncryptedText> {
-    let header = value.envelope().header;
+    let env = value.envelope();
+    let header = env.header;
     let key = keys::key_by_id(header.key_id)?;
     if header.key_version == key.primary {
         return Ok(value);
     }
     // Counted once, as a rewrap of the version it was sealed under.
-    let plaintext = open_to_vec(&value, context, Counted::Instead(Some(Op::Rewrap), None))?;
+    let plaintext = open_to_vec(
+        &value,
+        &env,
+        context,
+        Counted::Instead(Some(Op::Rewrap), None),
+    )?;
     key.check(Privilege::Encrypt)?;
     seal_with(
         key.primary_version()?,
