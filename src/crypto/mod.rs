@@ -35,7 +35,8 @@ pub use nonce::NonceSource;
 pub use siv::SivKey;
 
 /// Whether this CPU has the instructions this build was compiled to use
-/// without checking (x86_64 builds use AES-NI and PCLMULQDQ directly, see
+/// without checking (x86_64 builds use AES-NI, PCLMULQDQ, SSSE3 and
+/// SSE4.1 directly, see
 /// `.cargo/config.toml`; a build without those target features picks them
 /// at run time and runs anywhere). Asks CPUID itself:
 /// `is_x86_feature_detected!` answers `true` without looking for a feature
@@ -53,9 +54,13 @@ pub fn cpu_supports_this_build() -> bool {
     true
 }
 
-/// CPUID leaf 1 ECX bits: PCLMULQDQ and AES-NI.
+/// CPUID leaf 1 ECX bits: PCLMULQDQ, SSSE3, SSE4.1 and AES-NI.
 #[cfg(target_arch = "x86_64")]
 const CPUID_PCLMULQDQ: u32 = 1 << 1;
+#[cfg(target_arch = "x86_64")]
+const CPUID_SSSE3: u32 = 1 << 9;
+#[cfg(target_arch = "x86_64")]
+const CPUID_SSE41: u32 = 1 << 19;
 #[cfg(target_arch = "x86_64")]
 const CPUID_AES: u32 = 1 << 25;
 
@@ -70,6 +75,12 @@ fn supports(ecx: u32) -> bool {
     if cfg!(target_feature = "pclmulqdq") {
         needed |= CPUID_PCLMULQDQ;
     }
+    if cfg!(target_feature = "ssse3") {
+        needed |= CPUID_SSSE3;
+    }
+    if cfg!(target_feature = "sse4.1") {
+        needed |= CPUID_SSE41;
+    }
     ecx & needed == needed
 }
 
@@ -81,19 +92,32 @@ mod cpu_tests {
         assert!(super::cpu_supports_this_build());
     }
 
-    /// A CPU without AES-NI or PCLMULQDQ is refused by a build that uses
-    /// them (the check reads CPUID's bits, not a compile-time constant).
+    /// A CPU without AES-NI, PCLMULQDQ, SSSE3 or SSE4.1 is refused by a
+    /// build that uses them (the check reads CPUID's bits, not a
+    /// compile-time constant).
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn a_cpu_without_the_instructions_is_refused() {
-        use super::{supports, CPUID_AES, CPUID_PCLMULQDQ};
-        let both = CPUID_AES | CPUID_PCLMULQDQ;
-        assert!(supports(both | 0x1234_0000));
-        assert_eq!(supports(CPUID_PCLMULQDQ), !cfg!(target_feature = "aes"));
-        assert_eq!(supports(CPUID_AES), !cfg!(target_feature = "pclmulqdq"));
+        use super::{supports, CPUID_AES, CPUID_PCLMULQDQ, CPUID_SSE41, CPUID_SSSE3};
+        let all = CPUID_AES | CPUID_PCLMULQDQ | CPUID_SSSE3 | CPUID_SSE41;
+        assert!(supports(all | 0x0230_0000));
+        for (bit, feature) in [
+            (CPUID_AES, cfg!(target_feature = "aes")),
+            (CPUID_PCLMULQDQ, cfg!(target_feature = "pclmulqdq")),
+            (CPUID_SSSE3, cfg!(target_feature = "ssse3")),
+            (CPUID_SSE41, cfg!(target_feature = "sse4.1")),
+        ] {
+            // Without this bit: refused exactly when the build uses it.
+            assert_eq!(supports(all & !bit), !feature);
+        }
         assert_eq!(
             supports(0),
-            !cfg!(any(target_feature = "aes", target_feature = "pclmulqdq"))
+            !cfg!(any(
+                target_feature = "aes",
+                target_feature = "pclmulqdq",
+                target_feature = "ssse3",
+                target_feature = "sse4.1"
+            ))
         );
     }
 }

@@ -176,12 +176,22 @@ unsafe extern "C-unwind" fn flush_guarded(
     _event: pg_sys::XactEvent::Type,
     _arg: *mut std::ffi::c_void,
 ) {
-    let slots = DIRTY.with(|d| std::mem::take(&mut *d.borrow_mut()));
+    // Taken out while flushing (flush_counts must not meet the list
+    // borrowed) and put back empty, keeping its allocation for the next
+    // transaction.
+    let mut slots = DIRTY.with(|d| std::mem::take(&mut *d.borrow_mut()));
     let mut left = false;
     if !slots.is_empty() && !flush_slots(&slots, true) {
-        DIRTY.with(|d| d.borrow_mut().extend(slots));
         left = true;
+    } else {
+        slots.clear();
     }
+    DIRTY.with(|d| {
+        let mut d = d.borrow_mut();
+        // Anything listed meanwhile stays listed.
+        slots.append(&mut d);
+        *d = slots;
+    });
     // The access counts of this transaction (the versions' pending counts
     // were just added to them) go to shared memory in one short lock.
     let all_handed_over = super::access::hand_over();
