@@ -294,7 +294,7 @@ impl KmsError {
                 ERRCODE_FEATURE_NOT_SUPPORTED,
                 "this pg_kms build needs a CPU with AES-NI, PCLMULQDQ, SSSE3 and SSE4.1".into(),
                 Some("It was compiled with -C target-feature=+aes,+pclmulqdq,+ssse3,+sse4.1 (.cargo/config.toml), and this CPU, or the virtual CPU model it is given, lacks one of them.".into()),
-                Some("Build pg_kms for this machine with RUSTFLAGS=\"\" cargo pgrx install --release (a portable build that picks the instructions at run time), or expose AES-NI to the virtual machine.".into()),
+                Some("Build pg_kms for this machine with RUSTFLAGS=\"\" cargo pgrx install --release (a portable build that picks the instructions at run time), or expose these instructions to the virtual machine.".into()),
             ),
             KmsError::AuthFailed => (
                 ERRCODE_EXTERNAL_ROUTINE_INVOCATION_EXCEPTION,
