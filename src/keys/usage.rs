@@ -176,9 +176,9 @@ unsafe extern "C-unwind" fn flush_guarded(
     _event: pg_sys::XactEvent::Type,
     _arg: *mut std::ffi::c_void,
 ) {
-    // Taken out while flushing (flush_counts must not meet the list
-    // borrowed) and put back empty, keeping its allocation for the next
-    // transaction.
+    // Taken out while flushing (a flush may raise the nonce-budget WARNING,
+    // and nothing that runs then must find the list borrowed), and put back
+    // empty, keeping its allocation for the next transaction.
     let mut slots = DIRTY.with(|d| std::mem::take(&mut *d.borrow_mut()));
     let mut left = false;
     if !slots.is_empty() && !flush_slots(&slots, true) {
