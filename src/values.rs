@@ -57,7 +57,7 @@ enum Counted {
 }
 
 /// Seals `plaintext` under the primary version of `key_name`.
-#[inline]
+#[inline(always)]
 fn seal_value(
     plaintext: &[u8],
     key_name: &[u8],
@@ -69,7 +69,7 @@ fn seal_value(
     })
 }
 
-#[inline]
+#[inline(always)]
 fn seal_with(
     v: &keys::CachedVersion,
     plaintext: &[u8],

@@ -63,11 +63,18 @@ impl CachedVersion {
     /// Per-key grants, decided once per (user, privilege) and remembered in
     /// the version itself for the last user, so the per-row check reads
     /// only the line the cipher reads anyway.
-    #[inline]
+    #[inline(always)]
     pub fn check(&self, p: Privilege) -> KmsResult<()> {
         if !self.has_grants {
             return Ok(());
         }
+        self.check_granted(p)
+    }
+
+    /// [`Self::check`] for a key that has grants (out of line: the per-row
+    /// path of a key without grants is the one test above).
+    #[inline(never)]
+    fn check_granted(&self, p: Privilege) -> KmsResult<()> {
         let user = crate::pg::fast::current_user();
         let (known, allowed) = bits(p);
         let (seen_user, mut bits) = self.seen.get();

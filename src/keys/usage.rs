@@ -30,7 +30,7 @@ impl CachedVersion {
 
     /// Adds one to `pending` (a counter of this version), flushing all
     /// counts once it reaches `flush_at`. Without preload nothing is counted.
-    #[inline]
+    #[inline(always)]
     fn count(&self, pending: &Cell<u32>, flush_at: u32) {
         if !self.counted {
             return;

@@ -102,6 +102,7 @@ macro_rules! simple_arg {
 macro_rules! varlena_arg {
     ($ty:ident) => {
         impl FromDatum for $ty {
+            #[inline(always)]
             unsafe fn from_polymorphic_datum(
                 datum: pg_sys::Datum,
                 is_null: bool,

@@ -31,11 +31,19 @@ impl std::ops::Deref for Utf8<'_> {
 
 /// Text is sealed as UTF-8 so values survive a dump into a database with
 /// another encoding; in a UTF-8 (or SQL_ASCII) database this borrows.
+#[inline(always)]
 pub fn text_to_utf8(bytes: &[u8]) -> Utf8<'_> {
     let enc = db_encoding();
     if enc == PG_UTF8 || enc == PG_SQL_ASCII || bytes.is_ascii() {
         return Utf8::Borrowed(bytes);
     }
+    server_to_utf8(bytes)
+}
+
+/// [`text_to_utf8`] for non-ASCII text in a database of another encoding
+/// (out of line: the per-row path in a UTF-8 database is the test above).
+#[inline(never)]
+fn server_to_utf8(bytes: &[u8]) -> Utf8<'_> {
     // SAFETY: pg_server_to_any reads exactly `bytes.len()` (> 0 here, as
     // the empty string is ASCII) bytes from `bytes` and returns either that
     // same pointer (no conversion needed: detected and borrowed, so never
