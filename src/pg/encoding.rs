@@ -40,8 +40,9 @@ pub fn text_to_utf8(bytes: &[u8]) -> Utf8<'_> {
     server_to_utf8(bytes)
 }
 
-/// [`text_to_utf8`] for non-ASCII text in a database of another encoding
-/// (out of line: the per-row path in a UTF-8 database is the test above).
+/// [`text_to_utf8`] for text that is not ASCII (so not empty) in a
+/// database of another encoding; out of line, as the per-row path in a
+/// UTF-8 database is the test above.
 #[inline(never)]
 fn server_to_utf8(bytes: &[u8]) -> Utf8<'_> {
     // SAFETY: pg_server_to_any reads exactly `bytes.len()` (> 0 here, as
