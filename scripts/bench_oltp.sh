@@ -37,7 +37,11 @@
 #      floor    SELECT sum(octet_length(email)) FROM scan_p
 #      decrypt  SELECT sum(octet_length(kms_decrypt(email))) FROM scan_e
 #      encrypt  SELECT sum(octet_length(kms_encrypt(email, 'pii')::bytea)) FROM scan_p
-#    ns/row = ms * 1e6 / rows; ratio to the floor.
+#    ns/row = ms * 1e6 / rows; ratio to the floor. The verdicts use the
+#    ratio of the medians; the ratios within each repetition (floor,
+#    decrypt and encrypt back to back; the two bulk loads back to back) and
+#    their median are printed too, as the host's speed can change between
+#    repetitions by more than the difference measured.
 #
 # Method (pgbench): CLIENTS clients and JOBS threads (default 2 and 2), T
 # seconds per run, ROUNDS rounds. Each round runs every variant once; within
@@ -329,5 +333,19 @@ echo "   pg_kms vs the reverse() reference (what pg_kms costs beyond three funct
 for proto in prepared simple; do
     awk -v r="$(median "${TPS["read_ref $proto"]}")" -v k="$(median "${TPS["read_kms $proto"]}")" -v p="$proto" \
         'BEGIN { printf "   point read -M %s: pg_kms TPS / reference TPS = %.3fx\n", p, k / r }'
+done
+# paired WHAT BASE FILE: WHAT / BASE within each repetition (the two ran back
+# to back, so a change of the host's speed between repetitions cancels out)
+paired() {
+    awk -v w="$1" -v b="$2" '$2 == w { k[$3] = $4 } $2 == b { f[$3] = $4 } $3 > n { n = $3 }
+        END { for (r = 1; r <= n; r++) if ((r in k) && (r in f) && f[r] > 0) printf "%.2f ", k[r] / f[r] }' "$3"
+}
+echo
+echo "   ratios within each repetition (the host's speed varies between repetitions; median of these):"
+for pair in "bulk_kms bulk_plain $DIR/bulk.out bulk load" "scan_decrypt scan_floor $DIR/scan.out scan kms_decrypt" \
+            "scan_encrypt scan_floor $DIR/scan.out scan kms_encrypt"; do
+    read -r what base file label <<<"$pair"
+    r=$(paired "$what" "$base" "$file")
+    printf '   %-17s %sx  (runs: %s)\n' "$label:" "$(median "$r")" "$(xargs <<<"$r")"
 done
 echo "   PASS/FAIL are labels only; the exit status is non-zero only when a step errors."
