@@ -53,29 +53,35 @@ impl Aead for RustCrypto {
     }
 }
 
+/// `ring` and `aws-lc-rs` share their sealing API (`LessSafeKey`, `Nonce`,
+/// `Aad`); they differ in how a tag is passed to open.
+macro_rules! seal_with {
+    ($krate:ident, $key:expr, $nonce:expr, $aad:expr, $buf:expr) => {{
+        use $krate::aead::{Aad, Nonce};
+        let tag = $key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(*$nonce),
+                Aad::from($aad),
+                $buf,
+            )
+            .expect("short input");
+        tag.as_ref().try_into().expect("16-byte tag")
+    }};
+}
+
 struct Ring(ring::aead::LessSafeKey);
 
 impl Aead for Ring {
     #[inline(never)]
     fn seal(&self, nonce: &[u8; 12], aad: &[u8], buf: &mut [u8]) -> [u8; 16] {
-        use ring::aead::{Aad, Nonce};
-        let tag = self
-            .0
-            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), buf)
-            .expect("short input");
-        tag.as_ref().try_into().expect("16-byte tag")
+        seal_with!(ring, self.0, nonce, aad, buf)
     }
     #[inline(never)]
     fn open(&self, nonce: &[u8; 12], aad: &[u8], buf: &mut [u8], tag: &[u8; 16]) -> bool {
         use ring::aead::{Aad, Nonce, Tag};
-        self.0
-            .open_in_place_separate_tag(
-                Nonce::assume_unique_for_key(*nonce),
-                Aad::from(aad),
-                Tag::from(*tag),
-                buf,
-                0..,
-            )
+        let (nonce, tag) = (Nonce::assume_unique_for_key(*nonce), Tag::from(*tag));
+        (self.0)
+            .open_in_place_separate_tag(nonce, Aad::from(aad), tag, buf, 0..)
             .is_ok()
     }
 }
@@ -85,23 +91,14 @@ struct AwsLc(aws_lc_rs::aead::LessSafeKey);
 impl Aead for AwsLc {
     #[inline(never)]
     fn seal(&self, nonce: &[u8; 12], aad: &[u8], buf: &mut [u8]) -> [u8; 16] {
-        use aws_lc_rs::aead::{Aad, Nonce};
-        let tag = self
-            .0
-            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), buf)
-            .expect("short input");
-        tag.as_ref().try_into().expect("16-byte tag")
+        seal_with!(aws_lc_rs, self.0, nonce, aad, buf)
     }
     #[inline(never)]
     fn open(&self, nonce: &[u8; 12], aad: &[u8], buf: &mut [u8], tag: &[u8; 16]) -> bool {
         use aws_lc_rs::aead::{Aad, Nonce};
-        self.0
-            .open_in_place_separate_tag(
-                Nonce::assume_unique_for_key(*nonce),
-                Aad::from(aad),
-                tag,
-                buf,
-            )
+        let nonce = Nonce::assume_unique_for_key(*nonce);
+        (self.0)
+            .open_in_place_separate_tag(nonce, Aad::from(aad), tag, buf)
             .is_ok()
     }
 }
