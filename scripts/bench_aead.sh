@@ -62,9 +62,9 @@ fi
 
 echo
 echo "== ns per operation, best of $RUNS (median in brackets); ratio = time / aes-gcm's time in this run"
-awk -F, -v count="$COUNT" '
+awk -F, -v count="$COUNT" -v counts="$OUT/count.csv" '
     FNR == 1 { next }
-    FILENAME ~ /count/ { ins[$1 "," $2 "," $3] = $4; next }
+    FILENAME == counts { ins[$1 "," $2 "," $3] = $4; next }
     {
         key = $2 "," $3
         best[$1 "," key] = $4; med[$1 "," key] = $5

@@ -3,8 +3,9 @@
 //! Each implementation seals and opens in place, as pg_kms's
 //! `crypto::aead::seal_into`/`open_into` do: the value is first copied into
 //! the output buffer, then encrypted or decrypted there, with a 10-byte
-//! associated data (pg_kms's envelope header) and a 12-byte nonce. The key,
-//! nonce and values are fixed test inputs made up here, not real keys.
+//! associated data (pg_kms's envelope header) and a 12-byte nonce. The key
+//! is drawn from the OS at each start (the same one for every
+//! implementation in a process); nonce and values are fixed test inputs.
 //!
 //! Subcommands:
 //! - `check`: every implementation gives the same ciphertext and tag, opens
@@ -22,7 +23,15 @@ use aes_gcm::aead::{AeadInPlace, KeyInit};
 /// pg_kms's cipher type (`crypto::aead::Cipher`).
 type PgKmsCipher = aes_gcm::AesGcm<aes::Aes256Enc, U12>;
 
-const KEY: [u8; 32] = [7u8; 32];
+/// This process's key, drawn once from the OS.
+fn key() -> &'static [u8; 32] {
+    static KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let mut k = [0u8; 32];
+        getrandom::getrandom(&mut k).expect("OS random numbers");
+        k
+    })
+}
 const NONCE: [u8; 12] = [0x11; 12];
 const AAD: [u8; 10] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
 const SIZES: [usize; 6] = [16, 24, 32, 64, 256, 1024];
@@ -121,17 +130,17 @@ impl Aead for Nothing {
 
 fn make(name: &str) -> Box<dyn Aead> {
     match name {
-        "aes-gcm" => Box::new(RustCrypto(PgKmsCipher::new((&KEY).into()))),
+        "aes-gcm" => Box::new(RustCrypto(PgKmsCipher::new(key().into()))),
         "ring" => {
             use ring::aead::{LessSafeKey, UnboundKey, AES_256_GCM};
             Box::new(Ring(LessSafeKey::new(
-                UnboundKey::new(&AES_256_GCM, &KEY).expect("32-byte key"),
+                UnboundKey::new(&AES_256_GCM, key()).expect("32-byte key"),
             )))
         }
         "aws-lc-rs" => {
             use aws_lc_rs::aead::{LessSafeKey, UnboundKey, AES_256_GCM};
             Box::new(AwsLc(LessSafeKey::new(
-                UnboundKey::new(&AES_256_GCM, &KEY).expect("32-byte key"),
+                UnboundKey::new(&AES_256_GCM, key()).expect("32-byte key"),
             )))
         }
         "nothing" => Box::new(Nothing),
